@@ -1,0 +1,184 @@
+"""Find the transformer blocks of an unmodified model and analyse each kind of block once.
+
+A *transformer block* is a module that (1) is one of a sequence of layers (a child of a ModuleList /
+Sequential, or one of several sibling modules of the same class), (2) was called during the example forward,
+(3) mixes tokens (attention or an activation-activation matmul) and (4) has at least one output that is a
+residual update of an input, or at least an output shaped like an input (e.g. long-skip fusion blocks, which
+then cannot be skipped). Among nested matches the innermost modules win.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..capture.export import ExportedBlock, export_block
+from ..capture.record import ModuleCall, record_calls
+from ..errors import CaptureError, NoTransformerBlocksError
+from .conditioning import router_features
+from .ffn import find_ffn_sites
+from .residual import find_residual_pairs, has_token_mixing
+from .spec import BlockSpec
+
+SEARCHED_FOR = ("repeated residual blocks: children of nn.ModuleList/nn.Sequential or same-class sibling "
+                "modules, called in the forward, containing token mixing (attention or an activation x "
+                "activation matmul) and returning an output shaped like one of their inputs")
+
+
+@dataclass
+class Analysis:
+    """Result of block discovery: specs in run order, plus what verification needs (not saved)."""
+
+    blocks: list[BlockSpec]
+    calls: list[ModuleCall]
+    graphs: dict[int, ExportedBlock]
+    model_output: Any
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Non-leaf submodules that sit in a layer sequence."""
+    found: dict[str, nn.Module] = {}
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        classes = [type(c) for _, c in children]
+        sequence = isinstance(parent, (nn.ModuleList, nn.Sequential))
+        for child_name, child in children:
+            if not any(True for _ in child.children()):
+                continue
+            if sequence or classes.count(type(child)) >= 2:
+                found[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+    return found
+
+
+def flatten_output(value):
+    """Flatten a block output the way its exported graph does: ``None`` entries count as leaves."""
+    return pytree.tree_flatten(value, is_leaf=lambda v: v is None)
+
+
+def _tensor_leaves(value) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+
+
+def _shaped_like_an_input(call: ModuleCall) -> bool:
+    shapes = {tuple(t.shape) for t in _tensor_leaves((call.args, call.kwargs)) if t.is_floating_point()}
+    return any(tuple(t.shape) in shapes for t in _tensor_leaves(call.output))
+
+
+def _signature(call: ModuleCall) -> tuple:
+    params = tuple((n, tuple(p.shape), p.dtype) for n, p in call.module.named_parameters())
+    leaves, spec = pytree.tree_flatten(call.bound_arguments())
+    inputs = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
+    return type(call.module), params, str(spec), inputs
+
+
+def _batch_size(call: ModuleCall, names: list[str]) -> int:
+    args = call.bound_arguments()
+    for name in names:
+        if isinstance(args.get(name), torch.Tensor) and args[name].ndim > 0:
+            return int(args[name].shape[0])
+    return int(_tensor_leaves((call.args, call.kwargs))[0].shape[0])
+
+
+def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
+    """Record one forward, find the transformer blocks, analyse each group of identical blocks once."""
+    candidates = candidate_modules(model)
+    calls, model_output = record_calls(model, example_inputs, candidates)
+    rejected: dict[str, str] = {n: "not called in the forward" for n in candidates if n not in calls}
+    viable = []
+    for name, call in calls.items():
+        if _shaped_like_an_input(call):
+            viable.append(name)
+        else:
+            rejected[name] = "no output shaped like an input"
+    # Innermost first, so containers of already-found blocks need no export.
+    viable.sort(key=lambda n: -n.count("."))
+    groups: dict[tuple, int] = {}
+    group_info: dict[int, tuple[ExportedBlock, dict[int, str]] | None] = {}
+    accepted: dict[str, int] = {}
+    without_residual: list[str] = []
+    for name in viable:
+        if any(a.startswith(name + ".") for a in accepted):
+            rejected[name] = "contains transformer blocks (the inner ones are used)"
+            continue
+        call = calls[name]
+        key = _signature(call)
+        if key not in groups:
+            groups[key] = len(groups)
+            group_info[groups[key]] = _analyse_representative(call, rejected)
+        gid = groups[key]
+        if group_info[gid] is None:
+            rejected.setdefault(name, "not a transformer block (same kind as a rejected module)")
+        elif not group_info[gid][1]:
+            without_residual.append(name)
+        else:
+            accepted[name] = gid
+    # A block without a residual output (e.g. one that first fuses a long skip connection) still counts when it
+    # sits beside residual blocks of the same class: it gets a width-only router.
+    siblings = {(n.rsplit(".", 1)[0], type(calls[n].module)) for n in accepted}
+    for name in without_residual:
+        nested = any(a.startswith(name + ".") or name.startswith(a + ".") for a in accepted)
+        if not nested and (name.rsplit(".", 1)[0], type(calls[name].module)) in siblings:
+            accepted[name] = groups[_signature(calls[name])]
+        else:
+            rejected[name] = "no output is a residual update of an input"
+    if not accepted:
+        details = "; ".join(f"{n}: {r}" for n, r in sorted(rejected.items())[:12]) or "no candidate modules"
+        raise NoTransformerBlocksError(
+            SEARCHED_FOR, f"none among {len(candidates)} candidate modules of {type(model).__name__} ({details})",
+            "elastic_compile rewrites transformer blocks; pass the DiT backbone itself (e.g. pipe.transformer).",
+        )
+    blocks, block_calls, graphs = [], [], {}
+    done_groups: dict[int, tuple] = {}
+    for index, name in enumerate(sorted(accepted, key=lambda n: calls[n].order)):
+        call, gid = calls[name], accepted[name]
+        exported, pairs = group_info[gid]
+        graphs[gid] = exported
+        if gid not in done_groups:
+            done_groups[gid] = _analyse_group(exported, call, pairs)
+        sites, notes, streams = done_groups[gid]
+        arguments = call.bound_arguments()
+        features = router_features(arguments, streams, _batch_size(call, streams))
+        leaves, spec = flatten_output(call.output)
+        skippable = bool(pairs) and all(i in pairs for i, leaf in enumerate(leaves) if leaf is not None)
+        block_notes = list(notes)
+        if not skippable:
+            block_notes.append("cannot be skipped: not every output is a residual update of an input")
+        blocks.append(BlockSpec(index=index, path=name, class_name=type(call.module).__name__, residual_of=dict(pairs),
+                                output_spec=pytree.treespec_dumps(spec), num_output_leaves=len(leaves),
+                                features=features, sites=list(sites), skippable=skippable, notes=block_notes,
+                                group=gid))
+        block_calls.append(call)
+    return Analysis(blocks, block_calls, graphs, model_output, rejected)
+
+
+def _analyse_representative(call: ModuleCall, rejected: dict[str, str]):
+    try:
+        exported = export_block(call.module, call.args, call.kwargs, call.bound_arguments())
+    except CaptureError as exc:
+        rejected[call.name] = f"torch.export failed ({exc.found})"
+        return None
+    if not has_token_mixing(exported):
+        rejected[call.name] = "no token mixing (attention) in its graph"
+        return None
+    pairs = find_residual_pairs(exported, exported.flat_inputs(call.args, call.kwargs), call.module)
+    return exported, pairs
+
+
+def _analyse_group(exported: ExportedBlock, call: ModuleCall, pairs: dict[int, str]):
+    """FFN sites, notes and the hidden-state stream inputs of one block group."""
+    streams = list(dict.fromkeys(pairs.values()))
+    out_indices = set(pairs)
+    if not streams:  # e.g. long-skip fusion blocks: their stream is the input shaped like the output
+        out_shapes = [tuple(t.shape) for t in _tensor_leaves(call.output)]
+        streams = [n for n, v in call.bound_arguments().items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and tuple(v.shape) in out_shapes]
+        out_indices = set(range(len(out_shapes)))
+    sites, rejected_sites = find_ffn_sites(exported, set(streams), out_indices)
+    notes = [f"FFN not elastic: {r}" for r in rejected_sites]
+    if not sites:
+        notes.append("no elastic FFN found: the router can only skip this block")
+    return sites, notes, streams

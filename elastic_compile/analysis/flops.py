@@ -1,0 +1,70 @@
+"""FLOPs of an elastic model's forward at every width bucket, measured without computing anything.
+
+The model runs under ``FakeTensorMode`` (shapes only) and ``torch.utils.flop_counter.FlopCounterMode``, so the
+counts are exactly what FlopCounterMode reports on a real run, for any input shapes, in well under a second for
+small models. One table per input signature is cached on the model's state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import FlopProfileError
+from ..runtime.state import ElasticState, ForcedPlan, TensorMeta
+
+
+@dataclass
+class FlopTable:
+    """``dense_total``: FLOPs of the dense forward (whole batch). ``block_calls``: per block call in run order,
+    ``(block index, FLOPs at each bucket)`` for the whole batch of that call."""
+
+    dense_total: int
+    block_calls: list[tuple[int, list[int]]]
+
+    @property
+    def non_block(self) -> int:
+        return self.dense_total - sum(flops[-1] for _, flops in self.block_calls)
+
+
+def signature_key(inputs) -> tuple:
+    leaves, spec = pytree.tree_flatten(inputs)
+    return str(spec), tuple((l.shape, l.dtype) if isinstance(l, TensorMeta) else repr(l)[:200] for l in leaves)
+
+
+def profile_flops(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
+    """Measure a FlopTable for the (meta-described) ``inputs`` = ``(args, kwargs)`` of a forward."""
+    buckets = state.config.width_buckets
+    per_bucket_calls: list[list[tuple[int, int]]] = []
+    dense_total = 0
+    previous = state.forced
+    state.profiling = True
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            args, kwargs = pytree.tree_map(
+                lambda x: torch.zeros(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, TensorMeta) else x,
+                inputs)
+            for width in buckets:
+                state.forced = ForcedPlan(skip=False, width=width)
+                state.profile_sink = []
+                with FlopCounterMode(display=False) as counter, torch.no_grad():
+                    model(*args, **kwargs)
+                per_bucket_calls.append(state.profile_sink)
+                dense_total = counter.get_total_flops()
+    except Exception as exc:
+        raise FlopProfileError(
+            "a forward that runs on shape-only (fake) tensors",
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "The model branches on tensor values; stats() cannot count FLOPs for it. Report the model.",
+        ) from exc
+    finally:
+        state.profiling = False
+        state.profile_sink = None
+        state.forced = previous
+    calls = [(block, [per_bucket_calls[b][i][1] for b in range(len(buckets))])
+             for i, (block, _) in enumerate(per_bucket_calls[-1])]
+    return FlopTable(dense_total, calls)

@@ -1,0 +1,76 @@
+"""ElasticConfig: every knob of ``transform`` in one validated dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """How a DiT is made elastic.
+
+    Attributes:
+        width_buckets: MLP widths (fractions of the hidden width) each FFN can run at. Must be increasing,
+            in (0, 1], and end with 1.0 (the dense width).
+        threshold: a block runs for a sample iff its router's run-probability is >= threshold (tau).
+        allow_skip: let routers skip whole blocks (blocks whose outputs are residual updates only).
+        router_hidden: hidden width of each router's MLP; reduced automatically so that a router stays
+            within ``router_param_budget`` of its block's parameters (never below ``router_min_hidden``).
+        router_param_budget: most router parameters allowed, as a fraction of its block's parameters.
+        importance: how FFN hidden units are ordered: "weight" (norms of in/out projections), "activation"
+            (needs calibration inputs; mean |activation| x out-projection column norm) or "auto"
+            (activation when calibration inputs are given, else weight).
+        verify: after rewriting, check every block numerically (dense reproduction and every width bucket
+            against the masked dense graph) on the recorded inputs; a block failing the width check keeps
+            a skip-only router and the report says why.
+        verify_atol: absolute tolerance of those checks (float32).
+    """
+
+    width_buckets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    threshold: float = 0.5
+    allow_skip: bool = True
+    router_hidden: int = 64
+    router_min_hidden: int = 8
+    router_param_budget: float = 0.01
+    importance: str = "auto"
+    verify: bool = True
+    verify_atol: float = 1e-4
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        buckets = tuple(float(b) for b in self.width_buckets)
+        object.__setattr__(self, "width_buckets", buckets)
+        if not buckets or any(not 0.0 < b <= 1.0 for b in buckets):
+            raise ConfigError("width_buckets in (0, 1]", f"{buckets}", "Give fractions such as (0.25, 0.5, 0.75, 1.0).")
+        if list(buckets) != sorted(set(buckets)) or buckets[-1] != 1.0:
+            raise ConfigError(
+                "strictly increasing width_buckets ending with 1.0", f"{buckets}",
+                "Sort the buckets, drop duplicates and include 1.0 (the dense width).",
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError("threshold in (0, 1)", f"{self.threshold}", "Use e.g. 0.5.")
+        if self.importance not in ("auto", "weight", "activation"):
+            raise ConfigError("importance in {'auto', 'weight', 'activation'}", repr(self.importance), "Pick one of those.")
+        if self.router_hidden < 1 or self.router_min_hidden < 1 or self.router_min_hidden > self.router_hidden:
+            raise ConfigError(
+                "1 <= router_min_hidden <= router_hidden", f"{self.router_min_hidden}, {self.router_hidden}",
+                "Raise router_hidden or lower router_min_hidden.",
+            )
+        if not 0.0 < self.router_param_budget <= 1.0:
+            raise ConfigError("router_param_budget in (0, 1]", f"{self.router_param_budget}", "Use e.g. 0.01.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ElasticConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"ElasticConfig fields {sorted(known)}", f"unknown fields {sorted(unknown)}",
+                              "The artifact was written by a newer elastic_compile; upgrade.")
+        data = dict(data)
+        data["width_buckets"] = tuple(data.get("width_buckets", cls.width_buckets))
+        return cls(**data)

@@ -1,0 +1,30 @@
+"""Pass: replace each block's forward by its gate, and hook the model root to start a record per forward.
+
+Guarantee: the model keeps its class, forward signature and return type; with every router at full capacity
+(or ``force(skip=False, width=1.0)``) each gate calls the original forward unchanged.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..analysis.spec import BlockSpec
+from ..nn.gate import BlockGate
+from ..nn.router import Router
+from ..nn.sliced import WidthControl
+from ..runtime.state import ElasticState
+
+GATE_ATTRIBUTE = "_elastic_gate"
+
+
+def gate_block(block: nn.Module, spec: BlockSpec, router: Router | None, control: WidthControl,
+               state: ElasticState) -> BlockGate:
+    gate = BlockGate(block, spec, router, control, state, block.forward)
+    block.forward = gate
+    setattr(block, GATE_ATTRIBUTE, gate)
+    return gate
+
+
+def install_root_hook(model: nn.Module, state: ElasticState):
+    def begin(module, args, kwargs):
+        state.begin_forward(args, kwargs)
+    return model.register_forward_pre_hook(begin, with_kwargs=True)

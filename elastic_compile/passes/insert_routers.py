@@ -1,0 +1,29 @@
+"""Pass: give a block a router sized to stay within the parameter budget, initialised to full capacity."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..analysis.spec import BlockSpec
+from ..config import ElasticConfig
+from ..nn.router import Router, router_hidden_size
+
+ROUTER_ATTRIBUTE = "elastic_router"
+
+
+def block_parameter_count(block: nn.Module) -> int:
+    return sum(p.numel() for n, p in block.named_parameters() if not n.startswith(ROUTER_ATTRIBUTE + "."))
+
+
+def insert_router(block: nn.Module, spec: BlockSpec, config: ElasticConfig) -> Router | None:
+    """Attach ``block.elastic_router`` when the block has a decision to make (skip and/or width); else None."""
+    can_skip = spec.skippable and config.allow_skip
+    if not can_skip and not spec.elastic_width:
+        spec.notes.append("no router: the block can neither be skipped nor narrowed")
+        return None
+    num_widths = len(config.width_buckets) if spec.elastic_width else 1
+    hidden = router_hidden_size(spec.features, num_widths, block_parameter_count(block), config.router_hidden,
+                                config.router_min_hidden, config.router_param_budget)
+    parameter = next(block.parameters())
+    router = Router(spec.features, hidden, num_widths).to(device=parameter.device)
+    setattr(block, ROUTER_ATTRIBUTE, router)
+    return router

@@ -1,0 +1,81 @@
+"""``report(model)``: what the transform found and did, per block, and the model fingerprint used by save/load."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .passes.insert_routers import ROUTER_ATTRIBUTE, block_parameter_count
+from .runtime.state import state_of
+
+
+def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """A cheap, stable hash of a model's parameter names, shapes, dtypes and a strided sample of values.
+
+    Router parameters are excluded, so a base model and its elastic version share the fingerprint of the base
+    weights *before* neuron ordering (which is what save/load compare).
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if f"{ROUTER_ATTRIBUTE}." in name:
+            continue
+        flat = param.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        values = flat[::stride][:samples].float().sort().values.cpu()  # sorted: invariant to unit permutations
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class BlockReport:
+    index: int
+    path: str
+    class_name: str
+    skippable: bool
+    ffn_sites: list[str]
+    router_hidden: int
+    router_params: int
+    block_params: int
+    notes: list[str]
+
+    @property
+    def router_param_fraction(self) -> float:
+        return self.router_params / max(1, self.block_params)
+
+
+@dataclass
+class TransformReport:
+    blocks: list[BlockReport]
+    width_buckets: tuple[float, ...]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.blocks)} blocks, width buckets {list(self.width_buckets)}",
+                 f"{'#':>3}  {'block':<34} {'skip':<5} {'elastic FFNs':<40} router"]
+        for b in self.blocks:
+            sites = ", ".join(b.ffn_sites) or "-"
+            router = f"{b.router_params} params ({100 * b.router_param_fraction:.2f}%)" if b.router_params else "none"
+            lines.append(f"{b.index:>3}  {b.path:<34} {'yes' if b.skippable else 'no':<5} {sites:<40} {router}")
+            lines.extend(f"       note: {note}" for note in b.notes)
+        return "\n".join(lines)
+
+
+def report(model: nn.Module) -> TransformReport:
+    """Per-block summary of an elastic model: skippability, elastic FFN sites, router size, notes."""
+    state = state_of(model)
+    blocks = []
+    for spec, block in zip(state.specs, state.blocks):
+        router = state.routers.get(spec.index)
+        blocks.append(BlockReport(
+            index=spec.index, path=spec.path, class_name=spec.class_name, skippable=spec.skippable,
+            ffn_sites=[f"{s.name} ({s.hidden} units, {s.activation})" for s in spec.sites],
+            router_hidden=router.fc1.out_features if router is not None else 0,
+            router_params=sum(p.numel() for p in router.parameters()) if router is not None else 0,
+            block_params=block_parameter_count(block), notes=list(spec.notes)))
+    return TransformReport(blocks, state.config.width_buckets)
+
+
+def router_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for router in state_of(model).routers.values() for p in router.parameters()]

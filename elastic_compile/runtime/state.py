@@ -1,0 +1,120 @@
+"""Model-level run-time state of an elastic model: forced plans, per-forward decision records, FLOP tables."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..config import ElasticConfig
+from ..errors import ConfigError, NotElasticError
+
+STATE_ATTRIBUTE = "_elastic_state"
+
+
+@dataclass(frozen=True)
+class ForcedPlan:
+    """Decisions pinned by ``force``: ``skip`` (None = router decides, a bool for every block, or a set of block
+    indices) and ``width`` (None = router decides, else a bucket fraction)."""
+
+    skip: bool | frozenset[int] | None = None
+    width: float | None = None
+
+    def skips(self, block: int) -> bool | None:
+        if self.skip is None:
+            return None
+        return self.skip if isinstance(self.skip, bool) else block in self.skip
+
+
+@dataclass
+class BlockCall:
+    """One call of one block during a forward: per-sample decisions."""
+
+    block: int
+    run: list[bool]
+    bucket: list[int]
+    router_ran: bool
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class ElasticState:
+    """Shared by the root hook and every block gate of one elastic model."""
+
+    config: ElasticConfig
+    specs: list = field(default_factory=list)
+    forced: ForcedPlan | None = None
+    calls: list[BlockCall] = field(default_factory=list)
+    last_inputs: Any = None
+    profiling: bool = False
+    profile_sink: list | None = None
+    flop_tables: dict = field(default_factory=dict)
+    routers: dict = field(default_factory=dict)
+
+    @property
+    def dense_bucket(self) -> int:
+        return len(self.config.width_buckets) - 1
+
+    def bucket_index(self, width: float) -> int:
+        for index, bucket in enumerate(self.config.width_buckets):
+            if abs(bucket - width) < 1e-9:
+                return index
+        raise ConfigError(f"a width among the buckets {self.config.width_buckets}", f"{width}",
+                          "Force one of the configured buckets (or transform with other width_buckets).")
+
+    def begin_forward(self, args: tuple, kwargs: dict) -> None:
+        if self.profiling:
+            return
+        self.calls = []
+        self.last_inputs = pytree.tree_map(
+            lambda x: TensorMeta(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x,
+            (args, kwargs))
+
+    def record(self, call: BlockCall) -> None:
+        if not self.profiling:
+            self.calls.append(call)
+
+
+def state_of(model: nn.Module) -> ElasticState:
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        raise NotElasticError("a model returned by elastic_compile.transform or load",
+                              f"a plain {type(model).__name__}", "Call elastic_compile.transform(model, ...) first.")
+    return state
+
+
+@contextlib.contextmanager
+def force(model: nn.Module, skip: bool | set[int] | frozenset[int] | None = None, width: float | None = None):
+    """Pin decisions inside the ``with`` block.
+
+    ``skip``: True skips every skippable block, False runs every block, a set of indices skips those blocks
+    (indices count all blocks in the order they run), None lets routers decide. ``width``: a bucket fraction
+    for every elastic FFN, or None to let routers decide. Nested calls restore the outer plan on exit.
+    """
+    state = state_of(model)
+    if width is not None:
+        state.bucket_index(float(width))
+    if skip is not None and not isinstance(skip, bool):
+        skip = frozenset(int(i) for i in skip)
+        bad = sorted(i for i in skip if not 0 <= i < len(state.specs))
+        if bad:
+            raise ConfigError(f"block indices in [0, {len(state.specs)})", f"{bad}", "See elastic_compile.report(model).")
+        unskippable = sorted(i for i in skip if not state.specs[i].skippable)
+        if unskippable:
+            raise ConfigError("indices of skippable blocks", f"blocks {unskippable} cannot be skipped",
+                              "elastic_compile.report(model) lists which blocks can be skipped and why.")
+    previous = state.forced
+    state.forced = ForcedPlan(skip=skip, width=None if width is None else float(width))
+    try:
+        yield model
+    finally:
+        state.forced = previous

@@ -1,0 +1,90 @@
+"""``stats(model)``: what the last forward decided, per block and per sample, and the FLOPs it executed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..analysis.flops import profile_flops, signature_key
+from ..errors import ConfigError
+from .state import state_of
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One block, one sample: did it run, and at which width (None when skipped)."""
+
+    run: bool
+    width: float | None
+
+
+@dataclass
+class ElasticStats:
+    """Decisions and executed FLOPs of the last forward.
+
+    ``decisions[i][s]``: block ``i`` (run order), sample ``s`` (first call of the block in the forward).
+    ``executed_flops_fraction``: executed FLOPs of the whole batch / dense FLOPs (router FLOPs included when
+    routers ran; FLOPs counted like ``torch.utils.flop_counter``). ``per_sample_flops_fraction``: the same per
+    sample.
+    """
+
+    block_paths: list[str]
+    decisions: list[list[Decision]]
+    executed_flops_fraction: float
+    per_sample_flops_fraction: list[float]
+    dense_flops: int
+    executed_flops: int
+    router_flops: int
+
+    @property
+    def skipped_fraction(self) -> float:
+        flat = [d for block in self.decisions for d in block]
+        return sum(not d.run for d in flat) / max(1, len(flat))
+
+    def mean_width(self) -> float:
+        widths = [d.width for block in self.decisions for d in block if d.run]
+        return sum(widths) / max(1, len(widths))
+
+
+def stats(model: nn.Module) -> ElasticStats:
+    """Decisions and executed FLOPs of the model's last forward (FLOPs profiled once per input signature)."""
+    state = state_of(model)
+    if state.last_inputs is None or not state.calls:
+        raise ConfigError("a forward of the elastic model before stats()", "no forward recorded",
+                          "Run the model once, then call elastic_compile.stats(model).")
+    key = signature_key(state.last_inputs)
+    if key not in state.flop_tables:
+        state.flop_tables[key] = profile_flops(model, state, state.last_inputs)
+    table = state.flop_tables[key]
+    buckets = state.config.width_buckets
+    batch = len(state.calls[0].run)
+    per_sample = [table.non_block / batch] * batch
+    router_total = 0
+    occurrences: dict[int, int] = {}
+    profiled = {}
+    for block, flops in table.block_calls:
+        profiled.setdefault(block, []).append(flops)
+    decisions: list[list[Decision] | None] = [None] * len(state.specs)
+    for call in state.calls:
+        k = occurrences.get(call.block, 0)
+        occurrences[call.block] = k + 1
+        flops = profiled[call.block][k]
+        call_batch = len(call.run)
+        router = state.routers.get(call.block)
+        router_per_sample = router.flops_per_sample() if (call.router_ran and router is not None) else 0
+        for s, (run, bucket) in enumerate(zip(call.run, call.bucket)):
+            if s < batch:
+                per_sample[s] += (flops[bucket] / call_batch if run else 0.0) + router_per_sample
+        router_total += router_per_sample * call_batch
+        if decisions[call.block] is None:
+            decisions[call.block] = [Decision(r, buckets[b] if r else None) for r, b in zip(call.run, call.bucket)]
+    dense_per_sample = table.dense_total / batch
+    return ElasticStats(
+        block_paths=[spec.path for spec in state.specs],
+        decisions=[d or [] for d in decisions],
+        executed_flops_fraction=sum(per_sample) / (dense_per_sample * batch),
+        per_sample_flops_fraction=[f / dense_per_sample for f in per_sample],
+        dense_flops=int(table.dense_total),
+        executed_flops=int(round(sum(per_sample))),
+        router_flops=int(router_total),
+    )

@@ -1,0 +1,161 @@
+"""``save`` / ``load``: an elastic model as a small artifact (config, analysis, permutations, routers).
+
+Layout of an artifact directory::
+
+    elastic.json               format, config, block specs (FFN sites, residual map, router inputs), fingerprint
+    permutations.safetensors   per block and FFN site: the unit order applied to the base weights
+    routers.safetensors        router weights, keys "<block index>.<parameter>"
+
+``load(fresh_base_model, path)`` re-applies it to an unmodified base model without running any analysis (no
+example inputs needed). Saving writes a temporary directory and renames it into place, so an interrupted save
+never leaves a half-written artifact behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __name__ as _package
+from .analysis.spec import BlockSpec
+from .config import ElasticConfig
+from .errors import AlreadyElasticError, ArtifactError, ModelMismatchError
+from .passes.order_neurons import apply_unit_permutation
+from .report import model_fingerprint
+from .runtime.state import STATE_ATTRIBUTE, ElasticState, state_of
+
+FORMAT = "elastic_compile.artifact/1"
+MANIFEST, PERMUTATIONS, ROUTERS = "elastic.json", "permutations.safetensors", "routers.safetensors"
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model``'s elastic artifact to directory ``path`` (replaced atomically if it exists)."""
+    state = state_of(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "fingerprint": state.fingerprint,
+        "config": state.config.to_dict(),
+        "blocks": [spec.to_dict() for spec in state.specs],
+        "versions": {"torch": torch.__version__, _package: _package_version()},
+    }
+    permutations = {f"{index}.{site}": order.to(torch.int64).contiguous()
+                    for (index, site), order in state.permutations.items()}
+    routers = {f"{index}.{name}": value.detach().cpu().contiguous()
+               for index, router in state.routers.items() for name, value in router.state_dict().items()}
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        save_file(permutations, str(staging / PERMUTATIONS))
+        save_file(routers, str(staging / ROUTERS))
+        _replace_directory(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Make ``base_model`` (unmodified, same weights as at transform time) elastic from an artifact.
+
+    ``strict=False`` accepts base weights whose fingerprint differs (e.g. a fine-tuned copy): neuron ordering
+    stays function-preserving, but the routers were trained for the original weights.
+    """
+    from .transform import install
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if hasattr(base_model, STATE_ATTRIBUTE):
+        raise AlreadyElasticError("an unmodified base model", "a model that is already elastic",
+                                  "Load into a fresh instance of the base model.")
+    fingerprint = model_fingerprint(base_model)
+    if strict and fingerprint != manifest["fingerprint"]:
+        raise ModelMismatchError(f"the base weights the artifact was made from ({manifest['fingerprint'][:12]}...)",
+                                 f"weights with fingerprint {fingerprint[:12]}...",
+                                 "Load the same checkpoint, or pass strict=False to accept other weights.")
+    config = ElasticConfig.from_dict(manifest["config"])
+    specs = [BlockSpec.from_dict(b) for b in manifest["blocks"]]
+    blocks = [_block_for(base_model, spec) for spec in specs]
+    permutations_file = load_file(str(path / PERMUTATIONS))
+    permutations = {}
+    for spec, block in zip(specs, blocks):
+        for site in spec.sites:
+            key = f"{spec.index}.{site.name}"
+            if key not in permutations_file:
+                raise ArtifactError(f"a permutation for {key}", "none", "The artifact is incomplete; save it again.")
+            order = permutations_file[key]
+            apply_unit_permutation(block, site, order)
+            permutations[(spec.index, site.name)] = order
+    state = ElasticState(config=config, specs=specs)
+    state.fingerprint = manifest["fingerprint"]
+    install(base_model, state, blocks, permutations)
+    _load_routers(state, load_file(str(path / ROUTERS)))
+    return base_model
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ArtifactError(f"an elastic artifact directory containing {MANIFEST}", f"{path}",
+                            "Pass the directory written by elastic_compile.save.")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"valid JSON in {file}", f"{exc}", "The artifact is corrupt; save it again.") from exc
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"format {FORMAT}", f"{manifest.get('format')}", "Use the elastic_compile version that wrote it.")
+    for name in (PERMUTATIONS, ROUTERS):
+        if not (path / name).is_file():
+            raise ArtifactError(f"{name} in {path}", "it is missing", "The artifact is incomplete; save it again.")
+    return manifest
+
+
+def _block_for(model: nn.Module, spec: BlockSpec) -> nn.Module:
+    try:
+        block = model.get_submodule(spec.path)
+    except AttributeError:
+        block = None
+    if block is None or type(block).__name__ != spec.class_name:
+        found = type(block).__name__ if block is not None else "nothing"
+        raise ModelMismatchError(f"a {spec.class_name} at {spec.path}", found,
+                                 "Load the artifact into the same model class it was made from.")
+    return block
+
+
+def _load_routers(state: ElasticState, tensors: dict[str, torch.Tensor]) -> None:
+    expected = {f"{i}.{n}" for i, r in state.routers.items() for n in r.state_dict()}
+    if set(tensors) != expected:
+        raise ArtifactError("router weights for exactly the routers of this model",
+                            f"{len(set(tensors) ^ expected)} mismatching keys", "Save the artifact again.")
+    for index, router in state.routers.items():
+        prefix = f"{index}."
+        weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            router.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ArtifactError("router weights of matching shapes", str(exc).splitlines()[0],
+                                "The artifact was made with another config; save it again.") from exc
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+
+
+def _package_version() -> str:
+    from . import __version__
+    return __version__

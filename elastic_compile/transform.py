@@ -1,0 +1,177 @@
+"""``transform(model, config, example_inputs)``: the single entry point that makes a DiT elastic.
+
+Pipeline: capture (record one forward, export each kind of block) -> analysis (blocks, residual structure, FFN
+sites, router inputs) -> passes (order_neurons, elastic_mlp, insert_routers, gate_blocks) -> verify.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .analysis.blocks import Analysis, discover_blocks, flatten_output
+from .analysis.spec import BlockSpec
+from .analysis.verify import masked_reference, max_abs_difference
+from .capture.record import call_model
+from .config import ElasticConfig
+from .errors import AlreadyElasticError, ElasticCompileError
+from .nn.sliced import WidthControl
+from .passes import gate_block, insert_router, install_root_hook, make_mlps_elastic, order_neurons
+from .runtime.state import STATE_ATTRIBUTE, ElasticState, force
+from .report import model_fingerprint
+
+logger = logging.getLogger("elastic_compile")
+
+
+class VerificationError(ElasticCompileError):
+    """The rewritten model does not reproduce the dense model (a bug: please report it)."""
+
+
+def transform(model: nn.Module, config: ElasticConfig | None = None, example_inputs: Any = None, *,
+              calibration_inputs: Iterable[Any] | None = None) -> nn.Module:
+    """Rewrite ``model`` in place into an elastic model and return it.
+
+    Args:
+        model: an unmodified DiT backbone (diffusers transformer, timm-style DiT, hand-written...).
+        config: an :class:`ElasticConfig` (defaults: buckets 1/4, 1/2, 3/4, 1).
+        example_inputs: the arguments of one real forward call (dict of keyword arguments, or a tuple).
+        calibration_inputs: optional iterable of further forward inputs; when given (or with
+            ``config.importance == "activation"``), FFN units are ordered by measured activations.
+
+    The returned model has the same class, forward signature and outputs; until routers are trained it
+    reproduces the dense model. Use :func:`elastic_compile.force`, :func:`stats`, :func:`report`, :func:`save`.
+    """
+    config = config or ElasticConfig()
+    if hasattr(model, STATE_ATTRIBUTE):
+        raise AlreadyElasticError("an unmodified model", "a model that transform() already rewrote",
+                                  "Transform a fresh copy of the base model, or use it as it is.")
+    if example_inputs is None:
+        raise ElasticCompileError("example_inputs: the arguments of one real forward call", "None",
+                                  "Pass e.g. example_inputs=dict(hidden_states=..., timestep=..., ...).")
+    was_training = model.training
+    model.eval()
+    fingerprint = model_fingerprint(model)
+    analysis = discover_blocks(model, example_inputs)
+    activations = _calibration_activations(model, analysis, config, example_inputs, calibration_inputs)
+    state = ElasticState(config=config, specs=analysis.blocks)
+    state.fingerprint = fingerprint
+    permutations = {}
+    for spec, call in zip(analysis.blocks, analysis.calls):
+        for site_index, site in enumerate(spec.sites):
+            permutations[(spec.index, site.name)] = order_neurons(call.module, site, activations.get((spec.index, site_index)))
+    install(model, state, [call.module for call in analysis.calls], permutations)
+    if config.verify:
+        _verify(model, state, analysis)
+    model.train(was_training)
+    _log_summary(state)
+    return model
+
+
+def install(model: nn.Module, state: ElasticState, blocks: list[nn.Module], permutations: dict) -> None:
+    """Run the elastic_mlp, insert_routers and gate_blocks passes on already-permuted blocks."""
+    state.permutations = permutations
+    state.controls = {}
+    for spec, block in zip(state.specs, blocks):
+        control = WidthControl()
+        make_mlps_elastic(block, spec, control, state.config.width_buckets)
+        router = insert_router(block, spec, state.config)
+        if router is not None:
+            state.routers[spec.index] = router
+        state.controls[spec.index] = control
+        gate_block(block, spec, router, control, state)
+    state.blocks = blocks
+    state.root_hook = install_root_hook(model, state)
+    setattr(model, STATE_ATTRIBUTE, state)
+
+
+def _calibration_activations(model, analysis: Analysis, config: ElasticConfig, example_inputs, calibration_inputs):
+    """Mean |h_j| at each site's out-projection input over the calibration forwards ({} for weight importance)."""
+    use = config.importance == "activation" or (config.importance == "auto" and calibration_inputs is not None)
+    if not use:
+        return {}
+    inputs = list(calibration_inputs) if calibration_inputs is not None else [example_inputs]
+    sums, counts, handles = {}, {}, []
+    for spec, call in zip(analysis.blocks, analysis.calls):
+        for site_index, site in enumerate(spec.sites):
+            key = (spec.index, site_index)
+            module = call.module.get_submodule(site.out_projection.module)
+            offset, hidden = site.out_projection.unit_starts[0], site.hidden
+            channel_dim = -1 if isinstance(module, nn.Linear) else 1
+
+            def hook(mod, args, key=key, offset=offset, hidden=hidden, channel_dim=channel_dim):
+                x = args[0].detach().float().movedim(channel_dim, -1)[..., offset:offset + hidden]
+                sums[key] = sums.get(key, 0) + x.abs().reshape(-1, hidden).sum(0)
+                counts[key] = counts.get(key, 0) + x.numel() // hidden
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for item in inputs:
+                call_model(model, item)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def _verify(model: nn.Module, state: ElasticState, analysis: Analysis) -> None:
+    """Dense reproduction of every block (through its gate) and every width bucket against the masked graph."""
+    atol = state.config.verify_atol
+    for spec, call in zip(state.specs, analysis.calls):
+        block = call.module
+        expected, _ = flatten_output(call.output)
+        with torch.no_grad(), force(model, skip=False, width=1.0):
+            got, _ = flatten_output(block(*call.args, **call.kwargs))
+        error = max_abs_difference(expected, got)
+        if error > atol * max(1.0, _scale(expected)):
+            raise VerificationError("the rewritten block to reproduce the dense block", f"{spec.path}: max |diff| {error:.3g}",
+                                    "Please report this model; transform with verify=False to inspect it.")
+        if not spec.sites:
+            continue
+        exported = analysis.graphs[spec.group]
+        flat = exported.flat_inputs(call.args, call.kwargs)
+        control = state.controls[spec.index]
+        for bucket, width in enumerate(state.config.width_buckets[:-1]):
+            reference = masked_reference(exported, block, flat, spec.sites, width)
+            with torch.no_grad(), force(model, skip=False, width=width):
+                try:
+                    got, _ = flatten_output(block(*call.args, **call.kwargs))
+                    error = max_abs_difference(reference, got)
+                except Exception as exc:  # eager code with a hard-coded width: keep the block dense
+                    error, got = float("inf"), f"{type(exc).__name__}: {exc}"
+            if error > atol * max(1.0, _scale(reference)):
+                _drop_width(block, spec, state, f"width {width} differs from the masked dense graph ({error:.3g})")
+                break
+        control.bucket = None
+
+
+def _scale(values: list) -> float:
+    return max((float(v.abs().max()) for v in values if isinstance(v, torch.Tensor) and v.numel()), default=1.0)
+
+
+def _drop_width(block: nn.Module, spec: BlockSpec, state: ElasticState, reason: str) -> None:
+    from .nn.sliced import uninstall_sliced_forward
+    from .passes.insert_routers import ROUTER_ATTRIBUTE
+    for site in spec.sites:
+        for piece in site.all_slices():
+            uninstall_sliced_forward(block.get_submodule(piece.module))
+    spec.notes.append(f"FFN widths disabled: {reason}")
+    spec.sites = []
+    router = insert_router(block, spec, state.config) if (spec.skippable and state.config.allow_skip) else None
+    if router is None and hasattr(block, ROUTER_ATTRIBUTE):
+        delattr(block, ROUTER_ATTRIBUTE)
+    state.routers.pop(spec.index, None)
+    if router is not None:
+        state.routers[spec.index] = router
+    gate = block._elastic_gate
+    gate.router = router
+
+
+def _log_summary(state: ElasticState) -> None:
+    elastic = sum(1 for s in state.specs if s.sites)
+    skippable = sum(1 for s in state.specs if s.skippable)
+    logger.info("elastic_compile: %d blocks, %d with elastic FFNs, %d skippable", len(state.specs), elastic, skippable)
+    for spec in state.specs:
+        for note in spec.notes:
+            logger.info("  block %d (%s): %s", spec.index, spec.path, note)
