@@ -116,8 +116,11 @@ def _calibration_activations(model, analysis: Analysis, config: ElasticConfig, e
 
 
 def _verify(model: nn.Module, state: ElasticState, analysis: Analysis) -> None:
-    """Dense reproduction of every block (through its gate) and every width bucket against the masked graph."""
+    """Dense reproduction of every block (through its gate), and every width bucket of one block per group
+    against its masked dense graph. Blocks of a group share their analysis and code, so one check covers them;
+    a failing group keeps dense FFNs (skip-only routers) with the reason in the report."""
     atol = state.config.verify_atol
+    checked_groups: dict[int, str | None] = {}
     for spec, call in zip(state.specs, analysis.calls):
         block = call.module
         expected, _ = flatten_output(call.output)
@@ -129,21 +132,26 @@ def _verify(model: nn.Module, state: ElasticState, analysis: Analysis) -> None:
                                     "Please report this model; transform with verify=False to inspect it.")
         if not spec.sites:
             continue
-        exported = analysis.graphs[spec.group]
-        flat = exported.flat_inputs(call.args, call.kwargs)
-        control = state.controls[spec.index]
-        for bucket, width in enumerate(state.config.width_buckets[:-1]):
-            reference = masked_reference(exported, block, flat, spec.sites, width)
-            with torch.no_grad(), force(model, skip=False, width=width):
-                try:
-                    got, _ = flatten_output(block(*call.args, **call.kwargs))
-                    error = max_abs_difference(reference, got)
-                except Exception as exc:  # eager code with a hard-coded width: keep the block dense
-                    error, got = float("inf"), f"{type(exc).__name__}: {exc}"
-            if error > atol * max(1.0, _scale(reference)):
-                _drop_width(block, spec, state, f"width {width} differs from the masked dense graph ({error:.3g})")
-                break
-        control.bucket = None
+        if spec.group not in checked_groups:
+            checked_groups[spec.group] = _width_problem(model, state, analysis.graphs[spec.group], spec, call)
+        if checked_groups[spec.group]:
+            _drop_width(block, spec, state, checked_groups[spec.group])
+
+
+def _width_problem(model: nn.Module, state: ElasticState, exported, spec: BlockSpec, call) -> str | None:
+    """Why sliced widths of this block differ from its masked dense graph, or None when they all match."""
+    flat = exported.flat_inputs(call.args, call.kwargs)
+    for width in state.config.width_buckets[:-1]:
+        reference = masked_reference(exported, call.module, flat, spec.sites, width)
+        with torch.no_grad(), force(model, skip=False, width=width):
+            try:
+                got, _ = flatten_output(call.module(*call.args, **call.kwargs))
+            except Exception as exc:  # eager code with a hard-coded width
+                return f"width {width} fails in eager code ({type(exc).__name__}: {exc})"
+        error = max_abs_difference(reference, got)
+        if error > state.config.verify_atol * max(1.0, _scale(reference)):
+            return f"width {width} differs from the masked dense graph ({error:.3g})"
+    return None
 
 
 def _scale(values: list) -> float:
