@@ -1,0 +1,24 @@
+"""``elastic-compile inspect --model ...``: transform a model and print what was found."""
+from __future__ import annotations
+
+from ..config import ElasticConfig
+from ..errors import ConfigError
+from .common import parse_floats, resolve_model
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("inspect", help="transform a model and print its blocks, FFN sites and routers")
+    parser.add_argument("--model", required=True, help="package.module:factory or a diffusers model directory")
+    parser.add_argument("--inputs", help="torch.save'd dict of example keyword arguments (optional)")
+    parser.add_argument("--buckets", default="0.25,0.5,0.75,1", help="width buckets (default 0.25,0.5,0.75,1)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import elastic_compile as ec
+    model, inputs = resolve_model(args.model, args.inputs)
+    if inputs is None:
+        raise ConfigError("example inputs for this model", "none", "Pass --inputs FILE (torch.save of a kwargs dict).")
+    ec.transform(model, ElasticConfig(width_buckets=parse_floats(args.buckets, "--buckets")), example_inputs=inputs)
+    print(ec.report(model))
+    return 0
