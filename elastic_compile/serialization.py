@@ -5,6 +5,7 @@ Layout of an artifact directory::
     elastic.json               format, config, block specs (FFN sites, residual map, router inputs), fingerprint
     permutations.safetensors   per block and FFN site: the unit order applied to the base weights
     routers.safetensors        router weights, keys "<block index>.<parameter>"
+    base_weights.safetensors   only when saved with include_base_weights (base fine-tuned with the routers)
 
 ``load(fresh_base_model, path)`` re-applies it to an unmodified base model without running any analysis (no
 example inputs needed). Saving writes a temporary directory and renames it into place, so an interrupted save
@@ -32,10 +33,15 @@ from .runtime.state import STATE_ATTRIBUTE, ElasticState, state_of
 
 FORMAT = "elastic_compile.artifact/1"
 MANIFEST, PERMUTATIONS, ROUTERS = "elastic.json", "permutations.safetensors", "routers.safetensors"
+BASE_WEIGHTS = "base_weights.safetensors"
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s elastic artifact to directory ``path`` (replaced atomically if it exists)."""
+def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: bool = False) -> Path:
+    """Write ``model``'s elastic artifact to directory ``path`` (replaced atomically if it exists).
+
+    ``include_base_weights`` also stores the (permuted) base weights, for models whose base was fine-tuned
+    together with the routers; ``load`` then puts them on the fresh base model.
+    """
     state = state_of(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +51,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "fingerprint": state.fingerprint,
         "config": state.config.to_dict(),
         "blocks": [spec.to_dict() for spec in state.specs],
+        "base_weights": include_base_weights,
         "versions": {"torch": torch.__version__, _package: _package_version()},
     }
     permutations = {f"{index}.{site}": order.to(torch.int64).contiguous()
@@ -56,6 +63,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         save_file(permutations, str(staging / PERMUTATIONS))
         save_file(routers, str(staging / ROUTERS))
+        if include_base_weights:
+            base = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()
+                    if ".elastic_router." not in f".{name}"}
+            save_file(base, str(staging / BASE_WEIGHTS))
         _replace_directory(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -98,6 +109,13 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
     state.fingerprint = manifest["fingerprint"]
     install(base_model, state, blocks, permutations)
     _load_routers(state, load_file(str(path / ROUTERS)))
+    if manifest.get("base_weights"):
+        if not (path / BASE_WEIGHTS).is_file():
+            raise ArtifactError(f"{BASE_WEIGHTS} in {path}", "it is missing", "The artifact is incomplete; save it again.")
+        missing, unexpected = base_model.load_state_dict(load_file(str(path / BASE_WEIGHTS)), strict=False)
+        if unexpected or [m for m in missing if ".elastic_router." not in f".{m}"]:
+            raise ArtifactError("base weights matching the model", f"{len(missing)} missing, {len(unexpected)} unexpected",
+                                "Load the artifact into the model class it was made from.")
     return base_model
 
 

@@ -36,6 +36,14 @@ def signature_key(inputs) -> tuple:
     return str(spec), tuple((l.shape, l.dtype) if isinstance(l, TensorMeta) else repr(l)[:200] for l in leaves)
 
 
+def flop_table(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
+    """The cached FlopTable of an input signature (``inputs`` from ``describe_inputs``), profiled on first use."""
+    key = signature_key(inputs)
+    if key not in state.flop_tables:
+        state.flop_tables[key] = profile_flops(model, state, inputs)
+    return state.flop_tables[key]
+
+
 def profile_flops(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
     """Measure a FlopTable for the (meta-described) ``inputs`` = ``(args, kwargs)`` of a forward."""
     buckets = state.config.width_buckets

@@ -75,6 +75,8 @@ class BlockGate:
     def __call__(self, *args, **kwargs):
         arguments = bind_to_signature(self.signature, args, kwargs)
         batch = self.stream_batch(arguments)
+        if self.state.soft and self.state.forced is None and not self.state.profiling:
+            return self.soft_forward(args, kwargs, arguments, batch)
         run, bucket, router_ran = self.decide(arguments, batch)
         self.state.record(BlockCall(self.index, run, bucket, router_ran))
         plans = list(zip(run, bucket))
@@ -96,6 +98,56 @@ class BlockGate:
             return self.original_forward(*args, **kwargs)
         finally:
             self.control.bucket = None
+
+    def soft_forward(self, args, kwargs, arguments: dict, batch: int):
+        """Training path: decisions stay differentiable through straight-through estimators.
+
+        Every sample runs the dense block with a per-sample unit mask ``m = m_hard + m_soft - sg(m_soft)``
+        (``m_soft = softmax(width_logits) @ prefix_masks``) and its output is ``x + g * (block(x) - x)`` with
+        ``g = 1[p >= tau] + p - sg(p)``: forward values equal the hard decisions, gradients reach the logits.
+        Records ``(block, p_run, width_probs, hard_run, hard_bucket)`` for the compute-budget term.
+        """
+        state, dense = self.state, self.state.dense_bucket
+        if self.router is None:
+            state.soft_records.append((self.index, None, None, None, None))
+            state.record(BlockCall(self.index, [True] * batch, [dense] * batch, False))
+            return self.original_forward(*args, **kwargs)
+        run_logit, width_logits = self.router(arguments)
+        can_skip = self.spec.skippable and state.config.allow_skip
+        p_run = torch.sigmoid(run_logit.float()) if can_skip else None
+        probs = torch.softmax(width_logits.float(), dim=-1) if self.spec.elastic_width else None
+        hard_run = p_run >= state.config.threshold if p_run is not None else torch.ones(batch, dtype=torch.bool)
+        hard_bucket = probs.argmax(dim=-1) if probs is not None else torch.full((batch,), dense)
+        if probs is not None:
+            masks = {}
+            for site_index, prefix in enumerate(self.prefix_masks(probs.device)):
+                soft = probs @ prefix
+                masks[site_index] = prefix[hard_bucket] + soft - soft.detach()
+            self.control.unit_masks = masks
+        try:
+            out = self.original_forward(*args, **kwargs)
+        finally:
+            self.control.unit_masks = None
+        state.soft_records.append((self.index, p_run, probs, hard_run, hard_bucket))
+        state.record(BlockCall(self.index, hard_run.tolist(), hard_bucket.tolist(), True))
+        if p_run is None:
+            return out
+        gate = hard_run.to(p_run.dtype) + p_run - p_run.detach()
+        leaves, _ = flatten_output(out)
+        for i, name in self.spec.residual_of.items():
+            x = arguments[name]
+            g = gate.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+            leaves[i] = x + g * (leaves[i] - x)
+        return pytree.tree_unflatten(leaves, self.output_spec)
+
+    def prefix_masks(self, device) -> list[torch.Tensor]:
+        """Per FFN site, a (buckets, hidden) 0/1 matrix: row k keeps the first units(bucket k) units."""
+        if getattr(self, "_prefix_masks", None) is None or self._prefix_masks[0].device != torch.device(device):
+            buckets = self.state.config.width_buckets
+            self._prefix_masks = [
+                (torch.arange(site.hidden)[None, :] < torch.tensor([site.units_at(b) for b in buckets])[:, None])
+                .float().to(device) for site in self.spec.sites]
+        return self._prefix_masks
 
     def skip_output(self, arguments: dict):
         leaves = [arguments[self.spec.residual_of[i]] if i in self.spec.residual_of else None

@@ -59,6 +59,8 @@ class ElasticState:
     profile_sink: list | None = None
     flop_tables: dict = field(default_factory=dict)
     routers: dict = field(default_factory=dict)
+    soft: bool = False                                   # straight-through training decisions (train/)
+    soft_records: list = field(default_factory=list)     # per block call: (block, p_run, width_probs)
 
     @property
     def dense_bucket(self) -> int:
@@ -75,13 +77,18 @@ class ElasticState:
         if self.profiling:
             return
         self.calls = []
-        self.last_inputs = pytree.tree_map(
-            lambda x: TensorMeta(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x,
-            (args, kwargs))
+        self.soft_records = []
+        self.last_inputs = describe_inputs(args, kwargs)
 
     def record(self, call: BlockCall) -> None:
         if not self.profiling:
             self.calls.append(call)
+
+
+def describe_inputs(args: tuple, kwargs: dict):
+    """``(args, kwargs)`` with every tensor replaced by its shape/dtype/device (for FLOP profiling)."""
+    return pytree.tree_map(
+        lambda x: TensorMeta(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x, (args, kwargs))
 
 
 def state_of(model: nn.Module) -> ElasticState:

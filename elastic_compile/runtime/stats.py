@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..analysis.flops import profile_flops, signature_key
+from ..analysis.flops import flop_table
 from ..errors import ConfigError
 from .state import state_of
 
@@ -52,10 +52,7 @@ def stats(model: nn.Module) -> ElasticStats:
     if state.last_inputs is None or not state.calls:
         raise ConfigError("a forward of the elastic model before stats()", "no forward recorded",
                           "Run the model once, then call elastic_compile.stats(model).")
-    key = signature_key(state.last_inputs)
-    if key not in state.flop_tables:
-        state.flop_tables[key] = profile_flops(model, state, state.last_inputs)
-    table = state.flop_tables[key]
+    table = flop_table(model, state, state.last_inputs)
     buckets = state.config.width_buckets
     batch = len(state.calls[0].run)
     per_sample = [table.non_block / batch] * batch

@@ -1,0 +1,52 @@
+"""The compute-budget term: executed FLOP fraction per sample, differentiable in the routers' outputs."""
+from __future__ import annotations
+
+import torch
+
+from ..analysis.flops import FlopTable
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Value of ``hard``, gradient of ``soft``."""
+    return hard.to(soft.dtype) + soft - soft.detach()
+
+
+def executed_flops_fraction(soft_records: list, table: FlopTable, routers: dict, batch: int) -> torch.Tensor:
+    """Per-sample executed FLOPs / dense FLOPs of the hard decisions, with straight-through gradients.
+
+    A block call contributes ``g * sum_k w_k F_k`` where ``g = 1[p >= tau] + p - sg(p)`` and
+    ``w = onehot(argmax q) + q - sg(q)`` (``p``: run probability, ``q``: width-bucket probabilities, ``F_k``: the
+    block's FLOPs per sample at bucket k): the forward value is exactly what the hard decisions execute (the
+    number ``stats`` reports), the gradient is that of the expected FLOPs. Blocks without a decision contribute
+    their dense FLOPs; FLOPs outside blocks and router FLOPs are constant.
+    """
+    dense_per_sample = table.dense_total / batch
+    profiled: dict[int, list[list[int]]] = {}
+    for block, flops in table.block_calls:
+        profiled.setdefault(block, []).append(flops)
+    occurrences: dict[int, int] = {}
+    total = None
+    constant = table.non_block / batch
+    for block, p_run, probs, hard_run, hard_bucket in soft_records:
+        k = occurrences.get(block, 0)
+        occurrences[block] = k + 1
+        flops = torch.tensor(profiled[block][k], dtype=torch.float32) / batch
+        router = routers.get(block)
+        if router is not None and p_run is not None or probs is not None:
+            constant += router.flops_per_sample()
+        if probs is None and p_run is None:
+            constant += float(flops[-1])
+            continue
+        device = (probs if probs is not None else p_run).device
+        flops = flops.to(device)
+        if probs is not None:
+            one_hot = torch.nn.functional.one_hot(hard_bucket.to(device), probs.shape[1])
+            per_sample = straight_through(one_hot, probs) @ flops
+        else:
+            per_sample = flops[-1].expand(batch)
+        if p_run is not None:
+            per_sample = straight_through(hard_run, p_run) * per_sample
+        total = per_sample if total is None else total + per_sample
+    if total is None:
+        total = torch.zeros(batch)
+    return (total + constant) / dense_per_sample

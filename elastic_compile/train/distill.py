@@ -1,0 +1,257 @@
+"""``train_routers``: distil the dense model into its elastic self under a compute budget.
+
+Loss per step (global batch of B samples)::
+
+    L = mean_i MSE(student_i, teacher_i) + budget_weight * (mean_i E[FLOPs_i] / FLOPs_dense - budget)^2
+        (+ task_weight * task_loss(model, batch) when a task loss is given)
+
+Teacher: the same model forced dense (``force(skip=False, width=1.0)``) under no_grad, so no second copy of
+the weights exists; for a recorded trajectory dataset the teacher outputs are computed once up front.
+Student: the elastic model with straight-through decisions (see ``BlockGate.soft_forward``). By default only
+router parameters train and the base weights stay bit-identical.
+
+Distributed: under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment), each rank
+takes its contiguous share of the same seeded global batch; the model is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on GPU) and the loss is scaled so that the averaged gradient equals the gradient of the
+global-batch loss above: N processes train the same routers as one process with the same global batch.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import distributed as dist
+from torch import nn
+
+from ..analysis.flops import flop_table
+from ..errors import ConfigError
+from ..runtime.sampling import denoiser_output
+from ..runtime.state import describe_inputs, force, state_of
+from ..runtime.stats import stats
+from .budget import executed_flops_fraction
+from .trajectories import TrajectoryDataset
+
+TEACHER_KEY = "__teacher__"
+
+
+@dataclass
+class TrainLogEntry:
+    step: int
+    loss: float
+    distill_mse: float
+    budget_term: float
+    expected_fraction: float
+    executed_fraction: float
+    seconds: float
+    task_loss: float | None = None
+
+
+@dataclass
+class TrainReport:
+    """What training did: settings, the logged history, and the final executed FLOP fraction / distillation MSE."""
+
+    budget: float
+    steps: int
+    batch_size: int
+    world_size: int
+    seconds: float
+    history: list[TrainLogEntry] = field(default_factory=list)
+
+    @property
+    def final(self) -> TrainLogEntry:
+        return self.history[-1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *, budget: float = 0.5,
+                  steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+                  budget_weight: float = 10.0, train_base: bool = False, base_lr: float = 1e-5,
+                  task_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None, task_weight: float = 1.0,
+                  log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                  progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None) -> TrainReport:
+    """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
+
+    Args:
+        data: a :class:`TrajectoryDataset` (e.g. from ``record_class_conditional_trajectories``), sampled with a
+            seeded generator, or an iterable of keyword-argument batches (each one global batch).
+        budget: target executed FLOP fraction in (0, 1].
+        steps, lr, batch_size (global), seed: optimisation settings (Adam).
+        budget_weight: weight of the squared budget deviation.
+        train_base: also fine-tune the base weights (needs a frozen teacher: precomputed for a dataset, a deep
+            copy otherwise); ``base_lr`` is their learning rate.
+        task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
+        checkpoint_dir / checkpoint_every: ``ec.save`` checkpoints every N steps and at the end ("final").
+        log: called with every logged entry (rank 0).
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ConfigError("budget in (0, 1]", f"{budget}", "Use e.g. 0.5 for half the dense FLOPs.")
+    state = state_of(model)
+    rank, world = _init_distributed()
+    if batch_size % world:
+        raise ConfigError(f"a global batch size divisible by the {world} processes", f"{batch_size}",
+                          "Choose batch_size as a multiple of --nproc_per_node.")
+    torch.manual_seed(seed)
+    router_params = [p for r in state.routers.values() for p in r.parameters()]
+    if not router_params:
+        raise ConfigError("a model with at least one router", "no routers", "See elastic_compile.report(model).")
+    router_ids = {id(p) for p in router_params}
+    base_params = [p for p in model.parameters() if id(p) not in router_ids]
+    saved_flags = [p.requires_grad for p in model.parameters()]
+    for p in base_params:
+        p.requires_grad_(train_base)
+    for p in router_params:
+        p.requires_grad_(True)
+    groups = [{"params": router_params, "lr": lr}] + ([{"params": base_params, "lr": base_lr}] if train_base else [])
+    optimizer = torch.optim.Adam(groups)
+    was_training = model.training
+    model.eval()  # no dropout / label dropout: the student must see what the teacher sees
+    student = model
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
+    batches = _batches(data, batch_size, seed, rank, world)
+    teacher = _teacher(model, data, train_base)
+    report = TrainReport(budget, steps, batch_size, world, 0.0)
+    bar = _progress(steps, progress and rank == 0)
+    start = time.time()
+    try:
+        for step in range(1, steps + 1):
+            inputs = next(batches)
+            target = inputs.pop(TEACHER_KEY, None)
+            if target is None:
+                with torch.no_grad():
+                    target = teacher(inputs)
+            state.soft = True
+            try:
+                output = denoiser_output(student(**inputs)).float()
+            finally:
+                state.soft = False
+            local = output.shape[0]
+            distill = (output - target.float()).pow(2).reshape(local, -1).mean(dim=1)
+            table = flop_table(model, state, describe_inputs((), inputs))
+            fractions = executed_flops_fraction(state.soft_records, table, state.routers, local)
+            global_fraction = _global_mean(fractions, batch_size)
+            budget_term = (global_fraction - budget) ** 2
+            loss = distill.sum() / batch_size + budget_weight * budget_term / world
+            task_value = None
+            if task_loss is not None:
+                task = task_loss(model, inputs)
+                task_value = float(task)
+                loss = loss + task_weight * task / world
+            optimizer.zero_grad(set_to_none=True)
+            (loss * world).backward()
+            optimizer.step()
+            if step % log_every == 0 or step == steps or step == 1:
+                entry = TrainLogEntry(step, float(_global_sum(loss.detach()) ), _global_sum(distill.detach().sum()) / batch_size,
+                                      float(budget_term.detach()), float(global_fraction.detach()),
+                                      _executed_fraction(model), time.time() - start, task_value)
+                report.history.append(entry)
+                if rank == 0 and log is not None:
+                    log(entry)
+                bar.set_postfix(mse=f"{entry.distill_mse:.4g}", flops=f"{entry.executed_fraction:.3f}")
+            if checkpoint_dir and rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                _checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+            bar.update(1)
+    finally:
+        bar.close()
+        state.soft = False
+        for p, flag in zip(model.parameters(), saved_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    report.seconds = time.time() - start
+    if checkpoint_dir and rank == 0:
+        _checkpoint(model, Path(checkpoint_dir) / "final", train_base)
+    return report
+
+
+def _init_distributed() -> tuple[int, int]:
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _global_sum(value: torch.Tensor) -> float:
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+    return float(value)
+
+
+def _global_mean(per_sample: torch.Tensor, global_batch: int) -> torch.Tensor:
+    """Mean over the global batch whose value is exact and whose gradient reaches this rank's samples."""
+    local = per_sample.sum()
+    total = local.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return (local + (total - local.detach())) / global_batch
+
+
+def _batches(data, batch_size: int, seed: int, rank: int, world: int):
+    share = batch_size // world
+    if isinstance(data, TrajectoryDataset):
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            indices = torch.randint(len(data), (batch_size,), generator=generator)
+            yield data.batch(indices[rank * share:(rank + 1) * share])
+    else:
+        while True:
+            for batch in data:
+                yield {k: (v[rank * share:(rank + 1) * share]
+                           if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch_size else v)
+                       for k, v in dict(batch).items()}
+
+
+def _teacher(model: nn.Module, data, train_base: bool) -> Callable[[dict], torch.Tensor]:
+    """Dense predictions: precomputed into a dataset, else the model forced dense (a frozen copy if the base trains)."""
+    if isinstance(data, TrajectoryDataset) and TEACHER_KEY not in data.rows:
+        outputs = []
+        with torch.no_grad(), force(model, skip=False, width=1.0):
+            for start in range(0, len(data), 256):
+                index = torch.arange(start, min(start + 256, len(data)))
+                outputs.append(denoiser_output(model(**data.batch(index))).float().cpu())
+        data.rows[TEACHER_KEY] = torch.cat(outputs)
+    reference = model
+    if train_base and not isinstance(data, TrajectoryDataset):
+        import copy
+        reference = copy.deepcopy(model)
+
+    def teach(inputs: dict) -> torch.Tensor:
+        with force(reference, skip=False, width=1.0):
+            return denoiser_output(reference(**inputs))
+    return teach
+
+
+def _executed_fraction(model: nn.Module) -> float:
+    return float(stats(model).executed_flops_fraction)
+
+
+def _checkpoint(model: nn.Module, path: Path, with_base: bool) -> None:
+    from ..serialization import save
+    save(model, path, include_base_weights=with_base)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="training routers")
+
+

@@ -1,0 +1,103 @@
+"""Training inputs for routers: the dense model's own sampling trajectories, recorded per sample.
+
+Data-free router training (the default for the reference model) needs realistic noisy inputs x_t with their
+timesteps and conditioning. ``record_trajectories`` runs any sampling loop with a recording denoiser (the
+elastic model forced dense) and keeps every call's keyword arguments split into per-sample rows, so training
+can draw mini-batches that mix steps, classes and guidance branches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..runtime.state import force
+
+
+@dataclass
+class TrajectoryDataset:
+    """Per-sample model inputs: ``rows[name]`` is an (N, ...) tensor of batch-leading arguments; ``shared``
+    holds arguments that are the same for every call (non-tensors, tensors without a batch dimension)."""
+
+    rows: dict[str, torch.Tensor]
+    shared: dict[str, Any]
+
+    def __len__(self) -> int:
+        return next(iter(self.rows.values())).shape[0]
+
+    def batch(self, indices: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of one model call made of rows ``indices``."""
+        return {**self.shared, **{k: v.index_select(0, indices) for k, v in self.rows.items()}}
+
+    def to(self, device) -> "TrajectoryDataset":
+        return TrajectoryDataset({k: v.to(device) for k, v in self.rows.items()}, self.shared)
+
+    @classmethod
+    def from_calls(cls, calls: list[dict[str, Any]]) -> "TrajectoryDataset":
+        """Split recorded keyword-argument dicts into per-sample rows (batch = leading size of the first tensor)."""
+        if not calls:
+            raise ConfigError("at least one recorded denoiser call", "none",
+                              "The sampling function must call the denoiser it is given.")
+        rows: dict[str, list[torch.Tensor]] = {}
+        shared: dict[str, Any] = {}
+        for call in calls:
+            batch = next(v.shape[0] for v in call.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+            for name, value in call.items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+                    rows.setdefault(name, []).append(value.detach().cpu())
+                else:
+                    shared.setdefault(name, value)
+        return cls({k: torch.cat(v) for k, v in rows.items()}, shared)
+
+
+class _RecordingDenoiser:
+    """Calls the model (forced dense) and keeps each call's arguments by parameter name."""
+
+    def __init__(self, model: nn.Module):
+        import inspect
+        self.model = model
+        self.signature = inspect.signature(model.forward)
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs).arguments
+        self.calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.items()})
+        with force(self.model, skip=False, width=1.0):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):  # lets samplers find the model's device and dtype
+        return self.model.parameters()
+
+
+def record_trajectories(model: nn.Module, run_sampler: Callable[[Callable], Any]) -> TrajectoryDataset:
+    """Run ``run_sampler(denoiser)`` with a recording dense denoiser; return the recorded inputs per sample.
+
+    Example (class-conditional DiT with the project's sampler)::
+
+        data = record_trajectories(model, lambda d: sample(d, scheduler, labels, config, seed=0))
+    """
+    recorder = _RecordingDenoiser(model)
+    with torch.no_grad():
+        run_sampler(recorder)
+    return TrajectoryDataset.from_calls(recorder.calls)
+
+
+def record_class_conditional_trajectories(model: nn.Module, scheduler, sampling_config, *, samples_per_class: int,
+                                          seed: int = 0, cfg: str = "batch", batch_size: int = 64) -> TrajectoryDataset:
+    """Trajectories of ``samples_per_class`` generations per class with the project's sampler (CFG included,
+    so the unconditional branch is in the data too)."""
+    from ..runtime.sampling import sample
+
+    labels = [c for c in range(sampling_config.num_classes) for _ in range(samples_per_class)]
+    calls: list[dict[str, Any]] = []
+    recorder = _RecordingDenoiser(model)
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            chunk = labels[start:start + batch_size]
+            sample(recorder, scheduler, chunk, sampling_config, seeds=[seed * 100003 + start + i for i in range(len(chunk))],
+                   cfg=cfg)
+    calls.extend(recorder.calls)
+    return TrajectoryDataset.from_calls(calls)
