@@ -12,12 +12,20 @@ Public API::
 from .config import ElasticConfig
 from .errors import ElasticCompileError
 from .report import report
+from .runtime.cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
 from .runtime.state import force
 from .runtime.stats import Decision, ElasticStats, stats
 from .serialization import load, save
+from .train import train_routers
 from .transform import transform
 
 __version__ = "0.1.0"
 
-__all__ = ["Decision", "ElasticCompileError", "ElasticConfig", "ElasticStats", "force", "load", "report", "save",
-           "stats", "transform"]
+__all__ = ["Decision", "ElasticCompileError", "ElasticConfig", "ElasticStats", "FeatureCacheConfig",
+           "apply_feature_cache", "cache_context", "force", "load", "report", "reset_cache", "save", "stats",
+           "train_routers", "transform"]
+
+from . import runtime  # noqa: E402  (elastic_compile.runtime.load: exported runtimes)
+from .export import export  # noqa: E402
+
+__all__ += ["export", "runtime"]

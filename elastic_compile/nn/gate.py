@@ -47,7 +47,8 @@ class BlockGate:
                 return int(value.shape[0])
         raise RuntimeError(f"block {self.spec.path} was called without its hidden-state input")
 
-    def decide(self, arguments: dict, batch: int) -> tuple[list[bool], list[int], bool]:
+    def decide(self, arguments: dict, batch: int) -> tuple[list[bool], list[int], bool, list[float] | None]:
+        """Per-sample (run, bucket) from ``force`` or the router; also whether the router ran and its p_run."""
         state, dense = self.state, self.state.dense_bucket
         can_skip = self.spec.skippable and state.config.allow_skip
         run = bucket = None
@@ -63,13 +64,30 @@ class BlockGate:
         if bucket is None and not self.spec.elastic_width:
             bucket = [dense] * batch
         if run is not None and bucket is not None:
-            return run, bucket, False
+            return run, bucket, False, None
         run_logit, width_logits = self.router(arguments)
+        p_run = None
         if run is None:
-            run = (torch.sigmoid(run_logit.float()) >= state.config.threshold).tolist()
+            p_run = torch.sigmoid(run_logit.float()).tolist()
+            run = [p >= state.config.threshold for p in p_run]
         if bucket is None:
             bucket = width_logits.argmax(dim=-1).tolist()
-        return run, bucket, True
+        return run, bucket, True, p_run
+
+    def apply_cache_policy(self, run: list[bool], p_run: list[float] | None, batch: int) -> tuple[list[bool], list[bool]]:
+        """(run, reuse) after the feature cache's rules (see runtime/cache.py)."""
+        cache = self.state.cache
+        if cache is None or not self.spec.skippable or self.state.profiling:
+            return run, [False] * batch
+        usable = cache.usable(self.index, batch)
+        band = cache.config.band
+        if band is None:
+            return run, [not r and u for r, u in zip(run, usable)]
+        if p_run is None:
+            return run, [False] * batch
+        limit = self.state.config.threshold + band
+        reuse = [r and u and p < limit for r, u, p in zip(run, usable, p_run)]
+        return [r and not u for r, u in zip(run, reuse)], reuse
 
     # execution -------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -77,17 +95,25 @@ class BlockGate:
         batch = self.stream_batch(arguments)
         if self.state.soft and self.state.forced is None and not self.state.profiling:
             return self.soft_forward(args, kwargs, arguments, batch)
-        run, bucket, router_ran = self.decide(arguments, batch)
-        self.state.record(BlockCall(self.index, run, bucket, router_ran))
-        plans = list(zip(run, bucket))
+        run, bucket, router_ran, p_run = self.decide(arguments, batch)
+        run, reuse = self.apply_cache_policy(run, p_run, batch)
+        self.state.record(BlockCall(self.index, run, bucket, router_ran, reuse))
         if self.state.profiling:
             with FlopCounterMode(display=False) as counter:
-                out = self.run_plan(plans[0], args, kwargs, arguments)
+                out = self.run_plan((run[0], bucket[0]), args, kwargs, arguments)
             self.state.profile_sink.append((self.index, counter.get_total_flops()))
             return out
-        if len(set(plans)) == 1:
-            return self.run_plan(plans[0], args, kwargs, arguments)
-        return self.run_grouped(plans, args, kwargs, batch)
+        if all(run) and len(set(bucket)) == 1:
+            out = self.run_plan((True, bucket[0]), args, kwargs, arguments)
+        elif not any(run):
+            return self.skip_output(arguments, reuse)
+        else:
+            out = self.run_mixed(run, bucket, reuse, args, kwargs, arguments, batch)
+        if self.state.cache is not None and self.spec.skippable:
+            leaves, _ = flatten_output(out)
+            self.state.cache.store(self.index, self.residual_inputs(arguments),
+                                   {i: leaves[i] for i in self.spec.residual_of}, run)
+        return out
 
     def run_plan(self, plan: tuple[bool, int], args, kwargs, arguments):
         run, bucket = plan
@@ -149,21 +175,31 @@ class BlockGate:
                 .float().to(device) for site in self.spec.sites]
         return self._prefix_masks
 
-    def skip_output(self, arguments: dict):
-        leaves = [arguments[self.spec.residual_of[i]] if i in self.spec.residual_of else None
-                  for i in range(self.spec.num_output_leaves)]
+    def residual_inputs(self, arguments: dict) -> dict[int, torch.Tensor]:
+        return {i: arguments[name] for i, name in self.spec.residual_of.items()}
+
+    def skip_output(self, arguments: dict, reuse: list[bool] | None = None):
+        """The block's output when skipped: its residual inputs, plus cached deltas for samples in ``reuse``."""
+        values = self.residual_inputs(arguments)
+        if reuse is not None and self.state.cache is not None:
+            values = self.state.cache.reused_output(self.index, values, reuse)
+        leaves = [values.get(i) for i in range(self.spec.num_output_leaves)]
         return pytree.tree_unflatten(leaves, self.output_spec)
 
-    def run_grouped(self, plans, args, kwargs, batch: int):
-        groups: dict[tuple, list[int]] = {}
-        for sample, plan in enumerate(plans):
-            groups.setdefault(plan, []).append(sample)
-        full: list = [None] * self.spec.num_output_leaves
-        for plan, samples in groups.items():
+    def run_mixed(self, run: list[bool], bucket: list[int], reuse: list[bool], args, kwargs, arguments, batch: int):
+        """Skipped rows from ``skip_output``; each group of samples sharing a bucket runs as one sub-batch."""
+        full = [None] * self.spec.num_output_leaves
+        if not all(run):
+            full, _ = flatten_output(self.skip_output(arguments, reuse))
+        groups: dict[int, list[int]] = {}
+        for sample, (r, b) in enumerate(zip(run, bucket)):
+            if r:
+                groups.setdefault(b, []).append(sample)
+        for b, samples in groups.items():
             index = torch.tensor(samples, dtype=torch.long, device=_device_of(args, kwargs))
             sub_args, sub_kwargs = _select_batch((args, kwargs), index, batch)
             sub_arguments = bind_to_signature(self.signature, sub_args, sub_kwargs)
-            leaves, _ = flatten_output(self.run_plan(plan, sub_args, sub_kwargs, sub_arguments))
+            leaves, _ = flatten_output(self.run_plan((True, b), sub_args, sub_kwargs, sub_arguments))
             for i, leaf in enumerate(leaves):
                 if isinstance(leaf, torch.Tensor):
                     if full[i] is None:

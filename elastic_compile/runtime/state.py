@@ -37,6 +37,7 @@ class BlockCall:
     run: list[bool]
     bucket: list[int]
     router_ran: bool
+    reused: list[bool] = field(default_factory=list)   # skipped samples that took the cached delta
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class ElasticState:
     flop_tables: dict = field(default_factory=dict)
     routers: dict = field(default_factory=dict)
     soft: bool = False                                   # straight-through training decisions (train/)
-    soft_records: list = field(default_factory=list)     # per block call: (block, p_run, width_probs)
+    soft_records: list = field(default_factory=list)     # per block call: (block, p_run, probs, hard run, hard bucket)
+    cache: object = None                                 # runtime.cache.FeatureCacheState when the cache is on
 
     @property
     def dense_bucket(self) -> int:

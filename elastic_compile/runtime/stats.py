@@ -12,10 +12,12 @@ from .state import state_of
 
 @dataclass(frozen=True)
 class Decision:
-    """One block, one sample: did it run, and at which width (None when skipped)."""
+    """One block, one sample: did it run, at which width (None when skipped), and did a skip reuse the
+    cached residual of an earlier step (feature cache)."""
 
     run: bool
     width: float | None
+    reused: bool = False
 
 
 @dataclass
@@ -74,7 +76,9 @@ def stats(model: nn.Module) -> ElasticStats:
                 per_sample[s] += (flops[bucket] / call_batch if run else 0.0) + router_per_sample
         router_total += router_per_sample * call_batch
         if decisions[call.block] is None:
-            decisions[call.block] = [Decision(r, buckets[b] if r else None) for r, b in zip(call.run, call.bucket)]
+            reused = call.reused or [False] * len(call.run)
+            decisions[call.block] = [Decision(r, buckets[b] if r else None, u)
+                                     for r, b, u in zip(call.run, call.bucket, reused)]
     dense_per_sample = table.dense_total / batch
     return ElasticStats(
         block_paths=[spec.path for spec in state.specs],

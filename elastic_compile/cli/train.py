@@ -1,0 +1,71 @@
+"""``elastic-compile train``: train routers under a compute budget (data-free by default) and save them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train the routers of an elastic model by distillation")
+    parser.add_argument("--model", default=None, help="diffusers model dir or package.module:factory "
+                                                      "(default: the bundled reference model)")
+    parser.add_argument("--routers", help="start from this elastic artifact (ec.save) instead of untrained routers")
+    parser.add_argument("--sampling", default=None, help="dir with scheduler/ and sampling.json for data-free "
+                                                         "trajectories (default: the bundled reference assets)")
+    parser.add_argument("--data", help="torch.save'd TrajectoryDataset or list of keyword-argument batches")
+    parser.add_argument("--samples-per-class", type=int, default=24, help="data-free: generations per class")
+    parser.add_argument("--budget", type=float, default=0.5, help="target executed FLOP fraction")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-weight", type=float, default=10.0)
+    parser.add_argument("--train-base", action="store_true", help="fine-tune the base weights too")
+    parser.add_argument("--base-lr", type=float, default=1e-5)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps")
+    parser.add_argument("--out", required=True, help="output directory (checkpoints, final artifact, report)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import elastic_compile as ec
+    from tqdm.auto import tqdm
+
+    from ..reference import ASSETS_DIR
+    from ..runtime.sampling import SamplingConfig
+    from ..train import record_class_conditional_trajectories, train_routers
+    from .common import resolve_model
+
+    model_spec = args.model or str(ASSETS_DIR / "transformer")
+    model, inputs = resolve_model(model_spec)
+    if args.routers:
+        ec.load(model, args.routers)
+    else:
+        ec.transform(model, example_inputs=inputs)
+    if args.data:
+        data = torch.load(args.data, weights_only=False)
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: F401  (scheduler classes register)
+        import diffusers
+        sampling_dir = Path(args.sampling) if args.sampling else ASSETS_DIR
+        config = SamplingConfig.load(sampling_dir / "sampling.json")
+        scheduler = getattr(diffusers, config.scheduler).from_pretrained(sampling_dir / "scheduler")
+        print(f"recording {args.samples_per_class} dense generations per class ...")
+        data = record_class_conditional_trajectories(model, scheduler, config, samples_per_class=args.samples_per_class,
+                                                     seed=args.seed)
+    out = Path(args.out)
+
+    def log(entry):
+        tqdm.write(f"step {entry.step:>5}  loss {entry.loss:.5f}  mse {entry.distill_mse:.5f}  "
+                   f"budget term {entry.budget_term:.5f}  executed FLOPs {entry.executed_fraction:.3f}")
+    report = train_routers(model, data, budget=args.budget, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                           seed=args.seed, budget_weight=args.budget_weight, train_base=args.train_base,
+                           base_lr=args.base_lr, log_every=args.log_every, checkpoint_dir=out,
+                           checkpoint_every=args.checkpoint_every, log=log)
+    (out / "train_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    print(f"done in {report.seconds:.0f} s: executed FLOP fraction {report.final.executed_fraction:.3f}, "
+          f"distillation MSE {report.final.distill_mse:.5f}; routers saved to {out / 'final'}")
+    return 0

@@ -1,0 +1,158 @@
+"""Block-level feature cache (training-free): skipped blocks reuse the residual update of their last run.
+
+In the style of diffusers' hooks: a config dataclass, a state object with ``reset()``, and ``apply_feature_cache``.
+
+Semantics, per block, per cache context (one per classifier-free-guidance branch) and per sample:
+- when the block runs for a sample, ``delta = out - in`` is stored for each residual output;
+- when the router skips the block for that sample, the block returns ``in + delta`` if a delta exists and has
+  been reused fewer than ``max_reuse`` times in a row, else ``in`` (identity);
+- band rule (``band`` set): samples whose run-probability lies in ``[tau, tau + band)`` (run, but barely) reuse the
+  delta instead of running (when one is usable, else they run); samples below ``tau`` skip to identity.
+Contexts keep rows apart: CFG as one batch (one context, cond and uncond rows) and CFG as two calls (contexts
+"cond" and "uncond") see the same deltas per sample. ``reset()`` (or a sampler's ``start_generation``) forgets
+everything; a batch-size change within a context also starts that context afresh.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ElasticCompileError
+from .sampler_hooks import SamplerHooks
+from .state import state_of
+
+
+class CacheContextError(ElasticCompileError):
+    """The feature cache is on but the model was called outside any cache context."""
+
+
+@dataclass(frozen=True)
+class FeatureCacheConfig:
+    """``max_reuse``: K, how many times in a row a delta may stand in for the block. ``band``: see module doc."""
+
+    max_reuse: int = 2
+    band: float | None = None
+
+    def __post_init__(self):
+        if self.max_reuse < 1:
+            raise ConfigError("max_reuse >= 1", f"{self.max_reuse}", "Use e.g. 2; disable the cache to never reuse.")
+        if self.band is not None and not 0.0 < self.band < 1.0:
+            raise ConfigError("band in (0, 1) or None", f"{self.band}", "Use e.g. 0.1.")
+
+
+class _Entry:
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.deltas: dict[int, torch.Tensor] = {}
+        self.valid = [False] * batch
+        self.reuse = [0] * batch
+
+
+class FeatureCacheState:
+    """Deltas and reuse counters per (context, block); ``context`` is the active branch name."""
+
+    def __init__(self, config: FeatureCacheConfig):
+        self.config = config
+        self.context: str | None = None
+        self.entries: dict[tuple[str, int], _Entry] = {}
+
+    def reset(self) -> None:
+        self.entries.clear()
+
+    def entry(self, block: int, batch: int) -> _Entry:
+        if self.context is None:
+            raise CacheContextError("model calls inside a cache context while the feature cache is on",
+                                    "a call outside any context",
+                                    "Wrap each call in `with elastic_compile.cache_context(model, 'cond'):` (one name "
+                                    "per CFG branch) or sample with ElasticCacheHooks.")
+        key = (self.context, block)
+        entry = self.entries.get(key)
+        if entry is None or entry.batch != batch:
+            entry = self.entries[key] = _Entry(batch)
+        return entry
+
+    def usable(self, block: int, batch: int) -> list[bool]:
+        entry = self.entry(block, batch)
+        return [v and r < self.config.max_reuse for v, r in zip(entry.valid, entry.reuse)]
+
+    def reused_output(self, block: int, inputs: dict[int, torch.Tensor], reuse: list[bool]) -> dict[int, torch.Tensor]:
+        """``in + delta`` for samples in ``reuse``, ``in`` for the others; counts the reuses."""
+        entry = self.entry(block, len(reuse))
+        if not any(reuse):
+            return dict(inputs)
+        out = {}
+        for leaf, x in inputs.items():
+            mask = torch.tensor(reuse, device=x.device).reshape((-1,) + (1,) * (x.ndim - 1))
+            out[leaf] = torch.where(mask, x + entry.deltas[leaf].to(x.dtype), x)
+        for s, r in enumerate(reuse):
+            if r:
+                entry.reuse[s] += 1
+        return out
+
+    def store(self, block: int, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor], ran: list[bool]) -> None:
+        """Remember ``out - in`` for the samples that ran."""
+        entry = self.entry(block, len(ran))
+        if not any(ran):
+            return
+        rows = torch.tensor([s for s, r in enumerate(ran) if r], device=next(iter(inputs.values())).device)
+        for leaf, x in inputs.items():
+            delta = (outputs[leaf] - x).detach().index_select(0, rows)
+            if leaf not in entry.deltas:
+                entry.deltas[leaf] = torch.zeros_like(x.detach())
+            entry.deltas[leaf] = entry.deltas[leaf].index_copy(0, rows, delta)
+        for s, r in enumerate(ran):
+            if r:
+                entry.valid[s], entry.reuse[s] = True, 0
+
+
+def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = None) -> FeatureCacheState:
+    """Turn the feature cache on for an elastic model (replacing any previous cache state)."""
+    state = state_of(model)
+    state.cache = FeatureCacheState(config or FeatureCacheConfig())
+    return state.cache
+
+
+def remove_feature_cache(model: nn.Module) -> None:
+    state_of(model).cache = None
+
+
+@contextlib.contextmanager
+def cache_context(model: nn.Module, name: str):
+    """Calls inside use the cache rows of branch ``name`` (like diffusers' ``cache_context``)."""
+    cache = state_of(model).cache
+    if cache is None:
+        yield
+        return
+    previous, cache.context = cache.context, name
+    try:
+        yield
+    finally:
+        cache.context = previous
+
+
+def reset_cache(model: nn.Module) -> None:
+    """Forget all cached deltas (call at the start of every generation)."""
+    cache = state_of(model).cache
+    if cache is not None:
+        cache.reset()
+
+
+class ElasticCacheHooks(SamplerHooks):
+    """Sampler hooks for an elastic model with the feature cache: reset per generation, one context per branch."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def start_generation(self) -> None:
+        reset_cache(self.model)
+
+    def end_generation(self) -> None:
+        reset_cache(self.model)
+
+    @contextlib.contextmanager
+    def branch(self, name, step):
+        with cache_context(self.model, name):
+            yield
