@@ -6,7 +6,8 @@ For every budget: routers trained data-free (the dense model's own trajectories)
 run of the evaluation set: executed FLOP fraction (ec.stats, averaged over every denoiser call), fidelity to
 dense (PSNR/SSIM of final samples from the same noise), class accuracy and classifier-feature FID, wall-clock
 ratio dense/elastic measured interleaved in the same run, and the per-image spread of executed compute
-(histogram). The routers of budget 0.5 are saved into the package (elastic_compile/assets/reference/routers/).
+(histogram). Every budget's routers are saved to results/routers/budget_<b>/ (used by quality.py); those of
+budget 0.5 also into the package (elastic_compile/assets/reference/routers/).
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
         histograms[budget] = spread.tolist()
         logs[budget] = [vars(e) for e in report.history]
         print(rows[-1], flush=True)
+        ec.save(model, out / "routers" / f"budget_{budget}")
         if abs(budget - args.save_budget) < 1e-9:
             saved = ec.save(model, Path(args.assets) / "routers")
             print(f"saved routers for budget {budget} to {saved}")

@@ -1,0 +1,239 @@
+"""Speed-fidelity frontier on the reference model: E-DiT vs training-free caches and static baselines.
+
+    python benchmarks/quality.py            # writes results/quality.md, results/frontier.png, results/grid_*.png
+
+Every method runs in the same harness: the project's sampler (default steps and guidance, CFG as one batch),
+the same evaluation labels and noise. Executed FLOP fraction = FLOPs of a whole generation counted with
+torch.utils.flop_counter / dense FLOPs (so caches and E-DiT are counted alike); speedup = dense / method
+wall-clock, medians of interleaved runs in this process; fidelity = PSNR/SSIM vs the dense images from the same
+noise; realism = class accuracy and classifier-feature FID vs held-out digits.
+
+Methods: diffusers FirstBlockCache, TaylorSeer and MagCache (calibrated on this model) through diffusers' hook
+API; static block skipping (the same blocks every step, set chosen greedily on a calibration set); static width
+pruning (every FFN at one bucket); E-DiT (trained routers, benchmarks/results/routers/budget_*) with and without
+the block feature cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import elastic_compile as ec
+from elastic_compile.cli.common import synthesize_dit_inputs
+from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
+from elastic_compile.reference.data import load_digits_split
+from elastic_compile.reference.evaluate import generate, measure_flops, score, timed_speedup
+from elastic_compile.reference.metrics import psnr
+from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
+from elastic_compile.runtime.sampler_hooks import DiffusersCacheHooks
+from elastic_compile.runtime.sampling import sample
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Forced:
+    """A denoiser that runs an elastic model under a fixed ``force`` plan (static baselines)."""
+
+    def __init__(self, model, skip=None, width=None):
+        self.model, self.skip, self.width = model, skip, width
+
+    def __call__(self, *args, **kwargs):
+        with ec.force(self.model, skip=self.skip, width=self.width):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+@dataclass
+class Setting:
+    method: str
+    label: str
+    build: callable  # () -> (denoiser, hooks)
+
+
+def elastic_base(assets):
+    model, _, _ = load_reference(assets)
+    return ec.transform(model, example_inputs=synthesize_dit_inputs(model))
+
+
+def diffusers_cache(assets, kind: str, **options):
+    from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig, apply_first_block_cache,
+                                 apply_mag_cache, apply_taylorseer_cache)
+    model, _, _ = load_reference(assets)
+    if kind == "fbc":
+        apply_first_block_cache(model, FirstBlockCacheConfig(**options))
+    elif kind == "taylorseer":
+        # diffusers' default TaylorSeer patterns (fullmatch of "^transformer_blocks.*attn") match no module of
+        # DiTTransformer2DModel (its attention is "attn1"): name this model's attention and FFN modules explicitly.
+        apply_taylorseer_cache(model, TaylorSeerCacheConfig(
+            taylor_factors_dtype=torch.float32, cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"], **options))
+    else:
+        apply_mag_cache(model, MagCacheConfig(**options))
+    return model, DiffusersCacheHooks(model)
+
+
+def calibrate_mag_ratios(assets, scheduler, config, labels) -> list[float]:
+    """Run MagCache's calibration mode on this model and read the ratios it reports."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+    model, _, _ = load_reference(assets)
+    apply_mag_cache(model, MagCacheConfig(calibrate=True, num_inference_steps=config.num_inference_steps))
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers.hooks.mag_cache")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        sample(model, scheduler, labels, config, seed=500, hooks=DiffusersCacheHooks(model))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    found = [m for m in records if "Calibration Results" in m]
+    return [float(x) for x in re.findall(r"[-+0-9.eE]+", found[-1].split(":", 1)[1])]
+
+
+def greedy_skip_order(assets, scheduler, config, labels, dense_images, blocks_needed: int) -> list[int]:
+    """Blocks in the order a greedy search skips them (each time the one that keeps PSNR vs dense highest)."""
+    model = elastic_base(assets)
+    chosen: list[int] = []
+    candidates = [s.index for s in ec.runtime.state.state_of(model).specs if s.skippable]
+    while len(chosen) < blocks_needed and candidates:
+        best = max(candidates, key=lambda b: psnr(
+            sample(Forced(model, skip=set(chosen) | {b}, width=1.0), scheduler, labels, config, seed=900),
+            dense_images).mean)
+        chosen.append(best)
+        candidates.remove(best)
+        print(f"  greedy skip order so far: {chosen}", flush=True)
+    return chosen
+
+
+def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
+    assets = args.assets
+    mag_ratios = calibrate_mag_ratios(assets, scheduler, config, calibration_labels)
+    dense_calibration = sample(load_reference(assets)[0], scheduler, calibration_labels, config, seed=900)
+    order = greedy_skip_order(assets, scheduler, config, calibration_labels, dense_calibration, args.max_static_skip)
+    steps = config.num_inference_steps
+    out = []
+    for t in (0.05, 0.1, 0.2, 0.35):
+        out.append(Setting("FirstBlockCache", f"threshold {t}", lambda t=t: diffusers_cache(assets, "fbc", threshold=t)))
+    for interval in (2, 3, 4, 6):
+        out.append(Setting("TaylorSeer", f"interval {interval}", lambda i=interval: diffusers_cache(
+            assets, "taylorseer", cache_interval=i, disable_cache_before_step=2, max_order=1)))
+    for t in (0.03, 0.06, 0.12, 0.25):
+        out.append(Setting("MagCache", f"threshold {t}", lambda t=t: diffusers_cache(
+            assets, "mag", threshold=t, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=steps,
+            mag_ratios=mag_ratios)))
+    for count in range(2, args.max_static_skip + 1, 2):
+        skip = set(order[:count])
+        out.append(Setting("static skip", f"{count} blocks {sorted(skip)}",
+                           lambda s=skip: (Forced(elastic_base(assets), skip=s, width=1.0), None)))
+    for width in (0.75, 0.5, 0.25):
+        out.append(Setting("static width", f"width {width}",
+                           lambda w=width: (Forced(elastic_base(assets), skip=False, width=w), None)))
+    routers_root = RESULTS / "routers"
+    for budget_dir in sorted(routers_root.glob("budget_*")):
+        budget = budget_dir.name.split("_", 1)[1]
+
+        def edit(path=budget_dir, cache=False):
+            model, _, _ = load_reference(assets)
+            ec.load(model, path)
+            if not cache:
+                return model, None
+            apply_feature_cache(model, FeatureCacheConfig(max_reuse=2))
+            return model, ElasticCacheHooks(model)
+        out.append(Setting("E-DiT", f"budget {budget}", lambda p=budget_dir: edit(p)))
+        out.append(Setting("E-DiT + cache", f"budget {budget}, K=2", lambda p=budget_dir: edit(p, cache=True)))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-per-class", type=int, default=10)
+    parser.add_argument("--timing-images", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-static-skip", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--assets", default=str(ASSETS_DIR))
+    parser.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dense_model, scheduler, config = load_reference(args.assets)
+    labels = [c for c in range(config.num_classes) for _ in range(args.eval_per_class)]
+    calibration_labels = [c for c in range(config.num_classes) for _ in range(2)]
+    timing_labels = labels[::max(1, len(labels) // args.timing_images)]
+    classifier, real = load_classifier(args.assets), load_digits_split().heldout_images
+    dense_images = sample(dense_model, scheduler, labels, config, seed=0)
+    dense_flops = measure_flops(dense_model, scheduler, labels, config, seed=0)
+    rows = [dict(method="dense", setting="-", fraction=1.0, speedup=1.0,
+                 **score(dense_images, labels, classifier, real, dense_images))]
+    grids = {}
+    only = {m.strip() for m in args.only.split(",") if m.strip()}
+    for setting in settings(args, scheduler, config, calibration_labels):
+        if only and setting.method not in only:
+            continue
+        denoiser, hooks = setting.build()
+        flops = measure_flops(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
+        images = sample(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
+        _, _, speedup = timed_speedup(lambda: sample(dense_model, scheduler, timing_labels, config),
+                                      lambda: sample(denoiser, scheduler, timing_labels, config, hooks=hooks),
+                                      repeats=args.repeats)
+        row = dict(method=setting.method, setting=setting.label, fraction=flops / dense_flops, speedup=speedup,
+                   **score(images, labels, classifier, real, dense_images))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        best = grids.get(setting.method)
+        if best is None or abs(row["speedup"] - 2.0) < abs(best[0] - 2.0):
+            grids[setting.method] = (row["speedup"], setting.label, images)
+    write(rows, grids, labels, args)
+    return 0
+
+
+def write(rows, grids, labels, args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(rows, indent=1))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["speedup"])
+        axes[0].plot([p["speedup"] for p in points], [p["psnr"] for p in points], "o-", label=method)
+        axes[1].plot([1 / p["fraction"] for p in points], [p["psnr"] for p in points], "o-", label=method)
+    axes[0].set_xlabel("measured wall-clock speedup vs dense (same run)")
+    axes[1].set_xlabel("FLOP-ratio speedup (dense FLOPs / executed FLOPs)")
+    for ax in axes:
+        ax.set_ylabel("PSNR vs dense (dB)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "frontier.png", dpi=110)
+    lines = ["# Speed-fidelity frontier on the reference model", "",
+             f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` ({args.threads} CPU threads). "
+             f"{len(labels)} images ({args.eval_per_class} per class), default steps and guidance, CFG as one batch; "
+             f"speedup = median of {args.repeats} interleaved dense/method runs on {args.timing_images} images.", "",
+             "| method | setting | executed FLOP fraction | speedup (wall-clock) | PSNR vs dense (dB) | SSIM | "
+             "class accuracy | FID |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['setting']} | {r['fraction']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['accuracy']:.3f} | {r['fid']:.2f} |")
+    lines += ["", "![frontier](frontier.png)", "", "Sample grids at the setting closest to 2x measured speedup:", ""]
+    for method, (speedup, label, images) in grids.items():
+        name = "grid_" + re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_") + ".png"
+        make_grid_png(images, RESULTS / name, nrow=args.eval_per_class)
+        lines.append(f"- {method} ({label}, {speedup:.2f}x): ![{method}]({name})")
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
