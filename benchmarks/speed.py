@@ -1,0 +1,203 @@
+"""Measured speedup of elastic execution against its FLOP-ratio limit (CPU).
+
+    python benchmarks/speed.py                       # torch eager + ONNX Runtime, batch 1 and 4
+    python benchmarks/speed.py --backends torch --models DiT-S/2 --batches 1
+
+For every (model, backend, batch, configuration): dense and elastic run interleaved in this process after a
+warm-up, >= 10 repetitions each; we report medians, the ratio dense/elastic of each pair, the executed FLOP
+fraction (ec.stats), the FLOP-ratio limit 1/fraction and efficiency = measured / limit. "routers, full width" is
+the elastic model with untrained routers (they run but keep every block at full width): its slowdown is the
+router + gate overhead, reported as a fraction of dense time. Dense in each backend is the same artifact forced
+dense, so both sides pay the same backend costs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import elastic_compile as ec
+from elastic_compile.runtime.state import state_of
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def dit(shape: str, batch: int):
+    from elastic_compile.models import DiT, dit_config
+    torch.manual_seed(0)
+    model = DiT(input_size=32, patch_size=2, in_channels=4, num_classes=1000, **dit_config(shape)).eval()
+    inputs = dict(x=torch.randn(batch, 4, 32, 32), t=torch.rand(batch) * 1000, y=torch.randint(0, 1000, (batch,)))
+    return model, inputs
+
+
+def flux_shaped(batch: int):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                   attention_head_dim=64, num_attention_heads=6, joint_attention_dim=256,
+                                   pooled_projection_dim=128, axes_dims_rope=(8, 28, 28)).eval()
+    image, text = 1024, 64
+    inputs = dict(hidden_states=torch.randn(batch, image, 64), encoder_hidden_states=torch.randn(batch, text, 256),
+                  pooled_projections=torch.randn(batch, 128), timestep=torch.rand(batch),
+                  img_ids=torch.randn(image, 3), txt_ids=torch.randn(text, 3), return_dict=False)
+    return model, inputs
+
+
+def reference(batch: int):
+    from elastic_compile.reference import load_reference
+    model, _, config = load_reference()
+    inputs = dict(hidden_states=torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
+                  timestep=torch.rand(batch) * 1000, class_labels=torch.randint(0, 10, (batch,)), return_dict=False)
+    return model, inputs
+
+
+MODELS = {"DiT-S/2": lambda b: dit("S", b), "DiT-B/2": lambda b: dit("B", b), "Flux-shaped": flux_shaped,
+          "reference": reference}
+
+
+def time_pair(dense_fn, elastic_fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    with torch.no_grad():
+        for _ in range(warmup):
+            dense_fn()
+            elastic_fn()
+        dense, elastic = [], []
+        for _ in range(repeats):
+            for fn, sink in ((dense_fn, dense), (elastic_fn, elastic)):
+                start = time.perf_counter()
+                fn()
+                sink.append(time.perf_counter() - start)
+    return statistics.median(dense), statistics.median(elastic)
+
+
+def configurations(model_name: str, model) -> list[tuple[str, dict | None]]:
+    specs = state_of(model).specs
+    half = {s.index for s in specs if s.index % 2 == 1 and s.skippable}
+    configs = [("routers, full width", None)]
+    configs += [(f"every FFN at {w}", dict(skip=False, width=w)) for w in state_of(model).config.width_buckets[:-1]]
+    configs.append((f"{len(half)} of {len(specs)} blocks skipped", dict(skip=half, width=1.0)))
+    if model_name == "reference":
+        configs.append(("trained routers (budget 0.5)", "trained"))
+    return configs
+
+
+def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path):
+    """(elastic callable, the object ec.force/ec.stats act on) for a backend."""
+    elastic = copy.deepcopy(base)
+    if model_name == "reference":
+        from elastic_compile.reference import ASSETS_DIR
+        routers = ASSETS_DIR / "routers"
+        if (routers / "elastic.json").is_file():
+            ec.load(elastic, routers)
+        else:
+            ec.transform(elastic, example_inputs=inputs)
+    else:
+        ec.transform(elastic, example_inputs=inputs)
+    if backend == "torch":
+        return elastic
+    out = workdir / f"{model_name.replace('/', '_')}-b{next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))}"
+    ec.export(elastic, inputs, out, backend=backend)
+    return ec.runtime.load(out, backend=backend)
+
+
+def run(args) -> list[dict]:
+    rows = []
+    workdir = Path(args.workdir)
+    for model_name in args.models:
+        for batch in args.batches:
+            base, inputs = MODELS[model_name](batch)
+            for backend in args.backends:
+                elastic = build_elastic(model_name, base, inputs, backend, workdir)
+                trained = state_of(elastic).routers and model_name == "reference"
+
+                def dense_call():
+                    with ec.force(elastic, skip=False, width=1.0):
+                        return elastic(**inputs)
+                for label, plan in configurations(model_name, elastic):
+                    if plan == "trained" and not trained:
+                        continue
+                    routers = state_of(elastic).routers.values()
+                    saved = [copy.deepcopy(r.state_dict()) for r in routers]
+                    if plan is None:  # overhead: routers at full capacity run, every block stays full width
+                        for router in routers:
+                            router.reset_to_full_capacity()
+
+                    def elastic_call(plan=plan):
+                        if isinstance(plan, dict):
+                            with ec.force(elastic, **plan):
+                                return elastic(**inputs)
+                        return elastic(**inputs)
+                    dense_s, elastic_s = time_pair(dense_call, elastic_call, args.repeats)
+                    with torch.no_grad():
+                        elastic_call()
+                    fraction = ec.stats(elastic).executed_flops_fraction
+                    measured = dense_s / elastic_s
+                    row = dict(model=model_name, backend=backend, batch=batch, config=label, fraction=fraction,
+                               limit=1 / fraction, speedup=measured, efficiency=measured * fraction,
+                               dense_ms=dense_s * 1e3, elastic_ms=elastic_s * 1e3)
+                    if plan is None:
+                        row["router_overhead"] = elastic_s / dense_s - 1
+                    for router, state in zip(routers, saved):
+                        router.load_state_dict(state)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def write(rows, args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(rows, indent=1))
+    lines = ["# Speed: measured speedup vs the FLOP-ratio limit (CPU)", "",
+             f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
+             f"{args.threads} threads (torch.set_num_threads), {args.repeats} interleaved repetitions after warm-up, "
+             "medians. Dense = the same model/artifact forced dense in the same backend.", "",
+             "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
+             "dense ms | elastic ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        extra = f" (router overhead {100 * r['router_overhead']:+.1f}%)" if "router_overhead" in r else ""
+        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['config']}{extra} | {r['fraction']:.3f} | "
+                     f"{r['limit']:.2f}x | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.1f} | "
+                     f"{r['elastic_ms']:.1f} |")
+    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        points = [r for r in rows if r["backend"] == backend and "router_overhead" not in r]
+        ax.scatter([r["limit"] for r in points], [r["speedup"] for r in points], label=backend)
+    top = max([r["limit"] for r in rows] + [2.0])
+    ax.plot([1, top], [1, top], "k--", linewidth=1, label="FLOP-ratio limit")
+    ax.set_xlabel("FLOP-ratio limit (1 / executed fraction)")
+    ax.set_ylabel("measured speedup")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(RESULTS / "speed.png", dpi=110)
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="DiT-S/2,DiT-B/2,Flux-shaped,reference")
+    parser.add_argument("--backends", default="torch,onnxruntime")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", default="/tmp/elastic-speed")
+    args = parser.parse_args(argv)
+    args.models = args.models.split(",")
+    args.backends = args.backends.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(args.threads)
+    write(run(args), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
