@@ -1,0 +1,167 @@
+"""GPU speed of elastic execution: torch eager and per-(block, bucket) CUDA graphs, bf16, DiT-XL/2-shaped blocks.
+
+Run by benchmarks/gpu.sh on one H100/H200 with only PyTorch installed (no diffusers, no TensorRT). For each token
+count (256, 1024) and batch (1, 8): a stack of DiT-XL/2-shaped blocks (hidden 1152, 16 heads) made elastic by
+``ec.transform``; dense and elastic timed interleaved with CUDA events (medians). Configurations: every FFN at each
+bucket, half the blocks skipped, and routers at full capacity (router + gate overhead). "graphs" replaces each
+block's forward by a CUDA graph captured per width bucket (static shapes), replayed by the gate: the runtime
+pattern the TensorRT backend uses, without TensorRT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import elastic_compile as ec  # noqa: E402
+from elastic_compile.models import DiT, dit_config  # noqa: E402
+from elastic_compile.runtime.state import state_of  # noqa: E402
+
+
+class GraphedBlock:
+    """Replays a CUDA graph of one block per width bucket; inputs copied into static buffers."""
+
+    def __init__(self, block, gate, control, buckets, x, c):
+        self.gate, self.control, self.eager = gate, control, gate.original_forward
+        self.static_x, self.static_c = x.clone(), c.clone()
+        self.graphs, self.outputs = {}, {}
+        original = gate.original_forward
+        for bucket in [None] + list(range(len(buckets) - 1)):
+            control.bucket = bucket
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    original(self.static_x, self.static_c)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.outputs[bucket] = original(self.static_x, self.static_c)
+            self.graphs[bucket] = graph
+        control.bucket = None
+
+    def __call__(self, x, c):
+        if x.shape != self.static_x.shape:  # a sub-batch of a mixed plan: no graph for that shape
+            return self.eager(x, c)
+        self.static_x.copy_(x)
+        self.static_c.copy_(c)
+        bucket = self.control.bucket
+        self.graphs[bucket].replay()
+        return self.outputs[bucket]
+
+
+def build(tokens: int, depth: int, batch: int, device, dtype):
+    side = int(tokens ** 0.5) * 2
+    torch.manual_seed(0)
+    model = DiT(input_size=side, patch_size=2, in_channels=4, num_classes=1000, **dit_config("XL", depth=depth)).eval()
+    example = dict(x=torch.randn(1, 4, side, side), t=torch.tensor([500.0]), y=torch.tensor([3]))
+    ec.transform(model, example_inputs=example)  # on the CPU, once; moves to the GPU below
+    model = model.to(device=device, dtype=dtype)
+    inputs = dict(x=torch.randn(batch, 4, side, side, device=device, dtype=dtype),
+                  t=torch.rand(batch, device=device) * 1000, y=torch.randint(0, 1000, (batch,), device=device))
+    return model, inputs
+
+
+def install_graphs(model, inputs):
+    """Capture every block at every bucket on the block inputs of one forward (full batch)."""
+    state = state_of(model)
+    recorded = {}
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: recorded.setdefault(i, a)) for i, b in enumerate(state.blocks)]
+    with torch.no_grad(), ec.force(model, skip=False, width=1.0):
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    for index, block in enumerate(state.blocks):
+        gate = block._elastic_gate
+        x, c = recorded[index]
+        gate.original_forward = GraphedBlock(block, gate, state.controls[index], state.config.width_buckets, x, c)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--tokens", default="256,1024")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    name = torch.cuda.get_device_name(0)
+    print(f"device {name}, torch {torch.__version__}, bf16, depth {args.depth} DiT-XL/2-shaped blocks", flush=True)
+    rows = []
+    started = time.time()
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            model, inputs = build(tokens, args.depth, batch, device, dtype)
+            half = {s.index for s in state_of(model).specs if s.index % 2 == 1}
+            plans = [("routers, full width", None)] + [(f"every FFN at {w}", dict(skip=False, width=w))
+                                                        for w in (0.75, 0.5, 0.25)] + [("half the blocks skipped",
+                                                                                         dict(skip=half, width=1.0))]
+            for mode in ("eager", "graphs"):
+                if mode == "graphs":
+                    install_graphs(model, inputs)
+
+                def dense():
+                    with ec.force(model, skip=False, width=1.0):
+                        return model(**inputs)
+                for label, plan in plans:
+                    def elastic(plan=plan):
+                        if plan is None:
+                            return model(**inputs)
+                        with ec.force(model, **plan):
+                            return model(**inputs)
+                    with torch.no_grad():
+                        for _ in range(3):
+                            dense(), elastic()
+                        torch.cuda.synchronize()
+                        d, e = [], []
+                        for _ in range(args.repeats):
+                            d.append(timed(dense, 1))
+                            e.append(timed(elastic, 1))
+                        elastic()
+                    fraction = ec.stats(model).executed_flops_fraction
+                    dm, em = statistics.median(d), statistics.median(e)
+                    row = dict(device=name, tokens=tokens, batch=batch, mode=mode, config=label, fraction=fraction,
+                               limit=1 / fraction, speedup=dm / em, efficiency=dm / em * fraction, dense_ms=dm,
+                               elastic_ms=em)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            del model
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = name.replace(" ", "_").replace("/", "_")
+    lines = [f"# GPU speed on {name}", "", f"torch {torch.__version__}, bf16, {args.depth} DiT-XL/2-shaped blocks, "
+             f"CUDA-event medians of {args.repeats} interleaved runs; total {time.time() - started:.0f} s.", "",
+             "| tokens | batch | mode | configuration | FLOP fraction | limit | speedup | efficiency | dense ms | "
+             "elastic ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['batch']} | {r['mode']} | {r['config']} | {r['fraction']:.3f} | "
+                     f"{r['limit']:.2f}x | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.2f} | "
+                     f"{r['elastic_ms']:.2f} |")
+    (out / f"gpu_{slug}.md").write_text("\n".join(lines) + "\n")
+    (out / f"gpu_{slug}.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
