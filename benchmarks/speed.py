@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import elastic_compile as ec
 from elastic_compile.runtime.state import state_of
+from elastic_compile.runtime.timing import timed_speedup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,20 +58,6 @@ def reference(batch: int):
 
 MODELS = {"DiT-S/2": lambda b: dit("S", b), "DiT-B/2": lambda b: dit("B", b), "Flux-shaped": flux_shaped,
           "reference": reference}
-
-
-def time_pair(dense_fn, elastic_fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    with torch.no_grad():
-        for _ in range(warmup):
-            dense_fn()
-            elastic_fn()
-        dense, elastic = [], []
-        for _ in range(repeats):
-            for fn, sink in ((dense_fn, dense), (elastic_fn, elastic)):
-                start = time.perf_counter()
-                fn()
-                sink.append(time.perf_counter() - start)
-    return statistics.median(dense), statistics.median(elastic)
 
 
 def configurations(model_name: str, model) -> list[tuple[str, dict | None]]:
@@ -132,7 +117,7 @@ def run(args) -> list[dict]:
                             with ec.force(elastic, **plan):
                                 return elastic(**inputs)
                         return elastic(**inputs)
-                    dense_s, elastic_s = time_pair(dense_call, elastic_call, args.repeats)
+                    dense_s, elastic_s, _ = timed_speedup(dense_call, elastic_call, args.repeats, warmup=2)
                     with torch.no_grad():
                         elastic_call()
                     fraction = ec.stats(elastic).executed_flops_fraction

@@ -7,7 +7,6 @@ dense interleaved in the same process (medians); ``score`` gives class accuracy,
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..runtime.sampling import SamplingConfig, sample
 from ..runtime.state import STATE_ATTRIBUTE
 from ..runtime.stats import stats
+from ..runtime.timing import timed_speedup  # noqa: F401  (re-exported for benchmarks)
 from .metrics import class_accuracy, fid, psnr, ssim
 
 
@@ -60,22 +60,6 @@ def measure_flops(denoiser: Callable, scheduler, labels: list[int], config: Samp
     with FlopCounterMode(display=False) as counter:
         sample(denoiser, scheduler, labels, config, seeds=[seed + i for i in range(len(labels))], hooks=hooks, cfg=cfg)
     return counter.get_total_flops()
-
-
-def timed_speedup(run_dense: Callable[[], object], run_method: Callable[[], object], repeats: int = 5,
-                  warmup: int = 1) -> tuple[float, float, float]:
-    """(median dense seconds, median method seconds, their ratio), runs interleaved in this process."""
-    for _ in range(warmup):
-        run_dense()
-        run_method()
-    dense, method = [], []
-    for _ in range(repeats):
-        for fn, sink in ((run_dense, dense), (run_method, method)):
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
-    d, m = statistics.median(dense), statistics.median(method)
-    return d, m, d / m
 
 
 def score(images: torch.Tensor, labels: list[int], classifier, real_images: torch.Tensor,
