@@ -26,7 +26,6 @@ class BlockGate:
 
     def __init__(self, block: nn.Module, spec: BlockSpec, router: Router | None, control: WidthControl,
                  state: ElasticState, original_forward):
-        self.block_ref = block
         self.spec = spec
         self.router = router
         self.control = control
