@@ -52,3 +52,23 @@ class BackendUnavailableError(ElasticCompileError):
 
 class DenoiserError(ElasticCompileError):
     """A denoiser given to the sampler returned something the sampler cannot use (wrong type or shape)."""
+
+
+class ExportError(ElasticCompileError):
+    """An export could not be produced or did not reproduce the PyTorch model (nothing was written)."""
+
+
+class UnsupportedComplexOpError(ExportError):
+    """The complex-to-real rewrite met a complex-valued operation it does not know how to lower."""
+
+
+class InputMismatchError(ElasticCompileError):
+    """A block of an exported runtime was called with inputs its static-shape graphs were not exported for."""
+
+
+class BucketNotExportedError(ElasticCompileError):
+    """A plan asked for a width bucket (or block) that the export did not include."""
+
+
+class EngineCacheError(ElasticCompileError):
+    """A cached TensorRT engine is missing, corrupt or was built for another key (it is rebuilt, never run)."""

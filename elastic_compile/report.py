@@ -14,8 +14,9 @@ from .runtime.state import state_of
 def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     """A cheap, stable hash of a model's parameter names, shapes, dtypes and a strided sample of values.
 
-    Router parameters are excluded, so a base model and its elastic version share the fingerprint of the base
-    weights *before* neuron ordering (which is what save/load compare).
+    Router parameters are excluded. ``transform`` records the fingerprint of the base weights *before* neuron
+    ordering and ``load`` compares it with the fresh base model's (also unpermuted); the fingerprint of a
+    permuted model generally differs (strided samples of large tensors see other units).
     """
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
@@ -23,7 +24,7 @@ def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
             continue
         flat = param.detach().reshape(-1)
         stride = max(1, flat.numel() // samples)
-        values = flat[::stride][:samples].float().sort().values.cpu()  # sorted: invariant to unit permutations
+        values = flat[::stride][:samples].float().sort().values.cpu()
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()

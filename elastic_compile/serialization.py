@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 
 from . import __name__ as _package
 from .analysis.spec import BlockSpec
+from .atomic import staging_directory
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ModelMismatchError
 from .passes.order_neurons import apply_unit_permutation
@@ -44,7 +43,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
     """
     state = state_of(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": FORMAT,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -58,19 +56,14 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
                     for (index, site), order in state.permutations.items()}
     routers = {f"{index}.{name}": value.detach().cpu().contiguous()
                for index, router in state.routers.items() for name, value in router.state_dict().items()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    with staging_directory(path) as staging:
         save_file(permutations, str(staging / PERMUTATIONS))
         save_file(routers, str(staging / ROUTERS))
         if include_base_weights:
             base = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()
                     if ".elastic_router." not in f".{name}"}
             save_file(base, str(staging / BASE_WEIGHTS))
-        _replace_directory(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
 
 
@@ -161,17 +154,6 @@ def _load_routers(state: ElasticState, tensors: dict[str, torch.Tensor]) -> None
         except RuntimeError as exc:
             raise ArtifactError("router weights of matching shapes", str(exc).splitlines()[0],
                                 "The artifact was made with another config; save it again.") from exc
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-        os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
 
 
 def _package_version() -> str:

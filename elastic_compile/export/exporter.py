@@ -1,0 +1,380 @@
+"""``export(model, example_inputs, out_dir, ...)``: static-shape ONNX graphs of an elastic model's blocks.
+
+Layout of an export directory::
+
+    manifest.json              written last: format, source fingerprint, shapes, buckets, batch sizes, files+sha256
+    base/                      the base model (diffusers folder, or safetensors + factory.json), see .base
+    elastic/                   elastic_compile.save artifact (config, block specs, permutations, routers)
+    blocks/<i>/weights.bin     block i's weights, once (external data shared by all of its graphs)
+    blocks/<i>/bucket<k>_b<n>.onnx   block i at width bucket k for batch size n (static shapes)
+    routers/router_<i>.onnx    router of block i (dynamic batch)
+    scheduler/, sampling.json  optional: how to sample the model (diffusers scheduler config, SamplingConfig)
+    engines/                   optional: TensorRT engine cache (built when TensorRT is present at export)
+
+What runs where: block graphs run in ONNX Runtime / TensorRT; everything outside the blocks (embeddings,
+patchify, final norm/projection) and, by default, the routers run in PyTorch (the runtime rebuilds the base
+model from ``base/`` and installs ``elastic/``). Sub-batches of samples that share a plan are padded up to the
+nearest exported batch size (rows repeated; samples never interact inside a block, so padding rows cannot
+change real rows) or split into chunks of the largest size.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ..atomic import staging_directory
+from ..capture.record import bind_to_signature, call_model
+from ..errors import ConfigError, ExportError
+from ..runtime.state import force, state_of
+from . import manifest as mf
+from .base import is_diffusers_model, save_base
+from .layout import CallLayout, OutputLayout, dtype_name
+from .onnx_io import OPSET, WeightFile, block_tensors, check_file, export_graph, write_block_graph
+from .program import DTYPES, BlockProgram, RouterProgram, cast_inputs, cast_module
+from .verify import ATOL, ORT_CPU_DTYPES, compare_block_file, max_abs_diff, run_ort, within
+
+logger = logging.getLogger("elastic_compile")
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass
+class RecordedCall:
+    """One block's first call in the example forward (dense), with its layouts."""
+
+    index: int
+    block: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any
+    batch: int
+    layout: CallLayout = field(init=False)
+    outputs: OutputLayout = field(init=False)
+
+    def __post_init__(self):
+        self.layout = CallLayout.record(self.args, self.kwargs, self.batch)
+        self.outputs = OutputLayout.record(self.output)
+        self.tensors = self.layout.tensors_of(self.args, self.kwargs)
+
+
+class _OutsideUse(TorchFunctionMode):
+    """Records which block parameters are used by torch ops that run outside every block's forward (e.g.
+    diffusers' DiT reads ``transformer_blocks[0].norm1.emb`` for its final layer): those must stay in torch."""
+
+    def __init__(self, names_by_id: dict[int, str]):
+        super().__init__()
+        self.names_by_id = names_by_id
+        self.depth = 0
+        self.used: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0:
+            for leaf in pytree.tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor) and id(leaf) in self.names_by_id:
+                    self.used.add(self.names_by_id[id(leaf)])
+        return func(*args, **kwargs)
+
+
+def record_block_calls(model: nn.Module, example_inputs: Any) -> tuple[list[RecordedCall], list[str]]:
+    """Run one dense forward (every block runs, full width) and record each block's first call. Also returns
+    the names of block parameters that code outside the blocks uses (they stay in PyTorch at run time)."""
+    state = state_of(model)
+    block_params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)
+                    if any(n.startswith(spec.path + ".") for spec in state.specs)}
+    watcher = _OutsideUse(block_params)
+    seen: dict[int, tuple] = {}
+    handles = []
+    for spec, block in zip(state.specs, state.blocks):
+        def pre(module, args, kwargs, index=spec.index):
+            watcher.depth += 1
+            if index not in seen:
+                seen[index] = (pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, dict(kwargs))),)
+
+        def post(module, args, kwargs, output, index=spec.index):
+            watcher.depth -= 1
+            if len(seen.get(index, ())) == 1:
+                seen[index] = seen[index] + (pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), output),)
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad(), force(model, skip=False, width=1.0), watcher:
+            call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = []
+    for spec, block in zip(state.specs, state.blocks):
+        if len(seen.get(spec.index, ())) != 2:
+            raise ExportError(f"block {spec.path} to run in the example forward", "it was not called",
+                              "Pass example inputs that run the whole model.")
+        (args, kwargs), output = seen[spec.index]
+        gate = block._elastic_gate
+        batch = gate.stream_batch(bind_to_signature(gate.signature, args, kwargs))
+        calls.append(RecordedCall(spec.index, block, args, kwargs, output, batch))
+    return calls, sorted(watcher.used)
+
+
+def _validate(model, state, buckets, dtype: str, backend: str, batch_sizes, example_batch: int, base_factory):
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype in {sorted(DTYPES)}", repr(dtype), "Use fp32, fp16 or bf16.")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime or tensorrt.")
+    if backend == "onnxruntime" and dtype not in ORT_CPU_DTYPES:
+        raise ConfigError(f"a dtype onnxruntime CPU can run ({', '.join(ORT_CPU_DTYPES)})", dtype,
+                          "Export bf16 for backend='tensorrt', or use fp16/fp32 for onnxruntime.")
+    widths = state.config.width_buckets if buckets is None else tuple(float(b) for b in buckets)
+    indices = sorted({state.bucket_index(w) for w in widths} | {state.dense_bucket})
+    sizes = sorted({1, example_batch} if batch_sizes is None else {int(n) for n in batch_sizes})
+    if not is_diffusers_model(model) and not base_factory:
+        raise ConfigError("base_factory='package.module:factory' for a model that is not a diffusers ModelMixin",
+                          f"a {type(model).__name__} and no factory",
+                          "Pass base_factory: a function that builds the architecture (its weights are replaced).")
+    if not sizes or sizes[0] < 1:
+        raise ConfigError("batch sizes >= 1", f"{sizes}", "E.g. batch_sizes=(1, 2).")
+    return indices, sizes
+
+
+def _groups(state, calls: list[RecordedCall]) -> dict:
+    """Blocks that one template graph can serve: same analysis group, sites and call layout."""
+    groups: dict[tuple, list[RecordedCall]] = OrderedDict()
+    for spec, call in zip(state.specs, calls):
+        groups.setdefault((spec.group, repr(spec.sites), call.layout.signature(), call.outputs.spec), []).append(call)
+    return groups
+
+
+def _runs_in_torch(model: nn.Module, state) -> list[str]:
+    paths = [spec.path for spec in state.specs]
+    return [name for name, _ in model.named_children()
+            if not any(p == name or p.startswith(name + ".") for p in paths)]
+
+
+def _describe(inputs: Any):
+    return pytree.tree_map(lambda x: {"shape": list(x.shape), "dtype": dtype_name(x.dtype)}
+                           if isinstance(x, torch.Tensor) else (x if isinstance(x, (int, float, str, bool, type(None))) else repr(x)),
+                           inputs)
+
+
+class _Exporter:
+    def __init__(self, model, example_inputs, root: Path, indices, sizes, dtype, threads, progress):
+        self.model, self.example, self.root = model, example_inputs, root
+        self.state = state_of(model)
+        self.indices, self.sizes, self.dtype = indices, sizes, dtype
+        self.torch_dtype = DTYPES[dtype]
+        self.threads = threads
+        self.verify_ort = dtype in ORT_CPU_DTYPES
+        self.progress = progress
+        self.worst = 0.0
+
+    def block_graphs(self, calls: list[RecordedCall]) -> list[dict]:
+        state, dense = self.state, self.state.dense_bucket
+        entries = {call.index: {"index": call.index, "path": state.specs[call.index].path,
+                                "layout": call.layout.to_dict(), "outputs": call.outputs.to_dict(),
+                                "weights": f"blocks/{call.index:03d}/weights.bin", "graphs": {},
+                                "complex_inputs": [], "max_abs_diff": 0.0} for call in calls}
+        weights = {call.index: WeightFile(self.root / entries[call.index]["weights"]) for call in calls}
+        for group_id, members in enumerate(_groups(state, calls).values()):
+            elastic = state.specs[members[0].index].elastic_width
+            for bucket in (self.indices if elastic else [dense]):
+                for size in self.sizes:
+                    template = None
+                    for call in members:
+                        entries[call.index]["group"] = group_id
+                        if template is None:
+                            template = self._template(call, bucket, size)
+                        file = self._write_verified(call, bucket, size, template, weights[call.index], entries)
+                        entries[call.index]["graphs"].setdefault(str(bucket), {})[str(size)] = file
+                        self.progress.update(1)
+        return [entries[call.index] for call in calls]
+
+    def _template(self, call: RecordedCall, bucket: int, size: int):
+        example = cast_inputs(call.layout.resized(call.tensors, size), self.torch_dtype)
+        program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs)
+        with cast_module(call.block, self.torch_dtype):
+            return export_graph(program, example, f"block {self.state.specs[call.index].path}")
+
+    def _write_verified(self, call, bucket, size, template, weights, entries) -> str:
+        relative = f"blocks/{call.index:03d}/bucket{bucket}_b{size}.onnx"
+        path = self.root / relative
+        for attempt in range(2):
+            proto, complex_inputs = template if attempt == 0 else self._template(call, bucket, size)
+            write_block_graph(proto, block_tensors(call.block), weights, path, self.torch_dtype)
+            check_file(path)
+            entries[call.index]["complex_inputs"] = complex_inputs
+            if not self.verify_ort:
+                return relative
+            program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs)
+            inputs = call.layout.resized(call.tensors, size)
+            diff, scale = compare_block_file(path, program, inputs, self.dtype, self.torch_dtype, complex_inputs,
+                                             self.threads)
+            if within(diff, scale, self.dtype):
+                entries[call.index]["max_abs_diff"] = max(entries[call.index]["max_abs_diff"], diff)
+                self.worst = max(self.worst, diff)
+                return relative
+            logger.info("block %d bucket %d: shared template off by %.3g, exporting it on its own", call.index, bucket, diff)
+        raise ExportError(f"{relative} to match PyTorch within {ATOL[self.dtype]} x max(1, |ref|)",
+                          f"max |diff| {diff:.3g} (|ref| up to {scale:.3g})", "Report the model.")
+
+    def router_graphs(self, calls: list[RecordedCall]) -> list[dict]:
+        """One graph per router (dynamic batch, weights inline); routers of one shape share a template."""
+        entries, templates = [], {}
+        for call in calls:
+            router = self.state.routers.get(call.index)
+            if router is None:
+                continue
+            gate = call.block._elastic_gate
+            arguments = bind_to_signature(gate.signature, call.args, call.kwargs)
+            example = [arguments[f.name] for f in router.features]
+            program = RouterProgram(router)
+            key = (repr(router.features), router.fc1.out_features, router.num_widths,
+                   tuple((tuple(t.shape), t.dtype) for t in example))
+            relative = f"routers/router_{call.index:03d}.onnx"
+            for attempt in range(2):
+                if key not in templates or attempt:
+                    templates[key], _ = export_graph(program, example, f"router of block {call.index}", dynamic_batch=True)
+                write_block_graph(templates[key], block_tensors(router, "router."), None, self.root / relative)
+                check_file(self.root / relative)
+                if self._router_matches(program, example, call.batch, self.root / relative):
+                    break
+            else:
+                raise ExportError(f"{relative} to match PyTorch", "a different result", "Report the model.")
+            entries.append({"block": call.index, "file": relative, "inputs": [f.name for f in router.features],
+                            "dynamic_batch": True})
+            self.progress.update(1)
+        return entries
+
+    def _router_matches(self, program, example, batch: int, path: Path) -> bool:
+        for rows in (slice(0, batch), slice(0, 1)):
+            inputs = [t[rows] for t in example]
+            with torch.no_grad():
+                expected = list(program(*inputs))
+            diff, scale = max_abs_diff(run_ort(path, inputs, torch.float32, [], self.threads), expected)
+            if not within(diff, scale, "fp32"):
+                return False
+        return True
+
+
+def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[float] | None = None,
+           dtype: str = "fp32", backend: str = "onnxruntime", batch_sizes: Sequence[int] | None = None, *,
+           base_factory: str | None = None, scheduler: Any = None, sampling_config: Any = None,
+           threads: int | None = None, verify_runtime: bool = True, progress: bool = False,
+           trt_options: dict | None = None) -> Path:
+    """Export an elastic model (from ``transform`` or ``load``) to ``out_dir`` (see the module docstring).
+
+    Args:
+        model: the elastic PyTorch model; example_inputs: one real forward's arguments (fix all static shapes).
+        buckets: width fractions to export (default all configured; the dense width is always exported).
+        dtype: "fp32", "fp16" or "bf16" (block weights and floating inputs cast; bf16 only for TensorRT).
+        backend: "onnxruntime" or "tensorrt" (ONNX graphs are written and verified in onnxruntime either way;
+            with TensorRT installed, engines are also built into ``engines/``).
+        batch_sizes: static batch sizes per graph (default 1 and the example batch).
+        base_factory: ``package.module:factory`` for models that are not diffusers ModelMixins.
+        scheduler, sampling_config: stored for ``Runtime.sample`` / ``elastic-compile run`` (optional).
+        threads: onnxruntime intra-op threads for verification; verify_runtime: also load the finished
+            artifact with the onnxruntime runtime and compare whole-model outputs under several forced plans.
+
+    Returns the output directory. Nothing is left at ``out_dir`` (or its previous content is kept) when any
+    step fails. Raises ExportError / ConfigError.
+    """
+    state = state_of(model)
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    feature_cache, state.cache = getattr(state, "cache", None), None  # export and its checks run without reuse
+    try:
+        calls, shared = record_block_calls(model, example_inputs)
+        indices, sizes = _validate(model, state, buckets, dtype, backend, batch_sizes, max(c.batch for c in calls),
+                                   base_factory)
+        from tqdm.auto import tqdm
+        total = sum(len(indices) if s.elastic_width else 1 for s in state.specs) * len(sizes) + len(state.routers)
+        with staging_directory(out_dir) as root, tqdm(total=total, desc="export", disable=not progress) as bar:
+            exporter = _Exporter(model, example_inputs, root, indices, sizes, dtype, threads, bar)
+            blocks = exporter.block_graphs(calls)
+            routers = exporter.router_graphs(calls)
+            base = save_base(model, state, root / "base", base_factory)
+            from ..serialization import save as save_elastic
+            save_elastic(model, root / "elastic")
+            sampling = _save_sampling(root, scheduler, sampling_config)
+            manifest = {
+                "format": mf.FORMAT,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "source": {"model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                           "fingerprint": state.fingerprint, "base": base},
+                "elastic": "elastic", "config": state.config.to_dict(), "dtype": dtype, "opset": OPSET,
+                "buckets": [state.config.width_buckets[i] for i in indices], "bucket_indices": indices,
+                "dense_bucket": state.dense_bucket, "batch_sizes": sizes,
+                "padding": "sub-batches are padded (last row repeated) to the next exported batch size, "
+                           "or split into chunks of the largest",
+                "inputs": _describe(example_inputs), "blocks": blocks, "routers": routers,
+                "runs_in_torch": {"modules": _runs_in_torch(model, state), "block_parameters_used_outside": shared,
+                                  "routers": "torch by default "
+                                  "(routers/*.onnx with runtime.load(..., routers='onnx'))",
+                                  "note": "everything outside the transformer blocks runs in PyTorch"},
+                "backends": {"onnxruntime": {"graphs": True, "verified": exporter.verify_ort},
+                             "tensorrt": {"engines": None}},
+                "verification": {"onnxruntime": exporter.verify_ort, "atol": ATOL[dtype],
+                                 "max_abs_diff": exporter.worst, "reference": "PyTorch elastic model, float32",
+                                 "note": None if exporter.verify_ort else
+                                 f"onnxruntime CPU cannot run {dtype} graphs: files passed onnx.checker only"},
+                "sampling": sampling, "versions": mf.tool_versions(),
+            }
+            if backend == "tensorrt":
+                from ..runtime.backends.tensorrt import prebuild_engines
+                manifest["backends"]["tensorrt"] = prebuild_engines(root, manifest, trt_options or {})
+            manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+            manifest = mf.finalize(root, manifest)
+            if verify_runtime and exporter.verify_ort:
+                _check_runtime(model, example_inputs, root, dtype, indices, threads)
+            if verify_runtime and manifest["backends"]["tensorrt"].get("engines"):
+                _check_runtime(model, example_inputs, root, dtype, indices, threads, backend="tensorrt")
+    finally:
+        model.train(was_training)
+        state.cache = feature_cache
+    logger.info("exported %s in %.1f s (max |diff| vs torch %.3g)", out_dir, time.perf_counter() - started,
+                manifest["verification"]["max_abs_diff"])
+    return out_dir
+
+
+def _save_sampling(root: Path, scheduler, sampling_config) -> dict:
+    entry = {"scheduler": None, "config": None}
+    if scheduler is not None:
+        scheduler.save_pretrained(str(root / "scheduler"))
+        entry["scheduler"] = {"path": "scheduler", "class": type(scheduler).__name__}
+    if sampling_config is not None:
+        sampling_config.save(root / "sampling.json")
+        entry["config"] = "sampling.json"
+    return entry
+
+
+def _check_runtime(model, example_inputs, root: Path, dtype: str, indices: list[int], threads,
+                   backend: str = "onnxruntime") -> None:
+    """Load the staged artifact with a runtime backend; compare whole-model outputs with ``model`` under
+    dense, narrowest-exported-width and skip-every-other-block plans."""
+    from ..runtime.artifact import load
+
+    state = state_of(model)
+    runtime = load(root, backend, threads=threads)
+    runtime_inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(runtime.device), example_inputs)
+    widths = [state.config.width_buckets[i] for i in indices]
+    skippable = {s.index for s in state.specs if s.skippable and state.config.allow_skip}
+    plans = [(False, 1.0), (False, widths[0]), (frozenset(sorted(skippable)[::2]) or None, widths[len(widths) // 2])]
+    for skip, width in plans:
+        with torch.no_grad(), force(model, skip=skip, width=width):
+            expected = [t for t in pytree.tree_leaves(call_model(model, example_inputs)) if isinstance(t, torch.Tensor)]
+        with force(runtime, skip=skip, width=width):
+            got = [t.cpu() for t in pytree.tree_leaves(call_model(runtime, runtime_inputs)) if isinstance(t, torch.Tensor)]
+        diff, scale = max_abs_diff(got, expected)
+        if not within(diff, scale, dtype):
+            raise ExportError(f"the exported {backend} runtime to reproduce the PyTorch elastic model",
+                              f"max |diff| {diff:.3g} with skip={skip}, width={width}", "Report the model.")
+    runtime.close()

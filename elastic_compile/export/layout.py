@@ -1,0 +1,202 @@
+"""How one block call maps to the flat tensor inputs and outputs of its static-shape graphs.
+
+A block is called as ``forward(*args, **kwargs)``. :class:`CallLayout` records, from one real call, the pytree
+structure of ``(args, kwargs)`` and, per leaf, either a *tensor input* (graph input ``k``: shape, dtype, whether
+its leading dimension is the batch, whether it is complex) or a *constant* baked into the graph (``None``, ints,
+floats, strings, bools). :class:`OutputLayout` records the block's output structure (``None`` leaves included,
+as in :func:`elastic_compile.analysis.blocks.flatten_output`).
+
+Batch rule (the one the gate uses to split a batch into per-plan sub-batches): a tensor input is *batched* when
+it has at least one dimension and its leading dimension equals the call's batch; every other tensor is shared
+by all samples and must keep its exported shape exactly. Both layouts are JSON-serialisable (stored in the
+export manifest) so a runtime can rebuild them without example inputs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..analysis.blocks import flatten_output
+from ..errors import ExportError, InputMismatchError
+
+_JSON_SCALARS = (type(None), bool, int, float, str)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ExportError("a torch dtype name", repr(name), "The manifest is corrupt; export again.")
+    return value
+
+
+@dataclass
+class Leaf:
+    """One leaf of a flattened call: ``kind`` is "tensor" (graph input ``input``) or "const" (``value``)."""
+
+    kind: str
+    input: int | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+    batched: bool = False
+    complex: bool = False
+    value: Any = None
+
+
+@dataclass
+class CallLayout:
+    """The flat-input layout of one block call (see the module docstring)."""
+
+    spec: str
+    leaves: list[Leaf]
+    batch: int
+    _treespec: Any = field(default=None, repr=False, compare=False)
+
+    # construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def record(cls, args: tuple, kwargs: dict, batch: int) -> "CallLayout":
+        values, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        leaves, count = [], 0
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                batched = value.ndim > 0 and int(value.shape[0]) == batch
+                leaves.append(Leaf("tensor", count, list(value.shape), dtype_name(value.dtype), batched, value.is_complex()))
+                count += 1
+            elif isinstance(value, _JSON_SCALARS):
+                leaves.append(Leaf("const", value=value))
+            else:
+                raise ExportError("block arguments that are tensors, containers of tensors or plain scalars",
+                                  f"a {type(value).__name__} argument",
+                                  "Such a value cannot be baked into a static graph; report the model.")
+        try:
+            spec = pytree.treespec_dumps(treespec)
+        except Exception as exc:
+            raise ExportError("block arguments in standard containers (tuple, list, dict)", f"{exc}",
+                              "Report the model: its blocks take arguments in a custom container.") from exc
+        return cls(spec, leaves, batch, treespec)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "batch": self.batch, "leaves": [asdict(leaf) for leaf in self.leaves]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CallLayout":
+        return cls(data["spec"], [Leaf(**leaf) for leaf in data["leaves"]], int(data["batch"]))
+
+    @property
+    def treespec(self):
+        if self._treespec is None:
+            self._treespec = pytree.treespec_loads(self.spec)
+        return self._treespec
+
+    @property
+    def inputs(self) -> list[Leaf]:
+        return [leaf for leaf in self.leaves if leaf.kind == "tensor"]
+
+    def signature(self) -> str:
+        """Equal for calls that a single exported graph can serve (structure, constants, shapes, dtypes)."""
+        return json.dumps(self.to_dict(), sort_keys=True, default=repr)
+
+    # export side -----------------------------------------------------------------------------------------
+    def tensors_of(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The tensor leaves of a call with this layout, in graph-input order (no checks)."""
+        return [v for v in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(v, torch.Tensor)]
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` from graph inputs: constants reinserted, structure restored."""
+        values = [tensors[leaf.input] if leaf.kind == "tensor" else leaf.value for leaf in self.leaves]
+        args, kwargs = pytree.tree_unflatten(values, self.treespec)
+        return tuple(args), dict(kwargs)
+
+    def resized(self, tensors: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
+        """The inputs for batch ``size``: batched inputs take rows ``0..size-1`` cyclically from the example."""
+        rows = torch.arange(size) % self.batch
+        return [t.index_select(0, rows.to(t.device)) if leaf.batched else t for leaf, t in zip(self.inputs, tensors)]
+
+    # runtime side ----------------------------------------------------------------------------------------
+    def match(self, args: tuple, kwargs: dict, block: str) -> tuple[list[torch.Tensor], int]:
+        """Graph inputs of a runtime call and its (sub-)batch size; raises InputMismatchError when the call
+        differs from the exported one in anything but the batch size."""
+        values, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if treespec != self.treespec:
+            raise InputMismatchError(f"block {block} called with the argument structure it was exported with",
+                                     "a different structure (other arguments or containers)",
+                                     "Call the model the way it was called at export, or export again.")
+        tensors, batch = [], None
+        for leaf, value in zip(self.leaves, values):
+            if leaf.kind == "const":
+                if isinstance(value, torch.Tensor) or value != leaf.value:
+                    raise InputMismatchError(f"block {block} argument value {leaf.value!r} (baked into the graphs)",
+                                             f"{value!r}", "Export again with inputs that use this value.")
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise InputMismatchError(f"a tensor for graph input {leaf.input} of block {block}",
+                                         f"{type(value).__name__}", "Call the model the way it was exported.")
+            shape = list(value.shape)
+            expected = list(leaf.shape)
+            if leaf.batched:
+                if batch is None:
+                    batch = shape[0] if shape else None
+                ok = len(shape) == len(expected) and shape[1:] == expected[1:] and shape[0] == batch
+            else:
+                ok = shape == expected
+            if not ok or dtype_name(value.dtype) != leaf.dtype:
+                raise InputMismatchError(
+                    f"graph input {leaf.input} of block {block} shaped {['B'] + expected[1:] if leaf.batched else expected}"
+                    f" ({leaf.dtype})", f"{shape} ({dtype_name(value.dtype)})",
+                    "Exported graphs have static shapes: export again with inputs of this resolution/length.")
+            tensors.append(value)
+        return tensors, batch if batch is not None else self.batch
+
+
+@dataclass
+class OutputLayout:
+    """Block output structure: per flattened leaf, "tensor" (graph output ``k`` of dtype) or "none"."""
+
+    spec: str
+    leaves: list[dict]
+    _treespec: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def record(cls, output: Any) -> "OutputLayout":
+        values, treespec = flatten_output(output)
+        leaves, count = [], 0
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                leaves.append({"kind": "tensor", "output": count, "dtype": dtype_name(value.dtype)})
+                count += 1
+            elif value is None:
+                leaves.append({"kind": "none"})
+            else:
+                raise ExportError("block outputs made of tensors and None", f"a {type(value).__name__} output",
+                                  "Report the model.")
+        return cls(pytree.treespec_dumps(treespec), leaves, treespec)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "leaves": self.leaves}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OutputLayout":
+        return cls(data["spec"], list(data["leaves"]))
+
+    @property
+    def treespec(self):
+        if self._treespec is None:
+            self._treespec = pytree.treespec_loads(self.spec)
+        return self._treespec
+
+    def tensors_of(self, output: Any) -> list[torch.Tensor]:
+        values, _ = flatten_output(output)
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+    def pack(self, tensors: Sequence[torch.Tensor]) -> Any:
+        """The block's output from graph outputs, each cast back to the dtype the PyTorch block returns."""
+        values = [tensors[leaf["output"]].to(dtype_from_name(leaf["dtype"])) if leaf["kind"] == "tensor" else None
+                  for leaf in self.leaves]
+        return pytree.tree_unflatten(values, self.treespec)

@@ -1,0 +1,104 @@
+"""The functions that get exported: one block at one width bucket, and one router, over flat tensor inputs.
+
+:class:`BlockProgram` is an ``nn.Module`` whose ``forward(*tensors)`` rebuilds the block's arguments from a
+:class:`~.layout.CallLayout`, pins the block's :class:`~elastic_compile.nn.sliced.WidthControl` to one bucket
+and calls the block's *original* forward (the code under its gate), returning the output's tensor leaves.
+Guarantee: in eager mode it returns exactly what the PyTorch elastic model computes for that block at that
+bucket (it runs the same modules with the same sliced weights); torch.export captures that computation with
+static shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .layout import CallLayout, OutputLayout
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_forward(gate):
+    """The block's own PyTorch forward, also when a runtime has put an executor in its place."""
+    forward = gate.original_forward
+    return getattr(forward, "torch_forward", forward)
+
+
+class BlockProgram(nn.Module):
+    """One block at one bucket (index into the config's buckets; the dense bucket runs unsliced)."""
+
+    def __init__(self, block: nn.Module, bucket: int, dense_bucket: int, layout: CallLayout, outputs: OutputLayout):
+        super().__init__()
+        self.block = block
+        self.bucket = None if bucket == dense_bucket else bucket
+        self.layout = layout
+        self.outputs = outputs
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gate = self.block._elastic_gate
+        args, kwargs = self.layout.rebuild(tensors)
+        previous = gate.control.bucket
+        gate.control.bucket = self.bucket
+        try:
+            out = torch_forward(gate)(*args, **kwargs)
+        finally:
+            gate.control.bucket = previous
+        return tuple(self.outputs.tensors_of(out))
+
+
+class RouterProgram(nn.Module):
+    """A router as a function of its feature inputs (in the order of ``router.features``)."""
+
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.router = router
+        self.names = [f.name for f in router.features]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.router(dict(zip(self.names, tensors)))
+
+
+@contextlib.contextmanager
+def cast_module(module: nn.Module, dtype: torch.dtype):
+    """Temporarily cast ``module``'s floating-point parameters and buffers to ``dtype``.
+
+    Guarantee: on exit every parameter and buffer holds exactly its original tensor again (the original
+    storage is kept aside, not re-cast), so the caller's model is unchanged bit for bit.
+    """
+    saved_params, saved_buffers = [], []
+    try:
+        for sub in module.modules():
+            for name, param in sub._parameters.items():
+                if param is not None and param.is_floating_point() and param.dtype != dtype:
+                    saved_params.append((param, param.data))
+                    param.data = param.data.to(dtype)
+            for name, buffer in sub._buffers.items():
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                    saved_buffers.append((sub, name, buffer))
+                    sub._buffers[name] = buffer.to(dtype)
+        yield module
+    finally:
+        for param, data in saved_params:
+            param.data = data
+        for sub, name, buffer in saved_buffers:
+            sub._buffers[name] = buffer
+
+
+def cast_inputs(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Real floating-point tensors cast to ``dtype``; integer, boolean and complex tensors unchanged."""
+    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+
+
+def graph_inputs(tensors, dtype: torch.dtype, complex_inputs) -> list[torch.Tensor]:
+    """What an exported graph takes for these PyTorch inputs: real floats cast to the export dtype, complex
+    inputs as ``view_as_real`` pairs (see :mod:`.passes.complex_to_real`), the rest unchanged."""
+    complex_inputs = set(complex_inputs)
+    out = []
+    for k, t in enumerate(tensors):
+        if k in complex_inputs:
+            t = torch.view_as_real(t.resolve_conj())
+        elif t.is_floating_point():
+            t = t.to(dtype)
+        out.append(t.contiguous())
+    return out

@@ -1,0 +1,175 @@
+"""``load(out_dir, backend)``: a deployable runtime from an export directory.
+
+The runtime rebuilds the base model from ``base/``, installs the elastic artifact (``elastic/``: analysis,
+permutations, routers), and, for the "onnxruntime" and "tensorrt" backends, puts a
+:class:`~.executor.BlockExecutor` in place of every block's original forward. Everything else stays the
+PyTorch elastic model's: the parts outside the blocks, the routers (unless ``routers="onnx"``), the gates with
+their per-sample decisions, skips, grouping and records. Hence ``elastic_compile.force``, ``stats`` and
+``report`` work on a :class:`Runtime` exactly as on the PyTorch model, and outputs match it under the same
+decisions. The "torch" backend is the elastic PyTorch model itself (baseline / fallback).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailableError, ConfigError
+from ..export.base import load_base
+from ..export.manifest import read_manifest
+from ..passes.insert_routers import ROUTER_ATTRIBUTE
+from .executor import BlockExecutor, GraphRouter
+from .state import STATE_ATTRIBUTE, state_of
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+class Runtime:
+    """An exported elastic model, callable with the model's own inputs (same arguments, same return value).
+
+    ``runtime.model`` is the underlying PyTorch elastic model (blocks dispatched to the backend);
+    ``runtime.sample(...)`` runs the class-conditional sampling loop on it.
+    """
+
+    def __init__(self, model: nn.Module, manifest: dict, root: Path, backend_name: str, backend: Any):
+        self.model = model
+        self.manifest = manifest
+        self.root = root
+        self.backend_name = backend_name
+        self.backend = backend
+        self._scheduler = None
+
+    @property
+    def _elastic_state(self):  # found by elastic_compile.runtime.state.state_of: force / stats / report work
+        return getattr(self.model, STATE_ATTRIBUTE)
+
+    @property
+    def device(self) -> torch.device:
+        for param in self.model.parameters():
+            return param.device
+        return torch.device("cpu")
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    # sampling --------------------------------------------------------------------------------------------
+    @property
+    def scheduler(self):
+        """The diffusers scheduler stored with the export (None when none was)."""
+        entry = (self.manifest.get("sampling") or {}).get("scheduler")
+        if self._scheduler is None and entry:
+            import diffusers
+            self._scheduler = getattr(diffusers, entry["class"]).from_pretrained(str(self.root / entry["path"]))
+        return self._scheduler
+
+    @property
+    def sampling_config(self):
+        from .sampling import SamplingConfig
+        entry = (self.manifest.get("sampling") or {}).get("config")
+        return SamplingConfig.load(self.root / entry) if entry else None
+
+    def sample(self, class_labels, *, scheduler=None, config=None, **options) -> torch.Tensor:
+        """Generate images with :func:`elastic_compile.runtime.sampling.sample` (options passed through), using
+        the scheduler and sampling config stored with the export unless given."""
+        from .sampling import sample
+
+        scheduler = scheduler or self.scheduler
+        config = config or self.sampling_config
+        if scheduler is None or config is None:
+            raise ConfigError("a scheduler and a SamplingConfig (stored at export, or passed here)",
+                              f"scheduler={scheduler is not None}, config={config is not None}",
+                              "Export with scheduler=... and sampling_config=..., or pass them to sample().")
+        options.setdefault("device", self.device)
+        return sample(self, scheduler, class_labels, config, **options)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+    def __repr__(self) -> str:
+        return (f"Runtime({self.root}, backend={self.backend_name}, blocks={len(self.manifest['blocks'])}, "
+                f"dtype={self.manifest['dtype']}, batch_sizes={self.manifest['batch_sizes']})")
+
+
+def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int | None = None,
+         routers: str = "torch", free_torch_weights: bool = True, check_hashes: bool = True,
+         device: str | torch.device | None = None, providers: Sequence[str] | None = None,
+         engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None) -> Runtime:
+    """Load an export directory written by :func:`elastic_compile.export`.
+
+    Args:
+        backend: "onnxruntime" (CPU sessions), "tensorrt" (engines from the engine cache, CUDA) or "torch".
+        threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``).
+        routers: "torch" (default: exactly the PyTorch routers' decisions) or "onnx" (routers/*.onnx).
+        free_torch_weights: drop the PyTorch copies of block weights (they run in the backend); each becomes
+            a zero-stride tensor of the same shape, so FLOP profiling for ``stats`` still works.
+        check_hashes: verify every file against the manifest's sha256 first.
+        device: where the PyTorch parts run (default CPU; CUDA for TensorRT).
+        engine_cache: TensorRT engine cache directory (default ``<path>/engines``).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime, tensorrt or torch.")
+    if routers not in ("torch", "onnx"):
+        raise ConfigError("routers in ('torch', 'onnx')", repr(routers), "Use 'torch' or 'onnx'.")
+    if backend == "tensorrt":
+        from .backends.tensorrt import tensorrt_available
+        available, why = tensorrt_available()
+        if not available:
+            raise BackendUnavailableError("TensorRT and a CUDA device", why,
+                                          "Install TensorRT on a CUDA machine, or use backend='onnxruntime'.")
+    root = Path(path)
+    manifest = read_manifest(root, check_hashes=check_hashes)
+    from ..serialization import load as load_elastic
+
+    # Base files are hash-checked against the manifest; strict=False accepts a base fine-tuned before export.
+    model = load_elastic(load_base(root, manifest["source"]["base"]), root / manifest["elastic"], strict=False)
+    model.eval().requires_grad_(False)
+    if device is None and backend == "tensorrt":
+        device = "cuda"
+    if device is not None:
+        model.to(device)
+    if backend == "torch":
+        return Runtime(model, manifest, root, backend, None)
+    if backend == "onnxruntime":
+        from .backends.onnxruntime import OnnxRuntimeBackend
+        engine = OnnxRuntimeBackend(threads, providers)
+    else:
+        from .backends.tensorrt import TensorRTBackend
+        built_with = (manifest["backends"].get("tensorrt") or {}).get("flags") or {}
+        options = {k: built_with[k] for k in ("optimization_level", "workspace_bytes") if built_with.get(k) is not None}
+        options.update(trt_options or {})  # default: the flags the export prebuilt its engines with (cache hits)
+        engine = TensorRTBackend(root, manifest, cache_dir=engine_cache, device=device, **options)
+    state = state_of(model)
+    for entry in manifest["blocks"]:
+        gate = state.blocks[entry["index"]]._elastic_gate
+        gate.original_forward = BlockExecutor(gate, entry, root, engine, manifest["dtype"], manifest["dense_bucket"])
+    if routers == "onnx":
+        for entry in manifest["routers"]:
+            gate = state.blocks[entry["block"]]._elastic_gate
+            gate.router = GraphRouter(engine.router_graph(root / entry["file"]), entry["inputs"])
+    if free_torch_weights:
+        free_block_weights(model, keep=manifest["runs_in_torch"]["block_parameters_used_outside"])
+    return Runtime(model, manifest, root, backend, engine)
+
+
+def free_block_weights(model: nn.Module, keep: Sequence[str] = ()) -> int:
+    """Replace block parameters by zero-stride tensors of the same shape, dtype and device, except routers',
+    those of modules outside the blocks (tied weights) and ``keep`` (parameter names that the export saw
+    used outside the blocks' forwards). Returns the number of elements freed."""
+    state = state_of(model)
+    block_ids = {id(m) for block in state.blocks for m in block.modules()}
+    outside = {id(p) for m in model.modules() if id(m) not in block_ids for p in m.parameters(recurse=False)}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    outside.update(id(named[name]) for name in keep if name in named)
+    freed = 0
+    for block in state.blocks:
+        for name, param in block.named_parameters():
+            if name.startswith(ROUTER_ATTRIBUTE + ".") or id(param) in outside or param.stride() == (0,) * param.ndim:
+                continue
+            freed += param.numel()
+            param.data = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+    return freed

@@ -1,0 +1,106 @@
+"""What runs a block inside an exported runtime: the graph of the block's current width bucket.
+
+A :class:`BlockExecutor` replaces ``gate.original_forward``, so the block's gate keeps doing everything else
+(router or ``force`` decisions, grouping samples by plan, skips and whatever ``skip_output`` applies, decision
+records for ``stats``) exactly as on the PyTorch elastic model; only the block's own computation moves to
+ONNX Runtime / TensorRT. The gate sets ``control.bucket`` before calling it, which selects the graph.
+
+Static batch sizes: a (sub-)batch of ``n`` rows runs as chunks from :func:`plan_chunks`; a chunk smaller than
+its graph's batch size is padded by repeating its last row, and padding rows are dropped from the outputs.
+Rows never interact inside a transformer block, so padding cannot change the real rows (tested).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
+
+from ..errors import BucketNotExportedError, ConfigError
+from ..export.layout import CallLayout, OutputLayout
+from ..export.program import DTYPES, graph_inputs
+
+
+def plan_chunks(rows: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """Split ``rows`` into ``(real rows, graph batch size)`` chunks: full chunks of the largest size, then the
+    rest padded up to the smallest size that holds it. Every size used is in ``sizes``."""
+    sizes = sorted(sizes)
+    chunks = []
+    while rows > 0:
+        if rows >= sizes[-1]:
+            chunks.append((sizes[-1], sizes[-1]))
+            rows -= sizes[-1]
+        else:
+            chunks.append((rows, next(s for s in sizes if s >= rows)))
+            rows = 0
+    return chunks
+
+
+def pad_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """``tensor`` with its last row repeated until it has ``size`` rows."""
+    missing = size - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand((missing,) + tuple(tensor.shape[1:]))])
+
+
+class BlockExecutor:
+    """Callable with the block's forward signature; runs the exported graph of ``gate.control.bucket``."""
+
+    def __init__(self, gate, entry: dict, root: Path, backend, dtype: str, dense_bucket: int):
+        self.gate = gate
+        self.torch_forward = getattr(gate.original_forward, "torch_forward", gate.original_forward)
+        self.path = entry["path"]
+        self.layout = CallLayout.from_dict(entry["layout"])
+        self.outputs = OutputLayout.from_dict(entry["outputs"])
+        self.complex_inputs = list(entry.get("complex_inputs", []))
+        self.files = {int(b): {int(n): root / f for n, f in sizes.items()} for b, sizes in entry["graphs"].items()}
+        self.backend = backend
+        self.dtype = DTYPES[dtype]
+        self.dense_bucket = dense_bucket
+        self.batched = [leaf.batched for leaf in self.layout.inputs]
+
+    def graph(self, bucket: int, size: int) -> Callable:
+        return self.backend.graph(self.files[bucket][size])
+
+    def __call__(self, *args, **kwargs):
+        if self.gate.state.profiling or _has_fake(args, kwargs):
+            return self.torch_forward(*args, **kwargs)  # FLOP profiling on shapes only (stats)
+        if self.gate.control.unit_masks:
+            raise ConfigError("hard decisions on an exported runtime", "soft unit masks (router training)",
+                              "Train routers on the PyTorch elastic model, then export again.")
+        bucket = self.dense_bucket if self.gate.control.bucket is None else self.gate.control.bucket
+        if bucket not in self.files:
+            raise BucketNotExportedError(f"a width bucket exported for block {self.path} ({sorted(self.files)})",
+                                         f"bucket {bucket}", "Force an exported width, or export all buckets.")
+        tensors, rows = self.layout.match(args, kwargs, self.path)
+        device = next((t.device for t in tensors), torch.device("cpu"))
+        inputs = [t.to(self.backend.device) for t in graph_inputs(tensors, self.dtype, self.complex_inputs)]
+        sizes = sorted(self.files[bucket])
+        parts, start = [], 0
+        for count, size in plan_chunks(rows, sizes):
+            feed = [pad_rows(t[start:start + count], size) if batched else t for t, batched in zip(inputs, self.batched)]
+            parts.append([out[:count] for out in self.graph(bucket, size)(feed)])
+            start += count
+        outs = parts[0] if len(parts) == 1 else [torch.cat(chunk) for chunk in zip(*parts)]
+        return self.outputs.pack([out.to(device) for out in outs])
+
+
+def _has_fake(args, kwargs) -> bool:
+    return any(isinstance(leaf, FakeTensor) for leaf in pytree.tree_leaves((args, kwargs)))
+
+
+class GraphRouter:
+    """A router run from its ONNX graph: ``(arguments by name) -> (run_logit, width_logits)``."""
+
+    def __init__(self, graph: Callable, names: list[str]):
+        self.graph = graph
+        self.names = names
+
+    def __call__(self, arguments: dict):
+        tensors = [arguments[name] for name in self.names]
+        device = tensors[0].device
+        run_logit, width_logits = self.graph([t.contiguous() for t in tensors])
+        return run_logit.to(device), width_logits.to(device)

@@ -1,0 +1,218 @@
+"""ec.runtime.load: the exported runtime reproduces the PyTorch elastic model under the same decisions (ONNX
+Runtime backend), with forced plans and with randomized routers giving mixed per-sample plans (batch 4)."""
+import pytest
+import torch
+
+import elastic_compile as ec
+from elastic_compile.cli import main
+from elastic_compile.errors import BackendUnavailableError, InputMismatchError
+from elastic_compile.export.program import torch_forward
+from elastic_compile.runtime.backends.tensorrt import tensorrt_available
+from elastic_compile.runtime.cache import ElasticCacheHooks
+from elastic_compile.runtime.executor import BlockExecutor, GraphRouter, plan_chunks
+from elastic_compile.runtime.state import state_of
+from helpers import randomize_routers, sample_inputs
+from zoo import ARCHITECTURES, first_output
+
+ATOL = 1e-4
+ARCHS = ["dit", "flux", "sd3", "reference"]
+
+
+def _reference():
+    from elastic_compile.reference import ASSETS_DIR, load_reference
+    if not (ASSETS_DIR / "transformer" / "config.json").is_file():
+        pytest.skip("reference model assets are not there yet")
+    model, scheduler, config = load_reference()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([50.0, 300.0, 600.0, 950.0]),
+                  class_labels=torch.tensor([1, 5, 10, 7]), return_dict=False)
+    return model, inputs, scheduler, config
+
+
+class Exported:
+    def __init__(self, name, root):
+        self.name = name
+        self.scheduler = self.sampling = None
+        if name == "reference":
+            model, self.inputs, self.scheduler, self.sampling = _reference()
+        else:
+            model, self.inputs = ARCHITECTURES[name](batch=4)
+        self.model = ec.transform(model, example_inputs=self.inputs)
+        randomize_routers(self.model, seed=1000)  # exported router graphs hold these weights
+        # One static batch size (4) keeps this module fast; every smaller sub-batch is padded up to it. The
+        # default sizes (1 and the example batch) are exercised in test_export.py.
+        self.dir = ec.export(self.model, self.inputs, root / name, batch_sizes=[4], scheduler=self.scheduler,
+                             sampling_config=self.sampling, threads=1)
+        self.runtime = ec.runtime.load(self.dir, threads=1)
+
+    def randomize(self, seed):
+        randomize_routers(self.model, seed=seed)
+        randomize_routers(self.runtime.model, seed=seed)
+
+    def compare(self, inputs=None, skip=None, width=None):
+        inputs = inputs or self.inputs
+        with torch.no_grad(), ec.force(self.model, skip=skip, width=width):
+            expected = first_output(self.model(**inputs))
+        with ec.force(self.runtime, skip=skip, width=width):
+            got = first_output(self.runtime(**inputs))
+        diff = float((got - expected).abs().max())
+        assert diff <= ATOL, f"{self.name} skip={skip} width={width}: max |diff| {diff:.3g}"
+        # Same per-block, per-sample decisions (ec.stats reads these records; comparing them directly avoids
+        # profiling FLOPs for every new input shape).
+        assert state_of(self.runtime).calls == state_of(self.model).calls
+        return diff
+
+
+_exports = {}
+
+
+def _get(name, tmp_path_factory) -> Exported:
+    if name not in _exports:
+        _exports[name] = Exported(name, tmp_path_factory.mktemp("runtime"))
+    item = _exports[name]
+    item.randomize(seed=1000)  # tests may randomize routers: back to the exported weights
+    return item
+
+
+@pytest.fixture(params=ARCHS)
+def exported(request, tmp_path_factory):
+    return _get(request.param, tmp_path_factory)
+
+
+def test_forced_plans_match_the_pytorch_model(exported):
+    state = state_of(exported.model)
+    skippable = [s.index for s in state.specs if s.skippable]
+    plans = [(False, 1.0)] + [(False, w) for w in state.config.width_buckets[:-1]] + \
+            [({skippable[0]}, 0.5), (set(skippable[1::2]), 0.25), (True, None)]
+    diffs = [exported.compare(skip=skip, width=width) for skip, width in plans]
+    assert max(diffs) <= ATOL
+
+
+def test_mixed_per_sample_plans_match_with_randomized_routers(exported):
+    for seed in range(20):
+        exported.randomize(seed)
+        exported.compare()
+        plans = [[(d.run, d.width) for d in block] for block in ec.stats(exported.model).decisions]
+        if any(len(set(p)) > 1 for p in plans):
+            break
+    assert any(len(set(p)) > 1 for p in plans), "no seed gave mixed per-sample plans"
+    assert ec.stats(exported.runtime).executed_flops_fraction == pytest.approx(
+        ec.stats(exported.model).executed_flops_fraction)
+    # Batches other than the exported one (4): 6 = 4 + 2 (padded), 3 (padded), 1 (padded).
+    _, inputs6 = (ARCHITECTURES[exported.name](seed=3, batch=6) if exported.name != "reference" else
+                  (None, {**exported.inputs, "hidden_states": torch.randn(6, 1, 8, 8),
+                          "timestep": torch.linspace(10, 990, 6), "class_labels": torch.tensor([0, 3, 10, 9, 2, 10])}))
+    for inputs in (inputs6, _rows(inputs6, 3), sample_inputs(inputs6, 0, 6)):
+        exported.compare(inputs)
+
+
+def _rows(inputs, count, batch=6):
+    return {key: value[:count] if (isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch)
+            or (isinstance(value, list) and len(value) == batch) else value for key, value in inputs.items()}
+
+
+def test_torch_backend_is_the_elastic_model_itself(exported):
+    runtime = ec.runtime.load(exported.dir, "torch")
+    with torch.no_grad(), ec.force(exported.model, skip=False, width=0.5):
+        expected = first_output(exported.model(**exported.inputs))
+    with ec.force(runtime, skip=False, width=0.5):
+        assert torch.equal(first_output(runtime(**exported.inputs)), expected)
+    assert str(ec.report(runtime)) == str(ec.report(exported.model)) == str(ec.report(exported.runtime))
+
+
+def test_padding_rows_do_not_change_real_rows(exported):
+    """One block, directly: 3 rows run in a batch-4 graph (padded) equal the PyTorch block on those 3 rows."""
+    state = state_of(exported.runtime.model)
+    gate = state.blocks[-1]._elastic_gate
+    executor = gate.original_forward
+    assert isinstance(executor, BlockExecutor) and sorted(executor.files[state.dense_bucket]) == [4]
+    seen = {}
+    handle = state_of(exported.model).blocks[-1].register_forward_pre_hook(
+        lambda m, a, k: seen.setdefault("call", (a, k)), with_kwargs=True)
+    with torch.no_grad(), ec.force(exported.model, skip=False, width=1.0):
+        exported.model(**exported.inputs)
+    handle.remove()
+    args, kwargs = seen["call"]
+    rows = torch.tensor([0, 2, 3])
+    pick = lambda v: v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 4 else v
+    sub_args = tuple(pick(a) for a in args)
+    sub_kwargs = {k: (tuple(pick(x) for x in v) if isinstance(v, tuple) else pick(v)) for k, v in kwargs.items()}
+    torch_gate = state_of(exported.model).blocks[-1]._elastic_gate
+    for bucket in (0, None) if state.specs[-1].elastic_width else (None,):
+        gate.control.bucket = torch_gate.control.bucket = bucket
+        try:
+            with torch.no_grad():
+                got = executor(*sub_args, **sub_kwargs)
+                expected = torch_forward(torch_gate)(*sub_args, **sub_kwargs)
+        finally:
+            gate.control.bucket = torch_gate.control.bucket = None
+        for g, e in zip(_tensors(got), _tensors(expected)):
+            assert g.shape[0] == 3
+            torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+def _tensors(value):
+    from torch.utils import _pytree as pytree
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def test_plan_chunks():
+    assert plan_chunks(3, [1, 4]) == [(3, 4)]
+    assert plan_chunks(5, [1, 4]) == [(4, 4), (1, 1)]
+    assert plan_chunks(9, [1, 2, 4]) == [(4, 4), (4, 4), (1, 1)]
+    assert plan_chunks(6, [2, 4]) == [(4, 4), (2, 2)]
+    assert plan_chunks(1, [4]) == [(1, 4)]
+
+
+def test_onnx_routers_give_the_same_decisions_and_block_weights_are_freed(tmp_path_factory):
+    exported = _get("flux", tmp_path_factory)
+    runtime = ec.runtime.load(exported.dir, routers="onnx", threads=1)
+    assert all(isinstance(state_of(runtime.model).blocks[e["block"]]._elastic_gate.router, GraphRouter)
+               for e in runtime.manifest["routers"])
+    with torch.no_grad():
+        expected = first_output(exported.model(**exported.inputs))
+    got = first_output(runtime(**exported.inputs))
+    assert ec.stats(runtime).decisions == ec.stats(exported.model).decisions
+    assert float((got - expected).abs().max()) <= ATOL
+    params = [p for b in state_of(runtime.model).blocks for n, p in b.named_parameters()
+              if not n.startswith("elastic_router.")]
+    assert params and all(p.stride() == (0,) * p.ndim for p in params if p.ndim)
+
+
+def test_inputs_of_another_shape_are_a_typed_error(tmp_path_factory):
+    exported = _get("flux", tmp_path_factory)
+    _, inputs = ARCHITECTURES["flux"](batch=4)
+    inputs = dict(inputs, hidden_states=torch.randn(4, 9, 8), img_ids=torch.randn(9, 3))
+    with pytest.raises(InputMismatchError, match="static shapes"):
+        exported.runtime(**inputs)
+
+
+def test_tensorrt_backend_unavailable_is_a_typed_error(tmp_path_factory):
+    exported = _get("dit", tmp_path_factory)
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is installed: covered by test_tensorrt.py")
+    with pytest.raises(BackendUnavailableError, match="TensorRT"):
+        ec.runtime.load(exported.dir, "tensorrt")
+
+
+def test_sampling_and_feature_cache_on_the_runtime_match_the_pytorch_model(tmp_path_factory, tmp_path, capsys):
+    exported = _get("reference", tmp_path_factory)
+    from elastic_compile.runtime.sampling import sample
+    exported.randomize(7)
+    kwargs = dict(num_inference_steps=3, guidance_scale=2.0, seed=3)
+    expected = sample(exported.model, exported.scheduler, [1, 4, 7], exported.sampling, **kwargs)
+    got = exported.runtime.sample([1, 4, 7], **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    ec.apply_feature_cache(exported.model)
+    ec.apply_feature_cache(exported.runtime)
+    try:
+        expected = sample(exported.model, exported.scheduler, [1, 4, 7], exported.sampling,
+                          hooks=ElasticCacheHooks(exported.model), **kwargs)
+        got = exported.runtime.sample([1, 4, 7], hooks=ElasticCacheHooks(exported.runtime), **kwargs)
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    finally:
+        ec.runtime.cache.remove_feature_cache(exported.model)
+        ec.runtime.cache.remove_feature_cache(exported.runtime)
+    assert main(["run", str(exported.dir), "--classes", "0,1,2", "--steps", "1", "--out", str(tmp_path / "g.png"),
+                 "--threads", "1", "--width", "0.5"]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0 and "3 images" in capsys.readouterr().out
