@@ -144,7 +144,7 @@ def main() -> int:
                                elastic_ms=em)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            del model
+            model = inputs = None  # free GPU memory before the next shape
             torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ import elastic_compile as ec
 from elastic_compile.cli.common import synthesize_dit_inputs
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
 from elastic_compile.reference.data import load_digits_split
-from elastic_compile.reference.evaluate import generate, measure_flops, score, timed_speedup
+from elastic_compile.reference.evaluate import measure_flops, score
+from elastic_compile.runtime.timing import timed_speedup
 from elastic_compile.reference.metrics import psnr
 from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
 from elastic_compile.runtime.sampler_hooks import DiffusersCacheHooks

@@ -23,7 +23,8 @@ import elastic_compile as ec
 from elastic_compile.cli.common import synthesize_dit_inputs
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference
 from elastic_compile.reference.data import load_digits_split
-from elastic_compile.reference.evaluate import generate, score, timed_speedup
+from elastic_compile.reference.evaluate import generate, score
+from elastic_compile.runtime.timing import timed_speedup
 from elastic_compile.runtime.sampling import sample
 from elastic_compile.train import record_class_conditional_trajectories, train_routers
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __name__ as _package
 from .analysis.spec import BlockSpec
-from .atomic import staging_directory
+from .artifact_io import read_manifest_json, staging_directory
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ModelMismatchError
 from .passes.order_neurons import apply_unit_permutation
@@ -113,16 +113,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
 
 
 def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(f"an elastic artifact directory containing {MANIFEST}", f"{path}",
-                            "Pass the directory written by elastic_compile.save.")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"valid JSON in {file}", f"{exc}", "The artifact is corrupt; save it again.") from exc
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"format {FORMAT}", f"{manifest.get('format')}", "Use the elastic_compile version that wrote it.")
+    manifest = read_manifest_json(path / MANIFEST, FORMAT, "elastic_compile.save", "save it again")
     for name in (PERMUTATIONS, ROUTERS):
         if not (path / name).is_file():
             raise ArtifactError(f"{name} in {path}", "it is missing", "The artifact is incomplete; save it again.")

@@ -48,7 +48,6 @@ def run(args) -> int:
     if args.data:
         data = torch.load(args.data, weights_only=False)
     else:
-        from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: F401  (scheduler classes register)
         import diffusers
         sampling_dir = Path(args.sampling) if args.sampling else ASSETS_DIR
         config = SamplingConfig.load(sampling_dir / "sampling.json")

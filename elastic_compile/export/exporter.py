@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ..atomic import staging_directory
+from ..artifact_io import staging_directory
 from ..capture.record import bind_to_signature, call_model
 from ..errors import ConfigError, ExportError
 from ..runtime.state import force, state_of

@@ -11,13 +11,12 @@ complete, and :func:`read_manifest` refuses a directory whose files do not match
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
-from ..atomic import write_json_atomic
+from ..artifact_io import read_manifest_json, write_json_atomic
 from ..errors import ArtifactError
 
 FORMAT = "elastic_compile.export/1"
@@ -69,17 +68,7 @@ def read_manifest(root: str | os.PathLike, *, check_hashes: bool = True) -> dict
     """The manifest of an export directory; ArtifactError when it is missing, of another format, or when a
     listed file is missing or differs from its recorded sha256 (``check_hashes``)."""
     root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"an exported artifact directory containing {MANIFEST}", f"{root}",
-                            "Pass a directory written by elastic_compile.export (an interrupted export has none).")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"valid JSON in {path}", str(exc), "The artifact is corrupt; export again.") from exc
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"format {FORMAT}", f"{manifest.get('format')!r}",
-                            "Use the elastic_compile version that wrote it, or export again.")
+    manifest = read_manifest_json(root / MANIFEST, FORMAT, "elastic_compile.export", "export again")
     if check_hashes:
         for name, digest in manifest.get("files", {}).items():
             file = root / name

@@ -17,7 +17,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..runtime.sampling import SamplingConfig, sample
 from ..runtime.state import STATE_ATTRIBUTE
 from ..runtime.stats import stats
-from ..runtime.timing import timed_speedup  # noqa: F401  (re-exported for benchmarks)
 from .metrics import class_accuracy, fid, psnr, ssim
 
 

@@ -1,4 +1,4 @@
-"""Atomic writes of artifact directories and JSON files, shared by ``save`` and ``export``.
+"""Artifact files shared by ``save`` and ``export``: atomic directory and JSON writes, checked manifest reads.
 
 A directory is written into a temporary sibling (same parent, hence same filesystem) and renamed into place only
 when complete, so an interrupted write leaves either the previous directory untouched or nothing at the target.
@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ArtifactError
 
 
 @contextmanager
@@ -49,3 +51,18 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str))
     os.replace(tmp, path)
+
+
+def read_manifest_json(file: Path, expected_format: str, written_by: str, remedy: str) -> dict:
+    """The JSON manifest at ``file``; ArtifactError when it is missing, not JSON, or of another format."""
+    if not file.is_file():
+        raise ArtifactError(f"a directory containing {file.name}, written by {written_by}", f"{file.parent}",
+                            f"Pass a directory written by {written_by} (an interrupted write leaves none).")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"valid JSON in {file}", str(exc), f"The artifact is corrupt; {remedy}.") from exc
+    if manifest.get("format") != expected_format:
+        raise ArtifactError(f"format {expected_format}", f"{manifest.get('format')!r}",
+                            f"Use the elastic_compile version that wrote it, or {remedy}.")
+    return manifest
