@@ -15,7 +15,8 @@ from train_fixtures import TRAIN_ARGS, router_state, tiny_dataset, tiny_elastic_
 
 def test_training_from_full_capacity_moves_flops_down_to_the_budget():
     model = tiny_elastic_model()
-    report = train_routers(model, tiny_dataset(), **{**TRAIN_ARGS, "steps": 60, "budget": 0.5})
+    report = train_routers(model, tiny_dataset(), **{**TRAIN_ARGS, "steps": 60, "budget": 0.5,
+                                                           "lr_schedule": "constant"})
     first, last = report.history[0], report.final
     assert first.executed_fraction > 0.99 and first.distill_mse < 1e-10
     assert abs(last.executed_fraction - 0.5) < 0.1
@@ -27,7 +28,8 @@ def test_training_from_too_little_compute_moves_flops_up_and_lowers_the_loss():
     with torch.no_grad():
         for router in state_of(model).routers.values():
             router.fc2.bias.copy_(torch.tensor([-3.0, 3.0, 0.0, 0.0, 0.0]))  # skip, else the narrowest width
-    report = train_routers(model, tiny_dataset(), **{**TRAIN_ARGS, "steps": 80, "budget": 0.8})
+    report = train_routers(model, tiny_dataset(), **{**TRAIN_ARGS, "steps": 80, "budget": 0.8,
+                                                           "lr_schedule": "constant"})
     first, last = report.history[0], report.final
     assert first.executed_fraction < 0.2
     assert last.executed_fraction > first.executed_fraction + 0.4

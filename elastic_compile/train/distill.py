@@ -17,6 +17,7 @@ global-batch loss above: N processes train the same routers as one process with 
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -71,7 +72,8 @@ class TrainReport:
 
 def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *, budget: float = 0.5,
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-                  budget_weight: float = 10.0, train_base: bool = False, base_lr: float = 1e-5,
+                  budget_weight: float = 10.0, lr_schedule: str = "cosine", train_base: bool = False,
+                  base_lr: float = 1e-5,
                   task_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None, task_weight: float = 1.0,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None) -> TrainReport:
@@ -83,6 +85,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         budget: target executed FLOP fraction in (0, 1].
         steps, lr, batch_size (global), seed: optimisation settings (Adam).
         budget_weight: weight of the squared budget deviation.
+        lr_schedule: "cosine" (decay to 10% of ``lr`` over the run, lets decisions settle) or "constant".
         train_base: also fine-tune the base weights (needs a frozen teacher: precomputed for a dataset, a deep
             copy otherwise); ``base_lr`` is their learning rate.
         task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
@@ -109,6 +112,10 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         p.requires_grad_(True)
     groups = [{"params": router_params, "lr": lr}] + ([{"params": base_params, "lr": base_lr}] if train_base else [])
     optimizer = torch.optim.Adam(groups)
+    if lr_schedule not in ("cosine", "constant"):
+        raise ConfigError("lr_schedule in {'cosine', 'constant'}", repr(lr_schedule), "Use 'cosine'.")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 1.0 if lr_schedule == "constant" else 0.1 + 0.45 * (1 + math.cos(math.pi * i / steps)))
     was_training = model.training
     model.eval()  # no dropout / label dropout: the student must see what the teacher sees
     student = model
@@ -146,6 +153,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             optimizer.zero_grad(set_to_none=True)
             (loss * world).backward()
             optimizer.step()
+            scheduler.step()
             if step % log_every == 0 or step == steps or step == 1:
                 entry = TrainLogEntry(step, float(_global_sum(loss.detach()) ), _global_sum(distill.detach().sum()) / batch_size,
                                       float(budget_term.detach()), float(global_fraction.detach()),
