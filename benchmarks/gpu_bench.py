@@ -56,16 +56,19 @@ class GraphedBlock:
         return self.outputs[bucket]
 
 
-def build(tokens: int, depth: int, batch: int, device, dtype):
+def build(tokens: int, depth: int, device, dtype):
+    """DiT-XL/2-shaped stack with ``tokens`` tokens, transformed once on the CPU, then moved to the GPU."""
     side = int(tokens ** 0.5) * 2
     torch.manual_seed(0)
     model = DiT(input_size=side, patch_size=2, in_channels=4, num_classes=1000, **dit_config("XL", depth=depth)).eval()
     example = dict(x=torch.randn(1, 4, side, side), t=torch.tensor([500.0]), y=torch.tensor([3]))
-    ec.transform(model, example_inputs=example)  # on the CPU, once; moves to the GPU below
-    model = model.to(device=device, dtype=dtype)
-    inputs = dict(x=torch.randn(batch, 4, side, side, device=device, dtype=dtype),
-                  t=torch.rand(batch, device=device) * 1000, y=torch.randint(0, 1000, (batch,), device=device))
-    return model, inputs
+    ec.transform(model, example_inputs=example)
+    return model.to(device=device, dtype=dtype), side
+
+
+def make_inputs(side: int, batch: int, device, dtype):
+    return dict(x=torch.randn(batch, 4, side, side, device=device, dtype=dtype),
+                t=torch.rand(batch, device=device) * 1000, y=torch.randint(0, 1000, (batch,), device=device))
 
 
 def install_graphs(model, inputs):
@@ -83,15 +86,29 @@ def install_graphs(model, inputs):
         gate.original_forward = GraphedBlock(block, gate, state.controls[index], state.config.width_buckets, x, c)
 
 
-def timed(fn, repeats: int) -> float:
+def remove_graphs(model):
+    for block in state_of(model).blocks:
+        gate = block._elastic_gate
+        if isinstance(gate.original_forward, GraphedBlock):
+            gate.original_forward = gate.original_forward.eager
+    torch.cuda.empty_cache()
+
+
+def timed(fn, repeats: int, device) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on a GPU, perf_counter elsewhere)."""
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
 
 
@@ -102,20 +119,22 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--device", default="cuda", help="cuda (default); cpu runs the eager rows only (smoke test)")
     args = parser.parse_args()
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    name = torch.cuda.get_device_name(0)
+    device, dtype = torch.device(args.device), torch.bfloat16
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, bf16, depth {args.depth} DiT-XL/2-shaped blocks", flush=True)
     rows = []
     started = time.time()
     for tokens in (int(t) for t in args.tokens.split(",")):
+        model, side = build(tokens, args.depth, device, dtype)
         for batch in (int(b) for b in args.batches.split(",")):
-            model, inputs = build(tokens, args.depth, batch, device, dtype)
+            inputs = make_inputs(side, batch, device, dtype)
             half = {s.index for s in state_of(model).specs if s.index % 2 == 1}
             plans = [("routers, full width", None)] + [(f"every FFN at {w}", dict(skip=False, width=w))
                                                         for w in (0.75, 0.5, 0.25)] + [("half the blocks skipped",
                                                                                          dict(skip=half, width=1.0))]
-            for mode in ("eager", "graphs"):
+            for mode in ("eager", "graphs") if device.type == "cuda" else ("eager",):
                 if mode == "graphs":
                     install_graphs(model, inputs)
 
@@ -131,11 +150,10 @@ def main() -> int:
                     with torch.no_grad():
                         for _ in range(3):
                             dense(), elastic()
-                        torch.cuda.synchronize()
                         d, e = [], []
                         for _ in range(args.repeats):
-                            d.append(timed(dense, 1))
-                            e.append(timed(elastic, 1))
+                            d.append(timed(dense, 1, device))
+                            e.append(timed(elastic, 1, device))
                         elastic()
                     fraction = ec.stats(model).executed_flops_fraction
                     dm, em = statistics.median(d), statistics.median(e)
@@ -144,13 +162,15 @@ def main() -> int:
                                elastic_ms=em)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            model = inputs = None  # free GPU memory before the next shape
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                remove_graphs(model)
+        model = None  # free GPU memory before the next token count
+        torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = name.replace(" ", "_").replace("/", "_")
     lines = [f"# GPU speed on {name}", "", f"torch {torch.__version__}, bf16, {args.depth} DiT-XL/2-shaped blocks, "
-             f"CUDA-event medians of {args.repeats} interleaved runs; total {time.time() - started:.0f} s.", "",
+             f"medians of {args.repeats} interleaved runs (CUDA events); total {time.time() - started:.0f} s.", "",
              "| tokens | batch | mode | configuration | FLOP fraction | limit | speedup | efficiency | dense ms | "
              "elastic ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -87,7 +87,8 @@ class TimestepEmbedder(nn.Module):
         half = self.frequency_size // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
 
 
 class DiT(nn.Module):
@@ -114,7 +115,7 @@ class DiT(nn.Module):
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
 
     def forward(self, x, t, y):
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             tokens = block(tokens, c)
