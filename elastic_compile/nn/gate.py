@@ -65,12 +65,19 @@ class BlockGate:
         if run is not None and bucket is not None:
             return run, bucket, False, None
         run_logit, width_logits = self.router(arguments)
+        # One device-to-host copy per block: each transfer is a synchronisation that drains an accelerator's queue.
+        decisions = []
+        if run is None:
+            decisions.append(torch.sigmoid(run_logit.float()))
+        if bucket is None:
+            decisions.append(width_logits.argmax(dim=-1).float())
+        host = torch.stack(decisions).tolist()
         p_run = None
         if run is None:
-            p_run = torch.sigmoid(run_logit.float()).tolist()
+            p_run = host[0]
             run = [p >= state.config.threshold for p in p_run]
         if bucket is None:
-            bucket = width_logits.argmax(dim=-1).tolist()
+            bucket = [int(b) for b in host[-1]]
         return run, bucket, True, p_run
 
     def apply_cache_policy(self, run: list[bool], p_run: list[float] | None, batch: int) -> tuple[list[bool], list[bool]]:

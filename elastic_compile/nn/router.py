@@ -55,7 +55,9 @@ class Router(nn.Module):
         for feature, norm in zip(self.features, self.norms):
             value = arguments[feature.name]
             if feature.kind == "pooled":
-                x = value.float().mean(dim=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value.float()
+                # mean(dtype=float32) accumulates in float32 without materialising a float32 copy of the stream
+                x = (value.mean(dim=tuple(range(1, value.ndim - 1)), dtype=torch.float32) if value.ndim > 2
+                     else value.float())
             elif feature.kind == "vector":
                 x = value.float().reshape(value.shape[0], -1)
             else:
