@@ -8,6 +8,12 @@ dense (PSNR/SSIM of final samples from the same noise), class accuracy and class
 ratio dense/elastic measured interleaved in the same run, and the per-image spread of executed compute
 (histogram). Every budget's routers are saved to results/routers/budget_<b>/ (used by quality.py); those of
 budget 0.5 also into the package (elastic_compile/assets/reference/routers/).
+
+    python benchmarks/train_routers.py --cache-aware        # writes results/routers_cache.md
+
+trains the routers for serving with the feature cache (a skip reuses the block's update from the previous step,
+``train_routers(..., cache_aware=True)``) and evaluates them with the cache on (K=2); their routers go to
+results/routers/cache_budget_<b>/ and, with ``--save-budget``, into the package.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from elastic_compile.cli.common import synthesize_dit_inputs
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference
 from elastic_compile.reference.data import load_digits_split
 from elastic_compile.reference.evaluate import generate, score
+from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
 from elastic_compile.runtime.timing import timed_speedup
 from elastic_compile.runtime.sampling import sample
 from elastic_compile.train import record_class_conditional_trajectories, train_routers
@@ -46,13 +53,20 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-per-class", type=int, default=10, help="evaluation images per class")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--assets", default=str(ASSETS_DIR))
-    parser.add_argument("--save-budget", type=float, default=0.5, help="budget whose routers go into the package")
+    parser.add_argument("--save-budget", type=float, default=None,
+                        help="budget whose routers go into the package (default 0.5; none with --cache-aware)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--cache-aware", action="store_true",
+                        help="train skips as cache reuse and evaluate with the feature cache (K=2)")
+    parser.add_argument("--max-reuse", type=int, default=2, help="feature cache K for --cache-aware evaluation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budgets = [float(b) for b in args.budgets.split(",")]
+    prefix = "cache_" if args.cache_aware else ""
+    if args.save_budget is None and not args.cache_aware:
+        args.save_budget = 0.5
 
     recorder, scheduler, config = fresh_elastic(args.assets)
     start = time.time()
@@ -72,13 +86,17 @@ def main(argv=None) -> int:
     for budget in budgets:
         model, _, _ = fresh_elastic(args.assets)
         report = train_routers(model, data, budget=budget, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               seed=0, log_every=50, progress=False,
+                               seed=0, log_every=50, progress=False, cache_aware=args.cache_aware,
                                log=lambda e: print(f"  budget {budget} step {e.step}: mse {e.distill_mse:.4f} "
                                                    f"flops {e.executed_fraction:.3f}", flush=True))
-        result = generate(model, scheduler, labels, config)
+        hooks = None
+        if args.cache_aware:
+            apply_feature_cache(model, FeatureCacheConfig(max_reuse=args.max_reuse))
+            hooks = ElasticCacheHooks(model)
+        result = generate(model, scheduler, labels, config, hooks=hooks)
         quality = score(result.images, labels, classifier, real, dense.images)
         _, _, speedup = timed_speedup(lambda: sample(dense_model, scheduler, timing_labels, config),
-                                      lambda: sample(model, scheduler, timing_labels, config), repeats=3)
+                                      lambda: sample(model, scheduler, timing_labels, config, hooks=hooks), repeats=3)
         spread = result.per_image_fraction
         rows.append(dict(budget=budget, train_seconds=report.seconds, steps=report.steps,
                          executed_fraction=result.executed_fraction, speedup=speedup,
@@ -87,15 +105,15 @@ def main(argv=None) -> int:
         histograms[budget] = spread.tolist()
         logs[budget] = [vars(e) for e in report.history]
         print(rows[-1], flush=True)
-        ec.save(model, out / "routers" / f"budget_{budget}")
-        if abs(budget - args.save_budget) < 1e-9:
+        ec.save(model, out / "routers" / f"{prefix}budget_{budget}")
+        if args.save_budget is not None and abs(budget - args.save_budget) < 1e-9:
             saved = ec.save(model, Path(args.assets) / "routers")
             print(f"saved routers for budget {budget} to {saved}")
-    write_results(out, rows, dense_scores, histograms, logs, args, len(data), record_seconds)
+    write_results(out, rows, dense_scores, histograms, logs, args, len(data), record_seconds, prefix)
     return 0
 
 
-def write_results(out: Path, rows, dense_scores, histograms, logs, args, data_rows, record_seconds) -> None:
+def write_results(out: Path, rows, dense_scores, histograms, logs, args, data_rows, record_seconds, prefix) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,16 +125,19 @@ def write_results(out: Path, rows, dense_scores, histograms, logs, args, data_ro
         ax.set_title(f"budget {budget}")
         ax.set_xlabel("executed FLOP fraction per image")
     fig.tight_layout()
-    fig.savefig(out / "routers_per_image_histogram.png", dpi=110)
-    (out / "routers_train_log.json").write_text(json.dumps(logs, indent=1))
+    stem = "routers_cache" if prefix else "routers"
+    fig.savefig(out / f"{stem}_per_image_histogram.png", dpi=110)
+    (out / f"{stem}_train_log.json").write_text(json.dumps(logs, indent=1))
+    served = (f" Cache-aware: skips trained and served as reuse of the previous step's block update (feature cache, "
+              f"K={args.max_reuse})." if prefix else " Skips trained and served as identity (no cache).")
     lines = [
-        "# Router training on the reference model",
+        "# Router training on the reference model" + (" (cache-aware)" if prefix else ""),
         "",
         f"Command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}` "
         f"({args.threads} CPU threads). Data-free: {data_rows} rows recorded from {args.samples_per_class} dense "
         f"generations per class in {record_seconds:.0f} s; teacher = the dense model. {args.steps} steps, global "
         f"batch {args.batch_size}, Adam lr {args.lr}. Evaluation: {args.eval_per_class} images per class, default "
-        "steps and guidance, same noise for dense and elastic.",
+        "steps and guidance, same noise for dense and elastic." + served,
         "",
         f"Dense reference: class accuracy {dense_scores['accuracy']:.3f}, FID {dense_scores['fid']:.2f}.",
         "",
@@ -128,8 +149,8 @@ def write_results(out: Path, rows, dense_scores, histograms, logs, args, data_ro
         lines.append(f"| {r['budget']} | {r['executed_fraction']:.3f} | {r['speedup']:.2f}x | {r['psnr']:.2f} | "
                      f"{r['ssim']:.3f} | {r['accuracy']:.3f} | {r['fid']:.2f} | {r['per_image_min']:.3f} / "
                      f"{r['per_image_max']:.3f} / {r['per_image_std']:.3f} | {r['train_seconds']:.0f} |")
-    lines += ["", "![per-image executed FLOP fraction](routers_per_image_histogram.png)", ""]
-    (out / "routers.md").write_text("\n".join(lines))
+    lines += ["", f"![per-image executed FLOP fraction]({stem}_per_image_histogram.png)", ""]
+    (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -137,6 +137,8 @@ class BlockGate:
         Every sample runs the dense block with a per-sample unit mask ``m = m_hard + m_soft - sg(m_soft)``
         (``m_soft = softmax(width_logits) @ prefix_masks``) and its output is ``x + g * (block(x) - x)`` with
         ``g = 1[p >= tau] + p - sg(p)``: forward values equal the hard decisions, gradients reach the logits.
+        With cache-aware training (``state.soft_skip_deltas``), a skip adds the previous step's update:
+        ``x + g * (block(x) - x) + (1 - g) * delta_prev``.
         Records ``(block, p_run, width_probs, hard_run, hard_bucket)`` for the compute-budget term.
         """
         state, dense = self.state, self.state.dense_bucket
@@ -166,10 +168,13 @@ class BlockGate:
             return out
         gate = hard_run.to(p_run.dtype) + p_run - p_run.detach()
         leaves, _ = flatten_output(out)
+        cached = (state.soft_skip_deltas or {}).get(self.index, {})
         for i, name in self.spec.residual_of.items():
             x = arguments[name]
             g = gate.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
             leaves[i] = x + g * (leaves[i] - x)
+            if i in cached:  # a skipped sample takes the previous step's update, as the feature cache serves it
+                leaves[i] = leaves[i] + (1 - g) * cached[i].to(x.dtype)
         return pytree.tree_unflatten(leaves, self.output_spec)
 
     def prefix_masks(self, device) -> list[torch.Tensor]:

@@ -63,6 +63,7 @@ class ElasticState:
     soft: bool = False                                   # straight-through training decisions (train/)
     soft_records: list = field(default_factory=list)     # per block call: (block, p_run, probs, hard run, hard bucket)
     cache: object = None                                 # runtime.cache.FeatureCacheState when the cache is on
+    soft_skip_deltas: dict | None = None                 # cache-aware training: block -> {output leaf: update}
 
     @property
     def dense_bucket(self) -> int:

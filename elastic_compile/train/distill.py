@@ -10,6 +10,9 @@ the weights exists; for a recorded trajectory dataset the teacher outputs are co
 Student: the elastic model with straight-through decisions (see ``BlockGate.soft_forward``). By default only
 router parameters train and the base weights stay bit-identical.
 
+Cache-aware (``cache_aware=True``): a skip is trained as the feature cache runs it, reusing the block's update
+from the previous sampling step (train/cache_aware.py).
+
 Distributed: under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment), each rank
 takes its contiguous share of the same seeded global batch; the model is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on GPU) and the loss is scaled so that the averaged gradient equals the gradient of the
@@ -34,6 +37,7 @@ from ..runtime.sampling import denoiser_output
 from ..runtime.state import describe_inputs, force, state_of
 from ..runtime.stats import stats
 from .budget import executed_flops_fraction
+from .cache_aware import previous_step_updates, require_step_links
 from .trajectories import TrajectoryDataset
 
 TEACHER_KEY = "__teacher__"
@@ -72,7 +76,8 @@ class TrainReport:
 
 def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *, budget: float = 0.5,
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-                  budget_weight: float = 10.0, lr_schedule: str = "cosine", train_base: bool = False,
+                  budget_weight: float = 10.0, lr_schedule: str = "cosine", cache_aware: bool = False,
+                  train_base: bool = False,
                   base_lr: float = 1e-5,
                   task_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None, task_weight: float = 1.0,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
@@ -86,6 +91,9 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         steps, lr, batch_size (global), seed: optimisation settings (Adam).
         budget_weight: weight of the squared budget deviation.
         lr_schedule: "cosine" (decay to 10% of ``lr`` over the run, lets decisions settle) or "constant".
+        cache_aware: train skips as the feature cache executes them (reuse of the previous step's block update,
+            see train/cache_aware.py), for models served with ``apply_feature_cache``. Needs a
+            TrajectoryDataset with step links.
         train_base: also fine-tune the base weights (needs a frozen teacher: precomputed for a dataset, a deep
             copy otherwise); ``base_lr`` is their learning rate.
         task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
@@ -95,6 +103,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     if not 0.0 < budget <= 1.0:
         raise ConfigError("budget in (0, 1]", f"{budget}", "Use e.g. 0.5 for half the dense FLOPs.")
     state = state_of(model)
+    if cache_aware:
+        require_step_links(data)
     rank, world = _init_distributed()
     if batch_size % world:
         raise ConfigError(f"a global batch size divisible by the {world} processes", f"{batch_size}",
@@ -128,8 +138,10 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     start = time.time()
     try:
         for step in range(1, steps + 1):
-            inputs = next(batches)
+            inputs, rows = next(batches)
             target = inputs.pop(TEACHER_KEY, None)
+            if cache_aware:
+                state.soft_skip_deltas = previous_step_updates(model, data, rows, (TEACHER_KEY,))
             if target is None:
                 with torch.no_grad():
                     target = teacher(inputs)
@@ -138,6 +150,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                 output = denoiser_output(student(**inputs)).float()
             finally:
                 state.soft = False
+                state.soft_skip_deltas = None
             local = output.shape[0]
             distill = (output - target.float()).pow(2).reshape(local, -1).mean(dim=1)
             table = flop_table(model, state, describe_inputs((), inputs))
@@ -168,6 +181,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     finally:
         bar.close()
         state.soft = False
+        state.soft_skip_deltas = None
         for p, flag in zip(model.parameters(), saved_flags):
             p.requires_grad_(flag)
         model.train(was_training)
@@ -206,14 +220,14 @@ def _batches(data, batch_size: int, seed: int, rank: int, world: int):
     if isinstance(data, TrajectoryDataset):
         generator = torch.Generator().manual_seed(seed)
         while True:
-            indices = torch.randint(len(data), (batch_size,), generator=generator)
-            yield data.batch(indices[rank * share:(rank + 1) * share])
+            indices = torch.randint(len(data), (batch_size,), generator=generator)[rank * share:(rank + 1) * share]
+            yield data.batch(indices), indices
     else:
         while True:
             for batch in data:
                 yield {k: (v[rank * share:(rank + 1) * share]
                            if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch_size else v)
-                       for k, v in dict(batch).items()}
+                       for k, v in dict(batch).items()}, None
 
 
 def _teacher(model: nn.Module, data, train_base: bool) -> Callable[[dict], torch.Tensor]:

@@ -4,9 +4,14 @@ Data-free router training (the default for the reference model) needs realistic 
 timesteps and conditioning. ``record_trajectories`` runs any sampling loop with a recording denoiser (the
 elastic model forced dense) and keeps every call's keyword arguments split into per-sample rows, so training
 can draw mini-batches that mix steps, classes and guidance branches.
+
+When the sampler drives the recorder's hooks too (``hooks=recorder``), every row also knows the row of the same
+sample at the previous step of its generation and branch (``TrajectoryDataset.previous``): what cache-aware
+router training needs to reproduce the feature cache's "reuse the last step's block update".
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -14,7 +19,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..runtime.sampler_hooks import SamplerHooks
 from ..runtime.state import force
+
+_GENERATION = "__generation__"
+_BRANCH = "__branch__"
 
 
 @dataclass
@@ -24,6 +33,7 @@ class TrajectoryDataset:
 
     rows: dict[str, torch.Tensor]
     shared: dict[str, Any]
+    previous: torch.Tensor | None = None   # (N,) row of the same sample one step earlier, -1 at a first step
 
     def __len__(self) -> int:
         return next(iter(self.rows.values())).shape[0]
@@ -33,7 +43,7 @@ class TrajectoryDataset:
         return {**self.shared, **{k: v.index_select(0, indices) for k, v in self.rows.items()}}
 
     def to(self, device) -> "TrajectoryDataset":
-        return TrajectoryDataset({k: v.to(device) for k, v in self.rows.items()}, self.shared)
+        return TrajectoryDataset({k: v.to(device) for k, v in self.rows.items()}, self.shared, self.previous)
 
     @classmethod
     def from_calls(cls, calls: list[dict[str, Any]]) -> "TrajectoryDataset":
@@ -43,28 +53,60 @@ class TrajectoryDataset:
                               "The sampling function must call the denoiser it is given.")
         rows: dict[str, list[torch.Tensor]] = {}
         shared: dict[str, Any] = {}
+        previous: list[torch.Tensor] = []
+        linked = all(_GENERATION in call for call in calls)
+        last_row_of: dict[tuple, tuple[int, int]] = {}   # (generation, branch) -> (first row, batch) of last call
+        offset = 0
         for call in calls:
-            batch = next(v.shape[0] for v in call.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
-            for name, value in call.items():
+            arguments = {k: v for k, v in call.items() if k not in (_GENERATION, _BRANCH)}
+            batch = next(v.shape[0] for v in arguments.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+            for name, value in arguments.items():
                 if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
                     rows.setdefault(name, []).append(value.detach().cpu())
                 else:
                     shared.setdefault(name, value)
-        return cls({k: torch.cat(v) for k, v in rows.items()}, shared)
+            if linked:
+                key = (call[_GENERATION], call[_BRANCH])
+                before = last_row_of.get(key)
+                start = before[0] if before is not None and before[1] == batch else None
+                previous.append(torch.arange(start, start + batch) if start is not None
+                                else torch.full((batch,), -1, dtype=torch.long))
+                last_row_of[key] = (offset, batch)
+            offset += batch
+        return cls({k: torch.cat(v) for k, v in rows.items()}, shared, torch.cat(previous) if linked else None)
 
 
-class _RecordingDenoiser:
-    """Calls the model (forced dense) and keeps each call's arguments by parameter name."""
+class _RecordingDenoiser(SamplerHooks):
+    """Calls the model (forced dense) and keeps each call's arguments by parameter name; as sampler hooks it also
+    notes each call's generation and guidance branch, which links every row to its previous step."""
 
     def __init__(self, model: nn.Module):
         import inspect
         self.model = model
         self.signature = inspect.signature(model.forward)
         self.calls: list[dict[str, Any]] = []
+        self.generation = 0
+        self.current_branch: str | None = None
+        self.hooked = False
+
+    def start_generation(self) -> None:
+        self.generation += 1
+        self.hooked = True
+
+    @contextlib.contextmanager
+    def branch(self, name, step):
+        self.current_branch = name
+        try:
+            yield
+        finally:
+            self.current_branch = None
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs).arguments
-        self.calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.items()})
+        call = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.items()}
+        if self.hooked:
+            call[_GENERATION], call[_BRANCH] = self.generation, self.current_branch
+        self.calls.append(call)
         with force(self.model, skip=False, width=1.0):
             return self.model(*args, **kwargs)
 
@@ -77,7 +119,10 @@ def record_trajectories(model: nn.Module, run_sampler: Callable[[Callable], Any]
 
     Example (class-conditional DiT with the project's sampler)::
 
-        data = record_trajectories(model, lambda d: sample(d, scheduler, labels, config, seed=0))
+        data = record_trajectories(model, lambda d: sample(d, scheduler, labels, config, seed=0, hooks=d))
+
+    Passing the recorder as ``hooks`` too links each row to its previous step (needed by
+    ``train_routers(..., cache_aware=True)``).
     """
     recorder = _RecordingDenoiser(model)
     with torch.no_grad():
@@ -98,6 +143,6 @@ def record_class_conditional_trajectories(model: nn.Module, scheduler, sampling_
         for start in range(0, len(labels), batch_size):
             chunk = labels[start:start + batch_size]
             sample(recorder, scheduler, chunk, sampling_config, seeds=[seed * 100003 + start + i for i in range(len(chunk))],
-                   cfg=cfg)
+                   cfg=cfg, hooks=recorder)
     calls.extend(recorder.calls)
     return TrajectoryDataset.from_calls(calls)

@@ -1,0 +1,59 @@
+"""Cache-aware distillation: train a skip to mean "reuse the block's update from the previous step".
+
+At inference with the feature cache (runtime/cache.py), a skipped block returns ``x + delta`` where ``delta`` is
+the block's update from the last step it ran. Routers trained with plain skips (``x``) learn to skip only where
+a block can be *removed*; a cache makes skipping far cheaper in quality wherever the update changes slowly
+across steps, which plain training never sees. Here the student's skip branch adds the dense model's update of
+the same sample one sampling step earlier (the cache's content when the block ran at the previous step), so the
+routers learn where reuse is safe. Samples at the first step of a generation have no previous step: a skip
+there is plain identity, as with an empty cache.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..runtime.cache import FeatureCacheConfig, FeatureCacheState
+from ..runtime.state import force, state_of
+from .trajectories import TrajectoryDataset
+
+_CONTEXT = "previous-step"
+
+
+def require_step_links(data) -> TrajectoryDataset:
+    """The dataset, checked to know each row's previous step."""
+    if not isinstance(data, TrajectoryDataset) or data.previous is None:
+        found = "an iterable of batches" if not isinstance(data, TrajectoryDataset) else "a dataset without step links"
+        raise ConfigError("a TrajectoryDataset whose rows are linked to their previous sampling step", found,
+                          "Record it with record_class_conditional_trajectories, or with record_trajectories and "
+                          "a sampler that is given the recorder as hooks (sample(d, ..., hooks=d)).")
+    return data
+
+
+@torch.no_grad()
+def previous_step_updates(model: nn.Module, data: TrajectoryDataset, rows: torch.Tensor,
+                          extra_keys: tuple[str, ...] = ()) -> dict[int, dict[int, torch.Tensor]]:
+    """Per skippable block and residual output: the dense update ``out - in`` of each of ``rows`` at its
+    previous step (zero for rows at a first step), computed by one dense forward that fills a scratch cache."""
+    previous = data.previous.index_select(0, rows.cpu())
+    available = previous >= 0
+    inputs = data.batch(previous.clamp(min=0))
+    for key in extra_keys:
+        inputs.pop(key, None)
+    state = state_of(model)
+    saved = state.cache
+    scratch = FeatureCacheState(FeatureCacheConfig())
+    scratch.context = _CONTEXT
+    state.cache = scratch
+    try:
+        with force(model, skip=False, width=1.0):
+            model(**inputs)
+    finally:
+        state.cache = saved
+    updates: dict[int, dict[int, torch.Tensor]] = {}
+    for (_, block), entry in scratch.entries.items():
+        for leaf, delta in entry.deltas.items():
+            mask = available.to(delta.device).reshape((-1,) + (1,) * (delta.ndim - 1))
+            updates.setdefault(block, {})[leaf] = delta * mask.to(delta.dtype)
+    return updates

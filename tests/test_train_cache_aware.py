@@ -1,0 +1,128 @@
+"""Cache-aware router training: step links in recorded trajectories, and the training skip = the cache's skip."""
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import elastic_compile as ec
+from elastic_compile.errors import ConfigError
+from elastic_compile.runtime.cache import FeatureCacheConfig, apply_feature_cache, cache_context, remove_feature_cache
+from elastic_compile.runtime.sampling import SamplingConfig, denoiser_output, sample
+from elastic_compile.runtime.state import state_of
+from elastic_compile.train import record_class_conditional_trajectories, record_trajectories, train_routers
+from elastic_compile.train.cache_aware import previous_step_updates
+from train_fixtures import TRAIN_ARGS, tiny_dataset, tiny_elastic_model
+from zoo import ARCHITECTURES
+
+STEPS = 5
+CONFIG = SamplingConfig(num_inference_steps=STEPS, guidance_scale=2.0, sample_size=8, in_channels=4, num_classes=10,
+                        null_class=10)
+
+
+def sampler_model():
+    """A DiT whose forward the sampler can call (x, timestep, class labels)."""
+    model, inputs = ARCHITECTURES["dit"](batch=4)
+    return ec.transform(model, example_inputs=inputs)
+
+
+@pytest.fixture(scope="module")
+def linked():
+    model = sampler_model()
+    data = record_class_conditional_trajectories(model, FlowMatchEulerDiscreteScheduler(), CONFIG,
+                                                 samples_per_class=1, batch_size=4)
+    return model, data
+
+
+def test_every_row_links_to_the_same_sample_one_step_earlier(linked):
+    _, data = linked
+    assert len(data) == STEPS * 2 * 10  # 10 labels in generations of 4, 4 and 2 samples, CFG doubling each
+    first = data.previous < 0
+    assert int(first.sum()) == 2 * 10  # each sample and branch starts once
+    timesteps = data.rows["timestep"]
+    later = (~first).nonzero().flatten()
+    previous = data.previous[later]
+    assert torch.all(timesteps[previous] > timesteps[later])  # one step earlier in the (decreasing) schedule
+    assert torch.equal(data.rows["class_labels"][previous], data.rows["class_labels"][later])  # same sample, same branch (label or null)
+    # walking back from a last-step row visits STEPS rows, one per timestep
+    row, visited = int(later[-1]), 1
+    while int(data.previous[row]) >= 0:
+        row, visited = int(data.previous[row]), visited + 1
+    assert visited == STEPS
+
+
+def test_recording_without_hooks_has_no_links_and_cache_aware_training_says_what_to_do():
+    model = sampler_model()
+    data = record_trajectories(model, lambda d: sample(d, FlowMatchEulerDiscreteScheduler(), [1, 2], CONFIG))
+    assert data.previous is None
+    with pytest.raises(ConfigError, match="hooks"):
+        train_routers(model, data, cache_aware=True, **TRAIN_ARGS)
+    with pytest.raises(ConfigError, match="previous sampling step"):
+        train_routers(tiny_elastic_model(), tiny_dataset(), cache_aware=True, **TRAIN_ARGS)
+    linked = record_trajectories(model, lambda d: sample(d, FlowMatchEulerDiscreteScheduler(), [1, 2], CONFIG,
+                                                           hooks=d))
+    assert int((linked.previous >= 0).sum()) == (STEPS - 1) * 4
+
+
+def test_previous_step_updates_are_the_dense_block_updates_and_zero_at_first_steps(linked):
+    model, data = linked
+    rows = torch.tensor([0, 1, len(data) - 1, len(data) - 2])
+    updates = previous_step_updates(model, data, rows)
+    previous = data.previous[rows]
+    inputs = data.batch(previous.clamp(min=0))
+    seen = {}
+    blocks = state_of(model).blocks
+
+    def keep(index):
+        def hook(module, args, kwargs, output):
+            seen[index] = ((args[0] if args else kwargs["hidden_states"]), output)
+        return hook
+    hooks = [b.register_forward_hook(keep(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    with torch.no_grad(), ec.force(model, skip=False, width=1.0):
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    assert set(updates) == {s.index for s in state_of(model).specs if s.skippable}
+    for block, leaves in updates.items():
+        x, out = seen[block]
+        expected = (out - x) * (previous >= 0).float().reshape(-1, 1, 1)
+        torch.testing.assert_close(leaves[0], expected)
+    assert bool((previous < 0).any()) and bool((previous >= 0).any())
+
+
+def test_training_skip_equals_the_feature_cache_skip_at_inference(linked):
+    """Student forward with the training skip == the hard model with the cache filled by the previous step."""
+    model, data = linked
+    rows = (data.previous >= 0).nonzero().flatten()[:6]
+    with torch.no_grad():
+        for router in state_of(model).routers.values():
+            router.fc2.bias[0] = -5.0  # skip every skippable block
+        state = state_of(model)
+        state.soft_skip_deltas = previous_step_updates(model, data, rows)
+        state.soft = True
+        try:
+            trained_view = denoiser_output(model(**data.batch(rows)))
+        finally:
+            state.soft, state.soft_skip_deltas = False, None
+        apply_feature_cache(model, FeatureCacheConfig(max_reuse=1))
+        try:
+            with cache_context(model, "c"):
+                with ec.force(model, skip=False, width=1.0):
+                    model(**data.batch(data.previous[rows]))
+                served = denoiser_output(model(**data.batch(rows)))
+            assert sum(d.reused for block in ec.stats(model).decisions for d in block) > 0
+        finally:
+            remove_feature_cache(model)
+            for router in state_of(model).routers.values():
+                router.reset_to_full_capacity()
+    torch.testing.assert_close(trained_view, served, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), ec.force(model, skip=True):
+        identity_skip = denoiser_output(model(**data.batch(rows)))
+    assert (served - identity_skip).abs().max() > 1e-3  # the reuse is not the identity skip
+
+
+def test_cache_aware_training_reaches_the_budget_with_linked_data(linked):
+    model, data = linked
+    fresh = sampler_model()
+    report = train_routers(fresh, data, cache_aware=True, **{**TRAIN_ARGS, "steps": 40, "lr_schedule": "constant"})
+    assert report.history[0].executed_fraction > 0.99
+    assert abs(report.final.executed_fraction - 0.5) < 0.15
+    assert state_of(fresh).soft_skip_deltas is None
