@@ -10,8 +10,9 @@ noise; realism = class accuracy and classifier-feature FID vs held-out digits.
 
 Methods: diffusers FirstBlockCache, TaylorSeer and MagCache (calibrated on this model) through diffusers' hook
 API; static block skipping (the same blocks every step, set chosen greedily on a calibration set); static width
-pruning (every FFN at one bucket); E-DiT (trained routers, benchmarks/results/routers/budget_*) with and without
-the block feature cache.
+pruning (every FFN at one bucket); this toolkit's block cache with no routers (every block reuses its last update
+up to K steps in a row, then runs); E-DiT (trained routers, benchmarks/results/routers/budget_*) with and without
+the block feature cache; E-DiT routers trained cache-aware (routers/cache_budget_*) served with the cache.
 """
 from __future__ import annotations
 
@@ -140,6 +141,8 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
     for width in (0.75, 0.5, 0.25):
         out.append(Setting("static width", f"width {width}",
                            lambda w=width: (Forced(elastic_base(assets), skip=False, width=w), None)))
+    for reuse in (1, 2, 3):
+        out.append(Setting("block cache (no routers)", f"K={reuse}", lambda k=reuse: block_cache(assets, k)))
     routers_root = RESULTS / "routers"
     for budget_dir in sorted(routers_root.glob("budget_*")):
         budget = budget_dir.name.split("_", 1)[1]
@@ -153,7 +156,24 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
             return model, ElasticCacheHooks(model)
         out.append(Setting("E-DiT", f"budget {budget}", lambda p=budget_dir: edit(p)))
         out.append(Setting("E-DiT + cache", f"budget {budget}, K=2", lambda p=budget_dir: edit(p, cache=True)))
+    for budget_dir in sorted(routers_root.glob("cache_budget_*")):
+        budget = budget_dir.name.split("_", 2)[2]
+
+        def cache_aware(path=budget_dir):
+            model, _, _ = load_reference(assets)
+            ec.load(model, path)
+            apply_feature_cache(model, FeatureCacheConfig(max_reuse=2, fallback="run"))
+            return model, ElasticCacheHooks(model)
+        out.append(Setting("E-DiT cache-aware + cache", f"budget {budget}, K=2", cache_aware))
     return out
+
+
+def block_cache(assets, max_reuse: int):
+    """Training-free block cache of this toolkit: every block asks to skip, so each reuses its last update up to
+    ``max_reuse`` steps in a row and then runs (fallback "run")."""
+    model = elastic_base(assets)
+    apply_feature_cache(model, FeatureCacheConfig(max_reuse=max_reuse, fallback="run"))
+    return Forced(model, skip=True, width=1.0), ElasticCacheHooks(model)
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ budget 0.5 also into the package (elastic_compile/assets/reference/routers/).
     python benchmarks/train_routers.py --cache-aware        # writes results/routers_cache.md
 
 trains the routers for serving with the feature cache (a skip reuses the block's update from the previous step,
-``train_routers(..., cache_aware=True)``) and evaluates them with the cache on (K=2); their routers go to
+``train_routers(..., cache_aware=True)``) and evaluates them with the cache on (K=2, fallback "run"); their routers go to
 results/routers/cache_budget_<b>/ and, with ``--save-budget``, into the package.
 """
 from __future__ import annotations
@@ -86,12 +86,12 @@ def main(argv=None) -> int:
     for budget in budgets:
         model, _, _ = fresh_elastic(args.assets)
         report = train_routers(model, data, budget=budget, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               seed=0, log_every=50, progress=False, cache_aware=args.cache_aware,
+                               seed=0, log_every=50, progress=False, cache_aware=args.cache_aware, cache_max_reuse=args.max_reuse,
                                log=lambda e: print(f"  budget {budget} step {e.step}: mse {e.distill_mse:.4f} "
                                                    f"flops {e.executed_fraction:.3f}", flush=True))
         hooks = None
         if args.cache_aware:
-            apply_feature_cache(model, FeatureCacheConfig(max_reuse=args.max_reuse))
+            apply_feature_cache(model, FeatureCacheConfig(max_reuse=args.max_reuse, fallback="run"))
             hooks = ElasticCacheHooks(model)
         result = generate(model, scheduler, labels, config, hooks=hooks)
         quality = score(result.images, labels, classifier, real, dense.images)
@@ -129,7 +129,7 @@ def write_results(out: Path, rows, dense_scores, histograms, logs, args, data_ro
     fig.savefig(out / f"{stem}_per_image_histogram.png", dpi=110)
     (out / f"{stem}_train_log.json").write_text(json.dumps(logs, indent=1))
     served = (f" Cache-aware: skips trained and served as reuse of the previous step's block update (feature cache, "
-              f"K={args.max_reuse})." if prefix else " Skips trained and served as identity (no cache).")
+              f"K={args.max_reuse}, fallback 'run': a skip with no usable update runs the block)." if prefix else " Skips trained and served as identity (no cache).")
     lines = [
         "# Router training on the reference model" + (" (cache-aware)" if prefix else ""),
         "",

@@ -4,6 +4,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import elastic_compile as ec
+from elastic_compile.errors import ConfigError
 from elastic_compile.runtime.cache import (CacheContextError, ElasticCacheHooks, FeatureCacheConfig,
                                            apply_feature_cache, cache_context, reset_cache)
 from elastic_compile.runtime.sampling import SamplingConfig, sample
@@ -59,6 +60,22 @@ def test_reuse_limit_then_identity_and_rerun_refreshes():
     _call(model, inputs, skip=False)
     _call(model, inputs, skip={0})
     assert ec.stats(model).decisions[0][0].reused
+
+
+def test_fallback_run_turns_every_unusable_skip_into_a_run():
+    model, inputs = _model(max_reuse=2, fallback="run")
+    seen = _block_io(model, 0)
+    expected = [(True, False), (False, True), (False, True), (True, False), (False, True)]  # run, K reuses, run...
+    for run, reused in expected:
+        _call(model, inputs, skip=True, width=1.0)
+        x, y = seen[-1]
+        assert not torch.equal(y, x)  # never the identity skip
+        decision = ec.stats(model).decisions[0][0]
+        assert (decision.run, decision.reused) == (run, reused)
+    fraction = ec.stats(model).executed_flops_fraction
+    assert 0.0 < fraction < 0.5  # a reuse step runs no block at all
+    with pytest.raises(ConfigError, match="fallback"):
+        FeatureCacheConfig(fallback="skip")
 
 
 def test_cache_off_and_after_reset_skip_is_identity():

@@ -9,7 +9,7 @@ from elastic_compile.runtime.cache import FeatureCacheConfig, apply_feature_cach
 from elastic_compile.runtime.sampling import SamplingConfig, denoiser_output, sample
 from elastic_compile.runtime.state import state_of
 from elastic_compile.train import record_class_conditional_trajectories, record_trajectories, train_routers
-from elastic_compile.train.cache_aware import previous_step_updates
+from elastic_compile.train.cache_aware import previous_step_updates, steps_back
 from train_fixtures import TRAIN_ARGS, tiny_dataset, tiny_elastic_model
 from zoo import ARCHITECTURES
 
@@ -119,10 +119,26 @@ def test_training_skip_equals_the_feature_cache_skip_at_inference(linked):
     assert (served - identity_skip).abs().max() > 1e-3  # the reuse is not the identity skip
 
 
-def test_cache_aware_training_reaches_the_budget_with_linked_data(linked):
+def test_steps_back_walks_the_links_and_stops_at_the_first_step(linked):
+    _, data = linked
+    last = int((data.previous >= 0).nonzero().flatten()[-1])
+    chain = [last]
+    while int(data.previous[chain[-1]]) >= 0:
+        chain.append(int(data.previous[chain[-1]]))
+    assert len(chain) == STEPS
+    rows = torch.tensor([last] * 6 + [chain[-1]])
+    back = steps_back(data, rows, torch.tensor([1, 2, 3, 4, STEPS - 1, STEPS + 3, 2]))
+    assert back.tolist() == [chain[1], chain[2], chain[3], chain[4], chain[STEPS - 1], chain[STEPS - 1], -1]
+
+
+def test_cache_aware_training_reaches_the_budget_it_charges(linked):
     model, data = linked
     fresh = sampler_model()
-    report = train_routers(fresh, data, cache_aware=True, **{**TRAIN_ARGS, "steps": 40, "lr_schedule": "constant"})
+    report = train_routers(fresh, data, cache_aware=True, cache_max_reuse=2,
+                           **{**TRAIN_ARGS, "steps": 40, "lr_schedule": "constant"})
     assert report.history[0].executed_fraction > 0.99
-    assert abs(report.final.executed_fraction - 0.5) < 0.15
+    final = report.final
+    assert abs(final.expected_fraction - 0.5) < 0.15
+    # a skip is charged a third of its block (one refresh run in K + 1 = 3 steps), so fewer FLOPs execute per call
+    assert final.executed_fraction < final.expected_fraction
     assert state_of(fresh).soft_skip_deltas is None

@@ -88,12 +88,17 @@ class BlockGate:
         usable = cache.usable(self.index, batch)
         band = cache.config.band
         if band is None:
-            return run, [not r and u for r, u in zip(run, usable)]
-        if p_run is None:
-            return run, [False] * batch
-        limit = self.state.config.threshold + band
-        reuse = [r and u and p < limit for r, u, p in zip(run, usable, p_run)]
-        return [r and not u for r, u in zip(run, reuse)], reuse
+            reuse = [not r and u for r, u in zip(run, usable)]
+        elif p_run is None:
+            reuse = [False] * batch
+        else:
+            limit = self.state.config.threshold + band
+            reuse = [r and u and p < limit for r, u, p in zip(run, usable, p_run)]
+            run = [r and not re for r, re in zip(run, reuse)]
+        if cache.config.fallback == "run":  # no identity skips: reuse when possible, else run
+            reuse = [re or (not r and u) for r, re, u in zip(run, reuse, usable)]
+            run = [r or not re for r, re in zip(run, reuse)]
+        return run, reuse
 
     # execution -------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):

@@ -8,6 +8,7 @@ Semantics, per block, per cache context (one per classifier-free-guidance branch
   been reused fewer than ``max_reuse`` times in a row, else ``in`` (identity);
 - band rule (``band`` set): samples whose run-probability lies in ``[tau, tau + band)`` (run, but barely) reuse the
   delta instead of running (when one is usable, else they run); samples below ``tau`` skip to identity.
+- ``fallback="run"``: a skip is never identity: a sample that would take identity reuses a usable delta, else runs.
 Contexts keep rows apart: CFG as one batch (one context, cond and uncond rows) and CFG as two calls (contexts
 "cond" and "uncond") see the same deltas per sample. ``reset()`` (or a sampler's ``start_generation``) forgets
 everything; a batch-size change within a context also starts that context afresh.
@@ -31,12 +32,19 @@ class CacheContextError(ElasticCompileError):
 
 @dataclass(frozen=True)
 class FeatureCacheConfig:
-    """``max_reuse``: K, how many times in a row a delta may stand in for the block. ``band``: see module doc."""
+    """``max_reuse``: K, how many times in a row a delta may stand in for the block. ``band``: see module doc.
+    ``fallback``: what a skip does when no delta is usable (first step, or K reuses in a row): "identity" (the
+    block is left out, what plain routers are trained for) or "run" (the block runs and refreshes its delta, so a
+    skip always means reuse: what cache-aware routers are trained for)."""
 
     max_reuse: int = 2
     band: float | None = None
+    fallback: str = "identity"
 
     def __post_init__(self):
+        if self.fallback not in ("identity", "run"):
+            raise ConfigError("fallback in {'identity', 'run'}", repr(self.fallback),
+                              "Use 'run' for routers trained with cache_aware=True, 'identity' otherwise.")
         if self.max_reuse < 1:
             raise ConfigError("max_reuse >= 1", f"{self.max_reuse}", "Use e.g. 2; disable the cache to never reuse.")
         if self.band is not None and not 0.0 < self.band < 1.0:

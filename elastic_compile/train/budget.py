@@ -11,14 +11,17 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return hard.to(soft.dtype) + soft - soft.detach()
 
 
-def executed_flops_fraction(soft_records: list, table: FlopTable, routers: dict, batch: int) -> torch.Tensor:
+def executed_flops_fraction(soft_records: list, table: FlopTable, routers: dict, batch: int,
+                            skip_cost: float = 0.0) -> torch.Tensor:
     """Per-sample executed FLOPs / dense FLOPs of the hard decisions, with straight-through gradients.
 
     A block call contributes ``g * sum_k w_k F_k`` where ``g = 1[p >= tau] + p - sg(p)`` and
     ``w = onehot(argmax q) + q - sg(q)`` (``p``: run probability, ``q``: width-bucket probabilities, ``F_k``: the
     block's FLOPs per sample at bucket k): the forward value is exactly what the hard decisions execute (the
     number ``stats`` reports), the gradient is that of the expected FLOPs. Blocks without a decision contribute
-    their dense FLOPs; FLOPs outside blocks and router FLOPs are constant.
+    their dense FLOPs; FLOPs outside blocks and router FLOPs are constant. ``skip_cost``: the share of a block's
+    FLOPs a skip still costs on average (with a feature cache of K reuses that falls back to running, a block
+    skipped at every step still runs one step in K + 1): a skip contributes ``(g + (1 - g) * skip_cost) * F``.
     """
     dense_per_sample = table.dense_total / batch
     profiled: dict[int, list[list[int]]] = {}
@@ -45,7 +48,8 @@ def executed_flops_fraction(soft_records: list, table: FlopTable, routers: dict,
         else:
             per_sample = flops[-1].expand(batch)
         if p_run is not None:
-            per_sample = straight_through(hard_run, p_run) * per_sample
+            gate = straight_through(hard_run, p_run)
+            per_sample = (gate + (1 - gate) * skip_cost) * per_sample
         total = per_sample if total is None else total + per_sample
     if total is None:
         total = torch.zeros(batch)

@@ -31,12 +31,31 @@ def require_step_links(data) -> TrajectoryDataset:
     return data
 
 
+def steps_back(data: TrajectoryDataset, rows: torch.Tensor, staleness: torch.Tensor) -> torch.Tensor:
+    """For each row, the row ``staleness`` steps earlier on its trajectory (as far back as the trajectory goes,
+    at least one step), or -1 for a row at a first step."""
+    current = rows.cpu().clone()
+    result = torch.full_like(current, -1)
+    for step in range(int(staleness.max()) if len(staleness) else 0):
+        before = data.previous.index_select(0, current.clamp(min=0))
+        moved = (before >= 0) & (current >= 0)
+        result = torch.where(moved, before, result)
+        current = torch.where(moved & (step + 1 < staleness.cpu()), before, torch.full_like(current, -1))
+    return result
+
+
 @torch.no_grad()
 def previous_step_updates(model: nn.Module, data: TrajectoryDataset, rows: torch.Tensor,
-                          extra_keys: tuple[str, ...] = ()) -> dict[int, dict[int, torch.Tensor]]:
-    """Per skippable block and residual output: the dense update ``out - in`` of each of ``rows`` at its
-    previous step (zero for rows at a first step), computed by one dense forward that fills a scratch cache."""
-    previous = data.previous.index_select(0, rows.cpu())
+                          extra_keys: tuple[str, ...] = (), max_staleness: int = 1,
+                          generator: torch.Generator | None = None) -> dict[int, dict[int, torch.Tensor]]:
+    """Per skippable block and residual output: the dense update ``out - in`` of each of ``rows`` at an earlier
+    step (zero for rows at a first step), computed by one dense forward that fills a scratch cache.
+
+    The step is ``s`` steps back with ``s`` uniform in ``1..max_staleness`` per row: a cache allowed ``K`` reuses
+    in a row serves updates up to ``K`` steps old, and training on all of those ages keeps routers honest.
+    """
+    staleness = torch.randint(1, max_staleness + 1, (len(rows),), generator=generator)
+    previous = steps_back(data, rows, staleness)
     available = previous >= 0
     inputs = data.batch(previous.clamp(min=0))
     for key in extra_keys:

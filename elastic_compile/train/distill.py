@@ -77,6 +77,7 @@ class TrainReport:
 def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *, budget: float = 0.5,
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                   budget_weight: float = 10.0, lr_schedule: str = "cosine", cache_aware: bool = False,
+                  cache_max_reuse: int = 2,
                   train_base: bool = False,
                   base_lr: float = 1e-5,
                   task_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None, task_weight: float = 1.0,
@@ -92,8 +93,10 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         budget_weight: weight of the squared budget deviation.
         lr_schedule: "cosine" (decay to 10% of ``lr`` over the run, lets decisions settle) or "constant".
         cache_aware: train skips as the feature cache executes them (reuse of the previous step's block update,
-            see train/cache_aware.py), for models served with ``apply_feature_cache``. Needs a
-            TrajectoryDataset with step links.
+            see train/cache_aware.py), for models served with ``apply_feature_cache(model,
+            FeatureCacheConfig(max_reuse=cache_max_reuse, fallback="run"))``. Needs a TrajectoryDataset with step
+            links. Skips are trained on updates 1..cache_max_reuse steps old, and the budget charges a skip
+            1 / (cache_max_reuse + 1) of the block (the refresh run the cache forces).
         train_base: also fine-tune the base weights (needs a frozen teacher: precomputed for a dataset, a deep
             copy otherwise); ``base_lr`` is their learning rate.
         task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
@@ -105,6 +108,9 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     state = state_of(model)
     if cache_aware:
         require_step_links(data)
+        if cache_max_reuse < 1:
+            raise ConfigError("cache_max_reuse >= 1", f"{cache_max_reuse}", "Use the max_reuse the cache will serve.")
+    skip_cost = 1.0 / (cache_max_reuse + 1) if cache_aware else 0.0
     rank, world = _init_distributed()
     if batch_size % world:
         raise ConfigError(f"a global batch size divisible by the {world} processes", f"{batch_size}",
@@ -133,6 +139,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
     batches = _batches(data, batch_size, seed, rank, world)
     teacher = _teacher(model, data, train_base)
+    staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
     report = TrainReport(budget, steps, batch_size, world, 0.0)
     bar = _progress(steps, progress and rank == 0)
     start = time.time()
@@ -141,7 +148,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             inputs, rows = next(batches)
             target = inputs.pop(TEACHER_KEY, None)
             if cache_aware:
-                state.soft_skip_deltas = previous_step_updates(model, data, rows, (TEACHER_KEY,))
+                state.soft_skip_deltas = previous_step_updates(model, data, rows, (TEACHER_KEY,), cache_max_reuse,
+                                                               staleness_generator)
             if target is None:
                 with torch.no_grad():
                     target = teacher(inputs)
@@ -154,7 +162,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             local = output.shape[0]
             distill = (output - target.float()).pow(2).reshape(local, -1).mean(dim=1)
             table = flop_table(model, state, describe_inputs((), inputs))
-            fractions = executed_flops_fraction(state.soft_records, table, state.routers, local)
+            fractions = executed_flops_fraction(state.soft_records, table, state.routers, local, skip_cost)
             global_fraction = _global_mean(fractions, batch_size)
             budget_term = (global_fraction - budget) ** 2
             loss = distill.sum() / batch_size + budget_weight * budget_term / world
