@@ -31,11 +31,12 @@ def test_demo_runs_and_writes_grids(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not (ASSETS_DIR / "transformer").is_dir(), reason="bundled reference model not built")
-def test_train_cli_saves_a_loadable_artifact(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--cache-aware", "--max-reuse", "1"]], ids=["plain", "cache-aware"])
+def test_train_cli_saves_a_loadable_artifact(tmp_path, capsys, extra):
     import elastic_compile as ec
     from elastic_compile.reference import load_reference
     code = main(["train", "--samples-per-class", "1", "--steps", "3", "--batch-size", "16", "--log-every", "1",
-                 "--out", str(tmp_path)])
+                 "--out", str(tmp_path)] + extra)
     assert code == 0
     assert (tmp_path / "train_report.json").is_file()
     model, _, _ = load_reference()

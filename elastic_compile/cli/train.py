@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-weight", type=float, default=10.0)
+    parser.add_argument("--cache-aware", action="store_true",
+                        help="train skips as feature-cache reuse (serve with FeatureCacheConfig(fallback='run'))")
+    parser.add_argument("--max-reuse", type=int, default=2, help="with --cache-aware: the cache's K at serving time")
     parser.add_argument("--train-base", action="store_true", help="fine-tune the base weights too")
     parser.add_argument("--base-lr", type=float, default=1e-5)
     parser.add_argument("--log-every", type=int, default=25)
@@ -61,7 +64,8 @@ def run(args) -> int:
         tqdm.write(f"step {entry.step:>5}  loss {entry.loss:.5f}  mse {entry.distill_mse:.5f}  "
                    f"budget term {entry.budget_term:.5f}  executed FLOPs {entry.executed_fraction:.3f}")
     report = train_routers(model, data, budget=args.budget, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, budget_weight=args.budget_weight, train_base=args.train_base,
+                           seed=args.seed, budget_weight=args.budget_weight, cache_aware=args.cache_aware,
+                           cache_max_reuse=args.max_reuse, train_base=args.train_base,
                            base_lr=args.base_lr, log_every=args.log_every, checkpoint_dir=out,
                            checkpoint_every=args.checkpoint_every, log=log)
     (out / "train_report.json").write_text(json.dumps(report.to_dict(), indent=1))
