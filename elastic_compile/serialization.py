@@ -50,6 +50,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
         "config": state.config.to_dict(),
         "blocks": [spec.to_dict() for spec in state.specs],
         "base_weights": include_base_weights,
+        "serving": state.serving,
         "versions": {"torch": torch.__version__, _package: _package_version()},
     }
     permutations = {f"{index}.{site}": order.to(torch.int64).contiguous()
@@ -100,6 +101,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
             permutations[(spec.index, site.name)] = order
     state = ElasticState(config=config, specs=specs)
     state.fingerprint = manifest["fingerprint"]
+    state.serving = dict(manifest.get("serving", {}))
     install(base_model, state, blocks, permutations)
     _load_routers(state, load_file(str(path / ROUTERS)))
     if manifest.get("base_weights"):

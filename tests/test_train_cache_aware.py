@@ -131,7 +131,7 @@ def test_steps_back_walks_the_links_and_stops_at_the_first_step(linked):
     assert back.tolist() == [chain[1], chain[2], chain[3], chain[4], chain[STEPS - 1], chain[STEPS - 1], -1]
 
 
-def test_cache_aware_training_reaches_the_budget_it_charges(linked):
+def test_cache_aware_training_reaches_the_budget_it_charges(linked, tmp_path):
     model, data = linked
     fresh = sampler_model()
     report = train_routers(fresh, data, cache_aware=True, cache_max_reuse=2,
@@ -142,3 +142,11 @@ def test_cache_aware_training_reaches_the_budget_it_charges(linked):
     # a skip is charged a third of its block (one refresh run in K + 1 = 3 steps), so fewer FLOPs execute per call
     assert final.executed_fraction < final.expected_fraction
     assert state_of(fresh).soft_skip_deltas is None
+    # the routers remember how they must be served, across save/load
+    ec.save(fresh, tmp_path / "routers")
+    base, _ = ARCHITECTURES["dit"](batch=4)
+    loaded = ec.load(base, tmp_path / "routers")
+    cache = apply_feature_cache(loaded)
+    assert (cache.config.max_reuse, cache.config.fallback) == (2, "run")
+    plain = sampler_model()
+    assert apply_feature_cache(plain).config.fallback == "identity"

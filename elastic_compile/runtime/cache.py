@@ -117,9 +117,12 @@ class FeatureCacheState:
 
 
 def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = None) -> FeatureCacheState:
-    """Turn the feature cache on for an elastic model (replacing any previous cache state)."""
+    """Turn the feature cache on for an elastic model (replacing any previous cache state).
+
+    Without ``config``: the cache the routers were trained for (``train_routers(..., cache_aware=True)`` records
+    it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``."""
     state = state_of(model)
-    state.cache = FeatureCacheState(config or FeatureCacheConfig())
+    state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})))
     return state.cache
 
 

@@ -64,6 +64,7 @@ class ElasticState:
     soft_records: list = field(default_factory=list)     # per block call: (block, p_run, probs, hard run, hard bucket)
     cache: object = None                                 # runtime.cache.FeatureCacheState when the cache is on
     soft_skip_deltas: dict | None = None                 # cache-aware training: block -> {output leaf: update}
+    serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
 
     @property
     def dense_bucket(self) -> int:

@@ -111,6 +111,10 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         if cache_max_reuse < 1:
             raise ConfigError("cache_max_reuse >= 1", f"{cache_max_reuse}", "Use the max_reuse the cache will serve.")
     skip_cost = 1.0 / (cache_max_reuse + 1) if cache_aware else 0.0
+    if cache_aware:  # saved with the routers: apply_feature_cache(model) then serves what was trained
+        state.serving["feature_cache"] = {"max_reuse": cache_max_reuse, "fallback": "run"}
+    else:
+        state.serving.pop("feature_cache", None)
     rank, world = _init_distributed()
     if batch_size % world:
         raise ConfigError(f"a global batch size divisible by the {world} processes", f"{batch_size}",
