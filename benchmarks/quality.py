@@ -159,12 +159,14 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
     for budget_dir in sorted(routers_root.glob("cache_budget_*")):
         budget = budget_dir.name.split("_", 2)[2]
 
-        def cache_aware(path=budget_dir):
+        def cache_aware(path=budget_dir, skip_only=False):
             model, _, _ = load_reference(assets)
             ec.load(model, path)
-            apply_feature_cache(model, FeatureCacheConfig(max_reuse=2, fallback="run"))
-            return model, ElasticCacheHooks(model)
+            apply_feature_cache(model)  # the settings the routers were trained for (K=2, fallback "run")
+            return (Forced(model, width=1.0) if skip_only else model), ElasticCacheHooks(model)
         out.append(Setting("E-DiT cache-aware + cache", f"budget {budget}, K=2", cache_aware))
+        out.append(Setting("E-DiT cache-aware + cache, widths pinned to 1", f"budget {budget}, K=2",
+                           lambda p=budget_dir: cache_aware(p, skip_only=True)))
     return out
 
 

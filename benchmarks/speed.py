@@ -27,10 +27,13 @@ from elastic_compile.runtime.timing import timed_speedup
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+FACTORIES = {"DiT-S/2": "elastic_compile.models.dit:dit_s2", "DiT-B/2": "elastic_compile.models.dit:dit_b2"}
+
+
 def dit(shape: str, batch: int):
-    from elastic_compile.models import DiT, dit_config
+    from elastic_compile.export.base import call_factory
     torch.manual_seed(0)
-    model = DiT(input_size=32, patch_size=2, in_channels=4, num_classes=1000, **dit_config(shape)).eval()
+    model = call_factory(FACTORIES[f"DiT-{shape}/2"])
     inputs = dict(x=torch.randn(batch, 4, 32, 32), t=torch.rand(batch) * 1000, y=torch.randint(0, 1000, (batch,)))
     return model, inputs
 
@@ -86,7 +89,7 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path):
     if backend == "torch":
         return elastic
     out = workdir / f"{model_name.replace('/', '_')}-b{next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))}"
-    ec.export(elastic, inputs, out, backend=backend)
+    ec.export(elastic, inputs, out, backend=backend, base_factory=FACTORIES.get(model_name))
     return ec.runtime.load(out, backend=backend)
 
 

@@ -194,3 +194,16 @@ def test_cli_export_of_a_factory_model_rebuilds_the_base_from_the_factory(tmp_pa
             got = runtime(**inputs)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert json.loads((out / "elastic" / "elastic.json").read_text())["config"]["width_buckets"] == [0.5, 1.0]
+
+
+def test_export_from_a_single_sample_keeps_routers_batch_dynamic(tmp_path):
+    """A batch-1 example must not pin the routers' batch dimension (torch.export specialises sizes 0 and 1)."""
+    model, inputs = ARCHITECTURES["reference_dit"](batch=1)
+    ec.transform(model, ec.ElasticConfig(width_buckets=(0.5, 1.0)), example_inputs=inputs)
+    out = tmp_path / "b1"
+    ec.export(model, inputs, out, batch_sizes=(1, 3), base_factory="zoo:reference_dit", threads=1)
+    runtime = ec.runtime.load(out, threads=1, routers="onnx")
+    _, batch3 = ARCHITECTURES["reference_dit"](batch=3)
+    with torch.no_grad():
+        expected = model(**batch3)
+    torch.testing.assert_close(runtime(**batch3), expected, atol=1e-4, rtol=1e-4)

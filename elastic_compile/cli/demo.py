@@ -10,10 +10,16 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="generate digits with the bundled model, dense vs elastic, and compare")
     parser.add_argument("--out", default="elastic-demo", help="folder for the sample grids (default ./elastic-demo)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (10 classes)")
-    parser.add_argument("--cache", action="store_true", help="also run the elastic model with the feature cache")
+    parser.add_argument("--cache", action="store_true", help="also run the elastic model with the feature cache (routers trained without it)")
     parser.add_argument("--rounds", type=int, default=2, help="timed dense/elastic rounds (medians)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.set_defaults(handler=run)
+
+
+def elastic_model_cache(model) -> str:
+    from ..runtime.state import state_of
+    config = state_of(model).cache.config
+    return f"K={config.max_reuse}, fallback '{config.fallback}'"
 
 
 def run(args) -> int:
@@ -25,6 +31,7 @@ def run(args) -> int:
     from ..reference.evaluate import generate, score
     from ..runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, remove_feature_cache
     from .common import synthesize_dit_inputs
+    from .run import serving_cache_hooks
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -38,6 +45,9 @@ def run(args) -> int:
     else:
         ec.transform(elastic_model, example_inputs=synthesize_dit_inputs(elastic_model))
         origin = "untrained routers (no bundled routers found): the elastic model runs dense"
+    elastic_hooks = serving_cache_hooks(elastic_model, "auto")
+    if elastic_hooks is not None:
+        origin += f" (trained cache-aware: served with the block feature cache, {elastic_model_cache(elastic_model)})"
     print(f"reference DiT: {sum(p.numel() for p in dense_model.parameters()) / 1e6:.1f}M parameters, "
           f"{len(ec.report(elastic_model).blocks)} elastic blocks, {origin}")
     labels = [c for c in range(config.num_classes) for _ in range(args.per_class)]
@@ -48,10 +58,11 @@ def run(args) -> int:
         for name, model in (("dense", dense_model), ("elastic", elastic_model)):
             print(f"round {round_index + 1}: {name} ({len(labels)} images, {config.num_inference_steps} steps)")
             start = time.perf_counter()
-            results[name] = generate(model, scheduler, labels, config, progress=True)
+            results[name] = generate(model, scheduler, labels, config, progress=True,
+                                     hooks=elastic_hooks if name == "elastic" else None)
             timings[name].append(time.perf_counter() - start)
     rows = {}
-    if args.cache:
+    if args.cache and elastic_hooks is None:
         apply_feature_cache(elastic_model, FeatureCacheConfig(max_reuse=2))
         print("elastic + feature cache")
         results["elastic + cache"] = generate(elastic_model, scheduler, labels, config,

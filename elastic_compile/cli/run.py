@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--width", type=float, default=None, help="force every FFN to this width bucket")
     parser.add_argument("--skip", default=None, help="force skips: 'all', 'none' or block indices like 2,5")
+    parser.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
+                        help="block feature cache: auto = on when the routers were trained cache-aware")
     parser.set_defaults(handler=run)
 
 
@@ -61,20 +63,32 @@ def save_images(images: torch.Tensor, path: Path, nrow: int) -> Path:
     return path
 
 
+def serving_cache_hooks(model, mode: str):
+    """Sampler hooks of the feature cache when ``mode`` is "on", or "auto" and the routers were trained for it."""
+    from ..runtime.cache import ElasticCacheHooks, apply_feature_cache
+    from ..runtime.state import state_of
+
+    if mode == "off" or (mode == "auto" and not state_of(model).serving.get("feature_cache")):
+        return None
+    apply_feature_cache(model)
+    return ElasticCacheHooks(model)
+
+
 def run(args) -> int:
     import elastic_compile as ec
 
     labels = [int(c) for c in parse_floats(args.classes, "--classes")]
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads)
+    hooks = serving_cache_hooks(runtime, args.cache)
     started = time.perf_counter()
     with ec.force(runtime, skip=_skip(args.skip), width=args.width):
         images = runtime.sample(labels, seed=args.seed, num_inference_steps=args.steps,
-                                guidance_scale=args.guidance, cfg=args.cfg, progress=True)
+                                guidance_scale=args.guidance, cfg=args.cfg, progress=True, hooks=hooks)
     seconds = time.perf_counter() - started
     path = save_images(images, Path(args.out), args.nrow or len(labels))
     stats = ec.stats(runtime)
     print(f"{len(labels)} images in {seconds:.2f} s ({args.backend}) -> {path}; last step executed "
           f"{100 * stats.executed_flops_fraction:.1f}% of dense FLOPs, {100 * stats.skipped_fraction:.1f}% of "
-          f"block calls skipped")
+          f"block calls skipped" + ("" if hooks is None else " (feature cache on)"))
     runtime.close()
     return 0

@@ -240,7 +240,10 @@ class _Exporter:
             relative = f"routers/router_{call.index:03d}.onnx"
             for attempt in range(2):
                 if key not in templates or attempt:
-                    templates[key], _ = export_graph(program, example, f"router of block {call.index}", dynamic_batch=True)
+                    # a batch of 1 would specialise the dynamic batch dimension (torch.export's 0/1 rule)
+                    traced = [torch.cat([t, t]) if t.ndim and t.shape[0] == 1 else t for t in example]
+                    templates[key], _ = export_graph(program, traced, f"router of block {call.index}",
+                                                     dynamic_batch=True)
                 write_block_graph(templates[key], block_tensors(router, "router."), None, self.root / relative)
                 check_file(self.root / relative)
                 if self._router_matches(program, example, call.batch, self.root / relative):

@@ -143,3 +143,14 @@ def _sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     if emb.shape[1] < dim:
         emb = F.pad(emb, (0, dim - emb.shape[1]))
     return emb.unsqueeze(0)
+
+
+def dit_s2() -> DiT:
+    """DiT-S/2 on 32x32x4 latents (256 tokens), 1000 classes: importable as ``elastic_compile.models.dit:dit_s2``
+    (an export ``base_factory``)."""
+    return DiT(input_size=32, patch_size=2, in_channels=4, num_classes=1000, **dit_config("S")).eval()
+
+
+def dit_b2() -> DiT:
+    """DiT-B/2 on 32x32x4 latents (256 tokens), 1000 classes: ``elastic_compile.models.dit:dit_b2``."""
+    return DiT(input_size=32, patch_size=2, in_channels=4, num_classes=1000, **dit_config("B")).eval()
