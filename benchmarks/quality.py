@@ -156,6 +156,15 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
             return model, ElasticCacheHooks(model)
         out.append(Setting("E-DiT", f"budget {budget}", lambda p=budget_dir: edit(p)))
         out.append(Setting("E-DiT + cache", f"budget {budget}, K=2", lambda p=budget_dir: edit(p, cache=True)))
+    for budget_dir in sorted(routers_root.glob("cache_skip_budget_*")):
+        budget = budget_dir.name.rsplit("_", 1)[1]
+
+        def skip_only(path=budget_dir):
+            model, _, _ = load_reference(assets)
+            ec.load(model, path)
+            apply_feature_cache(model)
+            return model, ElasticCacheHooks(model)
+        out.append(Setting("E-DiT cache-aware skip-only + cache", f"budget {budget}, K=2", skip_only))
     for budget_dir in sorted(routers_root.glob("cache_budget_*")):
         budget = budget_dir.name.split("_", 2)[2]
 
@@ -216,8 +225,21 @@ def main(argv=None) -> int:
         best = grids.get(setting.method)
         if best is None or abs(row["speedup"] - 2.0) < abs(best[0] - 2.0):
             grids[setting.method] = (row["speedup"], setting.label, images)
+    if only:  # a partial run replaces its methods' rows and grids in the previous results, keeps the others
+        rows, grids = merge_previous(rows, grids, only)
     write(rows, grids, labels, args)
     return 0
+
+
+def merge_previous(rows, grids, only):
+    """Rows of methods not re-run (and their grids) from the last full results, in their original order."""
+    previous_rows = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").is_file() else []
+    previous_grids = (json.loads((RESULTS / "quality_grids.json").read_text())
+                      if (RESULTS / "quality_grids.json").is_file() else {})
+    kept = [r for r in previous_rows if r["method"] not in only and r["method"] != "dense"]
+    merged_grids = {m: tuple(g) for m, g in previous_grids.items() if m not in only}
+    merged_grids.update(grids)
+    return rows[:1] + kept + rows[1:], merged_grids
 
 
 def write(rows, grids, labels, args) -> None:
@@ -250,10 +272,14 @@ def write(rows, grids, labels, args) -> None:
         lines.append(f"| {r['method']} | {r['setting']} | {r['fraction']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['accuracy']:.3f} | {r['fid']:.2f} |")
     lines += ["", "![frontier](frontier.png)", "", "Sample grids at the setting closest to 2x measured speedup:", ""]
+    grid_files = {}
     for method, (speedup, label, images) in grids.items():
         name = "grid_" + re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_") + ".png"
-        make_grid_png(images, RESULTS / name, nrow=args.eval_per_class)
+        if isinstance(images, torch.Tensor):  # else: kept from a previous run, the PNG is already there
+            make_grid_png(images, RESULTS / name, nrow=args.eval_per_class)
+        grid_files[method] = (speedup, label, name)
         lines.append(f"- {method} ({label}, {speedup:.2f}x): ![{method}]({name})")
+    (RESULTS / "quality_grids.json").write_text(json.dumps(grid_files, indent=1))
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

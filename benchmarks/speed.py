@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 import elastic_compile as ec
+from elastic_compile.capture.record import bind_to_signature
 from elastic_compile.runtime.state import state_of
 from elastic_compile.runtime.timing import timed_speedup
 
@@ -74,7 +77,35 @@ def configurations(model_name: str, model) -> list[tuple[str, dict | None]]:
     return configs
 
 
-def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path):
+def router_seconds(model, inputs, repeats: int = 30) -> float:
+    """Median seconds of every router's decision (features, MLP, decision transfer) in one forward, timed alone
+    on the block inputs of a real forward: the router's cost without end-to-end timing noise."""
+    state = state_of(model)
+    recorded = {}
+    hooks = [block.register_forward_pre_hook(lambda m, a, k, i=i: recorded.setdefault(i, (a, k)), with_kwargs=True)
+             for i, block in enumerate(state.blocks)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    calls = []
+    for index, (args, kwargs) in recorded.items():
+        gate = state.blocks[index]._elastic_gate
+        arguments = bind_to_signature(gate.signature, args, kwargs)
+        calls.append((gate, arguments, gate.stream_batch(arguments)))
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 3):
+            start = time.perf_counter()
+            for gate, arguments, batch in calls:
+                gate.decide(arguments, batch)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[3:])
+
+
+def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str = "torch"):
     """(elastic callable, the object ec.force/ec.stats act on) for a backend."""
     elastic = copy.deepcopy(base)
     if model_name == "reference":
@@ -90,7 +121,7 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path):
         return elastic
     out = workdir / f"{model_name.replace('/', '_')}-b{next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))}"
     ec.export(elastic, inputs, out, backend=backend, base_factory=FACTORIES.get(model_name))
-    return ec.runtime.load(out, backend=backend)
+    return ec.runtime.load(out, backend=backend, routers=routers_in)
 
 
 def run(args) -> list[dict]:
@@ -100,7 +131,7 @@ def run(args) -> list[dict]:
         for batch in args.batches:
             base, inputs = MODELS[model_name](batch)
             for backend in args.backends:
-                elastic = build_elastic(model_name, base, inputs, backend, workdir)
+                elastic = build_elastic(model_name, base, inputs, backend, workdir, args.runtime_routers)
                 trained = state_of(elastic).routers and model_name == "reference"
 
                 def dense_call():
@@ -120,7 +151,9 @@ def run(args) -> list[dict]:
                             with ec.force(elastic, **plan):
                                 return elastic(**inputs)
                         return elastic(**inputs)
-                    dense_s, elastic_s, _ = timed_speedup(dense_call, elastic_call, args.repeats, warmup=2)
+                    # the overhead row compares two nearly equal times: three times the repetitions
+                    repeats = args.repeats * (3 if plan is None else 1)
+                    dense_s, elastic_s, _ = timed_speedup(dense_call, elastic_call, repeats, warmup=2)
                     with torch.no_grad():
                         elastic_call()
                     fraction = ec.stats(elastic).executed_flops_fraction
@@ -130,6 +163,7 @@ def run(args) -> list[dict]:
                                dense_ms=dense_s * 1e3, elastic_ms=elastic_s * 1e3)
                     if plan is None:
                         row["router_overhead"] = elastic_s / dense_s - 1
+                        row["router_share"] = router_seconds(elastic, inputs) / dense_s
                     for router, state in zip(routers, saved):
                         router.load_state_dict(state)
                     rows.append(row)
@@ -151,7 +185,8 @@ def write(rows, args) -> None:
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
              "dense ms | elastic ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        extra = f" (router overhead {100 * r['router_overhead']:+.1f}%)" if "router_overhead" in r else ""
+        extra = (f" (router overhead {100 * r['router_overhead']:+.1f}% end to end, routers alone "
+                 f"{100 * r['router_share']:.1f}%)" if "router_overhead" in r else "")
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['config']}{extra} | {r['fraction']:.3f} | "
                      f"{r['limit']:.2f}x | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.1f} | "
                      f"{r['elastic_ms']:.1f} |")
@@ -173,6 +208,8 @@ def write(rows, args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="DiT-S/2,DiT-B/2,Flux-shaped,reference")
+    parser.add_argument("--runtime-routers", default="torch", choices=("torch", "onnx"),
+                        help="where an exported runtime runs its routers (ec.runtime.load(routers=...))")
     parser.add_argument("--backends", default="torch,onnxruntime")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--repeats", type=int, default=10)

@@ -38,9 +38,9 @@ from elastic_compile.train import record_class_conditional_trajectories, train_r
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def fresh_elastic(assets):
-    model, scheduler, config = load_reference(assets)
-    return ec.transform(model, example_inputs=synthesize_dit_inputs(model)), scheduler, config
+def fresh_elastic(assets, config: ec.ElasticConfig | None = None):
+    model, scheduler, sampling = load_reference(assets)
+    return ec.transform(model, config, example_inputs=synthesize_dit_inputs(model)), scheduler, sampling
 
 
 def main(argv=None) -> int:
@@ -59,12 +59,14 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-aware", action="store_true",
                         help="train skips as cache reuse and evaluate with the feature cache (K=2)")
     parser.add_argument("--max-reuse", type=int, default=2, help="feature cache K for --cache-aware evaluation")
+    parser.add_argument("--skip-only", action="store_true", help="routers decide skips only (width bucket 1.0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budgets = [float(b) for b in args.budgets.split(",")]
-    prefix = "cache_" if args.cache_aware else ""
+    prefix = ("cache_" if args.cache_aware else "") + ("skip_" if args.skip_only else "")
+    elastic_config = ec.ElasticConfig(width_buckets=(1.0,)) if args.skip_only else None
     if args.save_budget is None and not args.cache_aware:
         args.save_budget = 0.5
 
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     rows, histograms, logs = [], {}, {}
     timing_labels = labels[::max(1, len(labels) // 20)]
     for budget in budgets:
-        model, _, _ = fresh_elastic(args.assets)
+        model, _, _ = fresh_elastic(args.assets, elastic_config)
         report = train_routers(model, data, budget=budget, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                seed=0, log_every=50, progress=False, cache_aware=args.cache_aware, cache_max_reuse=args.max_reuse,
                                log=lambda e: print(f"  budget {budget} step {e.step}: mse {e.distill_mse:.4f} "
@@ -125,13 +127,15 @@ def write_results(out: Path, rows, dense_scores, histograms, logs, args, data_ro
         ax.set_title(f"budget {budget}")
         ax.set_xlabel("executed FLOP fraction per image")
     fig.tight_layout()
-    stem = "routers_cache" if prefix else "routers"
+    stem = "routers_" + prefix.rstrip("_") if prefix else "routers"
     fig.savefig(out / f"{stem}_per_image_histogram.png", dpi=110)
     (out / f"{stem}_train_log.json").write_text(json.dumps(logs, indent=1))
     served = (f" Cache-aware: skips trained and served as reuse of the previous step's block update (feature cache, "
-              f"K={args.max_reuse}, fallback 'run': a skip with no usable update runs the block)." if prefix else " Skips trained and served as identity (no cache).")
+              f"K={args.max_reuse}, fallback 'run': a skip with no usable update runs the block)."
+              if args.cache_aware else " Skips trained and served as identity (no cache).")
     lines = [
-        "# Router training on the reference model" + (" (cache-aware)" if prefix else ""),
+        "# Router training on the reference model" + (" (cache-aware)" if args.cache_aware else "")
+        + (" (skip decisions only)" if args.skip_only else ""),
         "",
         f"Command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}` "
         f"({args.threads} CPU threads). Data-free: {data_rows} rows recorded from {args.samples_per_class} dense "
