@@ -120,9 +120,14 @@ def greedy_skip_order(assets, scheduler, config, labels, dense_images, blocks_ne
 
 def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
     assets = args.assets
-    mag_ratios = calibrate_mag_ratios(assets, scheduler, config, calibration_labels)
-    dense_calibration = sample(load_reference(assets)[0], scheduler, calibration_labels, config, seed=900)
-    order = greedy_skip_order(assets, scheduler, config, calibration_labels, dense_calibration, args.max_static_skip)
+    wanted = {m.strip() for m in args.only.split(",") if m.strip()}
+    mag_ratios = order = None
+    if not wanted or "MagCache" in wanted:
+        mag_ratios = calibrate_mag_ratios(assets, scheduler, config, calibration_labels)
+    if not wanted or "static skip" in wanted:
+        dense_calibration = sample(load_reference(assets)[0], scheduler, calibration_labels, config, seed=900)
+        order = greedy_skip_order(assets, scheduler, config, calibration_labels, dense_calibration,
+                                  args.max_static_skip)
     steps = config.num_inference_steps
     out = []
     for t in (0.05, 0.1, 0.2, 0.35):
@@ -134,7 +139,7 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
         out.append(Setting("MagCache", f"threshold {t}", lambda t=t: diffusers_cache(
             assets, "mag", threshold=t, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=steps,
             mag_ratios=mag_ratios)))
-    for count in range(2, args.max_static_skip + 1, 2):
+    for count in range(2, args.max_static_skip + 1, 2) if order is not None else ():
         skip = set(order[:count])
         out.append(Setting("static skip", f"{count} blocks {sorted(skip)}",
                            lambda s=skip: (Forced(elastic_base(assets), skip=s, width=1.0), None)))
@@ -174,7 +179,7 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
             apply_feature_cache(model)  # the settings the routers were trained for (K=2, fallback "run")
             return (Forced(model, width=1.0) if skip_only else model), ElasticCacheHooks(model)
         out.append(Setting("E-DiT cache-aware + cache", f"budget {budget}, K=2", cache_aware))
-        out.append(Setting("E-DiT cache-aware + cache, widths pinned to 1", f"budget {budget}, K=2",
+        out.append(Setting("E-DiT cache-aware + cache (widths pinned to 1)", f"budget {budget}, K=2",
                            lambda p=budget_dir: cache_aware(p, skip_only=True)))
     return out
 
@@ -265,7 +270,9 @@ def write(rows, grids, labels, args) -> None:
     lines = ["# Speed-fidelity frontier on the reference model", "",
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` ({args.threads} CPU threads). "
              f"{len(labels)} images ({args.eval_per_class} per class), default steps and guidance, CFG as one batch; "
-             f"speedup = median of {args.repeats} interleaved dense/method runs on {args.timing_images} images.", "",
+             f"speedup = median of {args.repeats} interleaved dense/method runs on {args.timing_images} images."
+             + (" Rows of the methods not named in --only are kept from the previous results file." if args.only
+                else ""), "",
              "| method | setting | executed FLOP fraction | speedup (wall-clock) | PSNR vs dense (dB) | SSIM | "
              "class accuracy | FID |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

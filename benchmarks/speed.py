@@ -181,7 +181,9 @@ def write(rows, args) -> None:
     lines = ["# Speed: measured speedup vs the FLOP-ratio limit (CPU)", "",
              f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
              f"{args.threads} threads (torch.set_num_threads), {args.repeats} interleaved repetitions after warm-up, "
-             "medians. Dense = the same model/artifact forced dense in the same backend.", "",
+             "medians. Dense = the same model/artifact forced dense in the same backend."
+             + (" Merged: rows of other models/backends are from the previous results file." if args.merge else ""),
+             "",
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
              "dense ms | elastic ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -208,6 +210,8 @@ def write(rows, args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="DiT-S/2,DiT-B/2,Flux-shaped,reference")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the measured (model, backend) rows of results/speed.json")
     parser.add_argument("--runtime-routers", default="torch", choices=("torch", "onnx"),
                         help="where an exported runtime runs its routers (ec.runtime.load(routers=...))")
     parser.add_argument("--backends", default="torch,onnxruntime")
@@ -220,7 +224,14 @@ def main(argv=None) -> int:
     args.backends = args.backends.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
-    write(run(args), args)
+    rows = run(args)
+    if args.merge and (RESULTS / "speed.json").is_file():  # replace these (model, backend) rows, keep the others
+        measured = {(r["model"], r["backend"]) for r in rows}
+        previous = json.loads((RESULTS / "speed.json").read_text())
+        kept = [r for r in previous if (r["model"], r["backend"]) not in measured]
+        order = list(dict.fromkeys(r["model"] for r in previous + rows))
+        rows = sorted(kept + rows, key=lambda r: order.index(r["model"]))
+    write(rows, args)
     return 0
 
 
