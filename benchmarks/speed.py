@@ -176,8 +176,9 @@ def write(rows, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(rows, indent=1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Speed: measured speedup vs the FLOP-ratio limit (CPU)", "",
              f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
              f"{args.threads} threads (torch.set_num_threads), {args.repeats} interleaved repetitions after warm-up, "
@@ -187,12 +188,14 @@ def write(rows, args) -> None:
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
              "dense ms | elastic ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        extra = (f" (router overhead {100 * r['router_overhead']:+.1f}% end to end, routers alone "
-                 f"{100 * r['router_share']:.1f}%)" if "router_overhead" in r else "")
+        extra = ""
+        if "router_overhead" in r:
+            alone = f", routers alone {100 * r['router_share']:.1f}%" if "router_share" in r else ""
+            extra = f" (router overhead {100 * r['router_overhead']:+.1f}% end to end{alone})"
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['config']}{extra} | {r['fraction']:.3f} | "
                      f"{r['limit']:.2f}x | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.1f} | "
                      f"{r['elastic_ms']:.1f} |")
-    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 5))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         points = [r for r in rows if r["backend"] == backend and "router_overhead" not in r]
@@ -203,13 +206,14 @@ def write(rows, args) -> None:
     ax.set_ylabel("measured speedup")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.savefig(RESULTS / "speed.png", dpi=110)
+    fig.savefig(out / "speed.png", dpi=110)
     print("\n".join(lines))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="DiT-S/2,DiT-B/2,Flux-shaped,reference")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for speed.md / speed.json / speed.png")
     parser.add_argument("--merge", action="store_true",
                         help="replace only the measured (model, backend) rows of results/speed.json")
     parser.add_argument("--runtime-routers", default="torch", choices=("torch", "onnx"),
@@ -225,9 +229,9 @@ def main(argv=None) -> int:
     args.batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
     rows = run(args)
-    if args.merge and (RESULTS / "speed.json").is_file():  # replace these (model, backend) rows, keep the others
+    if args.merge and (Path(args.out) / "speed.json").is_file():  # replace these (model, backend) rows, keep the others
         measured = {(r["model"], r["backend"]) for r in rows}
-        previous = json.loads((RESULTS / "speed.json").read_text())
+        previous = json.loads((Path(args.out) / "speed.json").read_text())
         kept = [r for r in previous if (r["model"], r["backend"]) not in measured]
         order = list(dict.fromkeys(r["model"] for r in previous + rows))
         rows = sorted(kept + rows, key=lambda r: order.index(r["model"]))
