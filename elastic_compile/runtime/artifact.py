@@ -21,7 +21,7 @@ from ..errors import BackendUnavailableError, ConfigError
 from ..export.base import load_base
 from ..export.manifest import read_manifest
 from ..passes.insert_routers import ROUTER_ATTRIBUTE
-from .executor import BlockExecutor, GraphRouter
+from .executor import BlockExecutor, GraphRouter, SingleThreadRouter
 from .state import STATE_ATTRIBUTE, state_of
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -151,6 +151,10 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate
             gate.router = GraphRouter(engine.router_graph(root / entry["file"]), entry["inputs"])
+    elif backend == "onnxruntime":
+        for entry in manifest["routers"]:
+            gate = state.blocks[entry["block"]]._elastic_gate
+            gate.router = SingleThreadRouter(gate.router)
     if free_torch_weights:
         free_block_weights(model, keep=manifest["runs_in_torch"]["block_parameters_used_outside"])
     return Runtime(model, manifest, root, backend, engine)
