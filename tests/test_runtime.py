@@ -216,3 +216,23 @@ def test_sampling_and_feature_cache_on_the_runtime_match_the_pytorch_model(tmp_p
     assert main(["run", str(exported.dir), "--classes", "0,1,2", "--steps", "1", "--out", str(tmp_path / "g.png"),
                  "--threads", "1", "--width", "0.5"]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0 and "3 images" in capsys.readouterr().out
+
+
+def test_single_thread_router_runs_on_one_thread_and_restores_the_pool():
+    from elastic_compile.runtime.executor import SingleThreadRouter
+    seen = []
+
+    def router(arguments):
+        seen.append(torch.get_num_threads())
+        if arguments.get("fail"):
+            raise ValueError("router failed")
+        return "decisions"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert SingleThreadRouter(router)({}) == "decisions"
+        with pytest.raises(ValueError):
+            SingleThreadRouter(router)({"fail": True})
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
