@@ -149,39 +149,34 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
     for reuse in (1, 2, 3):
         out.append(Setting("block cache (no routers)", f"K={reuse}", lambda k=reuse: block_cache(assets, k)))
     routers_root = RESULTS / "routers"
-    for budget_dir in sorted(routers_root.glob("budget_*")):
-        budget = budget_dir.name.split("_", 1)[1]
-
-        def edit(path=budget_dir, cache=False):
-            model, _, _ = load_reference(assets)
-            ec.load(model, path)
-            if not cache:
-                return model, None
-            apply_feature_cache(model, FeatureCacheConfig(max_reuse=2))
-            return model, ElasticCacheHooks(model)
-        out.append(Setting("E-DiT", f"budget {budget}", lambda p=budget_dir: edit(p)))
-        out.append(Setting("E-DiT + cache", f"budget {budget}, K=2", lambda p=budget_dir: edit(p, cache=True)))
-    for budget_dir in sorted(routers_root.glob("cache_skip_budget_*")):
-        budget = budget_dir.name.rsplit("_", 1)[1]
-
-        def skip_only(path=budget_dir):
-            model, _, _ = load_reference(assets)
-            ec.load(model, path)
-            apply_feature_cache(model)
-            return model, ElasticCacheHooks(model)
-        out.append(Setting("E-DiT cache-aware skip-only + cache", f"budget {budget}, K=2", skip_only))
-    for budget_dir in sorted(routers_root.glob("cache_budget_*")):
-        budget = budget_dir.name.split("_", 2)[2]
-
-        def cache_aware(path=budget_dir, skip_only=False):
-            model, _, _ = load_reference(assets)
-            ec.load(model, path)
-            apply_feature_cache(model)  # the settings the routers were trained for (K=2, fallback "run")
-            return (Forced(model, width=1.0) if skip_only else model), ElasticCacheHooks(model)
-        out.append(Setting("E-DiT cache-aware + cache", f"budget {budget}, K=2", cache_aware))
+    for path in sorted(routers_root.glob("budget_*")):
+        budget = path.name.rsplit("_", 1)[1]
+        out.append(Setting("E-DiT", f"budget {budget}", lambda p=path: trained(assets, p)))
+        out.append(Setting("E-DiT + cache", f"budget {budget}, K=2",
+                           lambda p=path: trained(assets, p, FeatureCacheConfig(max_reuse=2))))
+    for path in sorted(routers_root.glob("cache_skip_budget_*")):
+        budget = path.name.rsplit("_", 1)[1]
+        out.append(Setting("E-DiT cache-aware skip-only + cache", f"budget {budget}, K=2",
+                           lambda p=path: trained(assets, p, "serving")))
+    for path in sorted(routers_root.glob("cache_budget_*")):
+        budget = path.name.rsplit("_", 1)[1]
+        out.append(Setting("E-DiT cache-aware + cache", f"budget {budget}, K=2",
+                           lambda p=path: trained(assets, p, "serving")))
         out.append(Setting("E-DiT cache-aware + cache (widths pinned to 1)", f"budget {budget}, K=2",
-                           lambda p=budget_dir: cache_aware(p, skip_only=True)))
+                           lambda p=path: trained(assets, p, "serving", pin_widths=True)))
     return out
+
+
+def trained(assets, path, cache=None, pin_widths: bool = False):
+    """The reference model with the routers saved at ``path``. ``cache``: None (no cache), "serving" (the cache the
+    routers were trained for, K=2 and fallback "run" for cache-aware ones) or a FeatureCacheConfig."""
+    model, _, _ = load_reference(assets)
+    ec.load(model, path)
+    hooks = None
+    if cache is not None:
+        apply_feature_cache(model, None if cache == "serving" else cache)
+        hooks = ElasticCacheHooks(model)
+    return (Forced(model, width=1.0) if pin_widths else model), hooks
 
 
 def block_cache(assets, max_reuse: int):

@@ -10,7 +10,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="generate digits with the bundled model, dense vs elastic, and compare")
     parser.add_argument("--out", default="elastic-demo", help="folder for the sample grids (default ./elastic-demo)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (10 classes)")
-    parser.add_argument("--cache", action="store_true", help="also run the elastic model with the feature cache (routers trained without it)")
+    parser.add_argument("--cache", action="store_true",
+                        help="also run the elastic model with the feature cache (routers trained without it)")
     parser.add_argument("--rounds", type=int, default=2, help="timed dense/elastic rounds (medians)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.set_defaults(handler=run)
@@ -29,9 +30,9 @@ def run(args) -> int:
     from ..reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
     from ..reference.data import load_digits_split
     from ..reference.evaluate import generate, score
-    from ..runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, remove_feature_cache
+    from ..runtime.cache import (ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, remove_feature_cache,
+                                 serving_cache_hooks)
     from .common import synthesize_dit_inputs
-    from .run import serving_cache_hooks
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,7 +46,7 @@ def run(args) -> int:
     else:
         ec.transform(elastic_model, example_inputs=synthesize_dit_inputs(elastic_model))
         origin = "untrained routers (no bundled routers found): the elastic model runs dense"
-    elastic_hooks = serving_cache_hooks(elastic_model, "auto")
+    elastic_hooks = serving_cache_hooks(elastic_model)
     if elastic_hooks is not None:
         origin += f" (trained cache-aware: served with the block feature cache, {elastic_model_cache(elastic_model)})"
     print(f"reference DiT: {sum(p.numel() for p in dense_model.parameters()) / 1e6:.1f}M parameters, "

@@ -63,19 +63,9 @@ def save_images(images: torch.Tensor, path: Path, nrow: int) -> Path:
     return path
 
 
-def serving_cache_hooks(model, mode: str):
-    """Sampler hooks of the feature cache when ``mode`` is "on", or "auto" and the routers were trained for it."""
-    from ..runtime.cache import ElasticCacheHooks, apply_feature_cache
-    from ..runtime.state import state_of
-
-    if mode == "off" or (mode == "auto" and not state_of(model).serving.get("feature_cache")):
-        return None
-    apply_feature_cache(model)
-    return ElasticCacheHooks(model)
-
-
 def run(args) -> int:
     import elastic_compile as ec
+    from ..runtime.cache import serving_cache_hooks
 
     labels = [int(c) for c in parse_floats(args.classes, "--classes")]
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads)

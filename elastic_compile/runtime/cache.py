@@ -126,6 +126,15 @@ def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = No
     return state.cache
 
 
+def serving_cache_hooks(model: nn.Module, mode: str = "auto") -> "ElasticCacheHooks | None":
+    """Turn the cache on and return its sampler hooks when ``mode`` is "on", or "auto" and the routers were trained
+    for it (``train_routers(..., cache_aware=True)``); None (cache left as it is) otherwise."""
+    if mode == "off" or (mode == "auto" and not state_of(model).serving.get("feature_cache")):
+        return None
+    apply_feature_cache(model)
+    return ElasticCacheHooks(model)
+
+
 def remove_feature_cache(model: nn.Module) -> None:
     state_of(model).cache = None
 

@@ -1,12 +1,12 @@
-"""Cache-aware distillation: train a skip to mean "reuse the block's update from the previous step".
+"""Cache-aware distillation: train a skip to mean "reuse the block's update from an earlier step".
 
 At inference with the feature cache (runtime/cache.py), a skipped block returns ``x + delta`` where ``delta`` is
 the block's update from the last step it ran. Routers trained with plain skips (``x``) learn to skip only where
 a block can be *removed*; a cache makes skipping far cheaper in quality wherever the update changes slowly
 across steps, which plain training never sees. Here the student's skip branch adds the dense model's update of
-the same sample one sampling step earlier (the cache's content when the block ran at the previous step), so the
-routers learn where reuse is safe. Samples at the first step of a generation have no previous step: a skip
-there is plain identity, as with an empty cache.
+the same sample 1..K sampling steps earlier (what a cache allowed K reuses in a row can hold), so the routers
+learn where reuse is safe. Samples at the first step of a generation have no earlier step: a skip there is plain
+identity in training (served with ``fallback="run"``, such a skip runs the block).
 """
 from __future__ import annotations
 

@@ -77,9 +77,7 @@ class TrainReport:
 def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *, budget: float = 0.5,
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                   budget_weight: float = 10.0, lr_schedule: str = "cosine", cache_aware: bool = False,
-                  cache_max_reuse: int = 2,
-                  train_base: bool = False,
-                  base_lr: float = 1e-5,
+                  cache_max_reuse: int = 2, train_base: bool = False, base_lr: float = 1e-5,
                   task_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None, task_weight: float = 1.0,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None) -> TrainReport:
@@ -106,12 +104,13 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     if not 0.0 < budget <= 1.0:
         raise ConfigError("budget in (0, 1]", f"{budget}", "Use e.g. 0.5 for half the dense FLOPs.")
     state = state_of(model)
+    skip_cost = 0.0
     if cache_aware:
         require_step_links(data)
         if cache_max_reuse < 1:
             raise ConfigError("cache_max_reuse >= 1", f"{cache_max_reuse}", "Use the max_reuse the cache will serve.")
-    skip_cost = 1.0 / (cache_max_reuse + 1) if cache_aware else 0.0
-    if cache_aware:  # saved with the routers: apply_feature_cache(model) then serves what was trained
+        skip_cost = 1.0 / (cache_max_reuse + 1)
+        # saved with the routers: apply_feature_cache(model) then serves what was trained
         state.serving["feature_cache"] = {"max_reuse": cache_max_reuse, "fallback": "run"}
     else:
         state.serving.pop("feature_cache", None)
