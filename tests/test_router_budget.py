@@ -1,6 +1,6 @@
 """Router cost on a DiT-XL-sized block, and one analysis per group of identical blocks."""
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from elastic_compile.analysis.flop_counter import flop_counter
 
 import elastic_compile as ec
 from elastic_compile.analysis import blocks as block_analysis
@@ -15,7 +15,7 @@ def test_router_within_budget_on_dit_xl_block():
     ec.transform(model, example_inputs=inputs)
     block = model.blocks[0]
     router = state_of(model).routers[0]
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), ec.force(model, skip=False, width=1.0):
+    with flop_counter() as counter, torch.no_grad(), ec.force(model, skip=False, width=1.0):
         block(torch.randn(1, 256, 1152), torch.randn(1, 1152))
     block_flops = counter.get_total_flops()
     router_params = sum(p.numel() for p in router.parameters())
@@ -23,7 +23,7 @@ def test_router_within_budget_on_dit_xl_block():
     assert router.fc1.out_features == 64
     assert router_params <= 0.01 * block_params
     assert router.flops_per_sample() <= 0.005 * block_flops
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         router({"x": torch.randn(1, 256, 1152), "c": torch.randn(1, 1152)})
     assert counter.get_total_flops() == router.flops_per_sample()
     report = ec.report(model).blocks[0]

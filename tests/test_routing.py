@@ -1,8 +1,12 @@
 """Per-sample decisions: batches split into plans, each sample as if run alone."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import elastic_compile as ec
+from elastic_compile.capture.record import bind_to_signature
+from elastic_compile.nn.gate import best_bucket, run_probability
+from elastic_compile.runtime.state import state_of
 from helpers import randomize_routers, sample_inputs
 from zoo import ARCHITECTURES, first_output
 
@@ -60,3 +64,38 @@ def _arguments_for(model, router, inputs):
         out[f.name] = torch.randn(batch, 5, f.dim) if f.kind == "pooled" else (
             torch.randn(batch, f.dim) if f.kind == "vector" else torch.rand(batch) * 1000)
     return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-50, 50, width=32), min_size=5, max_size=5))
+def test_host_decisions_equal_the_tensor_ops_they_replace(row):
+    """The gate decides from one host copy of the logits: sigmoid and argmax as torch computes them."""
+    logits = torch.tensor(row)
+    assert run_probability(row[0]) == pytest.approx(torch.sigmoid(logits[0]).item(), abs=1e-6)
+    width = logits[1:]
+    assert best_bucket(row[1:]) == int(width.argmax())
+
+
+def test_non_finite_router_logits_run_the_block_at_full_width():
+    assert run_probability(float("nan")) == 1.0
+    assert run_probability(float("inf")) == 1.0 and run_probability(float("-inf")) == 0.0
+    assert run_probability(-1e6) == 0.0 and run_probability(1e6) == 1.0  # no overflow
+    assert best_bucket([0.0, float("nan"), 1.0]) == 2
+    assert best_bucket([3.0, 3.0, 1.0]) == 0  # first maximum, as torch.argmax
+
+
+def test_router_logits_tensor_matches_its_forward():
+    model, inputs = ARCHITECTURES["dit"](batch=3)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=1)
+    arguments = {}
+    block = state_of(model).blocks[0]
+    hook = block.register_forward_pre_hook(
+        lambda m, a, k: arguments.update(bind_to_signature(m._elastic_gate.signature, a, k)), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        hook.remove()
+        router = state_of(model).routers[0]
+        run_logit, width_logits = router(arguments)
+        torch.testing.assert_close(router.logits(arguments), torch.cat([run_logit[:, None], width_logits], 1))
+        assert router.logits(arguments).shape == (3, 1 + len(state_of(model).config.width_buckets))

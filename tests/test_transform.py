@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from elastic_compile.analysis.flop_counter import flop_counter
 
 import elastic_compile as ec
 from elastic_compile.runtime.state import state_of
@@ -107,7 +107,7 @@ def test_forced_skip_equals_original_with_block_bypassed(transformed):
 
 
 def _flops(model, inputs):
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         model(**inputs)
     return counter.get_total_flops()
 

@@ -1,7 +1,7 @@
 """FLOPs of an elastic model's forward at every width bucket, measured without computing anything.
 
-The model runs under ``FakeTensorMode`` (shapes only) and ``torch.utils.flop_counter.FlopCounterMode``, so the
-counts are exactly what FlopCounterMode reports on a real run, for any input shapes, in well under a second for
+The model runs under ``FakeTensorMode`` (shapes only) and :func:`flop_counter` (``FlopCounterMode`` that also counts
+CPU attention), so the counts are exactly what it reports on a real run, for any input shapes, in well under a second for
 small models. One table per input signature is cached on the model's state.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import FlopCounterMode
+from .flop_counter import flop_counter
 
 from ..errors import FlopProfileError
 from ..runtime.state import ElasticState, ForcedPlan, TensorMeta
@@ -59,7 +59,7 @@ def profile_flops(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
             for width in buckets:
                 state.forced = ForcedPlan(skip=False, width=width)
                 state.profile_sink = []
-                with FlopCounterMode(display=False) as counter, torch.no_grad():
+                with flop_counter() as counter, torch.no_grad():
                     model(*args, **kwargs)
                 per_bucket_calls.append(state.profile_sink)
                 dense_total = counter.get_total_flops()

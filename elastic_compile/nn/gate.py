@@ -7,18 +7,31 @@ state-dict keys) and restores the block's output structure exactly.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..analysis.blocks import flatten_output
+from ..analysis.flop_counter import flop_counter
 from ..analysis.spec import BlockSpec
 from ..capture.record import bind_to_signature
 from ..runtime.state import BlockCall, ElasticState
 from .router import Router
 from .sliced import WidthControl
+
+
+def run_probability(logit: float) -> float:
+    """sigmoid(logit) on the host, without overflow; a NaN logit (non-finite block inputs) means "run"."""
+    return 1.0 if math.isnan(logit) else 0.5 * (1.0 + math.tanh(0.5 * logit))
+
+
+def best_bucket(logits: list[float]) -> int:
+    """argmax (first maximum, as torch.argmax); any NaN logit means the dense bucket (the last)."""
+    if any(math.isnan(v) for v in logits):
+        return len(logits) - 1
+    return max(range(len(logits)), key=logits.__getitem__)
 
 
 class BlockGate:
@@ -64,20 +77,15 @@ class BlockGate:
             bucket = [dense] * batch
         if run is not None and bucket is not None:
             return run, bucket, False, None
-        run_logit, width_logits = self.router(arguments)
-        # One device-to-host copy per block: each transfer is a synchronisation that drains an accelerator's queue.
-        decisions = []
-        if run is None:
-            decisions.append(torch.sigmoid(run_logit.float()))
-        if bucket is None:
-            decisions.append(width_logits.argmax(dim=-1).float())
-        host = torch.stack(decisions).tolist()
+        # One device-to-host copy per block (each is a synchronisation that drains an accelerator's queue), and
+        # the decisions are made on the host: a handful of floats, no further tensor ops between two blocks.
+        rows = self.router.logits(arguments).tolist()
         p_run = None
         if run is None:
-            p_run = host[0]
+            p_run = [run_probability(row[0]) for row in rows]
             run = [p >= state.config.threshold for p in p_run]
         if bucket is None:
-            bucket = [int(b) for b in host[-1]]
+            bucket = [best_bucket(row[1:]) for row in rows]
         return run, bucket, True, p_run
 
     def apply_cache_policy(self, run: list[bool], p_run: list[float] | None, batch: int) -> tuple[list[bool], list[bool]]:
@@ -110,7 +118,7 @@ class BlockGate:
         run, reuse = self.apply_cache_policy(run, p_run, batch)
         self.state.record(BlockCall(self.index, run, bucket, router_ran, reuse))
         if self.state.profiling:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = self.run_plan((run[0], bucket[0]), args, kwargs, arguments)
             self.state.profile_sink.append((self.index, counter.get_total_flops()))
             return out

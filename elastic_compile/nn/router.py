@@ -50,24 +50,32 @@ class Router(nn.Module):
         return 2 * (self.in_features * self.fc1.out_features + self.fc1.out_features * self.fc2.out_features)
 
     def featurize(self, arguments: dict) -> torch.Tensor:
+        # Few dispatcher calls on purpose: a router runs between two blocks, where every tiny op is several times
+        # slower than in a warm loop (instruction and data caches just evicted by the block's GEMMs).
         dtype = self.fc1.weight.dtype
         parts = []
         for feature, norm in zip(self.features, self.norms):
             value = arguments[feature.name]
-            if feature.kind == "pooled":
-                # mean(dtype=float32) accumulates in float32 without materialising a float32 copy of the stream
-                x = (value.mean(dim=tuple(range(1, value.ndim - 1)), dtype=torch.float32) if value.ndim > 2
-                     else value.float())
-            elif feature.kind == "vector":
-                x = value.float().reshape(value.shape[0], -1)
-            else:
+            if feature.kind == "scalar":
                 angles = value.float().reshape(-1, 1) * self.frequencies.float()[None]
                 x = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
-            parts.append(norm(torch.nan_to_num(x).to(dtype)))
-        return torch.cat(parts, dim=-1)
+            elif feature.kind == "pooled" and value.ndim > 2:
+                # mean(dtype=float32) accumulates in float32 without materialising a float32 copy of the stream
+                dims = tuple(range(1, value.ndim - 1))
+                x = value.mean(dim=dims) if value.dtype == torch.float32 else value.mean(dim=dims, dtype=torch.float32)
+            else:
+                x = value if value.ndim == 2 else value.reshape(value.shape[0], -1)
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            parts.append(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def logits(self, arguments: dict) -> torch.Tensor:
+        """``(B, 1 + num_widths)``: the run logit, then the width-bucket logits (one tensor, one transfer)."""
+        return self.fc2(F.silu(self.fc1(self.featurize(arguments))))
 
     def forward(self, arguments: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.fc2(F.silu(self.fc1(self.featurize(arguments))))
+        logits = self.logits(arguments)
         return logits[:, 0], logits[:, 1:]
 
 

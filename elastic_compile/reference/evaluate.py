@@ -2,7 +2,7 @@
 
 ``generate`` runs the project's sampler on any denoiser, optionally tracking an elastic model's executed FLOP
 fraction per step and per image; ``measure_flops`` counts the FLOPs of a whole generation with
-``torch.utils.flop_counter`` (works for every method, caches included); ``timed_speedup`` times a method against
+``analysis.flop_counter`` (works for every method, caches included); ``timed_speedup`` times a method against
 dense interleaved in the same process (medians); ``score`` gives class accuracy, FID and fidelity to dense.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from ..analysis.flop_counter import flop_counter
 
 from ..runtime.sampling import SamplingConfig, sample
 from ..runtime.state import STATE_ATTRIBUTE
@@ -55,8 +55,8 @@ def generate(denoiser: Callable, scheduler, labels: list[int], config: SamplingC
 
 def measure_flops(denoiser: Callable, scheduler, labels: list[int], config: SamplingConfig, *, seed: int = 0,
                   hooks=None, cfg: str = "batch") -> int:
-    """FLOPs of generating ``labels`` (torch.utils.flop_counter; matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of generating ``labels`` (``analysis.flop_counter``: matmuls, convolutions, attention)."""
+    with flop_counter() as counter:
         sample(denoiser, scheduler, labels, config, seeds=[seed + i for i in range(len(labels))], hooks=hooks, cfg=cfg)
     return counter.get_total_flops()
 

@@ -105,6 +105,11 @@ class GraphRouter:
         run_logit, width_logits = self.graph([t.contiguous() for t in tensors])
         return run_logit.to(device), width_logits.to(device)
 
+    def logits(self, arguments: dict) -> torch.Tensor:
+        """``(B, 1 + num_widths)``, as :meth:`Router.logits`."""
+        run_logit, width_logits = self(arguments)
+        return torch.cat([run_logit[:, None], width_logits], dim=1)
+
 
 class SingleThreadRouter:
     """Runs a PyTorch router on one intra-op thread, between two ONNX Runtime block calls.
@@ -118,11 +123,18 @@ class SingleThreadRouter:
         self.router = router
 
     def __call__(self, arguments: dict):
+        return self._single_threaded(self.router, arguments)
+
+    def logits(self, arguments: dict) -> torch.Tensor:
+        return self._single_threaded(self.router.logits, arguments)
+
+    @staticmethod
+    def _single_threaded(fn, arguments: dict):
         threads = torch.get_num_threads()
         if threads == 1:
-            return self.router(arguments)
+            return fn(arguments)
         torch.set_num_threads(1)
         try:
-            return self.router(arguments)
+            return fn(arguments)
         finally:
             torch.set_num_threads(threads)

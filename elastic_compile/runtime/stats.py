@@ -26,8 +26,8 @@ class ElasticStats:
 
     ``decisions[i][s]``: block ``i`` (run order), sample ``s`` (first call of the block in the forward).
     ``executed_flops_fraction``: executed FLOPs of the whole batch / dense FLOPs (router FLOPs included when
-    routers ran; FLOPs counted like ``torch.utils.flop_counter``). ``per_sample_flops_fraction``: the same per
-    sample.
+    routers ran; FLOPs of matmuls, convolutions and attention, counted by ``analysis.flop_counter``).
+    ``per_sample_flops_fraction``: the same per sample.
     """
 
     block_paths: list[str]
