@@ -7,8 +7,10 @@ For every (model, backend, batch, configuration): dense and elastic run interlea
 warm-up, >= 10 repetitions each; we report medians, the ratio dense/elastic of each pair, the executed FLOP
 fraction (ec.stats), the FLOP-ratio limit 1/fraction and efficiency = measured / limit. "routers, full width" is
 the elastic model with untrained routers (they run but keep every block at full width): its slowdown is the
-router + gate overhead, reported as a fraction of dense time. Dense in each backend is the same artifact forced
-dense, so both sides pay the same backend costs.
+router + gate overhead, reported as a fraction of dense time: the median ratio of back-to-back pairs in alternating
+order (40 pairs by default) with a 95% bootstrap interval, plus the routers' own time on recorded block inputs
+("routers alone"). Dense in each backend is the same artifact forced dense, so both sides pay the same backend
+costs. FLOPs: matmuls, convolutions and attention (``analysis.flop_counter``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 import elastic_compile as ec
 from elastic_compile.capture.record import bind_to_signature
 from elastic_compile.runtime.state import state_of
-from elastic_compile.runtime.timing import timed_speedup
+from elastic_compile.runtime.timing import paired_overhead, timed_speedup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -151,9 +153,11 @@ def run(args) -> list[dict]:
                             with ec.force(elastic, **plan):
                                 return elastic(**inputs)
                         return elastic(**inputs)
-                    # the overhead row compares two nearly equal times: three times the repetitions
-                    repeats = args.repeats * (3 if plan is None else 1)
-                    dense_s, elastic_s, _ = timed_speedup(dense_call, elastic_call, repeats, warmup=2)
+                    if plan is None:  # two nearly equal times: back-to-back pairs, ABBA order, 4x the repetitions
+                        overhead = paired_overhead(dense_call, elastic_call, pairs=4 * args.repeats)
+                        dense_s, elastic_s = overhead["base_s"], overhead["method_s"]
+                    else:
+                        dense_s, elastic_s, _ = timed_speedup(dense_call, elastic_call, args.repeats, warmup=2)
                     with torch.no_grad():
                         elastic_call()
                     fraction = ec.stats(elastic).executed_flops_fraction
@@ -162,7 +166,8 @@ def run(args) -> list[dict]:
                                limit=1 / fraction, speedup=measured, efficiency=measured * fraction,
                                dense_ms=dense_s * 1e3, elastic_ms=elastic_s * 1e3)
                     if plan is None:
-                        row["router_overhead"] = elastic_s / dense_s - 1
+                        row["router_overhead"] = overhead["overhead"]
+                        row["router_overhead_interval"] = list(overhead["interval"])
                         row["router_share"] = router_seconds(elastic, inputs) / dense_s
                     for router, state in zip(routers, saved):
                         router.load_state_dict(state)
@@ -191,7 +196,9 @@ def write(rows, args) -> None:
         extra = ""
         if "router_overhead" in r:
             alone = f", routers alone {100 * r['router_share']:.1f}%" if "router_share" in r else ""
-            extra = f" (router overhead {100 * r['router_overhead']:+.1f}% end to end{alone})"
+            interval = (" [{:+.1f}, {:+.1f}]".format(*(100 * v for v in r["router_overhead_interval"]))
+                        if "router_overhead_interval" in r else "")
+            extra = f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{alone})"
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['config']}{extra} | {r['fraction']:.3f} | "
                      f"{r['limit']:.2f}x | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.1f} | "
                      f"{r['elastic_ms']:.1f} |")

@@ -236,3 +236,21 @@ def test_single_thread_router_runs_on_one_thread_and_restores_the_pool():
         assert seen == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_paired_overhead_is_the_median_pair_ratio_on_a_fake_clock(monkeypatch):
+    """Statistics only (no wall-clock assertion): a clock that advances 100 (+ drift) per base call and 103
+    (+ the same drift) per method call gives +3% whatever the drift, with an interval around it."""
+    from elastic_compile.runtime import timing
+    clock = {"now": 0.0, "drift": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+
+    def work(cost):
+        def call():
+            clock["drift"] += 0.2  # the machine slows down steadily (0.2% per call, 16% over the run)
+            clock["now"] += cost * (1 + clock["drift"] / 100)
+        return call
+    result = timing.paired_overhead(work(100.0), work(103.0), pairs=40, warmup=1)
+    assert result["overhead"] == pytest.approx(0.03, abs=2e-3)
+    low, high = result["interval"]
+    assert low <= 0.03 <= high and high - low < 0.01
