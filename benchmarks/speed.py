@@ -9,7 +9,8 @@ fraction (ec.stats), the FLOP-ratio limit 1/fraction and efficiency = measured /
 the elastic model with untrained routers (they run but keep every block at full width): its slowdown is the
 router + gate overhead, reported as a fraction of dense time: the median ratio of back-to-back pairs in alternating
 order (40 pairs by default) with a 95% bootstrap interval, plus the routers' own time on recorded block inputs
-("routers alone"). Dense in each backend is the same artifact forced dense, so both sides pay the same backend
+("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block).
+Dense in each backend is the same artifact forced dense, so both sides pay the same backend
 costs. FLOPs: matmuls, convolutions and attention (``analysis.flop_counter``).
 """
 from __future__ import annotations
@@ -107,6 +108,43 @@ def router_seconds(model, inputs, repeats: int = 30) -> float:
     return statistics.median(times[3:])
 
 
+class _TimedRouter:
+    """Proxy that adds the seconds of every router decision to ``total`` (for ``router_seconds_in_place``)."""
+
+    def __init__(self, router, total: list):
+        self.router, self.total = router, total
+
+    def logits(self, arguments):
+        start = time.perf_counter()
+        out = self.router.logits(arguments)
+        self.total[0] += time.perf_counter() - start
+        return out
+
+    def __call__(self, arguments):
+        return self.router(arguments)
+
+
+def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
+    """Median seconds per forward spent inside the routers during real forwards: the same work as
+    ``router_seconds`` but where it runs, right after a block (caches full of the block's weights)."""
+    gates = [block._elastic_gate for block in state_of(model).blocks if block._elastic_gate.router is not None]
+    total = [0.0]
+    saved = [gate.router for gate in gates]
+    for gate in gates:
+        gate.router = _TimedRouter(gate.router, total)
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(repeats + 2):
+                total[0] = 0.0
+                model(**inputs)
+                times.append(total[0])
+    finally:
+        for gate, router in zip(gates, saved):
+            gate.router = router
+    return statistics.median(times[2:])
+
+
 def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str = "torch"):
     """(elastic callable, the object ec.force/ec.stats act on) for a backend."""
     elastic = copy.deepcopy(base)
@@ -169,6 +207,7 @@ def run(args) -> list[dict]:
                         row["router_overhead"] = overhead["overhead"]
                         row["router_overhead_interval"] = list(overhead["interval"])
                         row["router_share"] = router_seconds(elastic, inputs) / dense_s
+                        row["router_share_in_place"] = router_seconds_in_place(elastic, inputs) / dense_s
                     for router, state in zip(routers, saved):
                         router.load_state_dict(state)
                     rows.append(row)
@@ -196,6 +235,8 @@ def write(rows, args) -> None:
         extra = ""
         if "router_overhead" in r:
             alone = f", routers alone {100 * r['router_share']:.1f}%" if "router_share" in r else ""
+            if "router_share_in_place" in r:
+                alone += f", in place {100 * r['router_share_in_place']:.1f}%"
             interval = (" [{:+.1f}, {:+.1f}]".format(*(100 * v for v in r["router_overhead_interval"]))
                         if "router_overhead_interval" in r else "")
             extra = f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{alone})"
