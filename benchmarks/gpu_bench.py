@@ -68,19 +68,23 @@ class GraphedRouter:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                router(self.static)
+                router.logits(self.static)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = router(self.static)
+            self.output = router.logits(self.static)
 
-    def __call__(self, arguments: dict):
+    def logits(self, arguments: dict):
         if any(arguments[name].shape != value.shape for name, value in self.static.items()):
-            return self.router(arguments)
+            return self.router.logits(arguments)
         for name, value in self.static.items():
             value.copy_(arguments[name])
         self.graph.replay()
-        return self.outputs
+        return self.output
+
+    def __call__(self, arguments: dict):
+        logits = self.logits(arguments)
+        return logits[:, 0], logits[:, 1:]
 
 
 def build(tokens: int, depth: int, device, dtype):

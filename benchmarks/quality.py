@@ -4,9 +4,9 @@
 
 Every method runs in the same harness: the project's sampler (default steps and guidance, CFG as one batch),
 the same evaluation labels and noise. Executed FLOP fraction = FLOPs of a whole generation counted with
-torch.utils.flop_counter / dense FLOPs (so caches and E-DiT are counted alike); speedup = dense / method
-wall-clock, medians of interleaved runs in this process; fidelity = PSNR/SSIM vs the dense images from the same
-noise; realism = class accuracy and classifier-feature FID vs held-out digits.
+analysis.flop_counter (matmuls, convolutions, attention) / dense FLOPs (so caches and E-DiT are counted alike);
+speedup = dense / method wall-clock, medians of interleaved runs in this process; fidelity = PSNR/SSIM vs the
+dense images from the same noise; realism = class accuracy and classifier-feature FID vs held-out digits.
 
 Methods: diffusers FirstBlockCache, TaylorSeer and MagCache (calibrated on this model) through diffusers' hook
 API; static block skipping (the same blocks every step, set chosen greedily on a calibration set); static width

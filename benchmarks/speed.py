@@ -212,7 +212,33 @@ def run(args) -> list[dict]:
                         router.load_state_dict(state)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    if backend == "torch" and isinstance(plan, dict) and plan["skip"] is False:
+                        rows.append(hand_narrowed_row(row, base, elastic, inputs, plan["width"], args.repeats))
+                        print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def hand_narrowed(base, elastic, width: float):
+    """A plain copy of ``base`` (no toolkit code runs) whose FFN projections are physically cut to ``width``
+    along the analysis' slices: what a model built that narrow costs, i.e. the bound for the width rows (the
+    ONNX Runtime width rows already run such graphs)."""
+    model = copy.deepcopy(base)
+    for spec in state_of(elastic).specs:
+        for site in spec.sites:
+            for cut in site.all_slices():
+                module = model.get_submodule(".".join(p for p in (spec.path, cut.module) if p))
+                index = torch.tensor(cut.indices(site.units_at(width)))
+                value = getattr(module, cut.attribute).detach().index_select(cut.dim, index).contiguous()
+                setattr(module, cut.attribute, torch.nn.Parameter(value, requires_grad=False))
+    return model.eval()
+
+
+def hand_narrowed_row(elastic_row: dict, base, elastic, inputs, width: float, repeats: int) -> dict:
+    narrowed = hand_narrowed(base, elastic, width)
+    dense_s, narrow_s, measured = timed_speedup(lambda: base(**inputs), lambda: narrowed(**inputs), repeats, warmup=2)
+    fraction = elastic_row["fraction"]
+    return dict(elastic_row, config=f"hand-narrowed FFN at {width} (plain PyTorch model, the bound for the row above)",
+                speedup=measured, efficiency=measured * fraction, dense_ms=dense_s * 1e3, elastic_ms=narrow_s * 1e3)
 
 
 def write(rows, args) -> None:
@@ -246,8 +272,13 @@ def write(rows, args) -> None:
     (out / "speed.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 5))
     for backend in dict.fromkeys(r["backend"] for r in rows):
-        points = [r for r in rows if r["backend"] == backend and "router_overhead" not in r]
+        points = [r for r in rows if r["backend"] == backend and "router_overhead" not in r
+                  and not r["config"].startswith("hand-narrowed")]
         ax.scatter([r["limit"] for r in points], [r["speedup"] for r in points], label=backend)
+    bounds = [r for r in rows if r["config"].startswith("hand-narrowed")]
+    if bounds:
+        ax.scatter([r["limit"] for r in bounds], [r["speedup"] for r in bounds], marker="x", color="k",
+                   label="hand-narrowed plain model (torch)")
     top = max([r["limit"] for r in rows] + [2.0])
     ax.plot([1, top], [1, top], "k--", linewidth=1, label="FLOP-ratio limit")
     ax.set_xlabel("FLOP-ratio limit (1 / executed fraction)")

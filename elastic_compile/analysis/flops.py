@@ -1,8 +1,8 @@
 """FLOPs of an elastic model's forward at every width bucket, measured without computing anything.
 
-The model runs under ``FakeTensorMode`` (shapes only) and :func:`flop_counter` (``FlopCounterMode`` that also counts
-CPU attention), so the counts are exactly what it reports on a real run, for any input shapes, in well under a second for
-small models. One table per input signature is cached on the model's state.
+The model runs under ``FakeTensorMode`` (shapes only) and :func:`~.flop_counter.flop_counter` (``FlopCounterMode``
+that also counts CPU attention), so the counts are exactly what it reports on a real run, for any input shapes,
+in well under a second for small models. One table per input signature is cached on the model's state.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
-from .flop_counter import flop_counter
 
 from ..errors import FlopProfileError
 from ..runtime.state import ElasticState, ForcedPlan, TensorMeta
+from .flop_counter import flop_counter
 
 
 @dataclass

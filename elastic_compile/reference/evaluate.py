@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from ..analysis.flop_counter import flop_counter
 
+from ..analysis.flop_counter import flop_counter
 from ..runtime.sampling import SamplingConfig, sample
 from ..runtime.state import STATE_ATTRIBUTE
 from ..runtime.stats import stats
