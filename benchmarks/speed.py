@@ -313,7 +313,8 @@ def main(argv=None) -> int:
         previous = json.loads((Path(args.out) / "speed.json").read_text())
         kept = [r for r in previous if (r["model"], r["backend"]) not in measured]
         order = list(dict.fromkeys(r["model"] for r in previous + rows))
-        rows = sorted(kept + rows, key=lambda r: order.index(r["model"]))
+        backends = ["torch", "onnxruntime"]
+        rows = sorted(kept + rows, key=lambda r: (order.index(r["model"]), r["batch"], backends.index(r["backend"])))
     write(rows, args)
     return 0
 
