@@ -9,9 +9,10 @@ fraction (ec.stats), the FLOP-ratio limit 1/fraction and efficiency = measured /
 the elastic model with untrained routers (they run but keep every block at full width): its slowdown is the
 router + gate overhead, reported as a fraction of dense time: the median ratio of back-to-back pairs in alternating
 order (40 pairs by default) with a 95% bootstrap interval, plus the routers' own time on recorded block inputs
-("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block).
-Dense in each backend is the same artifact forced dense, so both sides pay the same backend
-costs. FLOPs: matmuls, convolutions and attention (``analysis.flop_counter``).
+("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block). Dense in each
+backend is the same artifact forced dense, so both sides pay the same backend costs. In torch, every width row is
+followed by a hand-narrowed row: the plain model with its FFN weights physically cut (the bound for that row).
+FLOPs: matmuls, convolutions and attention (``analysis.flop_counter``).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
     times = []
     try:
         with torch.no_grad():
-            for i in range(repeats + 2):
+            for _ in range(repeats + 2):
                 total[0] = 0.0
                 model(**inputs)
                 times.append(total[0])
