@@ -4,7 +4,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import elastic_compile as ec
-from elastic_compile.capture.record import bind_to_signature
 from elastic_compile.nn.gate import best_bucket, run_probability
 from elastic_compile.runtime.state import state_of
 from helpers import randomize_routers, sample_inputs
@@ -88,14 +87,9 @@ def test_router_logits_tensor_matches_its_forward():
     model, inputs = ARCHITECTURES["dit"](batch=3)
     ec.transform(model, example_inputs=inputs)
     randomize_routers(model, seed=1)
-    arguments = {}
-    block = state_of(model).blocks[0]
-    hook = block.register_forward_pre_hook(
-        lambda m, a, k: arguments.update(bind_to_signature(m._elastic_gate.signature, a, k)), with_kwargs=True)
+    router = state_of(model).routers[0]
+    arguments = _arguments_for(model, router, inputs)
     with torch.no_grad():
-        model(**inputs)
-        hook.remove()
-        router = state_of(model).routers[0]
         run_logit, width_logits = router(arguments)
         torch.testing.assert_close(router.logits(arguments), torch.cat([run_logit[:, None], width_logits], 1))
         assert router.logits(arguments).shape == (3, 1 + len(state_of(model).config.width_buckets))
