@@ -146,7 +146,7 @@ def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
     return statistics.median(times[2:])
 
 
-def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str = "torch"):
+def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str | None = None):
     """(elastic callable, the object ec.force/ec.stats act on) for a backend."""
     elastic = copy.deepcopy(base)
     if model_name == "reference":
@@ -205,6 +205,9 @@ def run(args) -> list[dict]:
                                limit=1 / fraction, speedup=measured, efficiency=measured * fraction,
                                dense_ms=dense_s * 1e3, elastic_ms=elastic_s * 1e3)
                     if plan is None:
+                        if backend != "torch":
+                            row["routers"] = next(type(b._elastic_gate.router).__name__ for b in state_of(elastic).blocks
+                                                  if b._elastic_gate.router is not None)
                         row["router_overhead"] = overhead["overhead"]
                         row["router_overhead_interval"] = list(overhead["interval"])
                         row["router_share"] = router_seconds(elastic, inputs) / dense_s
@@ -266,7 +269,8 @@ def write(rows, args) -> None:
                 alone += f", in place {100 * r['router_share_in_place']:.1f}%"
             interval = (" [{:+.1f}, {:+.1f}]".format(*(100 * v for v in r["router_overhead_interval"]))
                         if "router_overhead_interval" in r else "")
-            extra = f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{alone})"
+            runs = f", {r['routers']}" if "routers" in r else ""
+            extra = f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{alone}{runs})"
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['config']}{extra} | {r['fraction']:.3f} | "
                      f"{r['limit']:.2f}x | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.1f} | "
                      f"{r['elastic_ms']:.1f} |")
@@ -296,8 +300,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="directory for speed.md / speed.json / speed.png")
     parser.add_argument("--merge", action="store_true",
                         help="replace only the measured (model, backend) rows of results/speed.json")
-    parser.add_argument("--runtime-routers", default="torch", choices=("torch", "onnx"),
-                        help="where an exported runtime runs its routers (ec.runtime.load(routers=...))")
+    parser.add_argument("--runtime-routers", default=None, choices=("host", "torch", "onnx"),
+                        help="how an exported runtime runs its routers (ec.runtime.load(routers=...); default: "
+                             "the runtime's, 'host' for onnxruntime)")
     parser.add_argument("--backends", default="torch,onnxruntime")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--repeats", type=int, default=10)

@@ -5,11 +5,12 @@ import torch
 
 import elastic_compile as ec
 from elastic_compile.cli import main
-from elastic_compile.errors import BackendUnavailableError, InputMismatchError
+from elastic_compile.errors import BackendUnavailableError, ConfigError, InputMismatchError
 from elastic_compile.export.program import torch_forward
 from elastic_compile.runtime.backends.tensorrt import tensorrt_available
 from elastic_compile.runtime.cache import ElasticCacheHooks
 from elastic_compile.runtime.executor import BlockExecutor, GraphRouter, plan_chunks
+from elastic_compile.runtime.host_router import HostRouter
 from elastic_compile.runtime.state import state_of
 from helpers import randomize_routers, sample_inputs
 from zoo import ARCHITECTURES, first_output
@@ -177,6 +178,50 @@ def test_onnx_routers_give_the_same_decisions_and_block_weights_are_freed(tmp_pa
     params = [p for b in state_of(runtime.model).blocks for n, p in b.named_parameters()
               if not n.startswith("elastic_router.")]
     assert params and all(p.stride() == (0,) * p.ndim for p in params if p.ndim)
+
+
+def test_block_graphs_summarise_streams_for_the_host_routers(tmp_path_factory, tmp_path):
+    """Default routers run on the host and read the token summaries the previous block's graph returned; the
+    PyTorch routers ("torch") and an artifact written before summaries existed give the same decisions."""
+    import json
+    import shutil
+    exported = _get("dit", tmp_path_factory)
+    state = state_of(exported.runtime.model)
+    hosts = [g.router for g in (b._elastic_gate for b in state.blocks) if isinstance(g.router, HostRouter)]
+    assert len(hosts) == len(state.routers) > 1
+    assert all(entry["pooled_outputs"] == [0] for entry in exported.runtime.manifest["blocks"])
+    for router in state.routers.values():
+        router.reset_to_full_capacity()  # every block runs: each passes its own output on to the next
+    summaries = hosts[0].summaries
+    summaries.reset()
+    first_output(exported.runtime(**exported.inputs))
+    pooled = sum(f.kind == "pooled" for f in hosts[0].features)
+    assert pooled and summaries.hits == pooled * (len(hosts) - 1) and summaries.misses == pooled
+    exported.randomize(seed=1000)  # mixed per-sample plans: summaries miss where rows were regrouped
+    first_output(exported.runtime(**exported.inputs))
+    decisions = ec.stats(exported.runtime).decisions
+    with torch.no_grad():
+        expected = first_output(exported.model(**exported.inputs))
+    assert decisions == ec.stats(exported.model).decisions
+    for variant in ("torch", "legacy"):
+        root = exported.dir
+        if variant == "legacy":
+            root = tmp_path / "legacy"
+            shutil.copytree(exported.dir, root)
+            manifest = json.loads((root / "manifest.json").read_text())
+            for entry in manifest["blocks"]:
+                del entry["pooled_outputs"], entry["summary_eps"]
+            (root / "manifest.json").write_text(json.dumps(manifest))
+        runtime = ec.runtime.load(root, threads=1, routers="torch" if variant == "torch" else None)
+        got = first_output(runtime(**exported.inputs))
+        assert ec.stats(runtime).decisions == decisions, variant
+        assert float((got - expected).abs().max()) <= ATOL
+
+
+def test_host_routers_are_refused_with_tensorrt(tmp_path_factory):
+    exported = _get("dit", tmp_path_factory)
+    with pytest.raises(ConfigError, match="routers='torch'"):
+        ec.runtime.load(exported.dir, "tensorrt", routers="host")
 
 
 def test_inputs_of_another_shape_are_a_typed_error(tmp_path_factory):

@@ -6,7 +6,9 @@ Layout of an export directory::
     base/                      the base model (diffusers folder, or safetensors + factory.json), see .base
     elastic/                   elastic_compile.save artifact (config, block specs, permutations, routers)
     blocks/<i>/weights.bin     block i's weights, once (external data shared by all of its graphs)
-    blocks/<i>/bucket<k>_b<n>.onnx   block i at width bucket k for batch size n (static shapes)
+    blocks/<i>/bucket<k>_b<n>.onnx   block i at width bucket k for batch size n (static shapes); outputs: the
+                               block's tensor outputs, then the router summaries of its "pooled_outputs"
+                               (layer-normalised token means, eps "summary_eps": export.program.token_summary)
     routers/router_<i>.onnx    router of block i (dynamic batch)
     scheduler/, sampling.json  optional: how to sample the model (diffusers scheduler config, SamplingConfig)
     engines/                   optional: TensorRT engine cache (built when TensorRT is present at export)
@@ -40,7 +42,7 @@ from . import manifest as mf
 from .base import is_diffusers_model, save_base
 from .layout import CallLayout, OutputLayout, dtype_name
 from .onnx_io import OPSET, WeightFile, block_tensors, check_file, export_graph, write_block_graph
-from .program import DTYPES, BlockProgram, RouterProgram, cast_inputs, cast_module
+from .program import DTYPES, BlockProgram, RouterProgram, cast_inputs, cast_module, pooled_outputs, SUMMARY_EPS
 from .verify import ATOL, ORT_CPU_DTYPES, compare_block_file, max_abs_diff, run_ort, within
 
 logger = logging.getLogger("elastic_compile")
@@ -64,6 +66,7 @@ class RecordedCall:
         self.layout = CallLayout.record(self.args, self.kwargs, self.batch)
         self.outputs = OutputLayout.record(self.output)
         self.tensors = self.layout.tensors_of(self.args, self.kwargs)
+        self.pooled = pooled_outputs(self.outputs.tensors_of(self.output), self.batch)
 
 
 class _OutsideUse(TorchFunctionMode):
@@ -180,7 +183,9 @@ class _Exporter:
         entries = {call.index: {"index": call.index, "path": state.specs[call.index].path,
                                 "layout": call.layout.to_dict(), "outputs": call.outputs.to_dict(),
                                 "weights": f"blocks/{call.index:03d}/weights.bin", "graphs": {},
-                                "complex_inputs": [], "max_abs_diff": 0.0} for call in calls}
+                                "complex_inputs": [], "max_abs_diff": 0.0, "pooled_outputs": call.pooled,
+                                "summary_eps": SUMMARY_EPS}
+                   for call in calls}
         weights = {call.index: WeightFile(self.root / entries[call.index]["weights"]) for call in calls}
         for group_id, members in enumerate(_groups(state, calls).values()):
             elastic = state.specs[members[0].index].elastic_width
@@ -198,7 +203,7 @@ class _Exporter:
 
     def _template(self, call: RecordedCall, bucket: int, size: int):
         example = cast_inputs(call.layout.resized(call.tensors, size), self.torch_dtype)
-        program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs)
+        program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs, call.pooled)
         with cast_module(call.block, self.torch_dtype):
             return export_graph(program, example, f"block {self.state.specs[call.index].path}")
 
@@ -212,7 +217,7 @@ class _Exporter:
             entries[call.index]["complex_inputs"] = complex_inputs
             if not self.verify_ort:
                 return relative
-            program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs)
+            program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs, call.pooled)
             inputs = call.layout.resized(call.tensors, size)
             diff, scale = compare_block_file(path, program, inputs, self.dtype, self.torch_dtype, complex_inputs,
                                              self.threads)

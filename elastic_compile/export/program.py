@@ -5,14 +5,17 @@
 and calls the block's *original* forward (the code under its gate), returning the output's tensor leaves.
 Guarantee: in eager mode it returns exactly what the PyTorch elastic model computes for that block at that
 bucket (it runs the same modules with the same sliced weights); torch.export captures that computation with
-static shapes.
+static shapes. After the block's outputs it returns, for the outputs listed in ``pooled``, their router
+summaries (:func:`token_summary`): what the next block's router reads first (see ``runtime.summaries``).
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .layout import CallLayout, OutputLayout
 
@@ -28,12 +31,14 @@ def torch_forward(gate):
 class BlockProgram(nn.Module):
     """One block at one bucket (index into the config's buckets; the dense bucket runs unsliced)."""
 
-    def __init__(self, block: nn.Module, bucket: int, dense_bucket: int, layout: CallLayout, outputs: OutputLayout):
+    def __init__(self, block: nn.Module, bucket: int, dense_bucket: int, layout: CallLayout, outputs: OutputLayout,
+                 pooled: Sequence[int] = ()):
         super().__init__()
         self.block = block
         self.bucket = None if bucket == dense_bucket else bucket
         self.layout = layout
         self.outputs = outputs
+        self.pooled = list(pooled)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         gate = self.block._elastic_gate
@@ -44,7 +49,26 @@ class BlockProgram(nn.Module):
             out = torch_forward(gate)(*args, **kwargs)
         finally:
             gate.control.bucket = previous
-        return tuple(self.outputs.tensors_of(out))
+        tensors = self.outputs.tensors_of(out)
+        return tuple(tensors) + tuple(token_summary(tensors[k]) for k in self.pooled)
+
+
+#: LayerNorm epsilon of router summaries; every Router normalises its features with nn.LayerNorm's default.
+SUMMARY_EPS = 1e-5
+
+
+def token_summary(stream: torch.Tensor) -> torch.Tensor:
+    """``(B, ..., C) -> (B, C)``: the float32 mean over the token dimensions, layer-normalised without affine
+    parameters (eps :data:`SUMMARY_EPS`) - a router's pooled feature right before its LayerNorm's affine step."""
+    mean = stream.mean(dim=tuple(range(1, stream.ndim - 1)), dtype=torch.float32)
+    return F.layer_norm(mean, mean.shape[-1:], eps=SUMMARY_EPS)
+
+
+def pooled_outputs(outputs: Sequence[torch.Tensor], batch: int) -> list[int]:
+    """Indices of the block outputs that are token streams ``(batch, tokens..., channels)`` of real floats:
+    the ones whose token mean a graph also returns."""
+    return [k for k, t in enumerate(outputs)
+            if t.ndim >= 3 and t.shape[0] == batch and t.is_floating_point() and not t.is_complex()]
 
 
 class RouterProgram(nn.Module):

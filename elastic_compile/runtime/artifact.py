@@ -3,8 +3,9 @@
 The runtime rebuilds the base model from ``base/``, installs the elastic artifact (``elastic/``: analysis,
 permutations, routers), and, for the "onnxruntime" and "tensorrt" backends, puts a
 :class:`~.executor.BlockExecutor` in place of every block's original forward. Everything else stays the
-PyTorch elastic model's: the parts outside the blocks, the routers (unless ``routers="onnx"``), the gates with
-their per-sample decisions, skips, grouping and records. Hence ``elastic_compile.force``, ``stats`` and
+PyTorch elastic model's: the parts outside the blocks, the routers' weights, the gates with their per-sample
+decisions, skips, grouping and records. With ONNX Runtime, routers run by default as :class:`~.host_router.HostRouter`
+(the same function in NumPy, reading token means that the block graphs computed: see :mod:`.summaries`). Hence ``elastic_compile.force``, ``stats`` and
 ``report`` work on a :class:`Runtime` exactly as on the PyTorch model, and outputs match it under the same
 decisions. The "torch" backend is the elastic PyTorch model itself (baseline / fallback).
 """
@@ -22,9 +23,12 @@ from ..export.base import load_base
 from ..export.manifest import read_manifest
 from ..passes.insert_routers import ROUTER_ATTRIBUTE
 from .executor import BlockExecutor, GraphRouter, SingleThreadRouter
+from .host_router import HostRouter
+from .summaries import PooledSummaries
 from .state import STATE_ATTRIBUTE, state_of
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+ROUTER_MODES = ("host", "torch", "onnx")
 
 
 class Runtime:
@@ -96,7 +100,7 @@ class Runtime:
 
 
 def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int | None = None,
-         routers: str = "torch", free_torch_weights: bool = True, check_hashes: bool = True,
+         routers: str | None = None, free_torch_weights: bool = True, check_hashes: bool = True,
          device: str | torch.device | None = None, providers: Sequence[str] | None = None,
          engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None) -> Runtime:
     """Load an export directory written by :func:`elastic_compile.export`.
@@ -104,7 +108,9 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     Args:
         backend: "onnxruntime" (CPU sessions), "tensorrt" (engines from the engine cache, CUDA) or "torch".
         threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``).
-        routers: "torch" (default: exactly the PyTorch routers' decisions) or "onnx" (routers/*.onnx).
+        routers: how routers run: "host" (default with onnxruntime: NumPy on the host, token means from the
+            block graphs), "torch" (the PyTorch routers; default with tensorrt and torch) or "onnx"
+            (routers/*.onnx). All three compute the same function (equal up to float32 rounding).
         free_torch_weights: drop the PyTorch copies of block weights (they run in the backend); each becomes
             a zero-stride tensor of the same shape, so FLOP profiling for ``stats`` still works.
         check_hashes: verify every file against the manifest's sha256 first.
@@ -113,8 +119,13 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime, tensorrt or torch.")
-    if routers not in ("torch", "onnx"):
-        raise ConfigError("routers in ('torch', 'onnx')", repr(routers), "Use 'torch' or 'onnx'.")
+    if routers is None:
+        routers = "host" if backend == "onnxruntime" else "torch"
+    if routers not in ROUTER_MODES:
+        raise ConfigError(f"routers in {ROUTER_MODES}", repr(routers), "Use 'host', 'torch' or 'onnx'.")
+    if routers == "host" and backend == "tensorrt":
+        raise ConfigError("routers='torch' with the TensorRT backend (routers run on the GPU)", "routers='host'",
+                          "Use routers='torch'.")
     if backend == "tensorrt":
         from .backends.tensorrt import tensorrt_available
         available, why = tensorrt_available()
@@ -144,13 +155,19 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         options.update(trt_options or {})  # default: the flags the export prebuilt its engines with (cache hits)
         engine = TensorRTBackend(root, manifest, cache_dir=engine_cache, device=device, **options)
     state = state_of(model)
+    summaries = PooledSummaries() if routers == "host" else None
     for entry in manifest["blocks"]:
         gate = state.blocks[entry["index"]]._elastic_gate
-        gate.original_forward = BlockExecutor(gate, entry, root, engine, manifest["dtype"], manifest["dense_bucket"])
+        gate.original_forward = BlockExecutor(gate, entry, root, engine, manifest["dtype"], manifest["dense_bucket"],
+                                              summaries)
     if routers == "onnx":
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate
             gate.router = GraphRouter(engine.router_graph(root / entry["file"]), entry["inputs"])
+    elif routers == "host":
+        for entry in manifest["routers"]:
+            gate = state.blocks[entry["block"]]._elastic_gate
+            gate.router = HostRouter(gate.router, summaries)
     elif backend == "onnxruntime":
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate

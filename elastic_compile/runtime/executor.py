@@ -8,6 +8,10 @@ ONNX Runtime / TensorRT. The gate sets ``control.bucket`` before calling it, whi
 Static batch sizes: a (sub-)batch of ``n`` rows runs as chunks from :func:`plan_chunks`; a chunk smaller than
 its graph's batch size is padded by repeating its last row, and padding rows are dropped from the outputs.
 Rows never interact inside a transformer block, so padding cannot change the real rows (tested).
+
+Graphs exported with ``pooled_outputs`` also return the router summaries of those outputs; the executor hands
+them to the runtime's :class:`~.summaries.PooledSummaries` for the next router (older graphs without them work
+as before).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch.utils import _pytree as pytree
 from ..errors import BucketNotExportedError, ConfigError
 from ..export.layout import CallLayout, OutputLayout
 from ..export.program import DTYPES, graph_inputs
+from .summaries import PooledSummaries
 
 
 def plan_chunks(rows: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -49,7 +54,8 @@ def pad_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
 class BlockExecutor:
     """Callable with the block's forward signature; runs the exported graph of ``gate.control.bucket``."""
 
-    def __init__(self, gate, entry: dict, root: Path, backend, dtype: str, dense_bucket: int):
+    def __init__(self, gate, entry: dict, root: Path, backend, dtype: str, dense_bucket: int,
+                 summaries: PooledSummaries | None = None):
         self.gate = gate
         self.torch_forward = getattr(gate.original_forward, "torch_forward", gate.original_forward)
         self.path = entry["path"]
@@ -61,6 +67,10 @@ class BlockExecutor:
         self.dtype = DTYPES[dtype]
         self.dense_bucket = dense_bucket
         self.batched = [leaf.batched for leaf in self.layout.inputs]
+        self.pooled = list(entry.get("pooled_outputs", []))
+        self.summary_eps = float(entry.get("summary_eps", 0.0))
+        self.num_outputs = sum(leaf["kind"] == "tensor" for leaf in self.outputs.leaves)
+        self.summaries = summaries
 
     def graph(self, bucket: int, size: int) -> Callable:
         return self.backend.graph(self.files[bucket][size])
@@ -85,7 +95,12 @@ class BlockExecutor:
             parts.append([out[:count] for out in self.graph(bucket, size)(feed)])
             start += count
         outs = parts[0] if len(parts) == 1 else [torch.cat(chunk) for chunk in zip(*parts)]
-        return self.outputs.pack([out.to(device) for out in outs])
+        result = self.outputs.pack([out.to(device) for out in outs[:self.num_outputs]])
+        if self.summaries is not None and self.pooled:
+            streams = self.outputs.tensors_of(result)
+            for k, summary in zip(self.pooled, outs[self.num_outputs:]):
+                self.summaries.remember(streams[k], summary, self.summary_eps)
+        return result
 
 
 def _has_fake(args, kwargs) -> bool:

@@ -1,0 +1,125 @@
+"""A router evaluated in NumPy on the host: what CPU runtimes run between two block graphs.
+
+Between two ONNX Runtime calls, a PyTorch router pays for PyTorch's whole dispatch path with cold caches (the
+block just streamed its weights through them) and must be kept off PyTorch's thread pool: measured on
+DiT-B/2 (batch 1, 2 cores, 12 ORT block graphs in a row) about 1000 us per router in place, against about 400 us
+for the same arithmetic in NumPy with the token mean taken from the block graph (see
+:mod:`.summaries`). :class:`HostRouter` computes exactly :meth:`Router.logits <elastic_compile.nn.router.Router.logits>`
+(float32; the LayerNorms' affine parameters folded into ``fc1``, so results match to rounding) and re-reads the
+PyTorch router's weights whenever one of them has changed, so ``load_state_dict``, training or
+``reset_to_full_capacity`` on the PyTorch router are always what runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..nn.router import Router
+from .summaries import PooledSummaries
+
+# OpenBLAS runs a float32 GEMM on its own thread pool above m*n*k = 65536 * 4; those threads would spin on the
+# cores the block graphs run on. Router products are split into row chunks that stay below that size.
+SINGLE_THREAD_GEMM = 65536 * 4
+NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                torch.uint8, torch.bool}
+
+
+class HostRouter:
+    """``logits(arguments) -> (B, 1 + K)`` float32 tensor (and ``__call__`` -> ``(run, widths)``), on CPU."""
+
+    def __init__(self, router: Router, summaries: PooledSummaries | None = None):
+        self.router = router
+        self.summaries = summaries
+        self.features = list(router.features)
+        self._params = [p for p in router.parameters()]
+        self._versions = None
+
+    def _weights(self):
+        versions = tuple(p._version for p in self._params)
+        if versions != self._versions:
+            self._fold()
+            self._versions = versions
+        return self._folded
+
+    def _fold(self) -> None:
+        """``fc1(concat(g_i * n_i + b_i)) = sum_i n_i @ (W_i * g_i)^T + (b + sum_i W_i b_i)``, per feature i."""
+        router = self.router
+        with torch.no_grad():
+            weight = router.fc1.weight.detach().float().cpu()
+            bias = router.fc1.bias.detach().float().cpu().clone()
+            blocks, start = [], 0
+            for feature, norm in zip(self.features, router.norms):
+                w = weight[:, start:start + feature.dim]
+                bias += w @ norm.bias.detach().float().cpu()
+                blocks.append((np.ascontiguousarray((w * norm.weight.detach().float().cpu()[None]).T.numpy()),
+                               float(norm.eps)))
+                start += feature.dim
+            self._folded = dict(
+                fc1=blocks, fc1_bias=bias.numpy(),
+                fc2=np.ascontiguousarray(router.fc2.weight.detach().float().cpu().T.numpy()),
+                fc2_bias=router.fc2.bias.detach().float().cpu().numpy().copy(),
+                frequencies=router.frequencies.detach().float().cpu().numpy().copy())
+
+    def feature(self, feature, value: torch.Tensor, frequencies: np.ndarray) -> np.ndarray:
+        """The feature's float32 ``(B, dim)`` array before its LayerNorm (as ``Router.featurize``)."""
+        if feature.kind == "pooled" and value.ndim > 2:
+            array = _host(value)
+            tokens = array.size // (array.shape[0] * array.shape[-1])
+            return np.add.reduce(array, axis=tuple(range(1, array.ndim - 1)), dtype=np.float32) * np.float32(1 / tokens)
+        if feature.kind == "scalar":
+            angles = _float32(_host(value)).reshape(-1, 1) * frequencies[None]
+            return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+        array = _host(value)
+        return _float32(array.reshape(array.shape[0], -1))
+
+    def normalized(self, feature, value: torch.Tensor, eps: float, frequencies: np.ndarray) -> np.ndarray:
+        """The feature after its LayerNorm without the affine step (folded into fc1). A token stream's comes
+        from the block graph's summary when there is one for ``value``; a vector feature is normalised once
+        per tensor and shared by all routers that read it (see :mod:`.summaries`); else computed here."""
+        kind = "pooled" if feature.kind == "pooled" and value.ndim > 2 else "vector" if feature.kind != "scalar" else None
+        if kind is not None and self.summaries is not None:
+            summary = self.summaries.lookup(value, eps, kind)
+            if summary is not None:
+                return summary
+        x = self.feature(feature, value, frequencies)
+        # np.add.reduce, not ndarray.mean: mean's Python-level wrapper alone costs ~80 us right after a block
+        scale = np.float32(1 / x.shape[-1])
+        centred = x - np.add.reduce(x, axis=-1, keepdims=True) * scale
+        normed = centred / np.sqrt(np.add.reduce(centred * centred, axis=-1, keepdims=True) * scale + np.float32(eps))
+        if kind is not None and self.summaries is not None:
+            self.summaries.remember(value, normed, eps, kind)
+        return normed
+
+    def logits(self, arguments: dict) -> torch.Tensor:
+        weights = self._weights()
+        hidden = None
+        for feature, (w, eps) in zip(self.features, weights["fc1"]):
+            term = _matmul(self.normalized(feature, arguments[feature.name], eps, weights["frequencies"]), w)
+            hidden = term if hidden is None else hidden + term
+        hidden += weights["fc1_bias"]
+        hidden *= 0.5 * (1.0 + np.tanh(0.5 * hidden))  # SiLU, x * sigmoid(x), without overflow
+        out = _matmul(hidden, weights["fc2"])
+        out += weights["fc2_bias"]
+        return torch.from_numpy(out)
+
+    def __call__(self, arguments: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(arguments)
+        return logits[:, 0], logits[:, 1:]
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor (one PyTorch call: ``numpy(force=True)`` detaches and resolves lazily)."""
+    if tensor.dtype not in NUMPY_DTYPES:
+        tensor = tensor.float()
+    return tensor.numpy(force=True)
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    rows = max(1, SINGLE_THREAD_GEMM // max(1, w.shape[0] * w.shape[1]))
+    if x.shape[0] <= rows:
+        return x @ w
+    return np.concatenate([x[start:start + rows] @ w for start in range(0, x.shape[0], rows)])
