@@ -93,3 +93,60 @@ def test_router_logits_tensor_matches_its_forward():
         run_logit, width_logits = router(arguments)
         torch.testing.assert_close(router.logits(arguments), torch.cat([run_logit[:, None], width_logits], 1))
         assert router.logits(arguments).shape == (3, 1 + len(state_of(model).config.width_buckets))
+
+
+def _router_with_vector(seed=0):
+    from elastic_compile.analysis.spec import RouterFeature
+    from elastic_compile.nn.router import Router
+    torch.manual_seed(seed)
+    router = Router([RouterFeature("x", "pooled", 24), RouterFeature("c", "vector", 12),
+                     RouterFeature("t", "scalar", 32)], 10, 4).eval()
+    with torch.no_grad():
+        for param in router.parameters():
+            param.normal_()
+    return router
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5))
+def test_inference_logits_equal_the_training_path(seed, batch):
+    """Without gradients the router folds its LayerNorms into fc1: the same numbers, fewer operations."""
+    router = _router_with_vector(seed)
+    g = torch.Generator().manual_seed(seed)
+    arguments = {"x": torch.randn(batch, 7, 24, generator=g) * 2 + 1, "c": torch.randn(batch, 12, generator=g),
+                 "t": torch.rand(batch, generator=g) * 1000}
+    expected = router.logits(arguments).detach()  # gradients enabled: the training path
+    with torch.no_grad():
+        torch.testing.assert_close(router.logits(arguments), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_folded_weights_follow_every_change_of_the_router():
+    router = _router_with_vector()
+    arguments = {"x": torch.randn(2, 7, 24), "c": torch.randn(2, 12), "t": torch.rand(2) * 1000}
+    with torch.no_grad():
+        router.logits(arguments)
+        router.reset_to_full_capacity()  # in place
+        torch.testing.assert_close(router.logits(arguments), router.fc2.bias.expand(2, -1))
+        router.load_state_dict(_router_with_vector(seed=3).state_dict())
+        expected = _router_with_vector(seed=3).logits(arguments)
+        torch.testing.assert_close(router.logits(arguments), expected)
+        router.double()  # new storage, same version counters
+        got = router.logits({k: v.double() for k, v in arguments.items()})
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_conditioning_vector_is_normalised_once_for_all_routers():
+    from elastic_compile.nn.router import SHARED_VECTORS
+    routers = [_router_with_vector(seed) for seed in range(3)]
+    arguments = {"x": torch.randn(2, 7, 24), "c": torch.randn(2, 12), "t": torch.rand(2) * 1000}
+    SHARED_VECTORS.reset()
+    with torch.no_grad():
+        for router in routers:
+            torch.testing.assert_close(router.logits(arguments), router.fc2(torch.nn.functional.silu(
+                router.fc1(router.featurize(arguments)))), atol=1e-4, rtol=1e-4)
+        assert (SHARED_VECTORS.misses, SHARED_VECTORS.hits) == (1, 2)
+        arguments["c"].mul_(3.0)  # changed in place: recomputed, never the stale value
+        expected = routers[0].fc2(torch.nn.functional.silu(routers[0].fc1(routers[0].featurize(arguments))))
+        torch.testing.assert_close(routers[0].logits(arguments), expected, atol=1e-4, rtol=1e-4)
+        assert SHARED_VECTORS.misses == 2

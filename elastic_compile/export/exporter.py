@@ -14,10 +14,11 @@ Layout of an export directory::
     engines/                   optional: TensorRT engine cache (built when TensorRT is present at export)
 
 What runs where: block graphs run in ONNX Runtime / TensorRT; everything outside the blocks (embeddings,
-patchify, final norm/projection) and, by default, the routers run in PyTorch (the runtime rebuilds the base
-model from ``base/`` and installs ``elastic/``). Sub-batches of samples that share a plan are padded up to the
-nearest exported batch size (rows repeated; samples never interact inside a block, so padding rows cannot
-change real rows) or split into chunks of the largest size.
+patchify, final norm/projection) runs in PyTorch (the runtime rebuilds the base model from ``base/`` and
+installs ``elastic/``), the routers in NumPy on the host with ONNX Runtime and in PyTorch with TensorRT.
+Sub-batches of samples that share a plan are padded up to the nearest exported batch size (rows repeated;
+samples never interact inside a block, so padding rows cannot change real rows) or split into chunks of the
+largest size.
 """
 from __future__ import annotations
 
@@ -325,8 +326,9 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
                            "or split into chunks of the largest",
                 "inputs": _describe(example_inputs), "blocks": blocks, "routers": routers,
                 "runs_in_torch": {"modules": _runs_in_torch(model, state), "block_parameters_used_outside": shared,
-                                  "routers": "torch by default "
-                                  "(routers/*.onnx with runtime.load(..., routers='onnx'))",
+                                  "routers": "with onnxruntime on the host in NumPy by default (routers='host', "
+                                  "reading the graphs' token summaries), else in torch (routers='torch'); "
+                                  "routers/*.onnx with runtime.load(..., routers='onnx')",
                                   "note": "everything outside the transformer blocks runs in PyTorch"},
                 "backends": {"onnxruntime": {"graphs": True, "verified": exporter.verify_ort},
                              "tensorrt": {"engines": None}},

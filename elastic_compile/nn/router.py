@@ -8,10 +8,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..analysis.spec import RouterFeature
+from .memo import TensorMemo
 
 # "Full capacity" initialisation: an untrained router runs every block at full width with margin.
 RUN_LOGIT_INIT = 4.0
 FULL_WIDTH_LOGIT_INIT = 4.0
+
+#: Layer-normalised vector features (a conditioning vector read by every block's router), shared by all routers
+#: of the process for the tensor they were computed from (see :mod:`.memo`: identity, version, eps, dtype).
+SHARED_VECTORS = TensorMemo()
 
 
 class Router(nn.Module):
@@ -20,6 +25,12 @@ class Router(nn.Module):
     ``forward(arguments)`` takes the block's arguments by name and returns ``(run_logit (B,), width_logits
     (B, K))``. Its last layer starts at zero weight with biases that choose "run at full width", so the rewritten
     model reproduces the dense one until routers are trained.
+
+    On CPU without gradients, ``logits`` runs the same function with fewer operations between two blocks (where
+    each one is several times slower than in a warm loop): the LayerNorms' affine parameters folded into ``fc1``
+    (:meth:`folded`, refreshed whenever a parameter changes) and vector features normalised once per tensor for
+    all routers (:data:`SHARED_VECTORS`). Equal to the training path up to float32 rounding. Not on accelerators:
+    a CUDA graph captured through a memo hit would replay a stale value.
     """
 
     def __init__(self, features: list[RouterFeature], hidden: int, num_widths: int):
@@ -52,30 +63,75 @@ class Router(nn.Module):
     def featurize(self, arguments: dict) -> torch.Tensor:
         # Few dispatcher calls on purpose: a router runs between two blocks, where every tiny op is several times
         # slower than in a warm loop (instruction and data caches just evicted by the block's GEMMs).
-        dtype = self.fc1.weight.dtype
-        parts = []
-        for feature, norm in zip(self.features, self.norms):
-            value = arguments[feature.name]
-            if feature.kind == "scalar":
-                angles = value.float().reshape(-1, 1) * self.frequencies.float()[None]
-                x = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
-            elif feature.kind == "pooled" and value.ndim > 2:
-                # mean(dtype=float32) accumulates in float32 without materialising a float32 copy of the stream
-                dims = tuple(range(1, value.ndim - 1))
-                x = value.mean(dim=dims) if value.dtype == torch.float32 else value.mean(dim=dims, dtype=torch.float32)
-            else:
-                x = value if value.ndim == 2 else value.reshape(value.shape[0], -1)
-            if x.dtype != dtype:
-                x = x.to(dtype)
-            parts.append(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        parts = [F.layer_norm(self._raw_feature(feature, arguments[feature.name]), norm.normalized_shape,
+                              norm.weight, norm.bias, norm.eps)
+                 for feature, norm in zip(self.features, self.norms)]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def logits(self, arguments: dict) -> torch.Tensor:
         """``(B, 1 + num_widths)``: the run logit, then the width-bucket logits (one tensor, one transfer)."""
+        if torch.is_grad_enabled() or self.fc1.weight.device.type != "cpu" or torch.compiler.is_compiling():
+            return self.plain_logits(arguments)
+        folded = self.folded()
+        hidden = folded["fc1_bias"]
+        for feature, (weight, eps) in zip(self.features, folded["fc1"]):
+            hidden = torch.addmm(hidden, self.normalized(feature, arguments[feature.name], eps), weight)
+        return torch.addmm(folded["fc2_bias"], F.silu(hidden), folded["fc2"])
+
+    def plain_logits(self, arguments: dict) -> torch.Tensor:
+        """The router as trained (and as exported to ONNX): features, LayerNorms, fc1, SiLU, fc2."""
         return self.fc2(F.silu(self.fc1(self.featurize(arguments))))
 
+    def normalized(self, feature: RouterFeature, value: torch.Tensor, eps: float) -> torch.Tensor:
+        """One feature after its LayerNorm without the affine step (as ``featurize`` computes it)."""
+        shared = feature.kind == "vector"
+        if shared:
+            tag = ("vector", eps, self.fc1.weight.dtype)
+            cached = SHARED_VECTORS.lookup(value, tag)
+            if cached is not None:
+                return cached
+        x = self._raw_feature(feature, value)
+        normed = F.layer_norm(x, x.shape[-1:], eps=eps)
+        if shared:
+            SHARED_VECTORS.remember(value, tag, normed)
+        return normed
+
+    def folded(self) -> dict:
+        """Inference weights: per feature ``((W_i * gamma_i)^T, eps_i)``, ``fc1_bias = b + sum_i W_i beta_i``,
+        ``fc2`` transposed; recomputed when any parameter changed (version counter or storage)."""
+        key = tuple((p._version, p.data_ptr()) for p in self._parameter_list())
+        if getattr(self, "_folded_key", None) != key:
+            with torch.no_grad():
+                weight, bias, blocks, start = self.fc1.weight, self.fc1.bias.clone(), [], 0
+                for feature, norm in zip(self.features, self.norms):
+                    w = weight[:, start:start + feature.dim]
+                    bias += w @ norm.bias
+                    blocks.append(((w * norm.weight[None]).t().contiguous(), float(norm.eps)))
+                    start += feature.dim
+                self._folded = dict(fc1=blocks, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
+                                    fc2_bias=self.fc2.bias.detach().clone())
+            self._folded_key = key
+        return self._folded
+
+    def _parameter_list(self) -> list[torch.Tensor]:
+        if getattr(self, "_parameters_cache", None) is None:
+            self._parameters_cache = list(self.parameters())
+        return self._parameters_cache
+
+    def _raw_feature(self, feature: RouterFeature, value: torch.Tensor) -> torch.Tensor:
+        dtype = self.fc1.weight.dtype
+        if feature.kind == "scalar":
+            angles = value.float().reshape(-1, 1) * self.frequencies.float()[None]
+            x = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+        elif feature.kind == "pooled" and value.ndim > 2:
+            dims = tuple(range(1, value.ndim - 1))
+            x = value.mean(dim=dims) if value.dtype == torch.float32 else value.mean(dim=dims, dtype=torch.float32)
+        else:
+            x = value if value.ndim == 2 else value.reshape(value.shape[0], -1)
+        return x if x.dtype == dtype else x.to(dtype)
+
     def forward(self, arguments: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.logits(arguments)
+        logits = self.plain_logits(arguments)
         return logits[:, 0], logits[:, 1:]
 
 

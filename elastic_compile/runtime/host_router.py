@@ -5,9 +5,9 @@ block just streamed its weights through them) and must be kept off PyTorch's thr
 DiT-B/2 (batch 1, 2 cores, 12 ORT block graphs in a row) about 1000 us per router in place, against about 400 us
 for the same arithmetic in NumPy with the token mean taken from the block graph (see
 :mod:`.summaries`). :class:`HostRouter` computes exactly :meth:`Router.logits <elastic_compile.nn.router.Router.logits>`
-(float32; the LayerNorms' affine parameters folded into ``fc1``, so results match to rounding) and re-reads the
-PyTorch router's weights whenever one of them has changed, so ``load_state_dict``, training or
-``reset_to_full_capacity`` on the PyTorch router are always what runs.
+(float32, from the router's folded weights :meth:`Router.folded <elastic_compile.nn.router.Router.folded>`, so
+results match to rounding) and re-reads them whenever a parameter of the PyTorch router has changed, so
+``load_state_dict``, training or ``reset_to_full_capacity`` on the PyTorch router are always what runs.
 """
 from __future__ import annotations
 
@@ -31,34 +31,18 @@ class HostRouter:
         self.router = router
         self.summaries = summaries
         self.features = list(router.features)
-        self._params = [p for p in router.parameters()]
-        self._versions = None
+        self._source = None
 
-    def _weights(self):
-        versions = tuple(p._version for p in self._params)
-        if versions != self._versions:
-            self._fold()
-            self._versions = versions
+    def _weights(self) -> dict:
+        """The PyTorch router's folded weights (:meth:`Router.folded`, refreshed on any change) as float32 arrays."""
+        folded = self.router.folded()
+        if folded is not self._source:
+            host = lambda t: np.ascontiguousarray(t.detach().float().cpu().numpy())
+            self._folded = dict(fc1=[(host(w), eps) for w, eps in folded["fc1"]], fc1_bias=host(folded["fc1_bias"]),
+                                fc2=host(folded["fc2"]), fc2_bias=host(folded["fc2_bias"]),
+                                frequencies=host(self.router.frequencies))
+            self._source = folded
         return self._folded
-
-    def _fold(self) -> None:
-        """``fc1(concat(g_i * n_i + b_i)) = sum_i n_i @ (W_i * g_i)^T + (b + sum_i W_i b_i)``, per feature i."""
-        router = self.router
-        with torch.no_grad():
-            weight = router.fc1.weight.detach().float().cpu()
-            bias = router.fc1.bias.detach().float().cpu().clone()
-            blocks, start = [], 0
-            for feature, norm in zip(self.features, router.norms):
-                w = weight[:, start:start + feature.dim]
-                bias += w @ norm.bias.detach().float().cpu()
-                blocks.append((np.ascontiguousarray((w * norm.weight.detach().float().cpu()[None]).T.numpy()),
-                               float(norm.eps)))
-                start += feature.dim
-            self._folded = dict(
-                fc1=blocks, fc1_bias=bias.numpy(),
-                fc2=np.ascontiguousarray(router.fc2.weight.detach().float().cpu().T.numpy()),
-                fc2_bias=router.fc2.bias.detach().float().cpu().numpy().copy(),
-                frequencies=router.frequencies.detach().float().cpu().numpy().copy())
 
     def feature(self, feature, value: torch.Tensor, frequencies: np.ndarray) -> np.ndarray:
         """The feature's float32 ``(B, dim)`` array before its LayerNorm (as ``Router.featurize``)."""
