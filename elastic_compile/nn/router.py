@@ -15,7 +15,7 @@ RUN_LOGIT_INIT = 4.0
 FULL_WIDTH_LOGIT_INIT = 4.0
 
 #: Layer-normalised vector features (a conditioning vector read by every block's router), shared by all routers
-#: of the process for the tensor they were computed from (see :mod:`.memo`: identity, version, eps, dtype).
+#: of the process for the tensor they were computed from (see :mod:`.memo`: identity, version; tagged by eps).
 SHARED_VECTORS = TensorMemo()
 
 
@@ -70,56 +70,64 @@ class Router(nn.Module):
 
     def logits(self, arguments: dict) -> torch.Tensor:
         """``(B, 1 + num_widths)``: the run logit, then the width-bucket logits (one tensor, one transfer)."""
-        if torch.is_grad_enabled() or self.fc1.weight.device.type != "cpu" or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.plain_logits(arguments)
         folded = self.folded()
-        hidden = folded["fc1_bias"]
-        for feature, (weight, eps) in zip(self.features, folded["fc1"]):
-            hidden = torch.addmm(hidden, self.normalized(feature, arguments[feature.name], eps), weight)
+        if not folded["cpu"]:
+            return self.plain_logits(arguments)
+        hidden, dtype = folded["fc1_bias"], folded["dtype"]
+        for feature, weight, eps in folded["fc1"]:
+            value = arguments[feature.name]
+            if feature.kind == "pooled" and value.ndim == 3 and value.dtype == dtype:  # the common case, inline
+                normed = F.layer_norm(value.mean(1), (feature.dim,), None, None, eps)
+            else:
+                normed = self.normalized(feature, value, eps, dtype)
+            hidden = torch.addmm(hidden, normed, weight)
         return torch.addmm(folded["fc2_bias"], F.silu(hidden), folded["fc2"])
 
     def plain_logits(self, arguments: dict) -> torch.Tensor:
         """The router as trained (and as exported to ONNX): features, LayerNorms, fc1, SiLU, fc2."""
         return self.fc2(F.silu(self.fc1(self.featurize(arguments))))
 
-    def normalized(self, feature: RouterFeature, value: torch.Tensor, eps: float) -> torch.Tensor:
+    def normalized(self, feature: RouterFeature, value: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
         """One feature after its LayerNorm without the affine step (as ``featurize`` computes it)."""
-        shared = feature.kind == "vector"
-        if shared:
-            tag = ("vector", eps, self.fc1.weight.dtype)
+        if feature.kind == "vector":
+            tag = (eps, dtype)
             cached = SHARED_VECTORS.lookup(value, tag)
             if cached is not None:
                 return cached
-        x = self._raw_feature(feature, value)
-        normed = F.layer_norm(x, x.shape[-1:], eps=eps)
-        if shared:
+            normed = F.layer_norm(self._raw_feature(feature, value, dtype), (feature.dim,), eps=eps)
             SHARED_VECTORS.remember(value, tag, normed)
-        return normed
+            return normed
+        return F.layer_norm(self._raw_feature(feature, value, dtype), (feature.dim,), eps=eps)
 
     def folded(self) -> dict:
-        """Inference weights: per feature ``((W_i * gamma_i)^T, eps_i)``, ``fc1_bias = b + sum_i W_i beta_i``,
-        ``fc2`` transposed; recomputed when any parameter changed (version counter or storage)."""
-        key = tuple((p._version, p.data_ptr()) for p in self._parameter_list())
-        if getattr(self, "_folded_key", None) != key:
-            with torch.no_grad():
-                weight, bias, blocks, start = self.fc1.weight, self.fc1.bias.clone(), [], 0
-                for feature, norm in zip(self.features, self.norms):
-                    w = weight[:, start:start + feature.dim]
-                    bias += w @ norm.bias
-                    blocks.append(((w * norm.weight[None]).t().contiguous(), float(norm.eps)))
-                    start += feature.dim
-                self._folded = dict(fc1=blocks, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
-                                    fc2_bias=self.fc2.bias.detach().clone())
-            self._folded_key = key
+        """Inference weights: per feature ``(feature, (W_i * gamma_i)^T, eps_i)``, ``fc1_bias = b + sum_i W_i
+        beta_i``, ``fc2`` transposed. Rebuilt when a parameter's version counter moved (in-place updates,
+        ``load_state_dict``) and after ``to()`` / ``double()`` / ``cuda()`` (``_apply``)."""
+        folded = self.__dict__.get("_folded")
+        if folded is not None and folded["versions"] == tuple(p._version for p in folded["parameters"]):
+            return folded
+        with torch.no_grad():
+            weight, bias, blocks, start = self.fc1.weight, self.fc1.bias.clone(), [], 0
+            for feature, norm in zip(self.features, self.norms):
+                w = weight[:, start:start + feature.dim]
+                bias += w @ norm.bias
+                blocks.append((feature, (w * norm.weight[None]).t().contiguous(), float(norm.eps)))
+                start += feature.dim
+            parameters = list(self.parameters())
+            self._folded = dict(fc1=blocks, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
+                                fc2_bias=self.fc2.bias.detach().clone(), cpu=weight.device.type == "cpu",
+                                dtype=weight.dtype,
+                                parameters=parameters, versions=tuple(p._version for p in parameters))
         return self._folded
 
-    def _parameter_list(self) -> list[torch.Tensor]:
-        if getattr(self, "_parameters_cache", None) is None:
-            self._parameters_cache = list(self.parameters())
-        return self._parameters_cache
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_folded", None)  # new storage or dtype: fold again
+        return super()._apply(fn, recurse)
 
-    def _raw_feature(self, feature: RouterFeature, value: torch.Tensor) -> torch.Tensor:
-        dtype = self.fc1.weight.dtype
+    def _raw_feature(self, feature: RouterFeature, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.fc1.weight.dtype
         if feature.kind == "scalar":
             angles = value.float().reshape(-1, 1) * self.frequencies.float()[None]
             x = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)

@@ -38,7 +38,7 @@ class HostRouter:
         folded = self.router.folded()
         if folded is not self._source:
             host = lambda t: np.ascontiguousarray(t.detach().float().cpu().numpy())
-            self._folded = dict(fc1=[(host(w), eps) for w, eps in folded["fc1"]], fc1_bias=host(folded["fc1_bias"]),
+            self._folded = dict(fc1=[(host(w), eps) for _, w, eps in folded["fc1"]], fc1_bias=host(folded["fc1_bias"]),
                                 fc2=host(folded["fc2"]), fc2_bias=host(folded["fc2_bias"]),
                                 frequencies=host(self.router.frequencies))
             self._source = folded
