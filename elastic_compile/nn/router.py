@@ -70,7 +70,7 @@ class Router(nn.Module):
 
     def logits(self, arguments: dict) -> torch.Tensor:
         """``(B, 1 + num_widths)``: the run logit, then the width-bucket logits (one tensor, one transfer)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled():
             return self.plain_logits(arguments)
         folded = self.folded()
         if not folded["cpu"]:
@@ -106,7 +106,7 @@ class Router(nn.Module):
         beta_i``, ``fc2`` transposed. Rebuilt when a parameter's version counter moved (in-place updates,
         ``load_state_dict``) and after ``to()`` / ``double()`` / ``cuda()`` (``_apply``)."""
         folded = self.__dict__.get("_folded")
-        if folded is not None and folded["versions"] == tuple(p._version for p in folded["parameters"]):
+        if folded is not None and folded["versions"] == [p._version for p in folded["parameters"]]:
             return folded
         with torch.no_grad():
             weight, bias, blocks, start = self.fc1.weight, self.fc1.bias.clone(), [], 0
@@ -119,7 +119,7 @@ class Router(nn.Module):
             self._folded = dict(fc1=blocks, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
                                 fc2_bias=self.fc2.bias.detach().clone(), cpu=weight.device.type == "cpu",
                                 dtype=weight.dtype,
-                                parameters=parameters, versions=tuple(p._version for p in parameters))
+                                parameters=parameters, versions=[p._version for p in parameters])
         return self._folded
 
     def _apply(self, fn, recurse=True):
