@@ -15,7 +15,8 @@ RUN_LOGIT_INIT = 4.0
 FULL_WIDTH_LOGIT_INIT = 4.0
 
 #: Layer-normalised vector features (a conditioning vector read by every block's router), shared by all routers
-#: of the process for the tensor they were computed from (see :mod:`.memo`: identity, version; tagged by eps).
+#: of the process for the tensor they were computed from (see :mod:`.memo`: identity, version; tagged by the
+#: LayerNorm epsilon and the router's dtype).
 SHARED_VECTORS = TensorMemo()
 
 
