@@ -4,10 +4,11 @@ The runtime rebuilds the base model from ``base/``, installs the elastic artifac
 permutations, routers), and, for the "onnxruntime" and "tensorrt" backends, puts a
 :class:`~.executor.BlockExecutor` in place of every block's original forward. Everything else stays the
 PyTorch elastic model's: the parts outside the blocks, the routers' weights, the gates with their per-sample
-decisions, skips, grouping and records. With ONNX Runtime, routers run by default as :class:`~.host_router.HostRouter`
-(the same function in NumPy, reading token means that the block graphs computed: see :mod:`.summaries`). Hence ``elastic_compile.force``, ``stats`` and
-``report`` work on a :class:`Runtime` exactly as on the PyTorch model, and outputs match it under the same
-decisions. The "torch" backend is the elastic PyTorch model itself (baseline / fallback).
+decisions, skips, grouping and records. With ONNX Runtime, routers run by default as
+:class:`~.host_router.HostRouter` (the same function in NumPy, reading the token summaries that the block graphs
+computed: see :mod:`.summaries`). Hence ``elastic_compile.force``, ``stats`` and ``report`` work on a
+:class:`Runtime` exactly as on the PyTorch model, and outputs match it under the same decisions. The "torch"
+backend is the elastic PyTorch model itself (baseline / fallback).
 """
 from __future__ import annotations
 
