@@ -7,6 +7,12 @@ bucket, half the blocks skipped, and routers at full capacity (router + gate ove
 block's forward by a CUDA graph captured per width bucket (static shapes) and each router by a CUDA graph,
 replayed by the gate (one device-to-host copy per block carries the decisions): the runtime
 pattern the TensorRT backend uses, without TensorRT.
+
+"one graph" captures the whole forward once with ``elastic_compile.runtime.capture_cuda_graph``: routers decide on
+the GPU and every block's buckets sit behind CUDA-graph IF nodes (no host round trip). Its dense baseline is the
+same model captured as one graph under ``force(skip=False, width=1.0)``. The routed graph is captured once and its
+routers' output biases are then set in place, so the same graph is timed with routers that run everything at full
+width, that skip every odd block, and that pick each narrower bucket: the decisions, not the capture, change.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elastic_compile as ec  # noqa: E402
 from elastic_compile.capture.record import bind_to_signature  # noqa: E402
 from elastic_compile.models import DiT, dit_config  # noqa: E402
+from elastic_compile.runtime.device_routing import conditional_nodes_available, device_routing  # noqa: E402
 from elastic_compile.runtime.state import state_of  # noqa: E402
 
 
@@ -132,6 +139,51 @@ def remove_graphs(model):
     torch.cuda.empty_cache()
 
 
+def steer_routers(model, skip: set[int], bucket: int | None) -> None:
+    """Routers with zero output weights (full capacity) and biases that skip ``skip`` and pick ``bucket``."""
+    state = state_of(model)
+    with torch.no_grad():
+        for index, router in state.routers.items():
+            router.reset_to_full_capacity()
+            if index in skip:
+                router.fc2.bias[0] = -8.0
+            if bucket is not None and router.num_widths > 1:
+                router.fc2.bias[1:] = 0.0
+                router.fc2.bias[1 + bucket] = 8.0
+
+
+def one_graph_rows(model, inputs, device, measure) -> None:
+    """Whole-forward graphs (see the module doc); on the CPU (smoke test) eager device routing stands in."""
+    state = state_of(model)
+    odd = {s.index for s in state.specs if s.index % 2 == 1 and s.skippable}
+    buckets = state.config.width_buckets
+    steerings = [("routers, full width", set(), None), ("routers skip every odd block", odd, None)] + [
+        (f"routers pick width {w}", set(), buckets.index(w)) for w in buckets[:-1][::-1]]
+    steer_routers(model, set(), None)
+    with torch.no_grad():
+        if device.type == "cuda":
+            with ec.force(model, skip=False, width=1.0):
+                dense = ec.runtime.capture_cuda_graph(model, inputs)
+            elastic = ec.runtime.capture_cuda_graph(model, inputs)
+        else:
+            def dense():
+                with ec.force(model, skip=False, width=1.0):
+                    return model(**inputs)
+
+            def elastic():
+                with device_routing(model, "host"):
+                    return model(**inputs)
+        for label, skip, bucket in steerings:
+            steer_routers(model, skip, bucket)
+            measure(label, lambda: dense(**inputs) if device.type == "cuda" else dense(),
+                    lambda: elastic(**inputs) if device.type == "cuda" else elastic())
+    steer_routers(model, set(), None)
+    del dense, elastic
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def timed(fn, repeats: int, device) -> float:
     """Median milliseconds of ``fn`` (CUDA events on a GPU, perf_counter elsewhere)."""
     times = []
@@ -166,7 +218,8 @@ def write_results(args, name, rows, started, skipped) -> list[str]:
     (out / f"gpu_{slug}.md").write_text("\n".join(lines) + "\n")
     (out / f"gpu_{slug}.json").write_text(json.dumps(rows, indent=1))
     if skipped:
-        lines += ["", f"Not measured (time budget of {args.time_budget:.0f} s spent): " + "; ".join(skipped) + "."]
+        lines += ["", f"Not measured (time budget of {args.time_budget:.0f} s spent, or failed as said): "
+                  + "; ".join(skipped) + "."]
         (out / f"gpu_{slug}.md").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -180,6 +233,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--time-budget", type=float, default=400.0,
                         help="seconds; remaining rows are skipped (and said so) once spent, so the lease is never lost")
+    parser.add_argument("--no-one-graph", dest="one_graph", action="store_false",
+                        help="leave out the whole-forward graphs with routers deciding on the GPU")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu runs the eager rows only (smoke test)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
@@ -195,23 +250,16 @@ def main() -> int:
             plans = [("routers, full width", None)] + [(f"every FFN at {w}", dict(skip=False, width=w))
                                                         for w in (0.75, 0.5, 0.25)] + [("half the blocks skipped",
                                                                                          dict(skip=half, width=1.0))]
-            for mode in ("eager", "graphs") if device.type == "cuda" else ("eager",):
-                if mode == "graphs":
-                    install_graphs(model, inputs)
-
-                def dense():
-                    with ec.force(model, skip=False, width=1.0):
-                        return model(**inputs)
-                for label, plan in plans:
+            modes = ["eager", "graphs"] if device.type == "cuda" else ["eager"]
+            if args.one_graph and (device.type != "cuda" or conditional_nodes_available()):
+                modes.append("one graph")
+            elif args.one_graph:
+                print("one graph: skipped, this PyTorch has no conditional CUDA-graph nodes", flush=True)
+            for mode in modes:
+                def measure(label, dense, elastic, mode=mode):
                     if time.time() - started > args.time_budget:
                         skipped.append(f"{tokens} tokens, batch {batch}, {mode}, {label}")
-                        continue
-
-                    def elastic(plan=plan):
-                        if plan is None:
-                            return model(**inputs)
-                        with ec.force(model, **plan):
-                            return model(**inputs)
+                        return
                     with torch.no_grad():
                         for _ in range(3):
                             dense(), elastic()
@@ -228,8 +276,34 @@ def main() -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     write_results(args, name, rows, started, skipped)
-            if device.type == "cuda":
-                remove_graphs(model)
+
+                if mode == "one graph":
+                    if time.time() - started > args.time_budget:
+                        skipped.append(f"{tokens} tokens, batch {batch}, one graph (not captured)")
+                        continue
+                    try:
+                        one_graph_rows(model, inputs, device, measure)
+                    except Exception as error:  # report it and keep the other rows: the lease is short
+                        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                        print(f"one graph failed at {tokens} tokens, batch {batch}: {message}", flush=True)
+                        skipped.append(f"{tokens} tokens, batch {batch}, one graph (failed: {message})")
+                        steer_routers(model, set(), None)
+                    continue
+                if mode == "graphs":
+                    install_graphs(model, inputs)
+
+                def dense():
+                    with ec.force(model, skip=False, width=1.0):
+                        return model(**inputs)
+                for label, plan in plans:
+                    def elastic(plan=plan):
+                        if plan is None:
+                            return model(**inputs)
+                        with ec.force(model, **plan):
+                            return model(**inputs)
+                    measure(label, dense, elastic)
+                if mode == "graphs":
+                    remove_graphs(model)
         model = None  # free GPU memory before the next token count
         torch.cuda.empty_cache()
     lines = write_results(args, name, rows, started, skipped)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,7 +17,9 @@ from torch.utils import _pytree as pytree
 from ..analysis.blocks import flatten_output
 from ..analysis.flop_counter import flop_counter
 from ..analysis.spec import BlockSpec
+from ..errors import ConfigError
 from ..capture.record import bind_to_signature
+from ..runtime.device_routing import device_decisions
 from ..runtime.state import BlockCall, ElasticState
 from .router import Router
 from .sliced import WidthControl
@@ -59,8 +62,8 @@ class BlockGate:
                 return int(value.shape[0])
         raise RuntimeError(f"block {self.spec.path} was called without its hidden-state input")
 
-    def decide(self, arguments: dict, batch: int) -> tuple[list[bool], list[int], bool, list[float] | None]:
-        """Per-sample (run, bucket) from ``force`` or the router; also whether the router ran and its p_run."""
+    def static_decisions(self, batch: int) -> tuple[list[bool] | None, list[int] | None]:
+        """Per-sample run / bucket fixed without the router (by ``force`` or the block's spec); None: the router's."""
         state, dense = self.state, self.state.dense_bucket
         can_skip = self.spec.skippable and state.config.allow_skip
         run = bucket = None
@@ -75,6 +78,12 @@ class BlockGate:
             run = [True] * batch
         if bucket is None and not self.spec.elastic_width:
             bucket = [dense] * batch
+        return run, bucket
+
+    def decide(self, arguments: dict, batch: int) -> tuple[list[bool], list[int], bool, list[float] | None]:
+        """Per-sample (run, bucket) from ``force`` or the router; also whether the router ran and its p_run."""
+        state = self.state
+        run, bucket = self.static_decisions(batch)
         if run is not None and bucket is not None:
             return run, bucket, False, None
         # One device-to-host copy per block (each is a synchronisation that drains an accelerator's queue), and
@@ -114,6 +123,10 @@ class BlockGate:
         batch = self.stream_batch(arguments)
         if self.state.soft and self.state.forced is None and not self.state.profiling:
             return self.soft_forward(args, kwargs, arguments, batch)
+        if self.state.device_routing is not None and not self.state.profiling:
+            routed = self.device_forward(args, kwargs, arguments, batch)
+            if routed is not None:
+                return routed
         run, bucket, router_ran, p_run = self.decide(arguments, batch)
         run, reuse = self.apply_cache_policy(run, p_run, batch)
         self.state.record(BlockCall(self.index, run, bucket, router_ran, reuse))
@@ -143,6 +156,66 @@ class BlockGate:
             return self.original_forward(*args, **kwargs)
         finally:
             self.control.bucket = None
+
+    def device_forward(self, args, kwargs, arguments: dict, batch: int):
+        """Routing without a device-to-host copy (``runtime/device_routing.py``); None when ``force`` or the spec
+        fixes every decision (the host path then has nothing to wait for).
+
+        Decisions are computed as tensors; the output starts as the residual inputs (the skip output) and each
+        width bucket runs on the whole batch behind ``branches.run_if(any sample chose it)``, writing back only
+        the rows of the samples that chose it.
+        """
+        run, bucket = self.static_decisions(batch)
+        if run is not None and bucket is not None:
+            return None
+        state, dense = self.state, self.state.dense_bucket
+        missing = [i for i in range(self.spec.num_output_leaves) if i not in self.spec.residual_of]
+        meta = self.output_meta(args, kwargs) if missing else []
+        missing_tensors = [i for i in missing if isinstance(meta[i], tuple)]
+        if missing_tensors and (run is None or not all(run)):
+            raise ConfigError("every tensor output of a skippable block to be a residual stream (device routing)",
+                              f"block {self.spec.path} has outputs {missing_tensors} without a residual input",
+                              "Route this model on the host (the default), whose skip returns None for them.")
+        device = _device_of(args, kwargs)
+        routed_run, routed_bucket = device_decisions(
+            self.router.logits(arguments), self.spec.skippable and state.config.allow_skip and run is None,
+            self.spec.elastic_width and bucket is None, state.config.threshold, dense)
+        # pinned values are the same for every sample: filled on the device (a host copy would break a capture)
+        run_t = routed_run if run is None else torch.full((batch,), run[0], device=device)
+        bucket_t = routed_bucket if bucket is None else torch.full((batch,), bucket[0], device=device)
+        state.record(BlockCall(self.index, run if run is not None else run_t,
+                               bucket if bucket is not None else bucket_t, True))
+        outputs = {i: x.clone() for i, x in self.residual_inputs(arguments).items()}
+        # a block that always runs: buffers shaped like its other outputs, filled by whichever bucket runs
+        outputs.update({i: torch.empty(meta[i][0], dtype=meta[i][1], device=device) for i in missing_tensors})
+        constants = {i: meta[i].value for i in missing if i not in missing_tensors}
+        buckets = range(len(state.config.width_buckets)) if bucket is None else sorted(set(bucket))
+        branches = state.device_routing.branches
+        whole = batch == 1 and branches.mode != "every"  # the body runs only when its one sample chose it
+        for b in buckets:
+            chosen = run_t & (bucket_t == b)
+
+            def body(b=b, chosen=chosen):
+                leaves, _ = flatten_output(self.run_plan((True, b), args, kwargs, arguments))
+                for i, out in outputs.items():
+                    rows = chosen.reshape((-1,) + (1,) * (out.ndim - 1))
+                    out.copy_(leaves[i] if whole else torch.where(rows, leaves[i], out))
+            branches.run_if(chosen.any(), body)
+        return pytree.tree_unflatten([outputs[i] if i in outputs else constants[i]
+                                      for i in range(self.spec.num_output_leaves)], self.output_spec)
+
+    def output_meta(self, args, kwargs) -> list:
+        """Per output leaf for these inputs: ``(shape, dtype)`` of a tensor, else ``Constant(value)``; from a dense
+        forward on fake tensors (no compute), cached per input signature."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t)
+                    for t in pytree.tree_leaves((args, kwargs)))
+        cache = self.__dict__.setdefault("_output_meta", {})
+        if key not in cache:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                leaves, _ = flatten_output(self.original_forward(*args, **kwargs))
+            cache[key] = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else Constant(t) for t in leaves]
+        return cache[key]
 
     def soft_forward(self, args, kwargs, arguments: dict, batch: int):
         """Training path: decisions stay differentiable through straight-through estimators.
@@ -230,6 +303,13 @@ class BlockGate:
                         full[i] = leaf.new_empty((batch,) + tuple(leaf.shape[1:]))
                     full[i] = full[i].index_copy(0, index, leaf)
         return pytree.tree_unflatten(full, self.output_spec)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A non-tensor output leaf of a block (e.g. the ``None`` a last joint block returns for its context)."""
+
+    value: object
 
 
 def _device_of(args, kwargs) -> torch.device:

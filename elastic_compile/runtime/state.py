@@ -65,6 +65,8 @@ class ElasticState:
     cache: object = None                                 # runtime.cache.FeatureCacheState when the cache is on
     soft_skip_deltas: dict | None = None                 # cache-aware training: block -> {output leaf: update}
     serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
+    device_routing: object = None                        # runtime.device_routing.DeviceRouting while installed
+    pending_calls: Any = None                            # () -> list[BlockCall]: decisions still on the device
 
     @property
     def dense_bucket(self) -> int:
@@ -83,10 +85,24 @@ class ElasticState:
         self.calls = []
         self.soft_records = []
         self.last_inputs = describe_inputs(args, kwargs)
+        self.pending_calls = None
+        if self.device_routing is not None:
+            self.device_routing.log = []
+            self.pending_calls = self.device_routing.calls
 
     def record(self, call: BlockCall) -> None:
-        if not self.profiling:
+        if self.profiling:
+            return
+        if self.device_routing is not None:
+            self.device_routing.log.append((call.block, call.run, call.bucket, call.router_ran))
+        else:
             self.calls.append(call)
+
+    def settled_calls(self) -> list[BlockCall]:
+        """The last forward's block calls, copying decisions made on the device to the host first."""
+        if self.pending_calls is not None:
+            self.calls = self.pending_calls()
+        return self.calls
 
 
 def describe_inputs(args: tuple, kwargs: dict):

@@ -51,12 +51,13 @@ class ElasticStats:
 def stats(model: nn.Module) -> ElasticStats:
     """Decisions and executed FLOPs of the model's last forward (FLOPs profiled once per input signature)."""
     state = state_of(model)
-    if state.last_inputs is None or not state.calls:
+    calls = state.settled_calls()
+    if state.last_inputs is None or not calls:
         raise ConfigError("a forward of the elastic model before stats()", "no forward recorded",
                           "Run the model once, then call elastic_compile.stats(model).")
     table = flop_table(model, state, state.last_inputs)
     buckets = state.config.width_buckets
-    batch = len(state.calls[0].run)
+    batch = len(calls[0].run)
     per_sample = [table.non_block / batch] * batch
     router_total = 0
     occurrences: dict[int, int] = {}
@@ -64,7 +65,7 @@ def stats(model: nn.Module) -> ElasticStats:
     for block, flops in table.block_calls:
         profiled.setdefault(block, []).append(flops)
     decisions: list[list[Decision] | None] = [None] * len(state.specs)
-    for call in state.calls:
+    for call in calls:
         k = occurrences.get(call.block, 0)
         occurrences[call.block] = k + 1
         flops = profiled[call.block][k]

@@ -1,0 +1,98 @@
+"""One CUDA graph for a whole elastic forward, routers deciding on the GPU (no device-to-host copy per block).
+
+``capture_cuda_graph(model, example_inputs)`` warms the model up with every width bucket of every routed block,
+then captures one forward under :func:`~elastic_compile.runtime.device_routing.device_routing` in ``"graph"`` mode:
+each block's buckets sit behind CUDA-graph IF nodes whose conditions the routers compute on the device. The
+returned :class:`CapturedForward` replays it for new inputs of the same shapes (copied into the graph's static
+input buffers) and returns the graph's static outputs; ``elastic_compile.stats(model)`` reads the decisions of
+the last replay (one copy, only when asked).
+
+Decisions pinned by ``elastic_compile.force`` around the capture are baked into the graph (that is how a dense
+baseline graph is made); router weights are read by the graph at replay, so changing them in place is seen, but
+replacing a parameter tensor (``load_state_dict`` keeps storage, ``.to()`` does not) needs a new capture.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import BackendUnavailableError, InputMismatchError
+from .device_routing import check_supported, conditional_nodes_available, device_routing
+from .state import describe_inputs, state_of
+
+
+class CapturedForward:
+    """A captured elastic forward: ``captured(*args, **kwargs)`` replays it on new inputs of the capture's shapes.
+
+    The outputs are the graph's own buffers, overwritten by the next replay (``clone_outputs=True`` returns
+    copies). Not thread-safe: one replay at a time per captured forward.
+    """
+
+    def __init__(self, model: nn.Module, graph: torch.cuda.CUDAGraph, static_inputs: tuple, outputs: Any,
+                 routing, clone_outputs: bool):
+        self.model, self.graph, self.static_inputs, self.outputs = model, graph, static_inputs, outputs
+        self.routing, self.clone_outputs = routing, clone_outputs
+        self.static_leaves, self.input_spec = pytree.tree_flatten(static_inputs)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.input_spec:
+            raise InputMismatchError(f"inputs structured as at capture ({self.input_spec})", f"{spec}",
+                                     "Call with the same arguments as the example inputs, or capture again.")
+        for index, (static, value) in enumerate(zip(self.static_leaves, leaves)):
+            if isinstance(static, torch.Tensor):
+                if not isinstance(value, torch.Tensor) or value.shape != static.shape or value.dtype != static.dtype:
+                    found = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
+                             else type(value).__name__)
+                    raise InputMismatchError(f"input {index} as {tuple(static.shape)} {static.dtype}", found,
+                                             "A CUDA graph replays static shapes: capture one per input shape.")
+                static.copy_(value, non_blocking=True)
+            elif value != static:
+                raise InputMismatchError(f"input {index} == {static!r} (baked into the graph)", repr(value),
+                                         "Capture again for other non-tensor arguments.")
+        self.graph.replay()
+        state = state_of(self.model)
+        state.last_inputs = describe_inputs(*self.static_inputs)
+        state.pending_calls = self.routing.calls
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                               self.outputs) if self.clone_outputs else self.outputs
+
+
+def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, warmup: int = 2, pool=None,
+                       clone_outputs: bool = False) -> CapturedForward:
+    """Capture one forward of the elastic ``model`` (on a CUDA device) with device-side routing.
+
+    ``example_inputs``: a dict of keyword arguments or a tuple of positional ones, on the model's device; later
+    calls must match their shapes, dtypes and non-tensor values. ``pool``: a graph memory pool to share with
+    other captures (``torch.cuda.graph_pool_handle()``). Raises ``BackendUnavailableError`` without a GPU or
+    without conditional graph nodes, ``ConfigError`` with the feature cache on.
+    """
+    state = state_of(model)
+    check_supported(state)
+    if not conditional_nodes_available():
+        raise BackendUnavailableError("a CUDA GPU and PyTorch with conditional CUDA-graph nodes (CUDA >= 12.4)",
+                                      f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                                      f"GPU {'present' if torch.cuda.is_available() else 'absent'}",
+                                      "Run on a GPU machine with a CUDA build of PyTorch 2.11 or later.")
+    args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((), dict(example_inputs))
+    static_inputs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    if any(isinstance(t, torch.Tensor) and not t.is_cuda for t in pytree.tree_leaves(static_inputs)):
+        raise BackendUnavailableError("example inputs on a CUDA device", "a tensor on the CPU",
+                                      "Move the model and its inputs to the GPU before capturing.")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        # every bucket's body runs once, so no kernel, cuBLAS handle or workspace is first created mid-capture
+        with device_routing(model, "every"):
+            for _ in range(warmup):
+                model(*static_inputs[0], **static_inputs[1])
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), device_routing(model, "graph") as routing:
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = model(*static_inputs[0], **static_inputs[1])
+    return CapturedForward(model, graph, static_inputs, outputs, routing, clone_outputs)

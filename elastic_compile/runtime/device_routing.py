@@ -1,0 +1,149 @@
+"""Device-side routing: decisions stay on the device, blocks branch on them without a device-to-host copy.
+
+The default gate copies each router's logits to the host to choose what runs next; on a GPU that copy is a
+synchronisation that drains the queue once per block (on an H200, 0.56x of dense for a 28-block DiT-XL at 256
+tokens, batch 1, even with every block and router graph-captured: benchmarks/results/gpu_NVIDIA_H200.md). Under
+:func:`device_routing` each gate instead computes its decisions as tensors and runs every width bucket behind a
+device-evaluated condition (:class:`Branches`); the condition is what changes with the mode:
+
+* ``"graph"``: a CUDA-graph IF node (CUDA >= 12.4, ``torch.cuda.CUDAGraph.begin_capture_to_if_node``), so one
+  graph of the whole forward replays with every decision taken on the GPU (:mod:`.cuda_graph` captures it);
+* ``"host"``: ``if bool(condition)`` (the same computation in eager mode; on CPU it costs nothing and is what the
+  tests compare against the default gate);
+* ``"every"``: every body runs (warm-up before a capture: every kernel of every bucket is initialised once).
+
+Guarantees, per sample: the block output is the residual input when its router skips it and the output of the
+block at the chosen bucket when it runs, as with the default gate. A bucket's body runs on the whole batch and
+keeps its rows for the samples that chose it, so a batch whose samples disagree pays for every bucket chosen by
+any of them (the default gate runs sub-batches instead, which needs the host); with batch 1, or samples that
+agree, exactly the chosen bucket runs. Not supported (typed errors): the feature cache (its reuse decisions are
+made on the host), and skippable blocks with outputs that are not residual streams.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailableError, ConfigError
+from .state import BlockCall, ElasticState, state_of
+
+BRANCH_MODES = ("graph", "host", "every")
+
+
+def conditional_nodes_available() -> bool:
+    """Whether this PyTorch can put code behind a CUDA-graph IF node (needs a CUDA build, CUDA >= 12.4)."""
+    return (torch.cuda.is_available() and torch.version.cuda is not None
+            and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+            and tuple(int(p) for p in torch.version.cuda.split(".")[:2]) >= (12, 4))
+
+
+class Branches:
+    """Runs ``body()`` when a device-side boolean scalar is true, the way ``mode`` says (see module doc)."""
+
+    def __init__(self, mode: str):
+        if mode not in BRANCH_MODES:
+            raise ConfigError(f"a branch mode among {BRANCH_MODES}", repr(mode), "Use 'graph' inside a CUDA-graph "
+                              "capture, 'host' for eager execution.")
+        self.mode = mode
+
+    def run_if(self, condition: torch.Tensor, body) -> None:
+        if self.mode == "every":
+            body()
+        elif self.mode == "host":
+            if bool(condition):
+                body()
+        else:
+            graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+            graph.begin_capture_to_if_node(condition)
+            try:
+                body()
+            finally:
+                graph.end_capture_to_conditional_node()
+
+
+@dataclass
+class DeviceRouting:
+    """Installed on an :class:`~elastic_compile.runtime.state.ElasticState` while gates route on the device.
+
+    ``log``: per block call, ``(block, run, bucket, router_ran)`` where ``run``/``bucket`` are device tensors
+    (refreshed by every replay of a captured graph) or host lists (decisions pinned by ``force``).
+    """
+
+    branches: Branches
+    log: list = field(default_factory=list)
+
+    def calls(self) -> list[BlockCall]:
+        """The logged decisions as host records (one device-to-host copy for the whole forward)."""
+        tensors = [t for _, run, bucket, _ in self.log for t in (run, bucket) if isinstance(t, torch.Tensor)]
+        host = iter(torch.cat([t.reshape(-1).long() for t in tensors]).tolist()) if tensors else iter(())
+        calls = []
+        for block, run, bucket, router_ran in self.log:
+            if isinstance(run, torch.Tensor):
+                run = [bool(next(host)) for _ in range(run.numel())]
+            if isinstance(bucket, torch.Tensor):
+                bucket = [int(next(host)) for _ in range(bucket.numel())]
+            calls.append(BlockCall(block, run, bucket, router_ran))
+        return calls
+
+
+def run_logit_threshold(threshold: float) -> float:
+    """``p >= threshold`` with ``p = sigmoid(logit)`` is ``logit >= log(threshold / (1 - threshold))``."""
+    return math.log(threshold / (1.0 - threshold))
+
+
+def device_decisions(logits: torch.Tensor, can_skip: bool, elastic_width: bool, threshold: float,
+                     dense_bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(run (B,) bool, bucket (B,) long)`` from router logits, on their device, as the host gate
+    decides them: run iff sigmoid(run logit) >= threshold (a NaN logit runs); bucket = first argmax of the width
+    logits (any NaN: the dense bucket)."""
+    logits = logits.float()
+    batch = logits.shape[0]
+    if can_skip:
+        run_logit = logits[:, 0]
+        run = (run_logit >= run_logit_threshold(threshold)) | torch.isnan(run_logit)
+    else:
+        run = torch.ones(batch, dtype=torch.bool, device=logits.device)
+    if elastic_width:
+        widths = logits[:, 1:]
+        bucket = torch.where(torch.isnan(widths).any(dim=-1), dense_bucket, widths.argmax(dim=-1))
+    else:
+        bucket = torch.full((batch,), dense_bucket, dtype=torch.long, device=logits.device)
+    return run, bucket
+
+
+def check_supported(state: ElasticState) -> None:
+    if state.cache is not None:
+        raise ConfigError("no feature cache on a model routed on the device", "the feature cache is on",
+                          "Its reuse decisions are taken on the host: remove it (elastic_compile.reset_cache / "
+                          "apply_feature_cache(..., enabled=False)) or run without device routing.")
+    if state.soft:
+        raise ConfigError("hard decisions for device routing", "soft decisions (router training in progress)",
+                          "Route on the device only at inference.")
+
+
+@contextlib.contextmanager
+def device_routing(model: nn.Module, mode: str = "host"):
+    """Inside the ``with`` block, every gate of ``model`` decides on the device and branches with ``mode``.
+
+    Yields the :class:`DeviceRouting` whose ``log`` collects each forward's decisions (reset when a forward
+    starts); ``elastic_compile.stats`` copies them to the host when asked, also after the ``with`` block.
+    """
+    state = state_of(model)
+    check_supported(state)
+    if mode == "graph" and not conditional_nodes_available():
+        raise BackendUnavailableError("PyTorch with CUDA >= 12.4 and CUDAGraph.begin_capture_to_if_node",
+                                      f"torch {torch.__version__} (CUDA {torch.version.cuda}, "
+                                      f"GPU {'present' if torch.cuda.is_available() else 'absent'})",
+                                      "Install a CUDA build of PyTorch with conditional graph nodes (2.11+), or "
+                                      "use the default host-routed execution.")
+    previous = state.device_routing
+    routing = DeviceRouting(Branches(mode))
+    state.device_routing = routing
+    try:
+        yield routing
+    finally:
+        state.device_routing = previous

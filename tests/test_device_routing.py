@@ -1,0 +1,172 @@
+"""Device-side routing: decisions as tensors and buckets behind device conditions give the host gate's outputs."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import elastic_compile as ec
+from elastic_compile.errors import BackendUnavailableError, ConfigError
+from elastic_compile.nn.gate import best_bucket, run_probability
+from elastic_compile.runtime.cuda_graph import capture_cuda_graph
+from elastic_compile.runtime.device_routing import Branches, device_decisions, device_routing, run_logit_threshold
+from elastic_compile.runtime.state import state_of
+from helpers import randomize_routers
+from zoo import ARCHITECTURES, first_output
+
+
+def plans(model):
+    return [[(d.run, d.width) for d in block] for block in ec.stats(model).decisions]
+
+
+def mixed_routers(model, inputs):
+    """Random routers under which some block's samples disagree (so the per-sample merge is exercised)."""
+    for seed in range(20):
+        randomize_routers(model, seed=seed)
+        with torch.no_grad():
+            model(**inputs)
+        decided = plans(model)
+        if any(len(set(block)) > 1 for block in decided) and any(not r for block in decided for r, _ in block):
+            return decided
+    raise AssertionError("no seed gave mixed decisions")
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_device_routing_matches_host_gate_on_every_architecture(name):
+    model, inputs = ARCHITECTURES[name](batch=4)
+    ec.transform(model, example_inputs=inputs)
+    expected_plans = mixed_routers(model, inputs)
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+        for mode in ("host", "every"):
+            with device_routing(model, mode):
+                routed = first_output(model(**inputs))
+            torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
+            assert plans(model) == expected_plans  # read after the with block: decisions copied when asked
+            assert ec.stats(model).executed_flops_fraction < 1.0
+
+
+def test_batch_one_and_partial_force():
+    model, inputs = ARCHITECTURES["dit"](batch=1)
+    ec.transform(model, example_inputs=inputs)
+    with torch.no_grad():
+        for seed in range(6):
+            randomize_routers(model, seed=seed)
+            for plan in (dict(), dict(width=0.5), dict(skip=False), dict(skip={0})):
+                with ec.force(model, **plan):
+                    expected = first_output(model(**inputs))
+                    expected_plans = plans(model)
+                    with device_routing(model, "host"):
+                        routed = first_output(model(**inputs))
+                torch.testing.assert_close(routed, expected, atol=1e-6, rtol=1e-6)
+                assert plans(model) == expected_plans
+
+
+def test_full_force_takes_the_host_path_and_logs_it():
+    model, inputs = ARCHITECTURES["reference_dit"](batch=2)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=1)
+    with torch.no_grad(), ec.force(model, skip={1}, width=0.25):
+        expected = first_output(model(**inputs))
+        with device_routing(model, "host") as routing:
+            routed = first_output(model(**inputs))
+    torch.testing.assert_close(routed, expected)
+    assert all(isinstance(run, list) for _, run, _, _ in routing.log)
+    assert [d.run for d in ec.stats(model).decisions[1]] == [False, False]
+
+
+def test_a_later_host_forward_replaces_device_decisions():
+    model, inputs = ARCHITECTURES["reference_dit"](batch=2)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=2)
+    with torch.no_grad():
+        with device_routing(model, "host"):
+            model(**inputs)
+        with ec.force(model, skip=False, width=1.0):
+            model(**inputs)
+    assert ec.stats(model).executed_flops_fraction == pytest.approx(1.0)
+    assert state_of(model).pending_calls is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.floats(-30, 30, width=32), st.just(math.nan)), min_size=4, max_size=4),
+                min_size=1, max_size=6),
+       st.sampled_from([0.2, 0.5, 0.7]), st.booleans(), st.booleans())
+def test_device_decisions_equal_host_decisions(rows, threshold, can_skip, elastic_width):
+    if any(abs(r[0] - run_logit_threshold(threshold)) < 1e-4 for r in rows):
+        return  # float32 vs float64 rounding at the threshold itself
+    logits = torch.tensor(rows, dtype=torch.float32)
+    run, bucket = device_decisions(logits, can_skip, elastic_width, threshold, dense_bucket=2)
+    for r, b, row in zip(run.tolist(), bucket.tolist(), rows):
+        assert r == (run_probability(row[0]) >= threshold if can_skip else True)
+        assert b == (best_bucket(row[1:]) if elastic_width else 2)
+
+
+def test_bfloat16_logits_decide_like_their_float_values():
+    logits = torch.tensor([[0.3, 1.0, 1.0, -2.0], [-0.7, -1.0, 3.0, 3.0]], dtype=torch.bfloat16)
+    run, bucket = device_decisions(logits, True, True, 0.5, dense_bucket=2)
+    assert run.tolist() == [True, False] and bucket.tolist() == [0, 1]  # ties: the first maximum, as argmax
+
+
+def test_unsupported_setups_are_typed_errors():
+    model, inputs = ARCHITECTURES["reference_dit"](batch=1)
+    ec.transform(model, example_inputs=inputs)
+    with pytest.raises(ConfigError):
+        Branches("sometimes")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError):
+            with device_routing(model, "graph"):
+                pass
+        with pytest.raises(BackendUnavailableError):
+            capture_cuda_graph(model, inputs)
+    ec.apply_feature_cache(model)
+    with pytest.raises(ConfigError, match="feature cache"):
+        with device_routing(model, "host"):
+            pass
+    with pytest.raises(ConfigError, match="feature cache"):
+        capture_cuda_graph(model, inputs)
+
+
+class EagerStandInGraph:
+    """Test double of a captured CUDA graph: ``replay`` recomputes the forward from the static inputs into the
+    static outputs, with the routing the capture installed (what a CUDA graph's replay does, minus the GPU)."""
+
+    def __init__(self, model, static_inputs, routing):
+        self.model, self.static_inputs, self.routing, self.outputs = model, static_inputs, routing, None
+
+    def replay(self):
+        state = state_of(self.model)
+        previous, state.device_routing = state.device_routing, self.routing
+        try:
+            with torch.no_grad():
+                fresh = self.model(*self.static_inputs[0], **self.static_inputs[1])
+        finally:
+            state.device_routing = previous
+        self.outputs.copy_(first_output(fresh))
+
+
+def test_captured_forward_copies_inputs_and_reports_the_replayed_decisions():
+    from elastic_compile.errors import InputMismatchError
+    from elastic_compile.runtime.cuda_graph import CapturedForward
+    from elastic_compile.runtime.device_routing import Branches, DeviceRouting
+    model, inputs = ARCHITECTURES["reference_dit"](batch=2)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=4)
+    static = ((), {k: v.clone() for k, v in inputs.items()})
+    routing = DeviceRouting(Branches("host"))
+    graph = EagerStandInGraph(model, static, routing)
+    with torch.no_grad():
+        graph.outputs = first_output(model(**inputs)).clone()
+    captured = CapturedForward(model, graph, static, graph.outputs, routing, clone_outputs=True)
+    for seed in range(3):
+        new = dict(inputs, x=torch.randn_like(inputs["x"]), t=torch.rand(2) * 1000)
+        out = captured(**new)
+        replayed = plans(model)
+        with torch.no_grad():
+            expected = first_output(model(**new))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert plans(model) == replayed
+    with pytest.raises(InputMismatchError, match="static shapes"):
+        captured(**dict(inputs, x=inputs["x"][:1]))
+    with pytest.raises(InputMismatchError, match="structured"):
+        captured(x=inputs["x"])
