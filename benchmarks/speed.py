@@ -9,9 +9,11 @@ fraction (ec.stats), the FLOP-ratio limit 1/fraction and efficiency = measured /
 the elastic model with untrained routers (they run but keep every block at full width): its slowdown is the
 router + gate overhead, reported as a fraction of dense time: the median ratio of back-to-back pairs in alternating
 order (40 pairs by default) with a 95% bootstrap interval, plus the routers' own time on recorded block inputs
-("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block). Dense in each
-backend is the same artifact forced dense, so both sides pay the same backend costs. In torch, every width row is
-followed by a hand-narrowed row: the plain model with its FFN weights physically cut (the bound for that row).
+("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block). Dense is what a
+user would otherwise deploy in that backend: in torch the plain model (no toolkit code: gates, routers and their
+Python count against elastic); in ONNX Runtime the same model exported dense only, without router summaries (block
+graphs end at the block's outputs, run by the same runtime forced dense). In torch, every width row is followed by
+a hand-narrowed row: the plain model with its FFN weights physically cut (the bound for that row).
 FLOPs: matmuls, convolutions and attention (``analysis.flop_counter``).
 """
 from __future__ import annotations
@@ -146,6 +148,26 @@ def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
     return statistics.median(times[2:])
 
 
+def build_dense(model_name: str, base, inputs, backend: str, workdir: Path):
+    """The dense baseline of a backend, as a callable (see the module doc)."""
+    if backend == "torch":
+        return lambda: base(**inputs)
+    out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}-dense"
+    elastic = ec.transform(copy.deepcopy(base), example_inputs=inputs)
+    ec.export(elastic, inputs, out, buckets=[1.0], backend=backend, base_factory=FACTORIES.get(model_name),
+              router_summaries=False)
+    runtime = ec.runtime.load(out, backend=backend)
+
+    def dense():
+        with ec.force(runtime, skip=False, width=1.0):
+            return runtime(**inputs)
+    return dense
+
+
+def batch_of(inputs) -> int:
+    return next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))
+
+
 def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str | None = None):
     """(elastic callable, the object ec.force/ec.stats act on) for a backend."""
     elastic = copy.deepcopy(base)
@@ -160,7 +182,7 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, ro
         ec.transform(elastic, example_inputs=inputs)
     if backend == "torch":
         return elastic
-    out = workdir / f"{model_name.replace('/', '_')}-b{next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))}"
+    out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}"
     ec.export(elastic, inputs, out, backend=backend, base_factory=FACTORIES.get(model_name))
     return ec.runtime.load(out, backend=backend, routers=routers_in)
 
@@ -174,10 +196,7 @@ def run(args) -> list[dict]:
             for backend in args.backends:
                 elastic = build_elastic(model_name, base, inputs, backend, workdir, args.runtime_routers)
                 trained = state_of(elastic).routers and model_name == "reference"
-
-                def dense_call():
-                    with ec.force(elastic, skip=False, width=1.0):
-                        return elastic(**inputs)
+                dense_call = build_dense(model_name, base, inputs, backend, workdir)
                 for label, plan in configurations(model_name, elastic):
                     if plan == "trained" and not trained:
                         continue
@@ -256,7 +275,9 @@ def write(rows, args) -> None:
     lines = ["# Speed: measured speedup vs the FLOP-ratio limit (CPU)", "",
              f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
              f"{args.threads} threads (torch.set_num_threads), {args.repeats} interleaved repetitions after warm-up, "
-             "medians. Dense = the same model/artifact forced dense in the same backend."
+             "medians. Dense = what a user would deploy without elastic_compile in that backend: the plain PyTorch "
+             "model (torch); the model exported dense only, without router summaries, run by the same runtime "
+             "(onnxruntime)."
              + (" Merged: rows of other models/backends are from the previous results file." if args.merge else ""),
              "",
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "

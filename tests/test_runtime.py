@@ -218,6 +218,28 @@ def test_block_graphs_summarise_streams_for_the_host_routers(tmp_path_factory, t
         assert float((got - expected).abs().max()) <= ATOL
 
 
+def test_graphs_without_router_summaries_return_only_the_block_outputs(tmp_path_factory, tmp_path):
+    """``router_summaries=False`` (a dense deployment's baseline): graphs end at the block's outputs, and the
+    host routers compute their features themselves with the same decisions and outputs."""
+    import onnx
+    exported = _get("dit", tmp_path_factory)
+    root = ec.export(exported.model, exported.inputs, tmp_path / "plain", batch_sizes=[4], threads=1,
+                     router_summaries=False, verify_runtime=False)
+    runtime = ec.runtime.load(root, threads=1)
+    for entry, summarised in zip(runtime.manifest["blocks"], exported.runtime.manifest["blocks"]):
+        assert entry["pooled_outputs"] == []
+        plain = onnx.load(root / entry["graphs"]["0"]["4"], load_external_data=False)
+        with_summaries = onnx.load(exported.dir / summarised["graphs"]["0"]["4"], load_external_data=False)
+        assert len(with_summaries.graph.output) == len(plain.graph.output) + len(summarised["pooled_outputs"])
+    got = first_output(runtime(**exported.inputs))
+    with torch.no_grad():
+        expected = first_output(exported.model(**exported.inputs))
+    assert float((got - expected).abs().max()) <= ATOL
+    assert ec.stats(runtime).decisions == ec.stats(exported.model).decisions
+    hosts = [b._elastic_gate.router for b in state_of(runtime.model).blocks if b._elastic_gate.router is not None]
+    assert hosts[0].summaries.hits == 0
+
+
 def test_host_routers_are_refused_with_tensorrt(tmp_path_factory):
     exported = _get("dit", tmp_path_factory)
     with pytest.raises(ConfigError, match="routers='torch'"):

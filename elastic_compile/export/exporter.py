@@ -276,7 +276,7 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
            dtype: str = "fp32", backend: str = "onnxruntime", batch_sizes: Sequence[int] | None = None, *,
            base_factory: str | None = None, scheduler: Any = None, sampling_config: Any = None,
            threads: int | None = None, verify_runtime: bool = True, progress: bool = False,
-           trt_options: dict | None = None) -> Path:
+           trt_options: dict | None = None, router_summaries: bool = True) -> Path:
     """Export an elastic model (from ``transform`` or ``load``) to ``out_dir`` (see the module docstring).
 
     Args:
@@ -290,6 +290,9 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
         scheduler, sampling_config: stored for ``Runtime.sample`` / ``elastic-compile run`` (optional).
         threads: onnxruntime intra-op threads for verification; verify_runtime: also load the finished
             artifact with the onnxruntime runtime and compare whole-model outputs under several forced plans.
+        router_summaries: block graphs also return the token summaries the next router reads (default); False
+            gives graphs with the block's outputs only (a dense deployment's baseline: routers then compute
+            their features themselves).
 
     Returns the output directory. Nothing is left at ``out_dir`` (or its previous content is kept) when any
     step fails. Raises ExportError / ConfigError.
@@ -302,6 +305,9 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
     feature_cache, state.cache = getattr(state, "cache", None), None  # export and its checks run without reuse
     try:
         calls, shared = record_block_calls(model, example_inputs)
+        if not router_summaries:
+            for call in calls:
+                call.pooled = []
         indices, sizes = _validate(model, state, buckets, dtype, backend, batch_sizes, max(c.batch for c in calls),
                                    base_factory)
         from tqdm.auto import tqdm
