@@ -190,17 +190,22 @@ class BlockGate:
         outputs.update({i: torch.empty(meta[i][0], dtype=meta[i][1], device=device) for i in missing_tensors})
         constants = {i: meta[i].value for i in missing if i not in missing_tensors}
         buckets = range(len(state.config.width_buckets)) if bucket is None else sorted(set(bucket))
+        # Few, tiny device ops between two blocks (each is a kernel in the captured graph): the bucket each sample
+        # runs (-1: skipped), then per bucket whether any sample chose it; row masks only inside the bodies.
+        choice = torch.where(run_t, bucket_t, -1)
+        wanted = (choice[None, :] == torch.arange(len(state.config.width_buckets), device=device)[:, None]).any(1)
         branches = state.device_routing.branches
         whole = batch == 1 and branches.mode != "every"  # the body runs only when its one sample chose it
         for b in buckets:
-            chosen = run_t & (bucket_t == b)
-
-            def body(b=b, chosen=chosen):
+            def body(b=b):
                 leaves, _ = flatten_output(self.run_plan((True, b), args, kwargs, arguments))
+                rows = None if whole else choice == b
                 for i, out in outputs.items():
-                    rows = chosen.reshape((-1,) + (1,) * (out.ndim - 1))
-                    out.copy_(leaves[i] if whole else torch.where(rows, leaves[i], out))
-            branches.run_if(chosen.any(), body)
+                    if whole:
+                        out.copy_(leaves[i])
+                    else:
+                        out.copy_(torch.where(rows.reshape((-1,) + (1,) * (out.ndim - 1)), leaves[i], out))
+            branches.run_if(wanted[b], body)
         return pytree.tree_unflatten([outputs[i] if i in outputs else constants[i]
                                       for i in range(self.spec.num_output_leaves)], self.output_spec)
 

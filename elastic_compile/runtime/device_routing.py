@@ -37,7 +37,8 @@ BRANCH_MODES = ("graph", "host", "every")
 def conditional_nodes_available() -> bool:
     """Whether this PyTorch can put code behind a CUDA-graph IF node (needs a CUDA build, CUDA >= 12.4)."""
     return (torch.cuda.is_available() and torch.version.cuda is not None
-            and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+            and all(hasattr(torch.cuda.CUDAGraph, name) for name in
+                    ("begin_capture_to_if_node", "end_capture_to_conditional_node", "get_currently_capturing_graph"))
             and tuple(int(p) for p in torch.version.cuda.split(".")[:2]) >= (12, 4))
 
 
@@ -102,9 +103,8 @@ def device_decisions(logits: torch.Tensor, can_skip: bool, elastic_width: bool, 
     logits (any NaN: the dense bucket)."""
     logits = logits.float()
     batch = logits.shape[0]
-    if can_skip:
-        run_logit = logits[:, 0]
-        run = (run_logit >= run_logit_threshold(threshold)) | torch.isnan(run_logit)
+    if can_skip:  # "not below" rather than ">=": a NaN logit compares False both ways and must run
+        run = (logits[:, 0] < run_logit_threshold(threshold)).logical_not()
     else:
         run = torch.ones(batch, dtype=torch.bool, device=logits.device)
     if elastic_width:
