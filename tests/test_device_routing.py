@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch.utils import _pytree as pytree
 
 import elastic_compile as ec
 from elastic_compile.errors import BackendUnavailableError, ConfigError
@@ -132,41 +133,72 @@ class EagerStandInGraph:
     static outputs, with the routing the capture installed (what a CUDA graph's replay does, minus the GPU)."""
 
     def __init__(self, model, static_inputs, routing):
-        self.model, self.static_inputs, self.routing, self.outputs = model, static_inputs, routing, None
+        self.model, self.static_inputs, self.routing = model, static_inputs, routing
+        with torch.no_grad():
+            self.outputs = self.forward()
 
-    def replay(self):
+    def forward(self):
         state = state_of(self.model)
         previous, state.device_routing = state.device_routing, self.routing
         try:
             with torch.no_grad():
-                fresh = self.model(*self.static_inputs[0], **self.static_inputs[1])
+                return self.model(*self.static_inputs[0], **self.static_inputs[1])
         finally:
             state.device_routing = previous
-        self.outputs.copy_(first_output(fresh))
+
+    def replay(self):
+        for static, fresh in zip(pytree.tree_leaves(self.outputs), pytree.tree_leaves(self.forward())):
+            if isinstance(static, torch.Tensor):
+                static.copy_(fresh)
+
+
+def stand_in_capture(model, inputs, clone_outputs=True):
+    """What ``capture_cuda_graph`` builds, with :class:`EagerStandInGraph` in place of the CUDA graph."""
+    from elastic_compile.runtime.cuda_graph import CapturedForward, normalize_call
+    from elastic_compile.runtime.device_routing import DeviceRouting
+    static = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                             normalize_call(model, (), dict(inputs)))
+    routing = DeviceRouting(Branches("host"))
+    graph = EagerStandInGraph(model, static, routing)
+    return CapturedForward(model, graph, static, graph.outputs, routing, clone_outputs=clone_outputs)
 
 
 def test_captured_forward_copies_inputs_and_reports_the_replayed_decisions():
     from elastic_compile.errors import InputMismatchError
-    from elastic_compile.runtime.cuda_graph import CapturedForward
-    from elastic_compile.runtime.device_routing import Branches, DeviceRouting
     model, inputs = ARCHITECTURES["reference_dit"](batch=2)
     ec.transform(model, example_inputs=inputs)
     randomize_routers(model, seed=4)
-    static = ((), {k: v.clone() for k, v in inputs.items()})
-    routing = DeviceRouting(Branches("host"))
-    graph = EagerStandInGraph(model, static, routing)
-    with torch.no_grad():
-        graph.outputs = first_output(model(**inputs)).clone()
-    captured = CapturedForward(model, graph, static, graph.outputs, routing, clone_outputs=True)
+    captured = stand_in_capture(model, inputs)
     for seed in range(3):
         new = dict(inputs, x=torch.randn_like(inputs["x"]), t=torch.rand(2) * 1000)
-        out = captured(**new)
+        out = first_output(captured(**new))
         replayed = plans(model)
         with torch.no_grad():
             expected = first_output(model(**new))
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         assert plans(model) == replayed
+    positional = first_output(captured(new["x"], new["t"], new["y"]))  # bound to the forward's parameter names
+    torch.testing.assert_close(positional, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(InputMismatchError, match="static shapes"):
         captured(**dict(inputs, x=inputs["x"][:1]))
     with pytest.raises(InputMismatchError, match="structured"):
         captured(x=inputs["x"])
+
+
+def test_a_captured_forward_serves_the_sampling_loop():
+    """The sampler calls ``denoiser(x, timestep=t, class_labels=y, return_dict=False)`` with the CFG batch: a
+    graph captured from keyword inputs of that batch replays those calls, with the routed model's images."""
+    from elastic_compile.reference import load_reference
+    from elastic_compile.runtime.sampling import sample
+    model, scheduler, config = load_reference()
+    ec.transform(model, example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
+                                            class_labels=torch.tensor([1, 2]), return_dict=False))
+    randomize_routers(model, seed=5, scale=1.0)
+    labels = [1, 3]
+    cfg_batch = dict(hidden_states=torch.zeros(4, 1, 8, 8), timestep=torch.zeros(4),
+                     class_labels=torch.zeros(4, dtype=torch.long), return_dict=False)
+    captured = stand_in_capture(model, cfg_batch, clone_outputs=False)
+    expected = sample(model, scheduler, labels, config, seed=7, num_inference_steps=4)
+    served = sample(captured, scheduler, labels, config, seed=7, num_inference_steps=4)
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+    assert 0.0 < ec.stats(model).executed_flops_fraction < 1.0

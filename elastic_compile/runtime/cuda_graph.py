@@ -13,12 +13,14 @@ replacing a parameter tensor (``load_state_dict`` keeps storage, ``.to()`` does 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..capture.record import bind_to_signature
 from ..errors import BackendUnavailableError, InputMismatchError
 from .device_routing import check_supported, conditional_nodes_available, device_routing
 from .state import describe_inputs, state_of
@@ -38,7 +40,7 @@ class CapturedForward:
         self.static_leaves, self.input_spec = pytree.tree_flatten(static_inputs)
 
     def __call__(self, *args, **kwargs):
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = pytree.tree_flatten(normalize_call(self.model, args, kwargs))
         if spec != self.input_spec:
             raise InputMismatchError(f"inputs structured as at capture ({self.input_spec})", f"{spec}",
                                      "Call with the same arguments as the example inputs, or capture again.")
@@ -61,12 +63,23 @@ class CapturedForward:
                                self.outputs) if self.clone_outputs else self.outputs
 
 
+def normalize_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` as keyword arguments of ``model.forward`` where the signature names them, so a graph
+    captured with ``model(**inputs)`` replays for ``model(x, timestep=t, ...)`` (how samplers call it)."""
+    named = bind_to_signature(inspect.signature(model.forward), args, kwargs)
+    if any(name.startswith("*") for name in named):  # *args in the signature: keep the call as it was made
+        return tuple(args), dict(kwargs)
+    return (), named
+
+
 def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, warmup: int = 2, pool=None,
                        clone_outputs: bool = False) -> CapturedForward:
     """Capture one forward of the elastic ``model`` (on a CUDA device) with device-side routing.
 
     ``example_inputs``: a dict of keyword arguments or a tuple of positional ones, on the model's device; later
-    calls must match their shapes, dtypes and non-tensor values. ``pool``: a graph memory pool to share with
+    calls (positional or by name, as ``model.forward`` accepts them) must match their shapes, dtypes and
+    non-tensor values. A sampler with classifier-free guidance in one batch calls the model with twice the
+    number of images: capture with that batch. ``pool``: a graph memory pool to share with
     other captures (``torch.cuda.graph_pool_handle()``). Raises ``BackendUnavailableError`` without a GPU or
     without conditional graph nodes, ``ConfigError`` with the feature cache on.
     """
@@ -78,7 +91,8 @@ def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, warmup: int = 2
                                       f"GPU {'present' if torch.cuda.is_available() else 'absent'}",
                                       "Run on a GPU machine with a CUDA build of PyTorch 2.11 or later.")
     args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((), dict(example_inputs))
-    static_inputs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    static_inputs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                                    normalize_call(model, args, kwargs))
     if any(isinstance(t, torch.Tensor) and not t.is_cuda for t in pytree.tree_leaves(static_inputs)):
         raise BackendUnavailableError("example inputs on a CUDA device", "a tensor on the CPU",
                                       "Move the model and its inputs to the GPU before capturing.")
