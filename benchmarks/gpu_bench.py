@@ -139,12 +139,19 @@ def remove_graphs(model):
     torch.cuda.empty_cache()
 
 
-def steer_routers(model, skip: set[int], bucket: int | None) -> None:
-    """Routers with zero output weights (full capacity) and biases that skip ``skip`` and pick ``bucket``."""
+def steer_routers(model, skip: set[int], bucket: int | None, mixed: bool = False) -> None:
+    """Routers with zero output weights (full capacity) and biases that skip ``skip`` and pick ``bucket``;
+    ``mixed``: random output weights instead (seeded), so samples of a batch disagree."""
     state = state_of(model)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for index, router in state.routers.items():
             router.reset_to_full_capacity()
+            if mixed:
+                weight = torch.randn(router.fc2.weight.shape, generator=generator) * 3.0
+                router.fc2.weight.copy_(weight.to(router.fc2.weight.device, router.fc2.weight.dtype))
+                router.fc2.bias.zero_()
+                continue
             if index in skip:
                 router.fc2.bias[0] = -8.0
             if bucket is not None and router.num_widths > 1:
@@ -157,8 +164,9 @@ def one_graph_rows(model, inputs, device, measure) -> None:
     state = state_of(model)
     odd = {s.index for s in state.specs if s.index % 2 == 1 and s.skippable}
     buckets = state.config.width_buckets
-    steerings = [("routers, full width", set(), None), ("routers skip every odd block", odd, None)] + [
-        (f"routers pick width {w}", set(), buckets.index(w)) for w in buckets[:-1][::-1]]
+    steerings = [("routers, full width", set(), None, False), ("routers skip every odd block", odd, None, False)] + [
+        (f"routers pick width {w}", set(), buckets.index(w), False) for w in buckets[:-1][::-1]] + [
+        ("random routers (per-sample decisions; a bucket any sample chose runs on the whole batch)", set(), None, True)]
     steer_routers(model, set(), None)
     with torch.no_grad():
         if device.type == "cuda":
@@ -173,8 +181,8 @@ def one_graph_rows(model, inputs, device, measure) -> None:
             def elastic():
                 with device_routing(model, "host"):
                     return model(**inputs)
-        for label, skip, bucket in steerings:
-            steer_routers(model, skip, bucket)
+        for label, skip, bucket, mixed in steerings:
+            steer_routers(model, skip, bucket, mixed)
             measure(label, lambda: dense(**inputs) if device.type == "cuda" else dense(),
                     lambda: elastic(**inputs) if device.type == "cuda" else elastic())
     steer_routers(model, set(), None)

@@ -16,8 +16,11 @@ Guarantees, per sample: the block output is the residual input when its router s
 block at the chosen bucket when it runs, as with the default gate. A bucket's body runs on the whole batch and
 keeps its rows for the samples that chose it, so a batch whose samples disagree pays for every bucket chosen by
 any of them (the default gate runs sub-batches instead, which needs the host); with batch 1, or samples that
-agree, exactly the chosen bucket runs. Not supported (typed errors): the feature cache (its reuse decisions are
-made on the host), and skippable blocks with outputs that are not residual streams.
+agree, exactly the chosen bucket runs. ``elastic_compile.stats`` reports the decisions (and their FLOPs, what
+the host gate would execute), not that extra work. With classifier-free guidance, ``cfg="separate"`` keeps the
+conditional and unconditional rows in separate calls, so their decisions never share a batch. Not supported
+(typed errors): the feature cache (its reuse decisions are made on the host), and skippable blocks with outputs
+that are not residual streams.
 """
 from __future__ import annotations
 
