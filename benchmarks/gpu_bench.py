@@ -166,7 +166,7 @@ def one_graph_rows(model, inputs, device, measure) -> None:
     buckets = state.config.width_buckets
     steerings = [("routers, full width", set(), None, False), ("routers skip every odd block", odd, None, False)] + [
         (f"routers pick width {w}", set(), buckets.index(w), False) for w in buckets[:-1][::-1]] + [
-        ("random routers (per-sample decisions; a bucket any sample chose runs on the whole batch)", set(), None, True)]
+        ("random routers (per-sample decisions: the widest chosen bucket runs, masked per sample)", set(), None, True)]
     steer_routers(model, set(), None)
     with torch.no_grad():
         if device.type == "cuda":

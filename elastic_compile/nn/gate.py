@@ -161,9 +161,11 @@ class BlockGate:
         """Routing without a device-to-host copy (``runtime/device_routing.py``); None when ``force`` or the spec
         fixes every decision (the host path then has nothing to wait for).
 
-        Decisions are computed as tensors; the output starts as the residual inputs (the skip output) and each
-        width bucket runs on the whole batch behind ``branches.run_if(any sample chose it)``, writing back only
-        the rows of the samples that chose it.
+        Decisions are computed as tensors; the output starts as the residual inputs (the skip output). The block
+        runs once, on the whole batch, at the widest bucket any running sample chose (``branches.run_if`` on
+        each bucket: at most one is true), with every sample's FFN units past its own bucket zeroed before the
+        out-projection (``WidthControl.unit_masks``: the same function as that sample's narrower bucket, because
+        units are ordered and each bucket keeps a prefix); only the rows of running samples are written back.
         """
         run, bucket = self.static_decisions(batch)
         if run is not None and bucket is not None:
@@ -189,17 +191,28 @@ class BlockGate:
         # a block that always runs: buffers shaped like its other outputs, filled by whichever bucket runs
         outputs.update({i: torch.empty(meta[i][0], dtype=meta[i][1], device=device) for i in missing_tensors})
         constants = {i: meta[i].value for i in missing if i not in missing_tensors}
-        buckets = range(len(state.config.width_buckets)) if bucket is None else sorted(set(bucket))
-        # Few, tiny device ops between two blocks (each is a kernel in the captured graph): the bucket each sample
-        # runs (-1: skipped), then per bucket whether any sample chose it; row masks only inside the bodies.
+        num_buckets = len(state.config.width_buckets)
+        buckets = range(num_buckets) if bucket is None else sorted(set(bucket))
+        # Few, tiny device ops between two blocks (each is a kernel in a captured graph): the bucket each sample
+        # runs (-1: skipped) and the widest of them; one body runs, at that widest bucket.
         choice = torch.where(run_t, bucket_t, -1)
-        wanted = (choice[None, :] == torch.arange(len(state.config.width_buckets), device=device)[:, None]).any(1)
+        widest = choice.max()
+        wanted = widest == torch.arange(num_buckets, device=device)
         branches = state.device_routing.branches
         whole = batch == 1 and branches.mode != "every"  # the body runs only when its one sample chose it
+        narrower = bucket is None and batch > 1  # samples may want narrower buckets than the one that runs
         for b in buckets:
             def body(b=b):
-                leaves, _ = flatten_output(self.run_plan((True, b), args, kwargs, arguments))
-                rows = None if whole else choice == b
+                if narrower:  # each sample's FFN cut to its own width: its units past it are zeroed
+                    sites = self.spec.sites
+                    self.control.unit_masks = {
+                        k: prefix.index_select(0, bucket_t)[:, :sites[k].units_at(state.config.width_buckets[b])]
+                        for k, prefix in enumerate(self.prefix_masks(device))}
+                try:
+                    leaves, _ = flatten_output(self.run_plan((True, b), args, kwargs, arguments))
+                finally:
+                    self.control.unit_masks = None
+                rows = None if whole else run_t & (widest == b)
                 for i, out in outputs.items():
                     if whole:
                         out.copy_(leaves[i])
