@@ -65,6 +65,36 @@ def test_batch_one_and_partial_force():
                 assert plans(model) == expected_plans
 
 
+@pytest.mark.parametrize("plan", [dict(width=0.5), dict(skip=False), dict(skip={1})])
+def test_partial_force_with_mixed_batches(plan):
+    model, inputs = ARCHITECTURES["flux"](batch=4)
+    ec.transform(model, example_inputs=inputs)
+    mixed_routers(model, inputs)
+    with torch.no_grad(), ec.force(model, **plan):
+        expected = first_output(model(**inputs))
+        expected_plans = plans(model)
+        with device_routing(model, "host"):
+            routed = first_output(model(**inputs))
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
+    assert plans(model) == expected_plans
+
+
+def test_non_finite_inputs_run_the_dense_block_like_the_host_gate():
+    model, inputs = ARCHITECTURES["dit"](batch=2)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=3)
+    bad = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+    bad["hidden_states"][1] = float("nan")
+    with torch.no_grad():
+        expected = first_output(model(**bad))
+        expected_plans = plans(model)
+        with device_routing(model, "host"):
+            routed = first_output(model(**bad))
+    assert plans(model) == expected_plans
+    assert all(block[1] == (True, 1.0) for block in expected_plans)  # a NaN logit runs at full width
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_full_force_takes_the_host_path_and_logs_it():
     model, inputs = ARCHITECTURES["reference_dit"](batch=2)
     ec.transform(model, example_inputs=inputs)
