@@ -171,23 +171,23 @@ def one_graph_rows(model, inputs, device, measure) -> None:
     with torch.no_grad():
         if device.type == "cuda":
             with ec.force(model, skip=False, width=1.0):
-                dense = ec.runtime.capture_cuda_graph(model, inputs)
-            elastic = ec.runtime.capture_cuda_graph(model, inputs)
+                dense_graph = ec.runtime.capture_cuda_graph(model, inputs)
+            elastic_graph = ec.runtime.capture_cuda_graph(model, inputs)
+            run_dense, run_elastic = (lambda: dense_graph(**inputs)), (lambda: elastic_graph(**inputs))
         else:
-            def dense():
+            def run_dense():
                 with ec.force(model, skip=False, width=1.0):
                     return model(**inputs)
 
-            def elastic():
+            def run_elastic():
                 with device_routing(model, "host"):
                     return model(**inputs)
         for label, skip, bucket, mixed in steerings:
             steer_routers(model, skip, bucket, mixed)
-            measure(label, lambda: dense(**inputs) if device.type == "cuda" else dense(),
-                    lambda: elastic(**inputs) if device.type == "cuda" else elastic())
+            measure(label, run_dense, run_elastic)
     steer_routers(model, set(), None)
-    del dense, elastic
     if device.type == "cuda":
+        del dense_graph, elastic_graph, run_dense, run_elastic
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -263,6 +263,8 @@ def main() -> int:
                 modes.append("one graph")
             elif args.one_graph:
                 print("one graph: skipped, this PyTorch has no conditional CUDA-graph nodes", flush=True)
+                skipped.append(f"{tokens} tokens, batch {batch}, one graph (torch {torch.__version__} has no "
+                               "conditional CUDA-graph nodes)")
             for mode in modes:
                 def measure(label, dense, elastic, mode=mode):
                     if time.time() - started > args.time_budget:
