@@ -187,10 +187,7 @@ class BlockGate:
         bucket_t = routed_bucket if bucket is None else torch.full((batch,), bucket[0], device=device)
         state.record(BlockCall(self.index, run if run is not None else run_t,
                                bucket if bucket is not None else bucket_t, True))
-        outputs = {i: x.clone() for i, x in self.residual_inputs(arguments).items()}
-        # a block that always runs: buffers shaped like its other outputs, filled by whichever bucket runs
-        outputs.update({i: torch.empty(meta[i][0], dtype=meta[i][1], device=device) for i in missing_tensors})
-        constants = {i: meta[i].value for i in missing if i not in missing_tensors}
+        outputs, constants = self.output_buffers(arguments, meta, missing, missing_tensors, device)
         num_buckets = len(state.config.width_buckets)
         buckets = range(num_buckets) if bucket is None else sorted(set(bucket))
         # Few, tiny device ops between two blocks (each is a kernel in a captured graph): the bucket each sample
@@ -204,10 +201,7 @@ class BlockGate:
         for b in buckets:
             def body(b=b):
                 if narrower:  # each sample's FFN cut to its own width: its units past it are zeroed
-                    sites = self.spec.sites
-                    self.control.unit_masks = {
-                        k: prefix.index_select(0, bucket_t)[:, :sites[k].units_at(state.config.width_buckets[b])]
-                        for k, prefix in enumerate(self.prefix_masks(device))}
+                    self.control.unit_masks = self.own_width_masks(bucket_t, b, device)
                 try:
                     leaves, _ = flatten_output(self.run_plan((True, b), args, kwargs, arguments))
                 finally:
@@ -221,6 +215,20 @@ class BlockGate:
             branches.run_if(wanted[b], body)
         return pytree.tree_unflatten([outputs[i] if i in outputs else constants[i]
                                       for i in range(self.spec.num_output_leaves)], self.output_spec)
+
+    def output_buffers(self, arguments: dict, meta: list, missing: list[int], missing_tensors: list[int], device):
+        """Device routing's output: the residual inputs (the skip output) as buffers the running bucket writes
+        into; for a block that always runs, empty buffers shaped like its other outputs; non-tensor outputs."""
+        outputs = {i: x.clone() for i, x in self.residual_inputs(arguments).items()}
+        outputs.update({i: torch.empty(meta[i][0], dtype=meta[i][1], device=device) for i in missing_tensors})
+        constants = {i: meta[i].value for i in missing if i not in missing_tensors}
+        return outputs, constants
+
+    def own_width_masks(self, sample_buckets: torch.Tensor, running: int, device) -> dict[int, torch.Tensor]:
+        """Per FFN site, (B, units at bucket ``running``): 1 for the units of each sample's own bucket, else 0."""
+        width = self.state.config.width_buckets[running]
+        return {k: prefix.index_select(0, sample_buckets)[:, :self.spec.sites[k].units_at(width)]
+                for k, prefix in enumerate(self.prefix_masks(device))}
 
     def output_meta(self, args, kwargs) -> list:
         """Per output leaf for these inputs: ``(shape, dtype)`` of a tensor, else ``Constant(value)``; from a dense
