@@ -20,8 +20,8 @@ rows of skipped samples are computed and discarded. So a batch costs its widest 
 gate runs sub-batches instead, which needs the host): with batch 1, or samples that agree, exactly the chosen
 bucket runs. Measured on the reference model's trained routers (budget 0.5, block FLOPs over a generation of 8
 images): decisions 0.54 of dense, executed 0.71 with classifier-free guidance in one batch of 16, 0.62 with
-``cfg="separate"`` (batches of 8), 0.59 for one image (batch 2). ``elastic_compile.stats`` reports the
-decisions and their FLOPs (what the host gate would execute), not that extra work. Not supported (typed
+``cfg="separate"`` (batches of 8), 0.59 for one image (batch 2). ``elastic_compile.stats`` counts that work in
+``executed_flops_fraction`` and the decisions' own cost in ``decided_flops_fraction``. Not supported (typed
 errors): the feature cache (its reuse decisions are made on the host), and skippable blocks with outputs that
 are not residual streams.
 """
@@ -93,7 +93,7 @@ class DeviceRouting:
                 run = [bool(next(host)) for _ in range(run.numel())]
             if isinstance(bucket, torch.Tensor):
                 bucket = [int(next(host)) for _ in range(bucket.numel())]
-            calls.append(BlockCall(block, run, bucket, router_ran))
+            calls.append(BlockCall(block, run, bucket, router_ran, batched=True))
         return calls
 
 

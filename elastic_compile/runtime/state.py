@@ -38,6 +38,7 @@ class BlockCall:
     bucket: list[int]
     router_ran: bool
     reused: list[bool] = field(default_factory=list)   # skipped samples that took the cached delta
+    batched: bool = False      # ran once for the whole batch at its widest running bucket (device routing)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,10 @@ class ElasticStats:
     ``decisions[i][s]``: block ``i`` (run order), sample ``s`` (first call of the block in the forward).
     ``executed_flops_fraction``: executed FLOPs of the whole batch / dense FLOPs (router FLOPs included when
     routers ran; FLOPs of matmuls, convolutions and attention, counted by ``analysis.flop_counter``).
-    ``per_sample_flops_fraction``: the same per sample.
+    ``decided_flops_fraction``: what the decisions cost, each sample at its own plan (the default gate executes
+    exactly that; under device routing a block runs once for the whole batch at the widest bucket any running
+    sample chose, so a batch whose samples disagree executes more: ``runtime/device_routing.py``).
+    ``per_sample_flops_fraction``: the decided cost per sample.
     """
 
     block_paths: list[str]
@@ -37,6 +40,7 @@ class ElasticStats:
     dense_flops: int
     executed_flops: int
     router_flops: int
+    decided_flops_fraction: float
 
     @property
     def skipped_fraction(self) -> float:
@@ -60,6 +64,7 @@ def stats(model: nn.Module) -> ElasticStats:
     batch = len(calls[0].run)
     per_sample = [table.non_block / batch] * batch
     router_total = 0
+    batched_excess = 0.0  # device routing: FLOPs run beyond the decisions (whole batch at the widest bucket)
     occurrences: dict[int, int] = {}
     profiled = {}
     for block, flops in table.block_calls:
@@ -76,17 +81,22 @@ def stats(model: nn.Module) -> ElasticStats:
             if s < batch:
                 per_sample[s] += (flops[bucket] / call_batch if run else 0.0) + router_per_sample
         router_total += router_per_sample * call_batch
+        if call.batched:
+            running = [b for r, b in zip(call.run, call.bucket) if r]
+            batched_excess += (flops[max(running)] if running else 0.0) - sum(flops[b] / call_batch for b in running)
         if decisions[call.block] is None:
             reused = call.reused or [False] * len(call.run)
             decisions[call.block] = [Decision(r, buckets[b] if r else None, u)
                                      for r, b, u in zip(call.run, call.bucket, reused)]
     dense_per_sample = table.dense_total / batch
+    decided = sum(per_sample)
     return ElasticStats(
         block_paths=[spec.path for spec in state.specs],
         decisions=[d or [] for d in decisions],
-        executed_flops_fraction=sum(per_sample) / (dense_per_sample * batch),
+        executed_flops_fraction=(decided + batched_excess) / table.dense_total,
         per_sample_flops_fraction=[f / dense_per_sample for f in per_sample],
         dense_flops=int(table.dense_total),
-        executed_flops=int(round(sum(per_sample))),
+        executed_flops=int(round(decided + batched_excess)),
         router_flops=int(router_total),
+        decided_flops_fraction=decided / table.dense_total,
     )
