@@ -1,4 +1,5 @@
 """Device-side routing: decisions as tensors and buckets behind device conditions give the host gate's outputs."""
+import contextlib
 import math
 
 import pytest
@@ -111,7 +112,7 @@ def test_full_force_takes_the_host_path_and_logs_it():
         with device_routing(model, "host") as routing:
             routed = first_output(model(**inputs))
     torch.testing.assert_close(routed, expected)
-    assert all(isinstance(run, list) for _, run, _, _ in routing.log)
+    assert all(isinstance(run, list) for _, run, *_ in routing.log)
     assert [d.run for d in ec.stats(model).decisions[1]] == [False, False]
 
 
@@ -159,12 +160,6 @@ def test_unsupported_setups_are_typed_errors():
                 pass
         with pytest.raises(BackendUnavailableError):
             capture_cuda_graph(model, inputs)
-    ec.apply_feature_cache(model)
-    with pytest.raises(ConfigError, match="feature cache"):
-        with device_routing(model, "host"):
-            pass
-    with pytest.raises(ConfigError, match="feature cache"):
-        capture_cuda_graph(model, inputs)
 
 
 class EagerStandInGraph:
@@ -191,15 +186,22 @@ class EagerStandInGraph:
                 static.copy_(fresh)
 
 
-def stand_in_capture(model, inputs, clone_outputs=True):
-    """What ``capture_cuda_graph`` builds, with :class:`EagerStandInGraph` in place of the CUDA graph."""
-    from elastic_compile.runtime.cuda_graph import CapturedForward, normalize_call
+def stand_in_capture(model, inputs, clone_outputs=True, contexts=(None,)):
+    """What ``capture_cuda_graph`` builds, with :class:`EagerStandInGraph` in place of each CUDA graph."""
+    from elastic_compile.runtime.cache import cache_context
+    from elastic_compile.runtime.cuda_graph import CapturedForward, CapturedGraph, normalize_call
     from elastic_compile.runtime.device_routing import DeviceRouting
     static = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                              normalize_call(model, (), dict(inputs)))
-    routing = DeviceRouting(Branches("host"))
-    graph = EagerStandInGraph(model, static, routing)
-    return CapturedForward(model, graph, static, graph.outputs, routing, clone_outputs=clone_outputs)
+    graphs = {}
+    for context in contexts:
+        routing = DeviceRouting(Branches("host"))
+        with cache_context(model, context) if context is not None else contextlib.nullcontext():
+            graph = EagerStandInGraph(model, static, routing)
+        graphs[context] = CapturedGraph(graph, graph.outputs, routing)
+    if state_of(model).cache is not None:
+        state_of(model).cache.reset()
+    return CapturedForward(model, graphs, static, clone_outputs=clone_outputs)
 
 
 def test_captured_forward_copies_inputs_and_reports_the_replayed_decisions():
@@ -241,3 +243,63 @@ def test_a_captured_forward_serves_the_sampling_loop():
     served = sample(captured, scheduler, labels, config, seed=7, num_inference_steps=4)
     torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
     assert 0.0 < ec.stats(model).executed_flops_fraction < 1.0
+
+
+@pytest.mark.parametrize("cache", [dict(max_reuse=2), dict(max_reuse=1, band=0.3), dict(max_reuse=2, fallback="run")])
+@pytest.mark.parametrize("cfg", ["batch", "separate"])
+def test_feature_cache_on_the_device_follows_the_host_rules(cache, cfg):
+    """A whole generation with the feature cache: device-side reuse counters, band and fallback give the host
+    gate's images and per-step decisions (run, width, reuse), per CFG branch; ``reset_cache`` reaches them."""
+    from elastic_compile.reference import load_reference
+    from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
+    from elastic_compile.runtime.sampling import sample
+    model, scheduler, config = load_reference()
+    ec.transform(model, example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
+                                            class_labels=torch.tensor([1, 2]), return_dict=False))
+    randomize_routers(model, seed=11, scale=1.0)
+    apply_feature_cache(model, FeatureCacheConfig(**cache))
+    hooks = ElasticCacheHooks(model)
+    runs = {}
+    for routed in (False, True):
+        steps = runs[routed] = []
+
+        def record(step, latents):
+            stats = ec.stats(model)
+            steps.append([[(d.run, d.width, d.reused) for d in block] for block in stats.decisions])
+        with contextlib.ExitStack() as stack:
+            if routed:
+                stack.enter_context(device_routing(model, "host"))
+            images = sample(model, scheduler, [1, 4, 6], config, seed=3, num_inference_steps=6, cfg=cfg,
+                            hooks=hooks, on_step_end=record)
+        runs[routed, "images"] = images
+    torch.testing.assert_close(runs[True, "images"], runs[False, "images"], atol=1e-5, rtol=0)
+    assert runs[True] == runs[False]
+    flat = [d for step in runs[False] for block in step for d in block]
+    assert any(reused for _, _, reused in flat) and any(run for run, _, _ in flat)
+    entries = state_of(model).cache.device_entries
+    assert entries and not any(bool(e.valid.any()) for e in entries.values())  # reset when the generation ended
+
+
+def test_captured_forwards_serve_the_cache_per_context():
+    """One graph per cache context; the sampler's hooks pick the graph; images and reuse as on the host."""
+    from elastic_compile.reference import load_reference
+    from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, cache_context
+    from elastic_compile.runtime.sampling import sample
+    model, scheduler, config = load_reference()
+    ec.transform(model, example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
+                                            class_labels=torch.tensor([1, 2]), return_dict=False))
+    randomize_routers(model, seed=11, scale=1.0)
+    apply_feature_cache(model, FeatureCacheConfig(max_reuse=2))
+    hooks = ElasticCacheHooks(model)
+    expected = sample(model, scheduler, [2, 5], config, seed=1, num_inference_steps=6, cfg="separate", hooks=hooks)
+    reused = []
+    batch = dict(hidden_states=torch.zeros(2, 1, 8, 8), timestep=torch.zeros(2),
+                 class_labels=torch.zeros(2, dtype=torch.long), return_dict=False)
+    captured = stand_in_capture(model, batch, clone_outputs=False, contexts=("cond", "uncond"))
+    served = sample(captured, scheduler, [2, 5], config, seed=1, num_inference_steps=6, cfg="separate", hooks=hooks,
+                    on_step_end=lambda step, x: reused.append(
+                        any(d.reused for block in ec.stats(model).decisions for d in block)))
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+    assert any(reused)
+    with pytest.raises(ConfigError, match="captured cache contexts"), cache_context(model, "cond_uncond"):
+        captured(**batch)

@@ -19,7 +19,7 @@ from ..analysis.flop_counter import flop_counter
 from ..analysis.spec import BlockSpec
 from ..errors import ConfigError
 from ..capture.record import bind_to_signature
-from ..runtime.device_routing import device_decisions
+from ..runtime.device_routing import device_decisions, run_logit_threshold
 from ..runtime.state import BlockCall, ElasticState
 from .router import Router
 from .sliced import WidthControl
@@ -168,9 +168,10 @@ class BlockGate:
         units are ordered and each bucket keeps a prefix); only the rows of running samples are written back.
         """
         run, bucket = self.static_decisions(batch)
-        if run is not None and bucket is not None:
-            return None
         state, dense = self.state, self.state.dense_bucket
+        cache = state.cache if self.spec.skippable else None
+        if run is not None and bucket is not None and cache is None:
+            return None
         missing = [i for i in range(self.spec.num_output_leaves) if i not in self.spec.residual_of]
         meta = self.output_meta(args, kwargs) if missing else []
         missing_tensors = [i for i in missing if isinstance(meta[i], tuple)]
@@ -179,15 +180,24 @@ class BlockGate:
                               f"block {self.spec.path} has outputs {missing_tensors} without a residual input",
                               "Route this model on the host (the default), whose skip returns None for them.")
         device = _device_of(args, kwargs)
-        routed_run, routed_bucket = device_decisions(
-            self.router.logits(arguments), self.spec.skippable and state.config.allow_skip and run is None,
-            self.spec.elastic_width and bucket is None, state.config.threshold, dense)
+        router_ran = run is None or bucket is None
+        run_logit = None
+        if router_ran:
+            logits = self.router.logits(arguments)
+            routed_run, routed_bucket = device_decisions(
+                logits, self.spec.skippable and state.config.allow_skip and run is None,
+                self.spec.elastic_width and bucket is None, state.config.threshold, dense)
+            run_logit = logits[:, 0].float() if run is None else None
         # pinned values are the same for every sample: filled on the device (a host copy would break a capture)
         run_t = routed_run if run is None else torch.full((batch,), run[0], device=device)
         bucket_t = routed_bucket if bucket is None else torch.full((batch,), bucket[0], device=device)
-        state.record(BlockCall(self.index, run if run is not None else run_t,
-                               bucket if bucket is not None else bucket_t, True))
-        outputs, constants = self.output_buffers(arguments, meta, missing, missing_tensors, device)
+        reuse_t = entry = None
+        if cache is not None:
+            run_t, reuse_t, entry = self.device_cache_policy(cache, run_t, run_logit, arguments, batch)
+        state.record(BlockCall(self.index, run if run is not None and reuse_t is None else run_t,
+                               bucket if bucket is not None else bucket_t, router_ran,
+                               reuse_t if reuse_t is not None else []))
+        outputs, constants = self.output_buffers(arguments, meta, missing, missing_tensors, device, reuse_t, entry)
         num_buckets = len(state.config.width_buckets)
         buckets = range(num_buckets) if bucket is None else sorted(set(bucket))
         # Few, tiny device ops between two blocks (each is a kernel in a captured graph): the bucket each sample
@@ -213,16 +223,55 @@ class BlockGate:
                     else:
                         out.copy_(torch.where(rows.reshape((-1,) + (1,) * (out.ndim - 1)), leaves[i], out))
             branches.run_if(wanted[b], body)
+        if entry is not None:
+            self.device_cache_store(entry, self.residual_inputs(arguments), outputs, run_t, reuse_t)
         return pytree.tree_unflatten([outputs[i] if i in outputs else constants[i]
                                       for i in range(self.spec.num_output_leaves)], self.output_spec)
 
-    def output_buffers(self, arguments: dict, meta: list, missing: list[int], missing_tensors: list[int], device):
-        """Device routing's output: the residual inputs (the skip output) as buffers the running bucket writes
-        into; for a block that always runs, empty buffers shaped like its other outputs; non-tensor outputs."""
-        outputs = {i: x.clone() for i, x in self.residual_inputs(arguments).items()}
+    def output_buffers(self, arguments: dict, meta: list, missing: list[int], missing_tensors: list[int], device,
+                       reuse: torch.Tensor | None = None, entry=None):
+        """Device routing's output: the skip output (residual inputs, plus the cached delta for rows in ``reuse``)
+        as buffers the running bucket writes into; for a block that always runs, empty buffers shaped like its
+        other outputs; non-tensor outputs."""
+        outputs = {}
+        for i, x in self.residual_inputs(arguments).items():
+            if reuse is None:
+                outputs[i] = x.clone()
+            else:
+                outputs[i] = torch.where(reuse.reshape((-1,) + (1,) * (x.ndim - 1)), x + entry.deltas[i], x)
         outputs.update({i: torch.empty(meta[i][0], dtype=meta[i][1], device=device) for i in missing_tensors})
         constants = {i: meta[i].value for i in missing if i not in missing_tensors}
         return outputs, constants
+
+    def device_cache_policy(self, cache, run: torch.Tensor, run_logit: torch.Tensor | None, arguments: dict,
+                            batch: int):
+        """``apply_cache_policy`` on device tensors: ``(run, reuse, entry)`` after the feature cache's rules."""
+        entry = cache.device_entry(self.index, self.residual_inputs(arguments), batch)
+        usable = entry.valid & (entry.reuse < cache.config.max_reuse)
+        band = cache.config.band
+        if band is None:
+            reuse = run.logical_not() & usable
+        elif run_logit is None:
+            reuse = torch.zeros_like(run)
+        else:  # p in [tau, tau + band): run, but barely -> reuse (a NaN logit compares False: it runs)
+            limit = self.state.config.threshold + band
+            reuse = run & usable & (run_logit < (run_logit_threshold(limit) if limit < 1.0 else math.inf))
+            run = run & reuse.logical_not()
+        if cache.config.fallback == "run":  # no identity skips: reuse when possible, else run
+            reuse = reuse | (run.logical_not() & usable)
+            run = run | reuse.logical_not()
+        return run, reuse, entry
+
+    @staticmethod
+    def device_cache_store(entry, inputs: dict, outputs: dict, run: torch.Tensor, reuse: torch.Tensor) -> None:
+        """The cache's ``store`` and reuse counting in place: ``delta = out - in`` for rows that ran (their
+        counters restart), one more reuse for rows that took their delta."""
+        for i, delta in entry.deltas.items():
+            x = inputs[i]
+            rows = run.reshape((-1,) + (1,) * (x.ndim - 1))
+            delta.copy_(torch.where(rows, outputs[i] - x, delta))
+        entry.reuse.copy_(torch.where(run, 0, entry.reuse + reuse.long()))
+        entry.valid.logical_or_(run)
 
     def own_width_masks(self, sample_buckets: torch.Tensor, running: int, device) -> dict[int, torch.Tensor]:
         """Per FFN site, (B, units at bucket ``running``): 1 for the units of each sample's own bucket, else 0."""

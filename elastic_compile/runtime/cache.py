@@ -59,6 +59,23 @@ class _Entry:
         self.reuse = [0] * batch
 
 
+class DeviceEntry:
+    """The same state as :class:`_Entry` as device tensors, for gates that route on the device
+    (``runtime/device_routing.py``): updated in place, so a captured CUDA graph keeps reading and writing the
+    same memory across replays and ``reset`` reaches it."""
+
+    def __init__(self, inputs: dict[int, torch.Tensor], batch: int):
+        device = next(iter(inputs.values())).device
+        self.batch = batch
+        self.valid = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.reuse = torch.zeros(batch, dtype=torch.long, device=device)
+        self.deltas = {leaf: torch.zeros_like(x) for leaf, x in inputs.items()}
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.reuse.zero_()
+
+
 class FeatureCacheState:
     """Deltas and reuse counters per (context, block); ``context`` is the active branch name."""
 
@@ -66,17 +83,37 @@ class FeatureCacheState:
         self.config = config
         self.context: str | None = None
         self.entries: dict[tuple[str, int], _Entry] = {}
+        self.device_entries: dict[tuple[str, int, int], DeviceEntry] = {}
 
     def reset(self) -> None:
         self.entries.clear()
+        for entry in self.device_entries.values():  # in place: captured graphs hold these tensors
+            entry.reset()
 
-    def entry(self, block: int, batch: int) -> _Entry:
+    def _require_context(self) -> str:
         if self.context is None:
             raise CacheContextError("model calls inside a cache context while the feature cache is on",
                                     "a call outside any context",
                                     "Wrap each call in `with elastic_compile.cache_context(model, 'cond'):` (one name "
                                     "per CFG branch) or sample with ElasticCacheHooks.")
-        key = (self.context, block)
+        return self.context
+
+    def device_entry(self, block: int, inputs: dict[int, torch.Tensor], batch: int) -> DeviceEntry:
+        """The device-side state of ``block`` for the active context and this batch size (created on first use,
+        which must not be inside a CUDA-graph capture: ``capture_cuda_graph`` warms up first)."""
+        key = (self._require_context(), block, batch)
+        entry = self.device_entries.get(key)
+        if entry is None:
+            if any(x.is_cuda for x in inputs.values()) and torch.cuda.is_current_stream_capturing():
+                raise CacheContextError("the feature cache's device buffers created before a CUDA-graph capture",
+                                        f"a capture in context {key[0]!r} that no warm-up ran",
+                                        "Capture with elastic_compile.runtime.capture_cuda_graph (it warms up each "
+                                        "context first), inside the cache context the graph will serve.")
+            entry = self.device_entries[key] = DeviceEntry(inputs, batch)
+        return entry
+
+    def entry(self, block: int, batch: int) -> _Entry:
+        key = (self._require_context(), block)
         entry = self.entries.get(key)
         if entry is None or entry.batch != batch:
             entry = self.entries[key] = _Entry(batch)

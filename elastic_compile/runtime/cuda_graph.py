@@ -7,13 +7,21 @@ returned :class:`CapturedForward` replays it for new inputs of the same shapes (
 input buffers) and returns the graph's static outputs; ``elastic_compile.stats(model)`` reads the decisions of
 the last replay (one copy, only when asked).
 
+With the feature cache on, one graph is captured per cache context (``cache_contexts``, e.g. ``("cond",
+"uncond")`` for classifier-free guidance in two calls; default: the context active at capture) and a call replays
+the graph of the context active then (``cache_context`` / ``ElasticCacheHooks`` set it, as for eager calls).
+The cache's device buffers are updated in place by the graphs, so ``reset_cache`` between generations works.
+
 Decisions pinned by ``elastic_compile.force`` around the capture are baked into the graph (that is how a dense
 baseline graph is made); router weights are read by the graph at replay, so changing them in place is seen, but
 replacing a parameter tensor (``load_state_dict`` keeps storage, ``.to()`` does not) needs a new capture.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,25 +29,54 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..capture.record import bind_to_signature
-from ..errors import BackendUnavailableError, InputMismatchError
-from .device_routing import check_supported, conditional_nodes_available, device_routing
+from ..errors import BackendUnavailableError, ConfigError, InputMismatchError
+from .cache import cache_context
+from .device_routing import DeviceRouting, check_supported, conditional_nodes_available, device_routing
 from .state import describe_inputs, state_of
+
+
+@dataclass
+class CapturedGraph:
+    """One captured forward: the graph (anything with ``replay()``), its output buffers and its decision log."""
+
+    graph: Any
+    outputs: Any
+    routing: DeviceRouting
 
 
 class CapturedForward:
     """A captured elastic forward: ``captured(*args, **kwargs)`` replays it on new inputs of the capture's shapes.
 
-    The outputs are the graph's own buffers, overwritten by the next replay (``clone_outputs=True`` returns
-    copies). Not thread-safe: one replay at a time per captured forward.
+    ``graphs``: per feature-cache context (None without the cache). The outputs are the graph's own buffers,
+    overwritten by the next replay (``clone_outputs=True`` returns copies). Not thread-safe: one replay at a time.
     """
 
-    def __init__(self, model: nn.Module, graph: torch.cuda.CUDAGraph, static_inputs: tuple, outputs: Any,
-                 routing, clone_outputs: bool):
-        self.model, self.graph, self.static_inputs, self.outputs = model, graph, static_inputs, outputs
-        self.routing, self.clone_outputs = routing, clone_outputs
+    def __init__(self, model: nn.Module, graphs: dict[str | None, CapturedGraph], static_inputs: tuple,
+                 clone_outputs: bool):
+        self.model, self.graphs, self.static_inputs, self.clone_outputs = model, graphs, static_inputs, clone_outputs
         self.static_leaves, self.input_spec = pytree.tree_flatten(static_inputs)
 
     def __call__(self, *args, **kwargs):
+        captured = self.graph_for_context()
+        self.copy_inputs(args, kwargs)
+        captured.graph.replay()
+        state = state_of(self.model)
+        state.last_inputs = describe_inputs(*self.static_inputs)
+        state.pending_calls = captured.routing.calls
+        if not self.clone_outputs:
+            return captured.outputs
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, captured.outputs)
+
+    def graph_for_context(self) -> CapturedGraph:
+        cache = state_of(self.model).cache
+        context = cache.context if cache is not None else None
+        if context not in self.graphs:
+            raise ConfigError(f"a call in one of the captured cache contexts {sorted(map(str, self.graphs))}",
+                              f"context {context!r}", "Capture with cache_contexts=(...) listing every context the "
+                              "sampler uses (ElasticCacheHooks: 'cond_uncond', or 'cond' and 'uncond').")
+        return self.graphs[context]
+
+    def copy_inputs(self, args: tuple, kwargs: dict) -> None:
         leaves, spec = pytree.tree_flatten(normalize_call(self.model, args, kwargs))
         if spec != self.input_spec:
             raise InputMismatchError(f"inputs structured as at capture ({self.input_spec})", f"{spec}",
@@ -55,12 +92,6 @@ class CapturedForward:
             elif value != static:
                 raise InputMismatchError(f"input {index} == {static!r} (baked into the graph)", repr(value),
                                          "Capture again for other non-tensor arguments.")
-        self.graph.replay()
-        state = state_of(self.model)
-        state.last_inputs = describe_inputs(*self.static_inputs)
-        state.pending_calls = self.routing.calls
-        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                               self.outputs) if self.clone_outputs else self.outputs
 
 
 def normalize_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -72,16 +103,17 @@ def normalize_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
     return (), named
 
 
-def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, warmup: int = 2, pool=None,
-                       clone_outputs: bool = False) -> CapturedForward:
+def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, cache_contexts: Sequence[str] | None = None,
+                       warmup: int = 2, pool=None, clone_outputs: bool = False) -> CapturedForward:
     """Capture one forward of the elastic ``model`` (on a CUDA device) with device-side routing.
 
     ``example_inputs``: a dict of keyword arguments or a tuple of positional ones, on the model's device; later
     calls (positional or by name, as ``model.forward`` accepts them) must match their shapes, dtypes and
     non-tensor values. A sampler with classifier-free guidance in one batch calls the model with twice the
-    number of images: capture with that batch. ``pool``: a graph memory pool to share with
-    other captures (``torch.cuda.graph_pool_handle()``). Raises ``BackendUnavailableError`` without a GPU or
-    without conditional graph nodes, ``ConfigError`` with the feature cache on.
+    number of images: capture with that batch. ``cache_contexts``: with the feature cache on, the contexts to
+    capture a graph for (default: the active one). ``pool``: a graph memory pool to share with other captures
+    (``torch.cuda.graph_pool_handle()``). Raises ``BackendUnavailableError`` without a GPU or without
+    conditional graph nodes; the feature cache's state is reset (warm-up runs touch it).
     """
     state = state_of(model)
     check_supported(state)
@@ -96,10 +128,22 @@ def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, warmup: int = 2
     if any(isinstance(t, torch.Tensor) and not t.is_cuda for t in pytree.tree_leaves(static_inputs)):
         raise BackendUnavailableError("example inputs on a CUDA device", "a tensor on the CPU",
                                       "Move the model and its inputs to the GPU before capturing.")
+    contexts = [None] if state.cache is None else list(cache_contexts or [state.cache.context])
+    graphs = {}
+    for context in contexts:
+        with cache_context(model, context) if context is not None else contextlib.nullcontext():
+            graphs[context] = _capture_one(model, static_inputs, warmup, pool)
+    if state.cache is not None:
+        state.cache.reset()
+    return CapturedForward(model, graphs, static_inputs, clone_outputs)
+
+
+def _capture_one(model: nn.Module, static_inputs: tuple, warmup: int, pool) -> CapturedGraph:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
-        # every bucket's body runs once, so no kernel, cuBLAS handle or workspace is first created mid-capture
+        # every bucket's body runs once, so no kernel, cuBLAS handle, workspace or cache buffer is first created
+        # mid-capture
         with device_routing(model, "every"):
             for _ in range(warmup):
                 model(*static_inputs[0], **static_inputs[1])
@@ -109,4 +153,5 @@ def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, warmup: int = 2
     with torch.no_grad(), device_routing(model, "graph") as routing:
         with torch.cuda.graph(graph, pool=pool):
             outputs = model(*static_inputs[0], **static_inputs[1])
-    return CapturedForward(model, graph, static_inputs, outputs, routing, clone_outputs)
+    return CapturedGraph(graph, outputs, routing)
+

@@ -21,9 +21,12 @@ gate runs sub-batches instead, which needs the host): with batch 1, or samples t
 bucket runs. Measured on the reference model's trained routers (budget 0.5, block FLOPs over a generation of 8
 images): decisions 0.54 of dense, executed 0.71 with classifier-free guidance in one batch of 16, 0.62 with
 ``cfg="separate"`` (batches of 8), 0.59 for one image (batch 2). ``elastic_compile.stats`` counts that work in
-``executed_flops_fraction`` and the decisions' own cost in ``decided_flops_fraction``. Not supported (typed
-errors): the feature cache (its reuse decisions are made on the host), and skippable blocks with outputs that
-are not residual streams.
+``executed_flops_fraction`` and the decisions' own cost in ``decided_flops_fraction``.
+
+The feature cache (``runtime/cache.py``) works here too, with the same rules on device tensors (reuse counters,
+band, fallback): its per-(context, block, batch) deltas live in buffers updated in place
+(``FeatureCacheState.device_entries``), so ``reset_cache`` reaches a captured graph's state. Not supported (a
+typed error): skippable blocks with tensor outputs that are not residual streams.
 """
 from __future__ import annotations
 
@@ -76,8 +79,8 @@ class Branches:
 class DeviceRouting:
     """Installed on an :class:`~elastic_compile.runtime.state.ElasticState` while gates route on the device.
 
-    ``log``: per block call, ``(block, run, bucket, router_ran)`` where ``run``/``bucket`` are device tensors
-    (refreshed by every replay of a captured graph) or host lists (decisions pinned by ``force``).
+    ``log``: per block call, ``(block, run, bucket, router_ran, reused)`` where ``run``/``bucket``/``reused`` are
+    device tensors (refreshed by every replay of a captured graph) or host lists (decisions pinned by ``force``).
     """
 
     branches: Branches
@@ -85,15 +88,15 @@ class DeviceRouting:
 
     def calls(self) -> list[BlockCall]:
         """The logged decisions as host records (one device-to-host copy for the whole forward)."""
-        tensors = [t for _, run, bucket, _ in self.log for t in (run, bucket) if isinstance(t, torch.Tensor)]
+        tensors = [t for entry in self.log for t in entry[1:] if isinstance(t, torch.Tensor)]
         host = iter(torch.cat([t.reshape(-1).long() for t in tensors]).tolist()) if tensors else iter(())
+
+        def listed(value, kind):
+            return [kind(next(host)) for _ in range(value.numel())] if isinstance(value, torch.Tensor) else value
         calls = []
-        for block, run, bucket, router_ran in self.log:
-            if isinstance(run, torch.Tensor):
-                run = [bool(next(host)) for _ in range(run.numel())]
-            if isinstance(bucket, torch.Tensor):
-                bucket = [int(next(host)) for _ in range(bucket.numel())]
-            calls.append(BlockCall(block, run, bucket, router_ran, batched=True))
+        for block, run, bucket, router_ran, reused in self.log:
+            run, bucket, reused = listed(run, bool), listed(bucket, int), listed(reused, bool)
+            calls.append(BlockCall(block, run, bucket, router_ran, reused, batched=True))
         return calls
 
 
@@ -122,10 +125,6 @@ def device_decisions(logits: torch.Tensor, can_skip: bool, elastic_width: bool, 
 
 
 def check_supported(state: ElasticState) -> None:
-    if state.cache is not None:
-        raise ConfigError("no feature cache on a model routed on the device", "the feature cache is on",
-                          "Its reuse decisions are taken on the host: remove it (elastic_compile.reset_cache / "
-                          "apply_feature_cache(..., enabled=False)) or run without device routing.")
     if state.soft:
         raise ConfigError("hard decisions for device routing", "soft decisions (router training in progress)",
                           "Route on the device only at inference.")

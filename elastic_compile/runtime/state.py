@@ -95,7 +95,7 @@ class ElasticState:
         if self.profiling:
             return
         if self.device_routing is not None:
-            self.device_routing.log.append((call.block, call.run, call.bucket, call.router_ran))
+            self.device_routing.log.append((call.block, call.run, call.bucket, call.router_ran, call.reused))
         else:
             self.calls.append(call)
 
