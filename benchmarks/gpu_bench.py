@@ -17,6 +17,7 @@ width, that skip every odd block, and that pick each narrower bucket: the decisi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -29,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elastic_compile as ec  # noqa: E402
 from elastic_compile.capture.record import bind_to_signature  # noqa: E402
 from elastic_compile.models import DiT, dit_config  # noqa: E402
+from elastic_compile.runtime.cache import (FeatureCacheConfig, apply_feature_cache, cache_context,  # noqa: E402
+                                           remove_feature_cache, reset_cache)
 from elastic_compile.runtime.device_routing import conditional_nodes_available, device_routing  # noqa: E402
 from elastic_compile.runtime.state import state_of  # noqa: E402
 
@@ -185,9 +188,31 @@ def one_graph_rows(model, inputs, device, measure) -> None:
         for label, skip, bucket, mixed in steerings:
             steer_routers(model, skip, bucket, mixed)
             measure(label, run_dense, run_elastic)
+        # the feature cache on the device: skipped blocks add their cached residual update (reuse counters,
+        # one context, reset before each forward as at the start of a generation)
+        steer_routers(model, odd, None)
+        apply_feature_cache(model, FeatureCacheConfig(max_reuse=2))
+        try:
+            with cache_context(model, "bench"):
+                cached_graph = ec.runtime.capture_cuda_graph(model, inputs) if device.type == "cuda" else None
+
+            def run_cached():
+                reset_cache(model)
+                with cache_context(model, "bench"):
+                    if cached_graph is not None:
+                        return cached_graph(**inputs)
+                    with device_routing(model, "host"):
+                        return model(**inputs)
+            def run_dense_beside_cache():  # the dense graph has no cache ops; eagerly, the cache needs a context
+                with cache_context(model, "dense") if cached_graph is None else contextlib.nullcontext():
+                    return run_dense()
+            measure("routers skip every odd block, feature cache on (its bookkeeping: these skips never find a delta)",
+                    run_dense_beside_cache, run_cached)
+        finally:
+            remove_feature_cache(model)
     steer_routers(model, set(), None)
     if device.type == "cuda":
-        del dense_graph, elastic_graph, run_dense, run_elastic
+        del dense_graph, elastic_graph, cached_graph, run_dense, run_elastic
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
