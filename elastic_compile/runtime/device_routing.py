@@ -3,8 +3,8 @@
 The default gate copies each router's logits to the host to choose what runs next; on a GPU that copy is a
 synchronisation that drains the queue once per block (on an H200, 0.56x of dense for a 28-block DiT-XL at 256
 tokens, batch 1, even with every block and router graph-captured: benchmarks/results/gpu_NVIDIA_H200.md). Under
-:func:`device_routing` each gate instead computes its decisions as tensors and runs every width bucket behind a
-device-evaluated condition (:class:`Branches`); the condition is what changes with the mode:
+:func:`device_routing` each gate instead computes its decisions as tensors and puts each width bucket behind a
+device-evaluated condition (:class:`Branches`; at most one is true per block); what evaluates it is the mode:
 
 * ``"graph"``: a CUDA-graph IF node (CUDA >= 12.4, ``torch.cuda.CUDAGraph.begin_capture_to_if_node``), so one
   graph of the whole forward replays with every decision taken on the GPU (:mod:`.cuda_graph` captures it);
