@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from torch.utils import _pytree as pytree
 
 import elastic_compile as ec
 from elastic_compile.errors import BackendUnavailableError, ConfigError
@@ -13,7 +12,7 @@ from elastic_compile.nn.gate import best_bucket, run_probability
 from elastic_compile.runtime.cuda_graph import capture_cuda_graph
 from elastic_compile.runtime.device_routing import Branches, device_decisions, device_routing, run_logit_threshold
 from elastic_compile.runtime.state import state_of
-from helpers import randomize_routers
+from helpers import randomize_routers, stand_in_capture
 from zoo import ARCHITECTURES, first_output
 
 
@@ -160,48 +159,6 @@ def test_unsupported_setups_are_typed_errors():
                 pass
         with pytest.raises(BackendUnavailableError):
             capture_cuda_graph(model, inputs)
-
-
-class EagerStandInGraph:
-    """Test double of a captured CUDA graph: ``replay`` recomputes the forward from the static inputs into the
-    static outputs, with the routing the capture installed (what a CUDA graph's replay does, minus the GPU)."""
-
-    def __init__(self, model, static_inputs, routing):
-        self.model, self.static_inputs, self.routing = model, static_inputs, routing
-        with torch.no_grad():
-            self.outputs = self.forward()
-
-    def forward(self):
-        state = state_of(self.model)
-        previous, state.device_routing = state.device_routing, self.routing
-        try:
-            with torch.no_grad():
-                return self.model(*self.static_inputs[0], **self.static_inputs[1])
-        finally:
-            state.device_routing = previous
-
-    def replay(self):
-        for static, fresh in zip(pytree.tree_leaves(self.outputs), pytree.tree_leaves(self.forward())):
-            if isinstance(static, torch.Tensor):
-                static.copy_(fresh)
-
-
-def stand_in_capture(model, inputs, clone_outputs=True, contexts=(None,)):
-    """What ``capture_cuda_graph`` builds, with :class:`EagerStandInGraph` in place of each CUDA graph."""
-    from elastic_compile.runtime.cache import cache_context
-    from elastic_compile.runtime.cuda_graph import CapturedForward, CapturedGraph, normalize_call
-    from elastic_compile.runtime.device_routing import DeviceRouting
-    static = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                             normalize_call(model, (), dict(inputs)))
-    graphs = {}
-    for context in contexts:
-        routing = DeviceRouting(Branches("host"))
-        with cache_context(model, context) if context is not None else contextlib.nullcontext():
-            graph = EagerStandInGraph(model, static, routing)
-        graphs[context] = CapturedGraph(graph, graph.outputs, routing)
-    if state_of(model).cache is not None:
-        state_of(model).cache.reset()
-    return CapturedForward(model, graphs, static, clone_outputs=clone_outputs)
 
 
 def test_captured_forward_copies_inputs_and_reports_the_replayed_decisions():

@@ -285,6 +285,27 @@ def test_sampling_and_feature_cache_on_the_runtime_match_the_pytorch_model(tmp_p
     assert (tmp_path / "g.png").stat().st_size > 0 and "3 images" in capsys.readouterr().out
 
 
+def test_run_cli_with_cuda_graphs(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """``run --cuda-graph``: typed errors without a GPU or with another backend; with the capture replaced by an
+    eager stand-in (what a replay computes), the same images as the plain torch run, feature cache included."""
+    import elastic_compile.runtime.cuda_graph as cuda_graph
+    from helpers import stand_in_capture
+    exported = _get("reference", tmp_path_factory)
+    common = ["run", str(exported.dir), "--classes", "0,3", "--steps", "3", "--threads", "1", "--cache", "on"]
+    assert main(common + ["--cuda-graph", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--backend torch" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(common + ["--backend", "torch", "--cuda-graph", "--out", str(tmp_path / "x.pt")]) == 2
+        assert "CUDA" in capsys.readouterr().err
+    monkeypatch.setattr(cuda_graph, "capture_cuda_graph", lambda model, inputs, cache_contexts=None, **options:
+                        stand_in_capture(model, inputs, clone_outputs=False, contexts=cache_contexts or (None,)))
+    for cfg in ("batch", "separate"):
+        assert main(common + ["--backend", "torch", "--cfg", cfg, "--out", str(tmp_path / "plain.pt")]) == 0
+        assert main(common + ["--backend", "torch", "--cfg", cfg, "--cuda-graph", "--out", str(tmp_path / "g.pt")]) == 0
+        assert "one CUDA graph per forward" in capsys.readouterr().out
+        torch.testing.assert_close(torch.load(tmp_path / "g.pt"), torch.load(tmp_path / "plain.pt"), atol=1e-5, rtol=0)
+
+
 def test_single_thread_router_runs_on_one_thread_and_restores_the_pool():
     from elastic_compile.runtime.executor import SingleThreadRouter
     seen = []

@@ -26,6 +26,11 @@ def register(subparsers) -> None:
     parser.add_argument("--skip", default=None, help="force skips: 'all', 'none' or block indices like 2,5")
     parser.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
                         help="block feature cache: auto = on when the routers were trained cache-aware")
+    parser.add_argument("--device", default=None, help="where the PyTorch parts run, e.g. cuda (default: CPU; "
+                        "CUDA for TensorRT)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="torch backend on a GPU: each forward replays one CUDA graph in which the routers "
+                        "decide on the GPU (elastic_compile.runtime.capture_cuda_graph)")
     parser.set_defaults(handler=run)
 
 
@@ -63,21 +68,43 @@ def save_images(images: torch.Tensor, path: Path, nrow: int) -> Path:
     return path
 
 
+def sample_with_cuda_graph(runtime, labels: list[int], options: dict) -> torch.Tensor:
+    """``runtime.sample`` through a CUDA graph of the sampler's calls (captured first, under the active force)."""
+    from ..runtime.cuda_graph import capture_for_sampling
+    from ..runtime.sampling import sample
+
+    if runtime.scheduler is None or runtime.sampling_config is None:
+        raise ConfigError("an export with a scheduler and a sampling config", "none stored",
+                          "Export with scheduler=... and sampling_config=....")
+    dtype = next(runtime.model.parameters()).dtype
+    captured = capture_for_sampling(runtime.model, runtime.scheduler, runtime.sampling_config, len(labels),
+                                    cfg=options["cfg"], guidance_scale=options["guidance_scale"],
+                                    device=runtime.device, dtype=dtype)
+    return sample(captured, runtime.scheduler, labels, runtime.sampling_config, device=runtime.device, dtype=dtype,
+                  **options)
+
+
 def run(args) -> int:
     import elastic_compile as ec
     from ..runtime.cache import serving_cache_hooks
 
     labels = [int(c) for c in parse_floats(args.classes, "--classes")]
-    runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads)
+    if args.cuda_graph and args.backend != "torch":
+        raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
+                          "CUDA graphs are captured from the PyTorch model: add --backend torch --device cuda.")
+    runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device)
     hooks = serving_cache_hooks(runtime, args.cache)
+    options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
+                   progress=True, hooks=hooks)
     started = time.perf_counter()
     with ec.force(runtime, skip=_skip(args.skip), width=args.width):
-        images = runtime.sample(labels, seed=args.seed, num_inference_steps=args.steps,
-                                guidance_scale=args.guidance, cfg=args.cfg, progress=True, hooks=hooks)
+        images = sample_with_cuda_graph(runtime, labels, options) if args.cuda_graph else \
+            runtime.sample(labels, **options)
     seconds = time.perf_counter() - started
     path = save_images(images, Path(args.out), args.nrow or len(labels))
     stats = ec.stats(runtime)
-    print(f"{len(labels)} images in {seconds:.2f} s ({args.backend}) -> {path}; last step executed "
+    how = args.backend + (", one CUDA graph per forward" if args.cuda_graph else "")
+    print(f"{len(labels)} images in {seconds:.2f} s ({how}) -> {path}; last step executed "
           f"{100 * stats.executed_flops_fraction:.1f}% of dense FLOPs, {100 * stats.skipped_fraction:.1f}% of "
           f"block calls skipped" + ("" if hooks is None else " (feature cache on)"))
     runtime.close()

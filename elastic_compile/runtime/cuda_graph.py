@@ -155,3 +155,38 @@ def _capture_one(model: nn.Module, static_inputs: tuple, warmup: int, pool) -> C
             outputs = model(*static_inputs[0], **static_inputs[1])
     return CapturedGraph(graph, outputs, routing)
 
+
+
+def capture_for_sampling(model: nn.Module, scheduler: Any, config, num_images: int, *, cfg: str = "separate",
+                         guidance_scale: float | None = None, device: str | torch.device = "cuda",
+                         dtype: torch.dtype | None = None, **options) -> CapturedForward:
+    """A :class:`CapturedForward` for the calls ``runtime.sampling.sample`` makes to generate ``num_images``
+    images with ``cfg`` and ``guidance_scale`` (default: the config's): its batch, dtypes, and with the feature
+    cache on, one graph per context :class:`~elastic_compile.runtime.cache.ElasticCacheHooks` names."""
+    inputs, contexts = sampling_calls(scheduler, config, num_images, cfg=cfg, guidance_scale=guidance_scale,
+                                      device=device, dtype=dtype or next(model.parameters()).dtype)
+    if state_of(model).cache is not None:
+        options.setdefault("cache_contexts", contexts)
+    return capture_cuda_graph(model, inputs, **options)
+
+
+def sampling_calls(scheduler: Any, config, num_images: int, *, cfg: str, guidance_scale: float | None,
+                   device, dtype: torch.dtype) -> tuple[dict, tuple[str, ...]]:
+    """(example keyword inputs, cache contexts) of the denoiser calls of ``runtime.sampling.sample``."""
+    import copy
+
+    from .sampler_hooks import BRANCH_COND, BRANCH_COND_UNCOND, BRANCH_UNCOND
+    from .sampling import CFG_MODES
+    if cfg not in CFG_MODES:
+        raise ConfigError(f"cfg in {CFG_MODES}", repr(cfg), "Use 'separate' (two calls per step) or 'batch'.")
+    scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
+    guided = scale != 1.0
+    batch = 2 * num_images if guided and cfg == "batch" else num_images
+    contexts = ((BRANCH_COND_UNCOND,) if cfg == "batch" else (BRANCH_COND, BRANCH_UNCOND)) if guided else (BRANCH_COND,)
+    timesteps = copy.deepcopy(scheduler)
+    timesteps.set_timesteps(config.num_inference_steps, device=device)
+    inputs = dict(hidden_states=torch.zeros(batch, config.in_channels, config.sample_size, config.sample_size,
+                                            device=device, dtype=dtype),
+                  timestep=torch.zeros(batch, device=device, dtype=timesteps.timesteps.dtype),
+                  class_labels=torch.zeros(batch, device=device, dtype=torch.long), return_dict=False)
+    return inputs, contexts
