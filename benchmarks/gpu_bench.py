@@ -162,7 +162,7 @@ def steer_routers(model, skip: set[int], bucket: int | None, mixed: bool = False
                 router.fc2.bias[1 + bucket] = 8.0
 
 
-def one_graph_rows(model, inputs, device, measure) -> None:
+def one_graph_rows(model, inputs, device, measure, failures: list) -> None:
     """Whole-forward graphs (see the module doc); on the CPU (smoke test) eager device routing stands in."""
     state = state_of(model)
     odd = {s.index for s in state.specs if s.index % 2 == 1 and s.skippable}
@@ -188,6 +188,26 @@ def one_graph_rows(model, inputs, device, measure) -> None:
         for label, skip, bucket, mixed in steerings:
             steer_routers(model, skip, bucket, mixed)
             measure(label, run_dense, run_elastic)
+        # the same graph with each block's decision ops compiled into one or two kernels (torch.compile)
+        fused_graph = None
+        try:
+            steer_routers(model, set(), None)
+            if device.type == "cuda":
+                fused_graph = ec.runtime.capture_cuda_graph(model, inputs, fuse_decisions=True)
+
+            def run_fused():
+                if fused_graph is not None:
+                    return fused_graph(**inputs)
+                with device_routing(model, "host", fuse_decisions=True):
+                    return model(**inputs)
+            for label, skip in (("routers, full width, fused decisions", set()),
+                                ("routers skip every odd block, fused decisions", odd)):
+                steer_routers(model, skip, None)
+                measure(label, run_dense, run_fused)
+        except Exception as error:  # keep the rows above and the cache row below
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            print(f"fused decisions failed: {message}", flush=True)
+            failures.append(f"one graph with fused decisions (failed: {message})")
         # the feature cache on the device: skipped blocks add their cached residual update (reuse counters,
         # one context, reset before each forward as at the start of a generation)
         steer_routers(model, odd, None)
@@ -212,7 +232,7 @@ def one_graph_rows(model, inputs, device, measure) -> None:
             remove_feature_cache(model)
     steer_routers(model, set(), None)
     if device.type == "cuda":
-        del dense_graph, elastic_graph, cached_graph, run_dense, run_elastic
+        del dense_graph, elastic_graph, cached_graph, fused_graph, run_dense, run_elastic
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -322,7 +342,9 @@ def main() -> int:
                         skipped.append(f"{tokens} tokens, batch {batch}, one graph (not captured)")
                         continue
                     try:
-                        one_graph_rows(model, inputs, device, measure)
+                        failures = []
+                        one_graph_rows(model, inputs, device, measure, failures)
+                        skipped.extend(f"{tokens} tokens, batch {batch}, {f}" for f in failures)
                     except Exception as error:  # report it and keep the other rows: the lease is short
                         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                         print(f"one graph failed at {tokens} tokens, batch {batch}: {message}", flush=True)

@@ -260,3 +260,16 @@ def test_captured_forwards_serve_the_cache_per_context():
     assert any(reused)
     with pytest.raises(ConfigError, match="captured cache contexts"), cache_context(model, "cond_uncond"):
         captured(**batch)
+
+
+def test_fused_decisions_decide_like_the_plain_ones():
+    """``fuse_decisions``: the decision ops compiled (inductor; C++ on CPU, Triton on a GPU) give the same plans."""
+    model, inputs = ARCHITECTURES["reference_dit"](batch=4)
+    ec.transform(model, example_inputs=inputs)
+    expected_plans = mixed_routers(model, inputs)
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+        with device_routing(model, "host", fuse_decisions=True):
+            routed = first_output(model(**inputs))
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
+    assert plans(model) == expected_plans

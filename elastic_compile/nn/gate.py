@@ -19,7 +19,7 @@ from ..analysis.flop_counter import flop_counter
 from ..analysis.spec import BlockSpec
 from ..errors import ConfigError
 from ..capture.record import bind_to_signature
-from ..runtime.device_routing import device_decisions, run_logit_threshold
+from ..runtime.device_routing import run_logit_threshold
 from ..runtime.state import BlockCall, ElasticState
 from .router import Router
 from .sliced import WidthControl
@@ -184,7 +184,7 @@ class BlockGate:
         run_logit = None
         if router_ran:
             logits = self.router.logits(arguments)
-            routed_run, routed_bucket = device_decisions(
+            routed_run, routed_bucket = state.device_routing.decide(
                 logits, self.spec.skippable and state.config.allow_skip and run is None,
                 self.spec.elastic_width and bucket is None, state.config.threshold, dense)
             run_logit = logits[:, 0].float() if run is None else None

@@ -104,7 +104,8 @@ def normalize_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
 
 
 def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, cache_contexts: Sequence[str] | None = None,
-                       warmup: int = 2, pool=None, clone_outputs: bool = False) -> CapturedForward:
+                       warmup: int = 2, pool=None, clone_outputs: bool = False,
+                       fuse_decisions: bool = False) -> CapturedForward:
     """Capture one forward of the elastic ``model`` (on a CUDA device) with device-side routing.
 
     ``example_inputs``: a dict of keyword arguments or a tuple of positional ones, on the model's device; later
@@ -112,7 +113,8 @@ def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, cache_contexts:
     non-tensor values. A sampler with classifier-free guidance in one batch calls the model with twice the
     number of images: capture with that batch. ``cache_contexts``: with the feature cache on, the contexts to
     capture a graph for (default: the active one). ``pool``: a graph memory pool to share with other captures
-    (``torch.cuda.graph_pool_handle()``). Raises ``BackendUnavailableError`` without a GPU or without
+    (``torch.cuda.graph_pool_handle()``). ``fuse_decisions``: compile each block's decision ops into one or two
+    kernels (``device_routing.fused_decisions``). Raises ``BackendUnavailableError`` without a GPU or without
     conditional graph nodes; the feature cache's state is reset (warm-up runs touch it).
     """
     state = state_of(model)
@@ -132,25 +134,25 @@ def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, cache_contexts:
     graphs = {}
     for context in contexts:
         with cache_context(model, context) if context is not None else contextlib.nullcontext():
-            graphs[context] = _capture_one(model, static_inputs, warmup, pool)
+            graphs[context] = _capture_one(model, static_inputs, warmup, pool, fuse_decisions)
     if state.cache is not None:
         state.cache.reset()
     return CapturedForward(model, graphs, static_inputs, clone_outputs)
 
 
-def _capture_one(model: nn.Module, static_inputs: tuple, warmup: int, pool) -> CapturedGraph:
+def _capture_one(model: nn.Module, static_inputs: tuple, warmup: int, pool, fuse_decisions: bool) -> CapturedGraph:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
         # every bucket's body runs once, so no kernel, cuBLAS handle, workspace or cache buffer is first created
         # mid-capture
-        with device_routing(model, "every"):
+        with device_routing(model, "every", fuse_decisions):
             for _ in range(warmup):
                 model(*static_inputs[0], **static_inputs[1])
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), device_routing(model, "graph") as routing:
+    with torch.no_grad(), device_routing(model, "graph", fuse_decisions) as routing:
         with torch.cuda.graph(graph, pool=pool):
             outputs = model(*static_inputs[0], **static_inputs[1])
     return CapturedGraph(graph, outputs, routing)

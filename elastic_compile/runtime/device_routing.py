@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,11 @@ class DeviceRouting:
 
     branches: Branches
     log: list = field(default_factory=list)
+    decide: Callable = None  # device_decisions, or its compiled form (fuse_decisions)
+
+    def __post_init__(self):
+        if self.decide is None:
+            self.decide = device_decisions
 
     def calls(self) -> list[BlockCall]:
         """The logged decisions as host records (one device-to-host copy for the whole forward)."""
@@ -130,9 +136,23 @@ def check_supported(state: ElasticState) -> None:
                           "Route on the device only at inference.")
 
 
+_COMPILED_DECISIONS = None
+
+
+def fused_decisions() -> Callable:
+    """:func:`device_decisions` through ``torch.compile``: its seven tiny element-wise ops and reductions become
+    one or two kernels (on a GPU, inside a captured graph, each kernel node costs a few microseconds). Compiled
+    on first use for each (shape, flags) combination, which must happen outside a capture (the warm-up)."""
+    global _COMPILED_DECISIONS
+    if _COMPILED_DECISIONS is None:
+        _COMPILED_DECISIONS = torch.compile(device_decisions, dynamic=False)
+    return _COMPILED_DECISIONS
+
+
 @contextlib.contextmanager
-def device_routing(model: nn.Module, mode: str = "host"):
-    """Inside the ``with`` block, every gate of ``model`` decides on the device and branches with ``mode``.
+def device_routing(model: nn.Module, mode: str = "host", fuse_decisions: bool = False):
+    """Inside the ``with`` block, every gate of ``model`` decides on the device and branches with ``mode``;
+    ``fuse_decisions`` compiles the decision function (:func:`fused_decisions`).
 
     Yields the :class:`DeviceRouting` whose ``log`` collects each forward's decisions (reset when a forward
     starts); ``elastic_compile.stats`` copies them to the host when asked, also after the ``with`` block.
@@ -146,7 +166,7 @@ def device_routing(model: nn.Module, mode: str = "host"):
                                       "Install a CUDA build of PyTorch with conditional graph nodes (2.11+), or "
                                       "use the default host-routed execution.")
     previous = state.device_routing
-    routing = DeviceRouting(Branches(mode))
+    routing = DeviceRouting(Branches(mode), decide=fused_decisions() if fuse_decisions else None)
     state.device_routing = routing
     try:
         yield routing
