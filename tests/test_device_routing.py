@@ -20,6 +20,16 @@ def plans(model):
     return [[(d.run, d.width) for d in block] for block in ec.stats(model).decisions]
 
 
+def host_then_device(model, inputs, **routing):
+    """(output, plans) of one forward on the host gate, then of the same forward routed on the device."""
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+        expected_plans = plans(model)
+        with device_routing(model, "host", **routing):
+            routed = first_output(model(**inputs))
+    return (expected, expected_plans), (routed, plans(model))
+
+
 def mixed_routers(model, inputs):
     """Random routers under which some samples skip and some block runs samples at different widths (so the
     per-sample masks and the row merge are exercised)."""
@@ -62,12 +72,9 @@ def test_batch_one_and_partial_force():
             randomize_routers(model, seed=seed)
             for plan in (dict(), dict(width=0.5), dict(skip=False), dict(skip={0})):
                 with ec.force(model, **plan):
-                    expected = first_output(model(**inputs))
-                    expected_plans = plans(model)
-                    with device_routing(model, "host"):
-                        routed = first_output(model(**inputs))
+                    (expected, expected_plans), (routed, routed_plans) = host_then_device(model, inputs)
                 torch.testing.assert_close(routed, expected, atol=1e-6, rtol=1e-6)
-                assert plans(model) == expected_plans
+                assert routed_plans == expected_plans
                 routed_stats = ec.stats(model)  # batch 1: the widest running bucket is the sample's own
                 assert routed_stats.executed_flops_fraction == pytest.approx(routed_stats.decided_flops_fraction)
 
@@ -77,13 +84,10 @@ def test_partial_force_with_mixed_batches(plan):
     model, inputs = ARCHITECTURES["flux"](batch=4)
     ec.transform(model, example_inputs=inputs)
     mixed_routers(model, inputs)
-    with torch.no_grad(), ec.force(model, **plan):
-        expected = first_output(model(**inputs))
-        expected_plans = plans(model)
-        with device_routing(model, "host"):
-            routed = first_output(model(**inputs))
+    with ec.force(model, **plan):
+        (expected, expected_plans), (routed, routed_plans) = host_then_device(model, inputs)
     torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
-    assert plans(model) == expected_plans
+    assert routed_plans == expected_plans
 
 
 def test_non_finite_inputs_run_the_dense_block_like_the_host_gate():
@@ -92,12 +96,8 @@ def test_non_finite_inputs_run_the_dense_block_like_the_host_gate():
     randomize_routers(model, seed=3)
     bad = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     bad["hidden_states"][1] = float("nan")
-    with torch.no_grad():
-        expected = first_output(model(**bad))
-        expected_plans = plans(model)
-        with device_routing(model, "host"):
-            routed = first_output(model(**bad))
-    assert plans(model) == expected_plans
+    (expected, expected_plans), (routed, routed_plans) = host_then_device(model, bad)
+    assert routed_plans == expected_plans
     assert all(block[1] == (True, 1.0) for block in expected_plans)  # a NaN logit runs at full width
     torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
 
@@ -266,10 +266,7 @@ def test_fused_decisions_decide_like_the_plain_ones():
     """``fuse_decisions``: the decision ops compiled (inductor; C++ on CPU, Triton on a GPU) give the same plans."""
     model, inputs = ARCHITECTURES["reference_dit"](batch=4)
     ec.transform(model, example_inputs=inputs)
-    expected_plans = mixed_routers(model, inputs)
-    with torch.no_grad():
-        expected = first_output(model(**inputs))
-        with device_routing(model, "host", fuse_decisions=True):
-            routed = first_output(model(**inputs))
+    mixed = mixed_routers(model, inputs)
+    (expected, expected_plans), (routed, routed_plans) = host_then_device(model, inputs, fuse_decisions=True)
     torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
-    assert plans(model) == expected_plans
+    assert routed_plans == expected_plans == mixed

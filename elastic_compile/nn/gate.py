@@ -22,6 +22,7 @@ from ..capture.record import bind_to_signature
 from ..runtime.device_routing import run_logit_threshold
 from ..runtime.state import BlockCall, ElasticState
 from .router import Router
+from .rows import per_sample
 from .sliced import WidthControl
 
 
@@ -183,21 +184,22 @@ class BlockGate:
         router_ran = run is None or bucket is None
         run_logit = None
         if router_ran:
-            logits = self.router.logits(arguments)
+            logits = self.router.logits(arguments).float()
             routed_run, routed_bucket = state.device_routing.decide(
                 logits, self.spec.skippable and state.config.allow_skip and run is None,
                 self.spec.elastic_width and bucket is None, state.config.threshold, dense)
-            run_logit = logits[:, 0].float() if run is None else None
+            run_logit = logits[:, 0] if run is None else None
         # pinned values are the same for every sample: filled on the device (a host copy would break a capture)
         run_t = routed_run if run is None else torch.full((batch,), run[0], device=device)
         bucket_t = routed_bucket if bucket is None else torch.full((batch,), bucket[0], device=device)
+        inputs = self.residual_inputs(arguments)
         reuse_t = entry = None
         if cache is not None:
-            run_t, reuse_t, entry = self.device_cache_policy(cache, run_t, run_logit, arguments, batch)
+            run_t, reuse_t, entry = self.device_cache_policy(cache, run_t, run_logit, inputs, batch)
         state.record(BlockCall(self.index, run if run is not None and reuse_t is None else run_t,
                                bucket if bucket is not None else bucket_t, router_ran,
                                reuse_t if reuse_t is not None else []))
-        outputs, constants = self.output_buffers(arguments, meta, missing, missing_tensors, device, reuse_t, entry)
+        outputs, constants = self.output_buffers(inputs, meta, missing, missing_tensors, device, reuse_t, entry)
         num_buckets = len(state.config.width_buckets)
         buckets = range(num_buckets) if bucket is None else sorted(set(bucket))
         # Few, tiny device ops between two blocks (each is a kernel in a captured graph): the bucket each sample
@@ -221,32 +223,31 @@ class BlockGate:
                     if whole:
                         out.copy_(leaves[i])
                     else:
-                        out.copy_(torch.where(rows.reshape((-1,) + (1,) * (out.ndim - 1)), leaves[i], out))
+                        out.copy_(torch.where(per_sample(rows, out), leaves[i], out))
             branches.run_if(wanted[b], body)
         if entry is not None:
-            self.device_cache_store(entry, self.residual_inputs(arguments), outputs, run_t, reuse_t)
+            self.device_cache_store(entry, inputs, outputs, run_t, reuse_t)
         return pytree.tree_unflatten([outputs[i] if i in outputs else constants[i]
                                       for i in range(self.spec.num_output_leaves)], self.output_spec)
 
-    def output_buffers(self, arguments: dict, meta: list, missing: list[int], missing_tensors: list[int], device,
+    def output_buffers(self, inputs: dict, meta: list, missing: list[int], missing_tensors: list[int], device,
                        reuse: torch.Tensor | None = None, entry=None):
         """Device routing's output: the skip output (residual inputs, plus the cached delta for rows in ``reuse``)
         as buffers the running bucket writes into; for a block that always runs, empty buffers shaped like its
         other outputs; non-tensor outputs."""
         outputs = {}
-        for i, x in self.residual_inputs(arguments).items():
+        for i, x in inputs.items():
             if reuse is None:
                 outputs[i] = x.clone()
             else:
-                outputs[i] = torch.where(reuse.reshape((-1,) + (1,) * (x.ndim - 1)), x + entry.deltas[i], x)
+                outputs[i] = torch.where(per_sample(reuse, x), x + entry.deltas[i], x)
         outputs.update({i: torch.empty(meta[i][0], dtype=meta[i][1], device=device) for i in missing_tensors})
         constants = {i: meta[i].value for i in missing if i not in missing_tensors}
         return outputs, constants
 
-    def device_cache_policy(self, cache, run: torch.Tensor, run_logit: torch.Tensor | None, arguments: dict,
-                            batch: int):
+    def device_cache_policy(self, cache, run: torch.Tensor, run_logit: torch.Tensor | None, inputs: dict, batch: int):
         """``apply_cache_policy`` on device tensors: ``(run, reuse, entry)`` after the feature cache's rules."""
-        entry = cache.device_entry(self.index, self.residual_inputs(arguments), batch)
+        entry = cache.device_entry(self.index, inputs, batch)
         usable = entry.valid & (entry.reuse < cache.config.max_reuse)
         band = cache.config.band
         if band is None:
@@ -268,8 +269,7 @@ class BlockGate:
         counters restart), one more reuse for rows that took their delta."""
         for i, delta in entry.deltas.items():
             x = inputs[i]
-            rows = run.reshape((-1,) + (1,) * (x.ndim - 1))
-            delta.copy_(torch.where(rows, outputs[i] - x, delta))
+            delta.copy_(torch.where(per_sample(run, x), outputs[i] - x, delta))
         entry.reuse.copy_(torch.where(run, 0, entry.reuse + reuse.long()))
         entry.valid.logical_or_(run)
 
@@ -332,7 +332,7 @@ class BlockGate:
         cached = (state.soft_skip_deltas or {}).get(self.index, {})
         for i, name in self.spec.residual_of.items():
             x = arguments[name]
-            g = gate.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+            g = per_sample(gate.to(x.dtype), x)
             leaves[i] = x + g * (leaves[i] - x)
             if i in cached:  # a skipped sample takes the previous step's update, as the feature cache serves it
                 leaves[i] = leaves[i] + (1 - g) * cached[i].to(x.dtype)

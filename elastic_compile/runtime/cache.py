@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ElasticCompileError
+from ..nn.rows import per_sample
 from .sampler_hooks import SamplerHooks
 from .state import state_of
 
@@ -130,7 +131,7 @@ class FeatureCacheState:
             return dict(inputs)
         out = {}
         for leaf, x in inputs.items():
-            mask = torch.tensor(reuse, device=x.device).reshape((-1,) + (1,) * (x.ndim - 1))
+            mask = per_sample(torch.tensor(reuse, device=x.device), x)
             out[leaf] = torch.where(mask, x + entry.deltas[leaf].to(x.dtype), x)
         for s, r in enumerate(reuse):
             if r:

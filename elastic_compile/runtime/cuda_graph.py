@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 from ..capture.record import bind_to_signature
 from ..errors import BackendUnavailableError, ConfigError, InputMismatchError
 from .cache import cache_context
-from .device_routing import DeviceRouting, check_supported, conditional_nodes_available, device_routing
+from .device_routing import DeviceRouting, check_supported, device_routing, require_conditional_nodes
 from .state import describe_inputs, state_of
 
 
@@ -119,11 +119,7 @@ def capture_cuda_graph(model: nn.Module, example_inputs: Any, *, cache_contexts:
     """
     state = state_of(model)
     check_supported(state)
-    if not conditional_nodes_available():
-        raise BackendUnavailableError("a CUDA GPU and PyTorch with conditional CUDA-graph nodes (CUDA >= 12.4)",
-                                      f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
-                                      f"GPU {'present' if torch.cuda.is_available() else 'absent'}",
-                                      "Run on a GPU machine with a CUDA build of PyTorch 2.11 or later.")
+    require_conditional_nodes()
     args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((), dict(example_inputs))
     static_inputs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                                     normalize_call(model, args, kwargs))

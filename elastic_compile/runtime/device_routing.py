@@ -52,6 +52,16 @@ def conditional_nodes_available() -> bool:
             and tuple(int(p) for p in torch.version.cuda.split(".")[:2]) >= (12, 4))
 
 
+def require_conditional_nodes() -> None:
+    """``BackendUnavailableError`` unless :func:`conditional_nodes_available`."""
+    if not conditional_nodes_available():
+        raise BackendUnavailableError("a CUDA GPU and PyTorch with conditional CUDA-graph nodes (CUDA >= 12.4)",
+                                      f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                                      f"GPU {'present' if torch.cuda.is_available() else 'absent'}",
+                                      "Run on a GPU machine with a CUDA build of PyTorch 2.11 or later, or use the "
+                                      "default host-routed execution.")
+
+
 class Branches:
     """Runs ``body()`` when a device-side boolean scalar is true, the way ``mode`` says (see module doc)."""
 
@@ -76,36 +86,6 @@ class Branches:
                 graph.end_capture_to_conditional_node()
 
 
-@dataclass
-class DeviceRouting:
-    """Installed on an :class:`~elastic_compile.runtime.state.ElasticState` while gates route on the device.
-
-    ``log``: per block call, ``(block, run, bucket, router_ran, reused)`` where ``run``/``bucket``/``reused`` are
-    device tensors (refreshed by every replay of a captured graph) or host lists (decisions pinned by ``force``).
-    """
-
-    branches: Branches
-    log: list = field(default_factory=list)
-    decide: Callable = None  # device_decisions, or its compiled form (fuse_decisions)
-
-    def __post_init__(self):
-        if self.decide is None:
-            self.decide = device_decisions
-
-    def calls(self) -> list[BlockCall]:
-        """The logged decisions as host records (one device-to-host copy for the whole forward)."""
-        tensors = [t for entry in self.log for t in entry[1:] if isinstance(t, torch.Tensor)]
-        host = iter(torch.cat([t.reshape(-1).long() for t in tensors]).tolist()) if tensors else iter(())
-
-        def listed(value, kind):
-            return [kind(next(host)) for _ in range(value.numel())] if isinstance(value, torch.Tensor) else value
-        calls = []
-        for block, run, bucket, router_ran, reused in self.log:
-            run, bucket, reused = listed(run, bool), listed(bucket, int), listed(reused, bool)
-            calls.append(BlockCall(block, run, bucket, router_ran, reused, batched=True))
-        return calls
-
-
 def run_logit_threshold(threshold: float) -> float:
     """``p >= threshold`` with ``p = sigmoid(logit)`` is ``logit >= log(threshold / (1 - threshold))``."""
     return math.log(threshold / (1.0 - threshold))
@@ -128,6 +108,32 @@ def device_decisions(logits: torch.Tensor, can_skip: bool, elastic_width: bool, 
     else:
         bucket = torch.full((batch,), dense_bucket, dtype=torch.long, device=logits.device)
     return run, bucket
+
+
+@dataclass
+class DeviceRouting:
+    """Installed on an :class:`~elastic_compile.runtime.state.ElasticState` while gates route on the device.
+
+    ``log``: per block call, ``(block, run, bucket, router_ran, reused)`` where ``run``/``bucket``/``reused`` are
+    device tensors (refreshed by every replay of a captured graph) or host lists (decisions pinned by ``force``).
+    """
+
+    branches: Branches
+    log: list = field(default_factory=list)
+    decide: Callable = device_decisions  # or its compiled form (fused_decisions)
+
+    def calls(self) -> list[BlockCall]:
+        """The logged decisions as host records (one device-to-host copy for the whole forward)."""
+        tensors = [t for entry in self.log for t in entry[1:] if isinstance(t, torch.Tensor)]
+        host = iter(torch.cat([t.reshape(-1).long() for t in tensors]).tolist()) if tensors else iter(())
+
+        def listed(value, kind):
+            return [kind(next(host)) for _ in range(value.numel())] if isinstance(value, torch.Tensor) else value
+        calls = []
+        for block, run, bucket, router_ran, reused in self.log:
+            run, bucket, reused = listed(run, bool), listed(bucket, int), listed(reused, bool)
+            calls.append(BlockCall(block, run, bucket, router_ran, reused, batched=True))
+        return calls
 
 
 def check_supported(state: ElasticState) -> None:
@@ -159,14 +165,10 @@ def device_routing(model: nn.Module, mode: str = "host", fuse_decisions: bool = 
     """
     state = state_of(model)
     check_supported(state)
-    if mode == "graph" and not conditional_nodes_available():
-        raise BackendUnavailableError("PyTorch with CUDA >= 12.4 and CUDAGraph.begin_capture_to_if_node",
-                                      f"torch {torch.__version__} (CUDA {torch.version.cuda}, "
-                                      f"GPU {'present' if torch.cuda.is_available() else 'absent'})",
-                                      "Install a CUDA build of PyTorch with conditional graph nodes (2.11+), or "
-                                      "use the default host-routed execution.")
+    if mode == "graph":
+        require_conditional_nodes()
     previous = state.device_routing
-    routing = DeviceRouting(Branches(mode), decide=fused_decisions() if fuse_decisions else None)
+    routing = DeviceRouting(Branches(mode), decide=fused_decisions() if fuse_decisions else device_decisions)
     state.device_routing = routing
     try:
         yield routing

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..nn.rows import per_sample
 from ..runtime.cache import FeatureCacheConfig, FeatureCacheState
 from ..runtime.state import force, state_of
 from .trajectories import TrajectoryDataset
@@ -73,6 +74,6 @@ def previous_step_updates(model: nn.Module, data: TrajectoryDataset, rows: torch
     updates: dict[int, dict[int, torch.Tensor]] = {}
     for (_, block), entry in scratch.entries.items():
         for leaf, delta in entry.deltas.items():
-            mask = available.to(delta.device).reshape((-1,) + (1,) * (delta.ndim - 1))
+            mask = per_sample(available.to(delta.device), delta)
             updates.setdefault(block, {})[leaf] = delta * mask.to(delta.dtype)
     return updates

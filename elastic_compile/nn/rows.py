@@ -1,0 +1,9 @@
+"""Per-sample values broadcast over a batch-first tensor."""
+from __future__ import annotations
+
+import torch
+
+
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (B,) reshaped to (B, 1, ..., 1) so it broadcasts against ``like`` (B, ...)."""
+    return values.reshape((-1,) + (1,) * (like.ndim - 1))
