@@ -59,6 +59,39 @@ def bind_to_signature(signature: inspect.Signature, args: tuple, kwargs: dict) -
     return named
 
 
+class SignatureBinder:
+    """:func:`bind_to_signature` for one signature, with a shortcut for the calls a model makes every step.
+
+    ``inspect.Signature.bind`` runs dozens of Python functions; between two block graphs of an exported runtime
+    each one costs cache misses (the graph has just streamed its weights through the caches). Calls whose
+    positional arguments fit the named positional parameters and whose keywords name ordinary parameters (not
+    given twice, every required parameter present) are bound by zipping names; any other call takes
+    :func:`bind_to_signature`, so both give the same dict, in the signature's parameter order.
+    """
+
+    def __init__(self, signature: inspect.Signature):
+        self.signature = signature
+        kinds = inspect.Parameter
+        params = list(signature.parameters.values())
+        self.positional = tuple(p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD))
+        self.keywords = frozenset(p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY))
+        self.required = frozenset(p.name for p in params if p.default is kinds.empty
+                                  and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
+        self.order = {p.name: i for i, p in enumerate(params)}
+
+    def __call__(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if len(args) <= len(self.positional):
+            named = dict(zip(self.positional, args))
+            if kwargs:
+                if not all(k in self.keywords and k not in named for k in kwargs):
+                    return bind_to_signature(self.signature, args, kwargs)
+                named.update(kwargs)
+                named = dict(sorted(named.items(), key=lambda item: self.order[item[0]]))
+            if self.required.issubset(named):
+                return named
+        return bind_to_signature(self.signature, args, kwargs)
+
+
 def record_calls(model: nn.Module, inputs: Any, modules: dict[str, nn.Module]) -> tuple[dict[str, ModuleCall], Any]:
     """Run ``model(inputs)`` once without gradients and record the first call of each module in ``modules``.
 

@@ -123,12 +123,12 @@ def cast_inputs(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
 def graph_inputs(tensors, dtype: torch.dtype, complex_inputs) -> list[torch.Tensor]:
     """What an exported graph takes for these PyTorch inputs: real floats cast to the export dtype, complex
     inputs as ``view_as_real`` pairs (see :mod:`.passes.complex_to_real`), the rest unchanged."""
-    complex_inputs = set(complex_inputs)
+    complex_inputs = set(complex_inputs) if complex_inputs else ()
     out = []
     for k, t in enumerate(tensors):
         if k in complex_inputs:
             t = torch.view_as_real(t.resolve_conj())
-        elif t.is_floating_point():
+        elif t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
-        out.append(t.contiguous())
+        out.append(t if t.is_contiguous() else t.contiguous())
     return out

@@ -18,7 +18,7 @@ from ..analysis.blocks import flatten_output
 from ..analysis.flop_counter import flop_counter
 from ..analysis.spec import BlockSpec
 from ..errors import ConfigError
-from ..capture.record import bind_to_signature
+from ..capture.record import SignatureBinder
 from ..runtime.device_routing import run_logit_threshold
 from ..runtime.state import BlockCall, ElasticState
 from .router import Router
@@ -50,6 +50,8 @@ class BlockGate:
         self.original_forward = original_forward
         self.output_spec = pytree.treespec_loads(spec.output_spec)
         self.signature = inspect.signature(original_forward)
+        self.bind = SignatureBinder(self.signature)
+        self.stream_names = tuple(spec.residual_of.values()) + tuple(f.name for f in spec.features)
 
     @property
     def index(self) -> int:
@@ -57,7 +59,7 @@ class BlockGate:
 
     # decisions -------------------------------------------------------------------------------------------
     def stream_batch(self, arguments: dict) -> int:
-        for name in list(self.spec.residual_of.values()) + [f.name for f in self.spec.features]:
+        for name in self.stream_names:
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 return int(value.shape[0])
@@ -120,7 +122,7 @@ class BlockGate:
 
     # execution -------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        arguments = bind_to_signature(self.signature, args, kwargs)
+        arguments = self.bind(args, kwargs)
         batch = self.stream_batch(arguments)
         if self.state.soft and self.state.forced is None and not self.state.profiling:
             return self.soft_forward(args, kwargs, arguments, batch)
@@ -370,7 +372,7 @@ class BlockGate:
         for b, samples in groups.items():
             index = torch.tensor(samples, dtype=torch.long, device=_device_of(args, kwargs))
             sub_args, sub_kwargs = _select_batch((args, kwargs), index, batch)
-            sub_arguments = bind_to_signature(self.signature, sub_args, sub_kwargs)
+            sub_arguments = self.bind(sub_args, sub_kwargs)
             leaves, _ = flatten_output(self.run_plan((True, b), sub_args, sub_kwargs, sub_arguments))
             for i, leaf in enumerate(leaves):
                 if isinstance(leaf, torch.Tensor):

@@ -76,8 +76,13 @@ class BlockExecutor:
         return self.backend.graph(self.files[bucket][size])
 
     def __call__(self, *args, **kwargs):
-        if self.gate.state.profiling or _has_fake(args, kwargs):
+        if self.gate.state.profiling:
             return self.torch_forward(*args, **kwargs)  # FLOP profiling on shapes only (stats)
+        # Between two graphs every Python step runs with cold caches: one flatten of the call, and casts, copies,
+        # slices and moves only where a tensor needs them.
+        values = self.layout.flatten(args, kwargs)
+        if any(isinstance(v, FakeTensor) for v in (values if values is not None else pytree.tree_leaves((args, kwargs)))):
+            return self.torch_forward(*args, **kwargs)
         if self.gate.control.unit_masks:
             raise ConfigError("hard decisions on an exported runtime", "soft unit masks (router training)",
                               "Train routers on the PyTorch elastic model, then export again.")
@@ -85,26 +90,28 @@ class BlockExecutor:
         if bucket not in self.files:
             raise BucketNotExportedError(f"a width bucket exported for block {self.path} ({sorted(self.files)})",
                                          f"bucket {bucket}", "Force an exported width, or export all buckets.")
-        tensors, rows = self.layout.match(args, kwargs, self.path)
-        device = next((t.device for t in tensors), torch.device("cpu"))
-        inputs = [t.to(self.backend.device) for t in graph_inputs(tensors, self.dtype, self.complex_inputs)]
-        sizes = sorted(self.files[bucket])
-        parts, start = [], 0
-        for count, size in plan_chunks(rows, sizes):
-            feed = [pad_rows(t[start:start + count], size) if batched else t for t, batched in zip(inputs, self.batched)]
-            parts.append([out[:count] for out in self.graph(bucket, size)(feed)])
-            start += count
-        outs = parts[0] if len(parts) == 1 else [torch.cat(chunk) for chunk in zip(*parts)]
-        result = self.outputs.pack([out.to(device) for out in outs[:self.num_outputs]])
+        tensors, rows = self.layout.match_values(values, self.path)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        target = self.backend.device
+        inputs = [t if t.device == target else t.to(target)
+                  for t in graph_inputs(tensors, self.dtype, self.complex_inputs)]
+        sizes = self.files[bucket]
+        if rows in sizes:  # one graph call, no padding
+            outs = self.graph(bucket, rows)(inputs)
+        else:
+            parts, start = [], 0
+            for count, size in plan_chunks(rows, sizes):
+                feed = [pad_rows(t[start:start + count], size) if batched else t
+                        for t, batched in zip(inputs, self.batched)]
+                parts.append([out[:count] for out in self.graph(bucket, size)(feed)])
+                start += count
+            outs = parts[0] if len(parts) == 1 else [torch.cat(chunk) for chunk in zip(*parts)]
+        result = self.outputs.pack(outs[:self.num_outputs], device)
         if self.summaries is not None and self.pooled:
             streams = self.outputs.tensors_of(result)
             for k, summary in zip(self.pooled, outs[self.num_outputs:]):
                 self.summaries.remember(streams[k], summary, self.summary_eps)
         return result
-
-
-def _has_fake(args, kwargs) -> bool:
-    return any(isinstance(leaf, FakeTensor) for leaf in pytree.tree_leaves((args, kwargs)))
 
 
 class GraphRouter:

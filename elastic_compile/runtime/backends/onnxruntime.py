@@ -45,7 +45,10 @@ def create_session(path: str | Path, threads: int | None = None, providers: Sequ
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().contiguous().cpu().numpy()
+    """A NumPy view of a CPU tensor; a copy only when it needs one (grad, another device, strided)."""
+    if tensor.requires_grad or not tensor.is_cpu or not tensor.is_contiguous():
+        tensor = tensor.detach().cpu().contiguous()
+    return tensor.numpy()
 
 
 class OrtGraph:
@@ -56,11 +59,12 @@ class OrtGraph:
         self.session = create_session(path, threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.feeds = [(name, int(name.rsplit("_", 1)[1])) for name in self.input_names]
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors[k]`` feeds graph input ``in_<k>`` (inputs a graph does not use may be absent from it)."""
-        feed = {name: _to_numpy(tensors[int(name.rsplit("_", 1)[1])]) for name in self.input_names}
-        return [torch.from_numpy(np.asarray(out)) for out in self.session.run(self.output_names, feed)]
+        feed = {name: _to_numpy(tensors[k]) for name, k in self.feeds}
+        return [torch.from_numpy(out) for out in self.session.run(self.output_names, feed)]
 
 
 class OnnxRuntimeBackend:
