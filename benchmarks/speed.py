@@ -14,6 +14,10 @@ user would otherwise deploy in that backend: in torch the plain model (no toolki
 Python count against elastic); in ONNX Runtime the same model exported dense only, without router summaries (block
 graphs end at the block's outputs, run by the same runtime forced dense). In torch, every width row is followed by
 a hand-narrowed row: the plain model with its FFN weights physically cut (the bound for that row).
+Two control rows per (model, backend, batch): "A/A", dense against a second independent instance of dense, timed
+like the router overhead (the machine's noise floor for that comparison); and, in ONNX Runtime, dense through the
+per-block runtime against the plain model exported as one ONNX graph (what running block by block costs before
+any routing). ONNX Runtime sessions share one thread pool (``--thread-pool shared``, as the CLI deploys).
 FLOPs: matmuls, convolutions and attention (``analysis.flop_counter``).
 """
 from __future__ import annotations
@@ -148,27 +152,88 @@ def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
     return statistics.median(times[2:])
 
 
-def build_dense(model_name: str, base, inputs, backend: str, workdir: Path):
-    """The dense baseline of a backend, as a callable (see the module doc)."""
+def build_dense(model_name: str, base, inputs, backend: str, workdir: Path, thread_pool: str = "shared",
+                instances: int = 1):
+    """The dense baseline of a backend, as a callable (see the module doc); with ``instances=2``, a list of two
+    independent instances of it (a second plain model, or the same export loaded again) for the A/A row."""
     if backend == "torch":
-        return lambda: base(**inputs)
+        models = [base] + [copy.deepcopy(base) for _ in range(instances - 1)]
+        calls = [lambda m=m: m(**inputs) for m in models]
+        return calls if instances > 1 else calls[0]
     out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}-dense"
     elastic = ec.transform(copy.deepcopy(base), example_inputs=inputs)
     ec.export(elastic, inputs, out, buckets=[1.0], backend=backend, base_factory=FACTORIES.get(model_name),
               router_summaries=False)
-    runtime = ec.runtime.load(out, backend=backend)
+    calls = []
+    for _ in range(instances):
+        runtime = ec.runtime.load(out, backend=backend, thread_pool=thread_pool)
 
-    def dense():
-        with ec.force(runtime, skip=False, width=1.0):
-            return runtime(**inputs)
-    return dense
+        def dense(runtime=runtime):
+            with ec.force(runtime, skip=False, width=1.0):
+                return runtime(**inputs)
+        calls.append(dense)
+    return calls if instances > 1 else calls[0]
+
+
+def noise_floor_row(model_name: str, backend: str, inputs, dense_calls, args) -> dict:
+    """A/A: dense against a second, independent instance of dense, timed like the router overhead. Its interval is
+    what this machine resolves: instances of the same model differ by memory placement alone."""
+    first, second = dense_calls
+    overhead = paired_overhead(first, second, pairs=4 * args.repeats)
+    measured = overhead["base_s"] / overhead["method_s"]
+    return dict(model=model_name, backend=backend, batch=batch_of(inputs),
+                config="A/A: dense against a second instance of dense (the noise floor)", fraction=1.0, limit=1.0,
+                speedup=measured, efficiency=measured, dense_ms=overhead["base_s"] * 1e3,
+                elastic_ms=overhead["method_s"] * 1e3, noise_floor=overhead["overhead"],
+                noise_floor_interval=list(overhead["interval"]))
+
+
+def whole_graph(model_name: str, base, inputs, threads: int, workdir: Path, shared_pool: bool = True):
+    """The plain model exported as one ONNX graph (``torch.onnx.export`` of ``torch.export``), run by one ONNX
+    Runtime session with its default options and ``threads`` intra-op threads: how the model is deployed in ONNX
+    Runtime without elastic_compile. Returns ``(callable, its output as a tensor)``."""
+    import onnxruntime as ort
+    path = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}-whole.onnx"
+    with torch.no_grad():
+        program = torch.export.export(base.eval(), (), kwargs=inputs)
+        torch.onnx.export(program, (), str(path), kwargs=inputs, dynamo=True, external_data=True, verbose=False)
+    from elastic_compile.runtime.backends.onnxruntime import use_shared_thread_pool
+    options = ort.SessionOptions()
+    if shared_pool:  # the process-wide pool the runtime uses: the whole graph runs on the same threads
+        use_shared_thread_pool(threads)
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feed = {name: inputs[name].numpy() for name in names}
+    return (lambda: session.run(None, feed)), torch.from_numpy(session.run(None, feed)[0])
+
+
+def runtime_vs_whole_graph_row(model_name: str, base, inputs, dense_call, args) -> dict:
+    """Dense through the per-block runtime against the whole model as one ONNX graph: what running block by block
+    (graph boundaries, PyTorch outside the blocks, the gates' Python) costs before any routing."""
+    workdir = Path(args.workdir)
+    whole, whole_out = whole_graph(model_name, base, inputs, args.threads, workdir, args.thread_pool == "shared")
+    with torch.no_grad():
+        runtime_out = dense_call()
+    runtime_out = runtime_out[0] if isinstance(runtime_out, (tuple, list)) else runtime_out
+    overhead = paired_overhead(whole, dense_call, pairs=2 * args.repeats)
+    measured = overhead["base_s"] / overhead["method_s"]
+    return dict(model=model_name, backend="onnxruntime", batch=batch_of(inputs),
+                config="dense through the per-block runtime, against the plain model as one ONNX graph",
+                fraction=1.0, limit=1.0, speedup=measured, efficiency=measured, dense_ms=overhead["base_s"] * 1e3,
+                elastic_ms=overhead["method_s"] * 1e3, dispatch_overhead=overhead["overhead"],
+                dispatch_overhead_interval=list(overhead["interval"]),
+                max_abs_diff=float((whole_out - runtime_out.float()).abs().max()))
 
 
 def batch_of(inputs) -> int:
     return next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))
 
 
-def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str | None = None):
+def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str | None = None,
+                  thread_pool: str = "shared"):
     """(elastic callable, the object ec.force/ec.stats act on) for a backend."""
     elastic = copy.deepcopy(base)
     if model_name == "reference":
@@ -184,7 +249,7 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, ro
         return elastic
     out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}"
     ec.export(elastic, inputs, out, backend=backend, base_factory=FACTORIES.get(model_name))
-    return ec.runtime.load(out, backend=backend, routers=routers_in)
+    return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool)
 
 
 def run(args) -> list[dict]:
@@ -194,9 +259,13 @@ def run(args) -> list[dict]:
         for batch in args.batches:
             base, inputs = MODELS[model_name](batch)
             for backend in args.backends:
-                elastic = build_elastic(model_name, base, inputs, backend, workdir, args.runtime_routers)
+                elastic = build_elastic(model_name, base, inputs, backend, workdir, args.runtime_routers,
+                                        args.thread_pool)
                 trained = state_of(elastic).routers and model_name == "reference"
-                dense_call = build_dense(model_name, base, inputs, backend, workdir)
+                dense_calls = build_dense(model_name, base, inputs, backend, workdir, args.thread_pool, instances=2)
+                dense_call = dense_calls[0]
+                rows.append(noise_floor_row(model_name, backend, inputs, dense_calls, args))
+                print(json.dumps(rows[-1]), flush=True)
                 for label, plan in configurations(model_name, elastic):
                     if plan == "trained" and not trained:
                         continue
@@ -238,6 +307,16 @@ def run(args) -> list[dict]:
                     if backend == "torch" and isinstance(plan, dict) and plan["skip"] is False:
                         rows.append(hand_narrowed_row(row, base, elastic, inputs, plan["width"], args.repeats))
                         print(json.dumps(rows[-1]), flush=True)
+                if backend == "onnxruntime" and args.whole_graph:
+                    try:
+                        rows.append(runtime_vs_whole_graph_row(model_name, base, inputs, dense_call, args))
+                    except Exception as exc:  # a model torch.onnx cannot export whole: say so in the results
+                        rows.append(dict(model=model_name, backend=backend, batch=batch, fraction=1.0, limit=1.0,
+                                         config=f"plain model as one ONNX graph: not measured ({type(exc).__name__}: "
+                                                f"{str(exc).splitlines()[0][:120]})",
+                                         speedup=float("nan"), efficiency=float("nan"), dense_ms=float("nan"),
+                                         elastic_ms=float("nan"), dispatch_overhead=None))
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -277,7 +356,9 @@ def write(rows, args) -> None:
              f"{args.threads} threads (torch.set_num_threads), {args.repeats} interleaved repetitions after warm-up, "
              "medians. Dense = what a user would deploy without elastic_compile in that backend: the plain PyTorch "
              "model (torch); the model exported dense only, without router summaries, run by the same runtime "
-             "(onnxruntime)."
+             f"(onnxruntime, thread pool: {args.thread_pool}). Control rows: A/A (dense against a second instance "
+             "of dense: the noise floor) and, in ONNX Runtime, the per-block runtime against the whole model as "
+             "one ONNX graph."
              + (" Merged: rows of other models/backends are from the previous results file." if args.merge else ""),
              "",
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
@@ -292,6 +373,12 @@ def write(rows, args) -> None:
                         if "router_overhead_interval" in r else "")
             runs = f", {r['routers']}" if "routers" in r else ""
             extra = f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{alone}{runs})"
+        if r.get("noise_floor") is not None:
+            extra = " ({:+.1f}% [{:+.1f}, {:+.1f}])".format(
+                100 * r["noise_floor"], *(100 * v for v in r["noise_floor_interval"]))
+        if r.get("dispatch_overhead") is not None:
+            extra = (" (runtime cost {:+.1f}% [{:+.1f}, {:+.1f}]; outputs differ by {:.1e})".format(
+                100 * r["dispatch_overhead"], *(100 * v for v in r["dispatch_overhead_interval"]), r["max_abs_diff"]))
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['config']}{extra} | {r['fraction']:.3f} | "
                      f"{r['limit']:.2f}x | {r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.1f} | "
                      f"{r['elastic_ms']:.1f} |")
@@ -299,6 +386,7 @@ def write(rows, args) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         points = [r for r in rows if r["backend"] == backend and "router_overhead" not in r
+                  and "dispatch_overhead" not in r and "noise_floor" not in r
                   and not r["config"].startswith("hand-narrowed")]
         ax.scatter([r["limit"] for r in points], [r["speedup"] for r in points], label=backend)
     bounds = [r for r in rows if r["config"].startswith("hand-narrowed")]
@@ -329,6 +417,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/elastic-speed")
+    parser.add_argument("--thread-pool", default="shared", choices=("shared", "per_session"),
+                        help="ONNX Runtime thread pools (ec.runtime.load(thread_pool=...)); 'shared' is what the CLI "
+                             "deploys")
+    parser.add_argument("--no-whole-graph", dest="whole_graph", action="store_false",
+                        help="skip the ONNX Runtime row that compares the per-block runtime with the plain model "
+                             "exported as one graph")
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
     args.backends = args.backends.split(",")

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: all in one row)")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"))
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--thread-pool", default="shared", choices=("shared", "per_session"),
+                        help="onnxruntime thread pools: one shared by every block graph (default: this process runs "
+                             "nothing else) or one per graph")
     parser.add_argument("--width", type=float, default=None, help="force every FFN to this width bucket")
     parser.add_argument("--skip", default=None, help="force skips: 'all', 'none' or block indices like 2,5")
     parser.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
@@ -92,7 +95,8 @@ def run(args) -> int:
     if args.cuda_graph and args.backend != "torch":
         raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
                           "CUDA graphs are captured from the PyTorch model: add --backend torch --device cuda.")
-    runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device)
+    runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
+                              thread_pool=args.thread_pool)
     hooks = serving_cache_hooks(runtime, args.cache)
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
                    progress=True, hooks=hooks)

@@ -1,0 +1,99 @@
+"""ONNX Runtime's shared (global) thread pool for a runtime's sessions. The pool is process-wide, so everything
+that turns it on runs in a subprocess."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import elastic_compile as ec
+from elastic_compile.errors import ConfigError
+from elastic_compile.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from helpers import randomize_routers
+from zoo import first_output
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The reference model (it has a sampler, for the CLI) with randomized routers (mixed plans), batch 4."""
+    from elastic_compile.reference import ASSETS_DIR, load_reference
+    if not (ASSETS_DIR / "transformer" / "config.json").is_file():
+        pytest.skip("reference model assets are not there yet")
+    model, scheduler, config = load_reference()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([50.0, 300.0, 600.0, 950.0]),
+                  class_labels=torch.tensor([1, 5, 10, 7]), return_dict=False)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=3)
+    out = tmp_path_factory.mktemp("pool") / "reference"
+    ec.export(model, inputs, out, batch_sizes=[4], scheduler=scheduler, sampling_config=config, threads=1)
+    torch.save(inputs, out.parent / "inputs.pt")
+    return inputs, out
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch, onnxruntime as ort
+    import elastic_compile as ec
+    from elastic_compile.errors import ConfigError
+    out, inputs_file, result_file = sys.argv[1:4]
+    inputs = torch.load(inputs_file)
+    first = lambda o: o[0] if isinstance(o, (tuple, list)) else getattr(o, "sample", o)
+    runtime = ec.runtime.load(out, thread_pool="shared", threads=2)
+    with torch.no_grad():
+        routed = first(runtime(**inputs))
+        with ec.force(runtime, skip={1}, width=0.5):
+            forced = first(runtime(**inputs))
+    sessions = [g.session for g in runtime.backend._graphs.values()]
+    shared = all(not s.get_session_options().use_per_session_threads for s in sessions)
+    try:
+        ec.runtime.load(out, thread_pool="shared", threads=3)
+        clash = "no error"
+    except ConfigError as exc:
+        clash = str(exc)
+    later = ec.runtime.load(out, threads=2)  # per-session requested: the process-wide pool is on, so it is used
+    with torch.no_grad():
+        later_out = first(later(**inputs))
+    later_shared = all(not g.session.get_session_options().use_per_session_threads
+                       for g in later.backend._graphs.values())
+    torch.save(dict(routed=routed, forced=forced, later=later_out, shared=shared, sessions=len(sessions),
+                    clash=clash, later_shared=later_shared), result_file)
+""")
+
+
+def test_shared_pool_gives_the_per_session_outputs_and_stays_process_wide(exported, tmp_path):
+    inputs, out = exported
+    runtime = ec.runtime.load(out)  # per-session pools in this process
+    with torch.no_grad():
+        routed = first_output(runtime(**inputs))
+        with ec.force(runtime, skip={1}, width=0.5):
+            forced = first_output(runtime(**inputs))
+    assert all(g.session.get_session_options().use_per_session_threads for g in runtime.backend._graphs.values())
+    result_file = tmp_path / "result.pt"
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(out.parent / "inputs.pt"), str(result_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = torch.load(result_file)
+    assert result["shared"] and result["sessions"] >= 2
+    torch.testing.assert_close(result["routed"], routed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result["forced"], forced, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result["later"], routed, atol=1e-5, rtol=1e-5)
+    assert result["later_shared"]
+    assert "shared pool already runs 2" in result["clash"] and "threads=2" in result["clash"]
+
+
+def test_unknown_thread_pool_is_a_config_error(exported):
+    with pytest.raises(ConfigError, match="thread_pool"):
+        OnnxRuntimeBackend(thread_pool="global")
+
+
+def test_cli_run_shares_one_pool_by_default_with_the_same_images(exported, tmp_path):
+    from elastic_compile.cli import main
+    _, out = exported
+    common = ["run", str(out), "--classes", "0,1", "--steps", "2", "--threads", "1", "--width", "0.5", "--cache", "off"]
+    assert main(common + ["--thread-pool", "per_session", "--out", str(tmp_path / "per_session.pt")]) == 0
+    done = subprocess.run([sys.executable, "-m", "elastic_compile.cli"] + common + ["--out", str(tmp_path / "shared.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "shared.pt"), torch.load(tmp_path / "per_session.pt"),
+                               atol=1e-5, rtol=0)
