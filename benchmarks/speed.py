@@ -10,9 +10,10 @@ the elastic model with untrained routers (they run but keep every block at full 
 router + gate overhead, reported as a fraction of dense time: the median ratio of back-to-back pairs in alternating
 order (40 pairs by default) with a 95% bootstrap interval, plus the routers' own time on recorded block inputs
 ("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block). Dense is what a
-user would otherwise deploy in that backend: in torch the plain model (no toolkit code: gates, routers and their
-Python count against elastic); in ONNX Runtime the same model exported dense only, without router summaries (block
-graphs end at the block's outputs, run by the same runtime forced dense). In torch, every width row is followed by
+user would otherwise deploy in that backend: in torch the plain model (a deep copy, made like the elastic model's:
+no toolkit code, so gates, routers and their Python count against elastic); in ONNX Runtime the same model exported
+dense only, without router summaries (block graphs end at the block's outputs, run by the same per-block runtime
+forced dense; the whole-graph row below says what running block by block costs). In torch, every width row is followed by
 a hand-narrowed row: the plain model with its FFN weights physically cut (the bound for that row).
 Two control rows per (model, backend, batch): "A/A", dense against a second independent instance of dense, timed
 like the router overhead (the machine's noise floor for that comparison); and, in ONNX Runtime, dense through the
@@ -157,7 +158,9 @@ def build_dense(model_name: str, base, inputs, backend: str, workdir: Path, thre
     """The dense baseline of a backend, as a callable (see the module doc); with ``instances=2``, a list of two
     independent instances of it (a second plain model, or the same export loaded again) for the A/A row."""
     if backend == "torch":
-        models = [base] + [copy.deepcopy(base) for _ in range(instances - 1)]
+        # Copies, like the elastic model: the model as constructed ran up to 8% slower than any deep copy of it
+        # (DiT-S/2, batch 1: memory placement), which would have flattered every elastic row.
+        models = [copy.deepcopy(base) for _ in range(instances)]
         calls = [lambda m=m: m(**inputs) for m in models]
         return calls if instances > 1 else calls[0]
     out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}-dense"
@@ -305,7 +308,8 @@ def run(args) -> list[dict]:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if backend == "torch" and isinstance(plan, dict) and plan["skip"] is False:
-                        rows.append(hand_narrowed_row(row, base, elastic, inputs, plan["width"], args.repeats))
+                        rows.append(hand_narrowed_row(row, base, elastic, inputs, plan["width"], args.repeats,
+                                                      dense_call))
                         print(json.dumps(rows[-1]), flush=True)
                 if backend == "onnxruntime" and args.whole_graph:
                     try:
@@ -335,9 +339,9 @@ def hand_narrowed(base, elastic, width: float):
     return model.eval()
 
 
-def hand_narrowed_row(elastic_row: dict, base, elastic, inputs, width: float, repeats: int) -> dict:
+def hand_narrowed_row(elastic_row: dict, base, elastic, inputs, width: float, repeats: int, dense_call) -> dict:
     narrowed = hand_narrowed(base, elastic, width)
-    dense_s, narrow_s, measured = timed_speedup(lambda: base(**inputs), lambda: narrowed(**inputs), repeats, warmup=2)
+    dense_s, narrow_s, measured = timed_speedup(dense_call, lambda: narrowed(**inputs), repeats, warmup=2)
     fraction = elastic_row["fraction"]
     return dict(elastic_row, config=f"hand-narrowed FFN at {width} (plain PyTorch model, the bound for the row above)",
                 speedup=measured, efficiency=measured * fraction, dense_ms=dense_s * 1e3, elastic_ms=narrow_s * 1e3)
@@ -355,7 +359,7 @@ def write(rows, args) -> None:
              f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`; torch {torch.__version__}, "
              f"{args.threads} threads (torch.set_num_threads), {args.repeats} interleaved repetitions after warm-up, "
              "medians. Dense = what a user would deploy without elastic_compile in that backend: the plain PyTorch "
-             "model (torch); the model exported dense only, without router summaries, run by the same runtime "
+             "model (torch; a deep copy, made like the elastic model's); the model exported dense only, without router summaries, run by the same runtime "
              f"(onnxruntime, thread pool: {args.thread_pool}). Control rows: A/A (dense against a second instance "
              "of dense: the noise floor) and, in ONNX Runtime, the per-block runtime against the whole model as "
              "one ONNX graph."
