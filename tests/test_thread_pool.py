@@ -97,3 +97,20 @@ def test_cli_run_shares_one_pool_by_default_with_the_same_images(exported, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "shared.pt"), torch.load(tmp_path / "per_session.pt"),
                                atol=1e-5, rtol=0)
+
+
+def test_a_global_pool_turned_on_by_the_application_is_used(exported, tmp_path):
+    inputs, out = exported
+    script = textwrap.dedent("""
+        import sys, torch, onnxruntime as ort
+        import elastic_compile as ec
+        ort.set_global_thread_pool_sizes(1, 1)  # the application's own choice, before loading the runtime
+        runtime = ec.runtime.load(sys.argv[1], threads=1)  # per-session requested: ORT would refuse it
+        with torch.no_grad(), ec.force(runtime, skip=False, width=0.5):
+            runtime(**torch.load(sys.argv[2]))
+        print(all(not g.session.get_session_options().use_per_session_threads for g in runtime.backend._graphs.values()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(out.parent / "inputs.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("True")
