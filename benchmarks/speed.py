@@ -9,7 +9,9 @@ fraction (ec.stats), the FLOP-ratio limit 1/fraction and efficiency = measured /
 the elastic model with untrained routers (they run but keep every block at full width): its slowdown is the
 router + gate overhead, reported as a fraction of dense time: the median ratio of back-to-back pairs in alternating
 order (40 pairs by default) with a 95% bootstrap interval, plus the routers' own time on recorded block inputs
-("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block). Dense is what a
+("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block), and "same
+instance": the routed elastic model against itself forced dense (routers not consulted), paired the same way: the
+routers' cost free of the placement differences between two instances (see the A/A rows). Dense is what a
 user would otherwise deploy in that backend: in torch the plain model (a deep copy, made like the elastic model's:
 no toolkit code, so gates, routers and their Python count against elastic); in ONNX Runtime the same model exported
 dense only, without router summaries (block graphs end at the block's outputs, run by the same per-block runtime
@@ -303,6 +305,13 @@ def run(args) -> list[dict]:
                         row["router_overhead_interval"] = list(overhead["interval"])
                         row["router_share"] = router_seconds(elastic, inputs) / dense_s
                         row["router_share_in_place"] = router_seconds_in_place(elastic, inputs) / dense_s
+
+                        def forced_dense():  # the same instance, routers not consulted (gates and graphs as is)
+                            with ec.force(elastic, skip=False, width=1.0):
+                                return elastic(**inputs)
+                        same = paired_overhead(forced_dense, elastic_call, pairs=4 * args.repeats)
+                        row["router_overhead_same_instance"] = same["overhead"]
+                        row["router_overhead_same_instance_interval"] = list(same["interval"])
                     for router, state in zip(routers, saved):
                         router.load_state_dict(state)
                     rows.append(row)
@@ -376,7 +385,11 @@ def write(rows, args) -> None:
             interval = (" [{:+.1f}, {:+.1f}]".format(*(100 * v for v in r["router_overhead_interval"]))
                         if "router_overhead_interval" in r else "")
             runs = f", {r['routers']}" if "routers" in r else ""
-            extra = f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{alone}{runs})"
+            same = (", same instance {:+.1f}% [{:+.1f}, {:+.1f}]".format(
+                100 * r["router_overhead_same_instance"], *(100 * v for v in r["router_overhead_same_instance_interval"]))
+                if "router_overhead_same_instance" in r else "")
+            extra = (f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{same}{alone}"
+                     f"{runs})")
         if r.get("noise_floor") is not None:
             extra = " ({:+.1f}% [{:+.1f}, {:+.1f}])".format(
                 100 * r["noise_floor"], *(100 * v for v in r["noise_floor_interval"]))
