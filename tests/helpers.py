@@ -69,3 +69,17 @@ def stand_in_capture(model, inputs, clone_outputs=True, contexts=(None,)):
     if state_of(model).cache is not None:
         state_of(model).cache.reset()
     return CapturedForward(model, graphs, static, clone_outputs=clone_outputs)
+
+
+def reference_case():
+    """The bundled reference model (with its sampler) and a batch of 4 inputs at four noise levels; skips the
+    test when the model's assets are not there."""
+    import pytest
+    from elastic_compile.reference import ASSETS_DIR, load_reference
+    if not (ASSETS_DIR / "transformer" / "config.json").is_file():
+        pytest.skip("reference model assets are not there yet")
+    model, scheduler, config = load_reference()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([50.0, 300.0, 600.0, 950.0]),
+                  class_labels=torch.tensor([1, 5, 10, 7]), return_dict=False)
+    return model, inputs, scheduler, config

@@ -12,22 +12,11 @@ from elastic_compile.runtime.cache import ElasticCacheHooks
 from elastic_compile.runtime.executor import BlockExecutor, GraphRouter, plan_chunks
 from elastic_compile.runtime.host_router import HostRouter
 from elastic_compile.runtime.state import state_of
-from helpers import randomize_routers, sample_inputs
+from helpers import randomize_routers, reference_case, sample_inputs
 from zoo import ARCHITECTURES, first_output
 
 ATOL = 1e-4
 ARCHS = ["dit", "flux", "sd3", "reference"]
-
-
-def _reference():
-    from elastic_compile.reference import ASSETS_DIR, load_reference
-    if not (ASSETS_DIR / "transformer" / "config.json").is_file():
-        pytest.skip("reference model assets are not there yet")
-    model, scheduler, config = load_reference()
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([50.0, 300.0, 600.0, 950.0]),
-                  class_labels=torch.tensor([1, 5, 10, 7]), return_dict=False)
-    return model, inputs, scheduler, config
 
 
 class Exported:
@@ -35,7 +24,7 @@ class Exported:
         self.name = name
         self.scheduler = self.sampling = None
         if name == "reference":
-            model, self.inputs, self.scheduler, self.sampling = _reference()
+            model, self.inputs, self.scheduler, self.sampling = reference_case()
         else:
             model, self.inputs = ARCHITECTURES[name](batch=4)
         self.model = ec.transform(model, example_inputs=self.inputs)

@@ -10,20 +10,14 @@ import torch
 import elastic_compile as ec
 from elastic_compile.errors import ConfigError
 from elastic_compile.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from helpers import randomize_routers
+from helpers import randomize_routers, reference_case
 from zoo import first_output
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The reference model (it has a sampler, for the CLI) with randomized routers (mixed plans), batch 4."""
-    from elastic_compile.reference import ASSETS_DIR, load_reference
-    if not (ASSETS_DIR / "transformer" / "config.json").is_file():
-        pytest.skip("reference model assets are not there yet")
-    model, scheduler, config = load_reference()
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([50.0, 300.0, 600.0, 950.0]),
-                  class_labels=torch.tensor([1, 5, 10, 7]), return_dict=False)
+    model, inputs, scheduler, config = reference_case()
     ec.transform(model, example_inputs=inputs)
     randomize_routers(model, seed=3)
     out = tmp_path_factory.mktemp("pool") / "reference"

@@ -48,6 +48,15 @@ def use_shared_thread_pool(threads: int | None = None) -> int:
     return threads
 
 
+def select_thread_pool(thread_pool: str, threads: int | None = None) -> None:
+    """Check ``thread_pool`` and, for "shared", turn on (or check) the process-wide pool."""
+    if thread_pool not in THREAD_POOLS:
+        raise ConfigError(f"thread_pool in {THREAD_POOLS}", repr(thread_pool),
+                          "Use 'shared' (fastest, process-wide) or 'per_session'.")
+    if thread_pool == "shared":
+        use_shared_thread_pool(threads)
+
+
 def session_options(threads: int | None = None, shared_pool: bool = False):
     import onnxruntime as ort
 
@@ -72,19 +81,14 @@ def create_session(path: str | Path, threads: int | None = None, providers: Sequ
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
         raise BackendUnavailableError("onnxruntime", f"import failed: {exc}", "pip install onnxruntime") from exc
-    if thread_pool not in THREAD_POOLS:
-        raise ConfigError(f"thread_pool in {THREAD_POOLS}", repr(thread_pool),
-                          "Use 'shared' (fastest, process-wide) or 'per_session'.")
-    if thread_pool == "shared":
-        use_shared_thread_pool(threads)
+    select_thread_pool(thread_pool, threads)
     shared = _shared_pool_threads is not None
+    providers = list(providers or ["CPUExecutionProvider"])
     try:
-        return ort.InferenceSession(str(path), session_options(threads, shared),
-                                    providers=list(providers or ["CPUExecutionProvider"]))
+        return ort.InferenceSession(str(path), session_options(threads, shared), providers=providers)
     except Exception as exc:
         if not shared and "global thread pool" in str(exc):  # the application turned the global pool on
-            return ort.InferenceSession(str(path), session_options(threads, True),
-                                        providers=list(providers or ["CPUExecutionProvider"]))
+            return ort.InferenceSession(str(path), session_options(threads, True), providers=providers)
         raise ExportError(f"onnxruntime to load {Path(path).name}", f"{type(exc).__name__}: {str(exc)[:300]}",
                           "Check the dtype (onnxruntime CPU has no bfloat16 kernels) or export again.") from exc
 
@@ -121,14 +125,10 @@ class OnnxRuntimeBackend:
 
     def __init__(self, threads: int | None = None, providers: Sequence[str] | None = None,
                  thread_pool: str = "per_session"):
-        if thread_pool not in THREAD_POOLS:
-            raise ConfigError(f"thread_pool in {THREAD_POOLS}", repr(thread_pool),
-                              "Use 'shared' (fastest, process-wide) or 'per_session'.")
+        select_thread_pool(thread_pool, threads)  # now: a thread-count clash is an error at load, not first call
         self.threads = threads
         self.providers = providers
         self.thread_pool = thread_pool
-        if thread_pool == "shared":  # checked now: a thread-count clash is an error at load, not at first call
-            use_shared_thread_pool(threads)
         self._graphs: dict[Path, OrtGraph] = {}
 
     def graph(self, path: Path) -> OrtGraph:
