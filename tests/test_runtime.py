@@ -315,6 +315,66 @@ def test_single_thread_router_runs_on_one_thread_and_restores_the_pool():
         torch.set_num_threads(before)
 
 
+def _threads_seen_in_forward(runtime, inputs, fail=False) -> list[int]:
+    """PyTorch's thread count when the model's forward starts and inside the first block's gate."""
+    seen = []
+
+    def record(module, args, kwargs=None):
+        seen.append(torch.get_num_threads())
+        if fail:
+            raise ValueError("forward failed")
+    first_block = state_of(runtime).blocks[0]
+    handles = [runtime.model.register_forward_pre_hook(record), first_block.register_forward_pre_hook(record)]
+    try:
+        with ec.force(runtime, skip=False, width=0.5):
+            runtime(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_onnxruntime_runtime_runs_its_pytorch_parts_on_one_thread_and_restores_it(tmp_path_factory, capsys):
+    exported = _get("dit", tmp_path_factory)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runtime = ec.runtime.load(exported.dir)  # sessions open during the first forward, at 1 PyTorch thread
+        assert runtime.torch_threads == 1
+        assert _threads_seen_in_forward(runtime, exported.inputs) == [1, 1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="forward failed"):
+            _threads_seen_in_forward(runtime, exported.inputs, fail=True)
+        assert torch.get_num_threads() == 2
+        # ONNX Runtime keeps the thread count of load time, not the forward's
+        assert {g.session.get_session_options().intra_op_num_threads for g in runtime.backend._graphs.values()} == {2}
+        assert _threads_seen_in_forward(ec.runtime.load(exported.dir, torch_threads=None), exported.inputs) == [2, 2]
+        assert _threads_seen_in_forward(ec.runtime.load(exported.dir, "torch"), exported.inputs) == [2, 2]
+        assert _threads_seen_in_forward(ec.runtime.load(exported.dir, "torch", torch_threads=1), exported.inputs) == [1, 1]
+        with pytest.raises(ConfigError, match="torch_threads"):
+            ec.runtime.load(exported.dir, torch_threads=0)
+        with pytest.raises(ConfigError, match="torch_threads"):
+            ec.runtime.load(exported.dir, torch_threads="one")
+        assert main(["run", str(exported.dir), "--classes", "0", "--torch-threads", "-1"]) == 2
+        assert "torch_threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_onnxruntime_runtime_outputs_do_not_depend_on_its_pytorch_threads(tmp_path_factory):
+    exported = _get("flux", tmp_path_factory)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outputs = []
+        for threads in (1, None):
+            runtime = ec.runtime.load(exported.dir, torch_threads=threads)
+            with ec.force(runtime, skip={1}, width=0.5):
+                outputs.append(first_output(runtime(**exported.inputs)))
+        torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_paired_overhead_is_the_median_pair_ratio_on_a_fake_clock(monkeypatch):
     """Statistics only (no wall-clock assertion): a clock that advances 100 (+ drift) per base call and 103
     (+ the same drift) per method call gives +3% whatever the drift, with an interval around it."""

@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     parser.add_argument("--thread-pool", default="shared", choices=("shared", "per_session"),
                         help="onnxruntime thread pools: one shared by every block graph (default: this process runs "
                              "nothing else) or one per graph")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="PyTorch threads for the parts outside the block graphs during a forward (default: 1 "
+                             "with onnxruntime, whose spinning threads slow multi-threaded PyTorch ops down; 0: "
+                             "leave PyTorch's setting)")
     parser.add_argument("--width", type=float, default=None, help="force every FFN to this width bucket")
     parser.add_argument("--skip", default=None, help="force skips: 'all', 'none' or block indices like 2,5")
     parser.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
@@ -35,6 +39,13 @@ def register(subparsers) -> None:
                         help="torch backend on a GPU: each forward replays one CUDA graph in which the routers "
                         "decide on the GPU (elastic_compile.runtime.capture_cuda_graph)")
     parser.set_defaults(handler=run)
+
+
+def _torch_threads(value: int | None):
+    """``--torch-threads``: absent -> "auto", 0 -> None (PyTorch's own setting), N -> N."""
+    if value is None:
+        return "auto"
+    return None if value == 0 else value
 
 
 def _skip(text: str | None):
@@ -96,7 +107,7 @@ def run(args) -> int:
         raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
                           "CUDA graphs are captured from the PyTorch model: add --backend torch --device cuda.")
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
-                              thread_pool=args.thread_pool)
+                              thread_pool=args.thread_pool, torch_threads=_torch_threads(args.torch_threads))
     hooks = serving_cache_hooks(runtime, args.cache)
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
                    progress=True, hooks=hooks)

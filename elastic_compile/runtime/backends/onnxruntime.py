@@ -125,6 +125,8 @@ class OnnxRuntimeBackend:
 
     def __init__(self, threads: int | None = None, providers: Sequence[str] | None = None,
                  thread_pool: str = "per_session"):
+        # Fixed now: sessions open on first use, inside a forward whose PyTorch may run on fewer threads.
+        threads = int(threads if threads is not None else torch.get_num_threads())
         select_thread_pool(thread_pool, threads)  # now: a thread-count clash is an error at load, not first call
         self.threads = threads
         self.providers = providers

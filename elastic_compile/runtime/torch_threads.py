@@ -1,0 +1,52 @@
+"""How many intra-op threads PyTorch uses for the parts of a runtime's forward outside the backend's graphs.
+
+With ONNX Runtime on the CPU, a forward alternates between block graphs (ONNX Runtime's threads) and PyTorch (the
+parts outside the blocks: embeddings, patchify, final layer; the gates' and routers' few small ops). ONNX
+Runtime's worker threads keep spinning for a while after each graph (the shared global pool always spins, ~29 ms
+of CPU after every run on this project's 2-core machine; there is no Python setting to turn it off), and a
+multi-threaded PyTorch op started then puts PyTorch's OpenMP worker on a core that a spinning ONNX Runtime
+thread already holds. Measured (2 cores, shared pool, dense DiT-B/2 batch 1, interleaved in one process): the
+PyTorch part before the first block took 12.9 ms with 2 PyTorch threads and 5.5 ms with 1, the part after the
+last block 8.1 vs 3.8 ms, and the whole forward 236 vs 214 ms against 204 ms for the model as one ONNX graph.
+These parts are small ops that lose nothing on one thread, so the ONNX Runtime runtime runs them single-threaded
+by default (``ec.runtime.load(..., torch_threads=...)``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import ConfigError
+
+#: ``torch_threads="auto"``: 1 thread around an ONNX Runtime forward; other backends leave PyTorch as it is
+#: (TensorRT runs the PyTorch parts on the GPU, the "torch" backend *is* the PyTorch model).
+AUTO = "auto"
+
+
+def resolve_torch_threads(value, backend: str) -> int | None:
+    """The PyTorch thread count a runtime's forward uses (None: leave PyTorch's setting alone)."""
+    if value == AUTO:
+        return 1 if backend == "onnxruntime" else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("torch_threads: a thread count >= 1, None (leave PyTorch as it is) or 'auto'", repr(value),
+                          "Pass torch_threads=1 (the default with onnxruntime), None, or a positive int.")
+    return value
+
+
+@contextlib.contextmanager
+def using_torch_threads(threads: int | None):
+    """PyTorch's intra-op thread count set to ``threads`` inside the block and restored after it (also when the
+    block raises). ``None`` or the current count: nothing is changed. The setting is process-wide: PyTorch work
+    in other Python threads during the block runs with it too."""
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
