@@ -116,6 +116,23 @@ def test_vector_features_are_normalised_once_and_shared_between_routers():
     assert (summaries.misses, summaries.hits) == (2, 4)
 
 
+def test_scalar_features_are_normalised_once_per_frequency_count():
+    from elastic_compile.analysis.spec import RouterFeature
+    summaries = PooledSummaries()
+    routers = [HostRouter(_router([RouterFeature("x", "pooled", 8), RouterFeature("t", "scalar", dim)], 6, 3, seed),
+                          summaries) for seed, dim in enumerate((32, 16, 32))]
+    arguments = {"x": torch.randn(3, 5, 8), "t": torch.rand(3) * 1000}
+    for host in routers:
+        with torch.no_grad():
+            expected = host.router.logits(arguments)
+        torch.testing.assert_close(host.logits(arguments), expected, atol=1e-4, rtol=1e-4)
+    assert (summaries.misses, summaries.hits) == (3, 3)  # x once, t once at 32 frequencies and once at 16
+    arguments["t"].add_(1.0)  # changed in place: recomputed
+    with torch.no_grad():
+        expected = routers[2].router.logits(arguments)
+    torch.testing.assert_close(routers[2].logits(arguments), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [1, 4, 5, 6, 64])
 def test_large_batches_multiply_in_single_threaded_chunks(rows):
     rng = np.random.default_rng(rows)

@@ -145,8 +145,28 @@ def test_a_conditioning_vector_is_normalised_once_for_all_routers():
         for router in routers:
             torch.testing.assert_close(router.logits(arguments), router.fc2(torch.nn.functional.silu(
                 router.fc1(router.featurize(arguments)))), atol=1e-4, rtol=1e-4)
-        assert (SHARED_VECTORS.misses, SHARED_VECTORS.hits) == (1, 2)
-        arguments["c"].mul_(3.0)  # changed in place: recomputed, never the stale value
-        expected = routers[0].fc2(torch.nn.functional.silu(routers[0].fc1(routers[0].featurize(arguments))))
-        torch.testing.assert_close(routers[0].logits(arguments), expected, atol=1e-4, rtol=1e-4)
-        assert SHARED_VECTORS.misses == 2
+        assert (SHARED_VECTORS.misses, SHARED_VECTORS.hits) == (2, 4)  # the vector c and the scalar t, once each
+        for name in ("c", "t"):
+            arguments[name].mul_(3.0)  # changed in place: recomputed, never the stale value
+            expected = routers[0].fc2(torch.nn.functional.silu(routers[0].fc1(routers[0].featurize(arguments))))
+            torch.testing.assert_close(routers[0].logits(arguments), expected, atol=1e-4, rtol=1e-4)
+        assert SHARED_VECTORS.misses == 4
+
+
+def test_scalar_features_at_other_frequency_counts_are_not_shared():
+    from elastic_compile.analysis.spec import RouterFeature
+    from elastic_compile.nn.router import SHARED_VECTORS, Router
+    torch.manual_seed(0)
+    routers = [Router([RouterFeature("x", "pooled", 8), RouterFeature("t", "scalar", dim)], 6, 3).eval()
+               for dim in (32, 16, 32)]
+    for router in routers:
+        with torch.no_grad():
+            for param in router.parameters():
+                param.normal_()
+    arguments = {"x": torch.randn(3, 5, 8), "t": torch.rand(3) * 1000}
+    SHARED_VECTORS.reset()
+    for router in routers:
+        expected = router.logits(arguments).detach()  # the training path
+        with torch.no_grad():
+            torch.testing.assert_close(router.logits(arguments), expected, atol=1e-4, rtol=1e-4)
+    assert (SHARED_VECTORS.misses, SHARED_VECTORS.hits) == (2, 1)

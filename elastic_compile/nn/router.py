@@ -14,9 +14,9 @@ from .memo import TensorMemo
 RUN_LOGIT_INIT = 4.0
 FULL_WIDTH_LOGIT_INIT = 4.0
 
-#: Layer-normalised vector features (a conditioning vector read by every block's router), shared by all routers
-#: of the process for the tensor they were computed from (see :mod:`.memo`: identity, version; tagged by the
-#: LayerNorm epsilon and the router's dtype).
+#: Layer-normalised vector and scalar features (a conditioning vector, a timestep: read by every block's router),
+#: shared by all routers of the process for the tensor they were computed from (see :mod:`.memo`: identity,
+#: version; tagged by the LayerNorm epsilon, the router's dtype and, for a scalar, its frequency count).
 SHARED_VECTORS = TensorMemo()
 
 
@@ -29,9 +29,9 @@ class Router(nn.Module):
 
     On CPU without gradients, ``logits`` runs the same function with fewer operations between two blocks (where
     each one is several times slower than in a warm loop): the LayerNorms' affine parameters folded into ``fc1``
-    (:meth:`folded`, refreshed whenever a parameter changes) and vector features normalised once per tensor for
-    all routers (:data:`SHARED_VECTORS`). Equal to the training path up to float32 rounding. Not on accelerators:
-    a CUDA graph captured through a memo hit would replay a stale value.
+    (:meth:`folded`, refreshed whenever a parameter changes) and vector and scalar features normalised once per
+    tensor for all routers (:data:`SHARED_VECTORS`). Equal to the training path up to float32 rounding. Not on
+    accelerators: a CUDA graph captured through a memo hit would replay a stale value.
     """
 
     def __init__(self, features: list[RouterFeature], hidden: int, num_widths: int):
@@ -92,8 +92,8 @@ class Router(nn.Module):
 
     def normalized(self, feature: RouterFeature, value: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
         """One feature after its LayerNorm without the affine step (as ``featurize`` computes it)."""
-        if feature.kind == "vector":
-            tag = (eps, dtype)
+        if feature.kind in ("vector", "scalar"):  # one tensor read by every block's router: normalised once
+            tag = (eps, dtype) if feature.kind == "vector" else (eps, dtype, "scalar", self.frequencies.shape[0])
             cached = SHARED_VECTORS.lookup(value, tag)
             if cached is not None:
                 return cached

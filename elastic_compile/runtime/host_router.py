@@ -58,9 +58,13 @@ class HostRouter:
 
     def normalized(self, feature, value: torch.Tensor, eps: float, frequencies: np.ndarray) -> np.ndarray:
         """The feature after its LayerNorm without the affine step (folded into fc1). A token stream's comes
-        from the block graph's summary when there is one for ``value``; a vector feature is normalised once
-        per tensor and shared by all routers that read it (see :mod:`.summaries`); else computed here."""
-        kind = "pooled" if feature.kind == "pooled" and value.ndim > 2 else "vector" if feature.kind != "scalar" else None
+        from the block graph's summary when there is one for ``value``; a vector or scalar feature (the
+        conditioning vector, the timestep, read by every block's router) is normalised once per tensor and shared
+        by all routers that read it (see :mod:`.summaries`); else computed here."""
+        if feature.kind == "scalar":  # its sinusoidal features depend on the frequency count too
+            kind = f"scalar/{frequencies.shape[0]}"
+        else:
+            kind = "pooled" if feature.kind == "pooled" and value.ndim > 2 else "vector"
         if kind is not None and self.summaries is not None:
             summary = self.summaries.lookup(value, eps, kind)
             if summary is not None:

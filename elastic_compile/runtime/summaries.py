@@ -9,9 +9,9 @@ was given and gets it only if it is that very tensor, unmodified, summarised wit
 epsilon; anything else (glue code between blocks, a cache-reuse output, a mixed batch) is a miss and the router
 computes the feature itself. Hits therefore never change a decision beyond float32 rounding.
 
-Host routers also share their layer-normalised "vector" features here (a conditioning vector such as DiT's
-``c`` is one tensor read by every block's router): the first router of a forward normalises it, the others
-reuse it.
+Host routers also share their layer-normalised "vector" and "scalar" features here (a conditioning vector such
+as DiT's ``c``, a timestep: one tensor read by every block's router): the first router of a forward normalises
+it, the others reuse it.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class PooledSummaries(TensorMemo):
     def remember(self, stream: torch.Tensor, summary: torch.Tensor | np.ndarray, eps: float,
                  kind: str = "pooled") -> None:
         """Store ``summary`` of ``stream``: kind "pooled" is the token summary ``(B, C)`` of a token stream,
-        kind "vector" a layer-normalised ``(B, features)`` vector."""
+        kind "vector" a layer-normalised ``(B, features)`` vector, kind "scalar/<n>" a scalar's layer-normalised
+        sinusoidal features at ``n`` frequencies."""
         if summary.shape[0] != stream.shape[0] or (kind == "pooled" and summary.shape[-1] != stream.shape[-1]):
             return  # not a summary of this stream: never serve a wrong value
         array = summary.numpy(force=True) if isinstance(summary, torch.Tensor) else summary
