@@ -148,3 +148,29 @@ def first_output(out):
     if isinstance(out, (tuple, list)):
         return out[0]
     return out.sample
+
+
+class GlueDiT(torch.nn.Module):
+    """The hand-written DiT with glue code after its first block (the stream the second block reads is a new
+    tensor): a block whose successor's router reads something its graph never sees."""
+
+    def __init__(self):
+        super().__init__()
+        from elastic_compile.models.dit import DiT
+        self.dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+
+    def forward(self, x, t, y):
+        dit = self.dit
+        tokens = dit.x_embedder(x).flatten(2).transpose(1, 2) + dit.pos_embed
+        c = dit.t_embedder(t) + dit.y_embedder(y)
+        for index, block in enumerate(dit.blocks):
+            tokens = block(tokens, c)
+            if index == 0:
+                tokens = tokens * 1.0
+        shift, scale = dit.final_modulation(c).chunk(2, dim=1)
+        tokens = dit.final_linear(dit.final_norm(tokens) * (1 + scale[:, None]) + shift[:, None])
+        return dit._unpatchify(tokens)
+
+
+def glue_dit():
+    return GlueDiT().eval()

@@ -8,14 +8,16 @@ Layout of an export directory::
     blocks/<i>/weights.bin     block i's weights, once (external data shared by all of its graphs)
     blocks/<i>/bucket<k>_b<n>.onnx   block i at width bucket k for batch size n (static shapes); outputs: the
                                block's tensor outputs, then the router summaries of its "pooled_outputs"
-                               (layer-normalised token means, eps "summary_eps": export.program.token_summary)
+                               (layer-normalised token means, eps "summary_eps": export.program.token_summary),
+                               then, with a "lookahead" entry, the next block's router logits (export.lookahead)
     routers/router_<i>.onnx    router of block i (dynamic batch)
     scheduler/, sampling.json  optional: how to sample the model (diffusers scheduler config, SamplingConfig)
     engines/                   optional: TensorRT engine cache (built when TensorRT is present at export)
 
 What runs where: block graphs run in ONNX Runtime / TensorRT; everything outside the blocks (embeddings,
 patchify, final norm/projection) runs in PyTorch (the runtime rebuilds the base model from ``base/`` and
-installs ``elastic/``), the routers in NumPy on the host with ONNX Runtime and in PyTorch with TensorRT.
+installs ``elastic/``), the routers in NumPy on the host with ONNX Runtime (or, when the previous block's graph
+computed them, not at all: see :mod:`.lookahead`) and in PyTorch with TensorRT.
 Sub-batches of samples that share a plan are padded up to the nearest exported batch size (rows repeated;
 samples never interact inside a block, so padding rows cannot change real rows) or split into chunks of the
 largest size.
@@ -26,13 +28,11 @@ import datetime
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..artifact_io import staging_directory
@@ -41,91 +41,14 @@ from ..errors import ConfigError, ExportError
 from ..runtime.state import force, state_of
 from . import manifest as mf
 from .base import is_diffusers_model, save_base
-from .layout import CallLayout, OutputLayout, dtype_name
+from .layout import dtype_name
+from .recording import RecordedCall, attach_lookaheads, record_block_calls
 from .onnx_io import OPSET, WeightFile, block_tensors, check_file, export_graph, write_block_graph
-from .program import DTYPES, BlockProgram, RouterProgram, cast_inputs, cast_module, pooled_outputs, SUMMARY_EPS
+from .program import DTYPES, BlockProgram, RouterProgram, cast_inputs, cast_module, SUMMARY_EPS
 from .verify import ATOL, ORT_CPU_DTYPES, compare_block_file, max_abs_diff, run_ort, within
 
 logger = logging.getLogger("elastic_compile")
 BACKENDS = ("onnxruntime", "tensorrt")
-
-
-@dataclass
-class RecordedCall:
-    """One block's first call in the example forward (dense), with its layouts."""
-
-    index: int
-    block: nn.Module
-    args: tuple
-    kwargs: dict
-    output: Any
-    batch: int
-    layout: CallLayout = field(init=False)
-    outputs: OutputLayout = field(init=False)
-
-    def __post_init__(self):
-        self.layout = CallLayout.record(self.args, self.kwargs, self.batch)
-        self.outputs = OutputLayout.record(self.output)
-        self.tensors = self.layout.tensors_of(self.args, self.kwargs)
-        self.pooled = pooled_outputs(self.outputs.tensors_of(self.output), self.batch)
-
-
-class _OutsideUse(TorchFunctionMode):
-    """Records which block parameters are used by torch ops that run outside every block's forward (e.g.
-    diffusers' DiT reads ``transformer_blocks[0].norm1.emb`` for its final layer): those must stay in torch."""
-
-    def __init__(self, names_by_id: dict[int, str]):
-        super().__init__()
-        self.names_by_id = names_by_id
-        self.depth = 0
-        self.used: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.depth == 0:
-            for leaf in pytree.tree_leaves((args, kwargs)):
-                if isinstance(leaf, torch.Tensor) and id(leaf) in self.names_by_id:
-                    self.used.add(self.names_by_id[id(leaf)])
-        return func(*args, **kwargs)
-
-
-def record_block_calls(model: nn.Module, example_inputs: Any) -> tuple[list[RecordedCall], list[str]]:
-    """Run one dense forward (every block runs, full width) and record each block's first call. Also returns
-    the names of block parameters that code outside the blocks uses (they stay in PyTorch at run time)."""
-    state = state_of(model)
-    block_params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)
-                    if any(n.startswith(spec.path + ".") for spec in state.specs)}
-    watcher = _OutsideUse(block_params)
-    seen: dict[int, tuple] = {}
-    handles = []
-    for spec, block in zip(state.specs, state.blocks):
-        def pre(module, args, kwargs, index=spec.index):
-            watcher.depth += 1
-            if index not in seen:
-                seen[index] = (pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, dict(kwargs))),)
-
-        def post(module, args, kwargs, output, index=spec.index):
-            watcher.depth -= 1
-            if len(seen.get(index, ())) == 1:
-                seen[index] = seen[index] + (pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), output),)
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(block.register_forward_hook(post, with_kwargs=True))
-    try:
-        with torch.no_grad(), force(model, skip=False, width=1.0), watcher:
-            call_model(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    calls = []
-    for spec, block in zip(state.specs, state.blocks):
-        if len(seen.get(spec.index, ())) != 2:
-            raise ExportError(f"block {spec.path} to run in the example forward", "it was not called",
-                              "Pass example inputs that run the whole model.")
-        (args, kwargs), output = seen[spec.index]
-        gate = block._elastic_gate
-        batch = gate.stream_batch(bind_to_signature(gate.signature, args, kwargs))
-        calls.append(RecordedCall(spec.index, block, args, kwargs, output, batch))
-    return calls, sorted(watcher.used)
 
 
 def _validate(model, state, buckets, dtype: str, backend: str, batch_sizes, example_batch: int, base_factory):
@@ -152,7 +75,9 @@ def _groups(state, calls: list[RecordedCall]) -> dict:
     """Blocks that one template graph can serve: same analysis group, sites and call layout."""
     groups: dict[tuple, list[RecordedCall]] = OrderedDict()
     for spec, call in zip(state.specs, calls):
-        groups.setdefault((spec.group, repr(spec.sites), call.layout.signature(), call.outputs.spec), []).append(call)
+        lookahead = call.lookahead.signature() if call.lookahead is not None else None
+        groups.setdefault((spec.group, repr(spec.sites), call.layout.signature(), call.outputs.spec, lookahead),
+                          []).append(call)
     return groups
 
 
@@ -187,6 +112,10 @@ class _Exporter:
                                 "complex_inputs": [], "max_abs_diff": 0.0, "pooled_outputs": call.pooled,
                                 "summary_eps": SUMMARY_EPS}
                    for call in calls}
+        for call in calls:
+            if call.lookahead is not None:
+                entries[call.index]["lookahead"] = {"block": call.lookahead.block,
+                                                    "sources": [list(s) for s in call.lookahead.sources]}
         weights = {call.index: WeightFile(self.root / entries[call.index]["weights"]) for call in calls}
         for group_id, members in enumerate(_groups(state, calls).values()):
             elastic = state.specs[members[0].index].elastic_width
@@ -204,7 +133,8 @@ class _Exporter:
 
     def _template(self, call: RecordedCall, bucket: int, size: int):
         example = cast_inputs(call.layout.resized(call.tensors, size), self.torch_dtype)
-        program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs, call.pooled)
+        program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs, call.pooled,
+                               call.lookahead)
         with cast_module(call.block, self.torch_dtype):
             return export_graph(program, example, f"block {self.state.specs[call.index].path}")
 
@@ -213,12 +143,16 @@ class _Exporter:
         path = self.root / relative
         for attempt in range(2):
             proto, complex_inputs = template if attempt == 0 else self._template(call, bucket, size)
-            write_block_graph(proto, block_tensors(call.block), weights, path, self.torch_dtype)
+            tensors = block_tensors(call.block)
+            if call.lookahead is not None:
+                tensors.update(block_tensors(call.lookahead.router, "lookahead.router."))
+            write_block_graph(proto, tensors, weights, path, self.torch_dtype)
             check_file(path)
             entries[call.index]["complex_inputs"] = complex_inputs
             if not self.verify_ort:
                 return relative
-            program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs, call.pooled)
+            program = BlockProgram(call.block, bucket, self.state.dense_bucket, call.layout, call.outputs, call.pooled,
+                                   call.lookahead)
             inputs = call.layout.resized(call.tensors, size)
             diff, scale = compare_block_file(path, program, inputs, self.dtype, self.torch_dtype, complex_inputs,
                                              self.threads)
@@ -290,9 +224,10 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
         scheduler, sampling_config: stored for ``Runtime.sample`` / ``elastic-compile run`` (optional).
         threads: onnxruntime intra-op threads for verification; verify_runtime: also load the finished
             artifact with the onnxruntime runtime and compare whole-model outputs under several forced plans.
-        router_summaries: block graphs also return the token summaries the next router reads (default); False
-            gives graphs with the block's outputs only (a dense deployment's baseline: routers then compute
-            their features themselves).
+        router_summaries: block graphs also return the token summaries the next router reads and, for fp32
+            onnxruntime exports, the next router's logits where that router reads only this block's inputs and
+            outputs (default); False gives graphs with the block's outputs only (a dense deployment's baseline:
+            routers then compute their features themselves).
 
     Returns the output directory. Nothing is left at ``out_dir`` (or its previous content is kept) when any
     step fails. Raises ExportError / ConfigError.
@@ -308,6 +243,10 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
         if not router_summaries:
             for call in calls:
                 call.pooled = []
+        if router_summaries and dtype == "fp32" and backend == "onnxruntime":
+            attach_lookaheads(state, calls)
+        for call in calls:
+            call.raw = None  # the recorded forward's objects: only identities were needed
         indices, sizes = _validate(model, state, buckets, dtype, backend, batch_sizes, max(c.batch for c in calls),
                                    base_factory)
         from tqdm.auto import tqdm
@@ -333,7 +272,8 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
                 "inputs": _describe(example_inputs), "blocks": blocks, "routers": routers,
                 "runs_in_torch": {"modules": _runs_in_torch(model, state), "block_parameters_used_outside": shared,
                                   "routers": "with onnxruntime on the host in NumPy by default (routers='host', "
-                                  "reading the graphs' token summaries), else in torch (routers='torch'); "
+                                  "reading the graphs' token summaries, or the logits a block's 'lookahead' computed), else in "
+                                  "torch (routers='torch'); "
                                   "routers/*.onnx with runtime.load(..., routers='onnx')",
                                   "note": "everything outside the transformer blocks runs in PyTorch"},
                 "backends": {"onnxruntime": {"graphs": True, "verified": exporter.verify_ort},

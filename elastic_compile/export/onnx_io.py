@@ -73,7 +73,7 @@ def _to_onnx(program: torch.export.ExportedProgram, opset: int, names: dict):
 
 def export_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], what: str,
                  dynamic_batch: bool = False, opset: int = OPSET,
-                 weight_prefixes: tuple[str, ...] = ("block.", "router.")) -> tuple[onnx.ModelProto, list[int]]:
+                 weight_prefixes: tuple[str, ...] = ("block.", "router.", "lookahead.")) -> tuple[onnx.ModelProto, list[int]]:
     """ONNX model of ``module(*example)`` with inputs ``in_<k>`` and outputs ``out_<k>``.
 
     Returns ``(model, complex_inputs)``: indices of inputs that were complex and now take

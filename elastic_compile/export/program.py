@@ -6,7 +6,8 @@ and calls the block's *original* forward (the code under its gate), returning th
 Guarantee: in eager mode it returns exactly what the PyTorch elastic model computes for that block at that
 bucket (it runs the same modules with the same sliced weights); torch.export captures that computation with
 static shapes. After the block's outputs it returns, for the outputs listed in ``pooled``, their router
-summaries (:func:`token_summary`): what the next block's router reads first (see ``runtime.summaries``).
+summaries (:func:`token_summary`): what the next block's router reads first (see ``runtime.summaries``); and,
+with a ``lookahead``, last, the next block's router logits (see :mod:`.lookahead`).
 """
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ class BlockProgram(nn.Module):
     """One block at one bucket (index into the config's buckets; the dense bucket runs unsliced)."""
 
     def __init__(self, block: nn.Module, bucket: int, dense_bucket: int, layout: CallLayout, outputs: OutputLayout,
-                 pooled: Sequence[int] = ()):
+                 pooled: Sequence[int] = (), lookahead: nn.Module | None = None):
         super().__init__()
         self.block = block
         self.bucket = None if bucket == dense_bucket else bucket
         self.layout = layout
         self.outputs = outputs
         self.pooled = list(pooled)
+        self.lookahead = lookahead  # .lookahead.LookaheadProgram: the next block's router, last output
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         gate = self.block._elastic_gate
@@ -49,8 +51,9 @@ class BlockProgram(nn.Module):
             out = torch_forward(gate)(*args, **kwargs)
         finally:
             gate.control.bucket = previous
-        tensors = self.outputs.tensors_of(out)
-        return tuple(tensors) + tuple(token_summary(tensors[k]) for k in self.pooled)
+        outputs = self.outputs.tensors_of(out)
+        extra = () if self.lookahead is None else (self.lookahead(tensors, outputs),)
+        return tuple(outputs) + tuple(token_summary(outputs[k]) for k in self.pooled) + extra
 
 
 #: LayerNorm epsilon of router summaries; every Router normalises its features with nn.LayerNorm's default.

@@ -25,6 +25,7 @@ from ..export.manifest import read_manifest
 from ..passes.insert_routers import ROUTER_ATTRIBUTE
 from .executor import BlockExecutor, GraphRouter, SingleThreadRouter
 from .host_router import HostRouter
+from .lookahead import LookaheadLogits
 from .summaries import PooledSummaries
 from .state import STATE_ATTRIBUTE, state_of
 from .torch_threads import AUTO, resolve_torch_threads, using_torch_threads
@@ -172,10 +173,12 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         engine = TensorRTBackend(root, manifest, cache_dir=engine_cache, device=device, **options)
     state = state_of(model)
     summaries = PooledSummaries() if routers == "host" else None
+    lookahead = LookaheadLogits() if routers == "host" else None
     for entry in manifest["blocks"]:
         gate = state.blocks[entry["index"]]._elastic_gate
         gate.original_forward = BlockExecutor(gate, entry, root, engine, manifest["dtype"], manifest["dense_bucket"],
-                                              summaries)
+                                              summaries, lookahead)
+    looked_ahead = {int(e["lookahead"]["block"]) for e in manifest["blocks"] if e.get("lookahead")}
     if routers == "onnx":
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate
@@ -183,7 +186,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     elif routers == "host":
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate
-            gate.router = HostRouter(gate.router, summaries)
+            gate.router = HostRouter(gate.router, summaries, lookahead if entry["block"] in looked_ahead else None,
+                                     entry["block"])
     elif backend == "onnxruntime":
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate

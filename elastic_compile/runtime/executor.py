@@ -11,7 +11,8 @@ Rows never interact inside a transformer block, so padding cannot change the rea
 
 Graphs exported with ``pooled_outputs`` also return the router summaries of those outputs; the executor hands
 them to the runtime's :class:`~.summaries.PooledSummaries` for the next router (older graphs without them work
-as before).
+as before). Graphs with a ``lookahead`` return the next block's router logits last; the executor hands them to
+:class:`~.lookahead.LookaheadLogits` with the tensors they were computed from.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch.utils import _pytree as pytree
 from ..errors import BucketNotExportedError, ConfigError
 from ..export.layout import CallLayout, OutputLayout
 from ..export.program import DTYPES, graph_inputs
+from .lookahead import LookaheadLogits
 from .summaries import PooledSummaries
 
 
@@ -55,7 +57,7 @@ class BlockExecutor:
     """Callable with the block's forward signature; runs the exported graph of ``gate.control.bucket``."""
 
     def __init__(self, gate, entry: dict, root: Path, backend, dtype: str, dense_bucket: int,
-                 summaries: PooledSummaries | None = None):
+                 summaries: PooledSummaries | None = None, lookahead: LookaheadLogits | None = None):
         self.gate = gate
         self.torch_forward = getattr(gate.original_forward, "torch_forward", gate.original_forward)
         self.path = entry["path"]
@@ -71,6 +73,10 @@ class BlockExecutor:
         self.summary_eps = float(entry.get("summary_eps", 0.0))
         self.num_outputs = sum(leaf["kind"] == "tensor" for leaf in self.outputs.leaves)
         self.summaries = summaries
+        ahead = entry.get("lookahead")
+        self.lookahead = lookahead if ahead else None
+        self.lookahead_block = int(ahead["block"]) if ahead else None
+        self.lookahead_sources = [(kind, int(k)) for kind, k in ahead["sources"]] if ahead else []
 
     def graph(self, bucket: int, size: int) -> Callable:
         return self.backend.graph(self.files[bucket][size])
@@ -111,6 +117,10 @@ class BlockExecutor:
             streams = self.outputs.tensors_of(result)
             for k, summary in zip(self.pooled, outs[self.num_outputs:]):
                 self.summaries.remember(streams[k], summary, self.summary_eps)
+        if self.lookahead is not None:  # the graph's last output: the next block's router logits
+            streams = self.outputs.tensors_of(result)
+            sources = [streams[k] if kind == "out" else tensors[k] for kind, k in self.lookahead_sources]
+            self.lookahead.remember(self.lookahead_block, sources, outs[-1])
         return result
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..nn.router import Router
+from .lookahead import ExportedWeights, LookaheadLogits
 from .summaries import PooledSummaries
 
 # OpenBLAS runs a float32 GEMM on its own thread pool above m*n*k = 65536 * 4; those threads would spin on the
@@ -27,11 +28,17 @@ NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.
 class HostRouter:
     """``logits(arguments) -> (B, 1 + K)`` float32 tensor (and ``__call__`` -> ``(run, widths)``), on CPU."""
 
-    def __init__(self, router: Router, summaries: PooledSummaries | None = None):
+    def __init__(self, router: Router, summaries: PooledSummaries | None = None,
+                 lookahead: LookaheadLogits | None = None, block: int | None = None):
         self.router = router
         self.summaries = summaries
         self.features = list(router.features)
+        self.names = [feature.name for feature in self.features]
         self._source = None
+        # logits the previous block's graph computed for this router, while it holds the exported weights
+        self.lookahead = lookahead
+        self.block = block
+        self.exported = ExportedWeights(router) if lookahead is not None else None
 
     def _weights(self) -> dict:
         """The PyTorch router's folded weights (:meth:`Router.folded`, refreshed on any change) as float32 arrays."""
@@ -79,6 +86,10 @@ class HostRouter:
         return normed
 
     def logits(self, arguments: dict) -> torch.Tensor:
+        if self.lookahead is not None and self.exported.current():
+            ahead = self.lookahead.lookup(self.block, [arguments.get(name) for name in self.names])
+            if ahead is not None:
+                return ahead
         weights = self._weights()
         hidden = None
         for feature, (w, eps) in zip(self.features, weights["fc1"]):

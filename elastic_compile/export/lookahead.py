@@ -1,0 +1,82 @@
+"""Router lookahead: a block graph that also returns the next block's router logits.
+
+Between two block graphs, a host router costs more than its arithmetic: each of its few small ops runs right
+after a block has streamed its weights through the caches (DiT-B/2, batch 1: ~275 us per router in place against
+~25 us warm). When everything the next block's router reads is a tensor that this block's graph holds anyway
+(one of its outputs, such as the hidden-state stream, or one of its inputs, such as the conditioning vector that
+every block receives), the graph can evaluate that router too, at no measurable cost, and the runtime only has to
+look the logits up (:mod:`elastic_compile.runtime.lookahead`).
+
+:func:`find_lookaheads` decides this per block from one real forward: router ``j``'s feature tensors must be the
+very objects (identity, not equal values) that block ``i`` (the call right before ``j``) received or returned.
+:class:`LookaheadProgram` is the router of ``j`` fed from block ``i``'s graph values. Guarantee: the extra output
+equals ``router_j.plain_logits`` of those tensors (checked against PyTorch with the rest of the graph); the
+runtime serves it only for the same tensors, unmodified, and only while router ``j`` holds the exported weights.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..capture.record import bind_to_signature
+
+#: A feature's source in the block graph: ("out", k) the block's k-th tensor output, ("in", k) its k-th input.
+Source = tuple[str, int]
+
+
+def find_lookaheads(state, calls, raw_calls: dict[int, tuple], order: Sequence[int]) -> dict[int, dict]:
+    """``{i: {"block": j, "sources": [...]}}`` for each block ``i`` whose graph can compute the router of the block
+    called right after it (``order``: block indices in call order). ``raw_calls[index] = (args, kwargs, output)``
+    are the objects of the recorded forward (not copies): identities decide."""
+    by_index = {call.index: call for call in calls}
+    found = {}
+    for previous, following in zip(order, order[1:]):
+        router = state.routers.get(following)
+        if router is None or previous not in raw_calls or following not in raw_calls:
+            continue
+        args, kwargs, output = raw_calls[previous]
+        call = by_index[previous]
+        inputs = call.layout.tensors_of(args, kwargs)
+        outputs = call.outputs.tensors_of(output)
+        next_args, next_kwargs, _ = raw_calls[following]
+        gate = by_index[following].block._elastic_gate
+        arguments = bind_to_signature(gate.signature, next_args, next_kwargs)
+        sources = [_source_of(arguments.get(feature.name), inputs, outputs) for feature in router.features]
+        if sources and all(s is not None for s in sources):
+            found[previous] = {"block": following, "sources": [list(s) for s in sources]}
+    return found
+
+
+def _source_of(value, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Source | None:
+    if not isinstance(value, torch.Tensor) or value.is_complex():
+        return None
+    for k, tensor in enumerate(outputs):
+        if tensor is value:
+            return ("out", k)
+    for k, tensor in enumerate(inputs):
+        if tensor is value:
+            return ("in", k)
+    return None
+
+
+class LookaheadProgram(nn.Module):
+    """``(block inputs, block outputs) -> (B, 1 + K)`` logits of the next block's router (held as ``.router``, so
+    its weights are named ``lookahead.router.*`` inside a :class:`~.program.BlockProgram`)."""
+
+    def __init__(self, router: nn.Module, sources: Sequence[Sequence], block: int):
+        super().__init__()
+        self.router = router
+        self.block = int(block)  # the index of the block whose router this is
+        self.names = [feature.name for feature in router.features]
+        self.sources = [(str(kind), int(k)) for kind, k in sources]
+
+    def forward(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        values = [outputs[k] if kind == "out" else inputs[k] for kind, k in self.sources]
+        return self.router.plain_logits(dict(zip(self.names, values)))
+
+    def signature(self) -> tuple:
+        """What two lookaheads must share for one template graph to serve both."""
+        router = self.router
+        return (repr(router.features), router.fc1.out_features, router.num_widths, tuple(self.sources))
