@@ -6,7 +6,8 @@ permutations, routers), and, for the "onnxruntime" and "tensorrt" backends, puts
 PyTorch elastic model's: the parts outside the blocks, the routers' weights, the gates with their per-sample
 decisions, skips, grouping and records. With ONNX Runtime, routers run by default as
 :class:`~.host_router.HostRouter` (the same function in NumPy, reading the token summaries that the block graphs
-computed: see :mod:`.summaries`). Hence ``elastic_compile.force``, ``stats`` and ``report`` work on a
+computed: see :mod:`.summaries`; or not computed at all where the previous block's graph already returned the
+router's logits: see :mod:`.lookahead`). Hence ``elastic_compile.force``, ``stats`` and ``report`` work on a
 :class:`Runtime` exactly as on the PyTorch model, and outputs match it under the same decisions. The "torch"
 backend is the elastic PyTorch model itself (baseline / fallback).
 """
