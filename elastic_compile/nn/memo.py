@@ -15,27 +15,37 @@ from typing import Any, Hashable
 import torch
 
 
+def stamp(tensor: torch.Tensor) -> tuple[weakref.ref, int]:
+    """What identifies ``tensor`` as it is now: a weak reference and its version counter."""
+    return weakref.ref(tensor), tensor._version
+
+
+def is_stamped(value, stamp_: tuple[weakref.ref, int]) -> bool:
+    """Whether ``value`` is the very tensor of ``stamp_``, not modified in place since."""
+    return stamp_[0]() is value and isinstance(value, torch.Tensor) and value._version == stamp_[1]
+
+
 class TensorMemo:
     """At most ``capacity`` entries (the most recent ones); ``hits`` / ``misses`` count lookups."""
 
     def __init__(self, capacity: int = 32):
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[int, Hashable], tuple[weakref.ref, int, Any]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, Hashable], tuple[tuple[weakref.ref, int], Any]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def remember(self, tensor: torch.Tensor, tag: Hashable, value: Any) -> None:
         key = (id(tensor), tag)
         self._entries.pop(key, None)
-        self._entries[key] = (weakref.ref(tensor), tensor._version, value)
+        self._entries[key] = (stamp(tensor), value)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
     def lookup(self, tensor: torch.Tensor, tag: Hashable) -> Any | None:
         entry = self._entries.get((id(tensor), tag))
-        if entry is not None and entry[0]() is tensor and entry[1] == tensor._version:
+        if entry is not None and is_stamped(tensor, entry[0]):
             self.hits += 1
-            return entry[2]
+            return entry[1]
         self.misses += 1
         return None
 

@@ -113,12 +113,12 @@ class BlockExecutor:
                 start += count
             outs = parts[0] if len(parts) == 1 else [torch.cat(chunk) for chunk in zip(*parts)]
         result = self.outputs.pack(outs[:self.num_outputs], device)
-        if self.summaries is not None and self.pooled:
-            streams = self.outputs.tensors_of(result)
+        summarised = self.summaries is not None and self.pooled
+        streams = self.outputs.tensors_of(result) if summarised or self.lookahead is not None else None
+        if summarised:
             for k, summary in zip(self.pooled, outs[self.num_outputs:]):
                 self.summaries.remember(streams[k], summary, self.summary_eps)
         if self.lookahead is not None:  # the graph's last output: the next block's router logits
-            streams = self.outputs.tensors_of(result)
             sources = [streams[k] if kind == "out" else tensors[k] for kind, k in self.lookahead_sources]
             self.lookahead.remember(self.lookahead_block, sources, outs[-1])
         return result

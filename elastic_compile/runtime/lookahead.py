@@ -10,30 +10,30 @@ logits itself, so a hit never changes a decision beyond float32 rounding.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ..nn.memo import is_stamped, stamp
 
 
 class LookaheadLogits:
     """Per router (block index): the last logits a block graph computed for it, with their source tensors."""
 
     def __init__(self):
-        self._entries: dict[int, tuple[list[tuple[weakref.ref, int]], torch.Tensor]] = {}
+        self._entries: dict[int, tuple[list[tuple], torch.Tensor]] = {}  # block -> (source stamps, logits)
         self.hits = 0
         self.misses = 0
 
     def remember(self, block: int, sources: Sequence[torch.Tensor], logits: torch.Tensor) -> None:
-        self._entries[block] = ([(weakref.ref(t), t._version) for t in sources], logits)
+        self._entries[block] = ([stamp(t) for t in sources], logits)
 
     def lookup(self, block: int, values: Sequence) -> torch.Tensor | None:
         """The logits for ``block`` if they were computed from exactly ``values`` (same objects, unmodified)."""
         entry = self._entries.get(block)
         if entry is not None and len(entry[0]) == len(values) and all(
-                ref() is value and isinstance(value, torch.Tensor) and value._version == version
-                for (ref, version), value in zip(entry[0], values)):
+                is_stamped(value, source) for source, value in zip(entry[0], values)):
             self.hits += 1
             return entry[1]
         self.misses += 1
