@@ -109,39 +109,40 @@ def router_seconds(model, inputs, repeats: int = 30) -> float:
         arguments = bind_to_signature(gate.signature, args, kwargs)
         calls.append((gate, arguments, gate.stream_batch(arguments)))
     times = []
-    with torch.no_grad():
-        for _ in range(repeats + 3):
-            start = time.perf_counter()
-            for gate, arguments, batch in calls:
-                gate.decide(arguments, batch)
-            times.append(time.perf_counter() - start)
+    state.in_forward = True  # as inside the model's forward: routers share per-forward work (nn/router_stack.py)
+    try:
+        with torch.no_grad():
+            for _ in range(repeats + 3):
+                start = time.perf_counter()
+                if state.router_stack is not None:
+                    state.router_stack.begin_forward()
+                for gate, arguments, batch in calls:
+                    gate.decide(arguments, batch)
+                times.append(time.perf_counter() - start)
+    finally:
+        state.end_forward()
     return statistics.median(times[3:])
 
 
-class _TimedRouter:
-    """Proxy that adds the seconds of every router decision to ``total`` (for ``router_seconds_in_place``)."""
-
-    def __init__(self, router, total: list):
-        self.router, self.total = router, total
-
-    def logits(self, arguments):
+def _timed_logits(logits, total: list):
+    """``logits`` (a router's bound method) adding its seconds to ``total`` (for ``router_seconds_in_place``);
+    installed on the router instance, so the gate still sees a PyTorch router and passes it the model's stack."""
+    def timed(*args, **kwargs):
         start = time.perf_counter()
-        out = self.router.logits(arguments)
-        self.total[0] += time.perf_counter() - start
+        out = logits(*args, **kwargs)
+        total[0] += time.perf_counter() - start
         return out
-
-    def __call__(self, arguments):
-        return self.router(arguments)
+    return timed
 
 
 def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
     """Median seconds per forward spent inside the routers during real forwards: the same work as
     ``router_seconds`` but where it runs, right after a block (caches full of the block's weights)."""
-    gates = [block._elastic_gate for block in state_of(model).blocks if block._elastic_gate.router is not None]
+    routers = [block._elastic_gate.router for block in state_of(model).blocks
+               if block._elastic_gate.router is not None]
     total = [0.0]
-    saved = [gate.router for gate in gates]
-    for gate in gates:
-        gate.router = _TimedRouter(gate.router, total)
+    for router in routers:
+        router.logits = _timed_logits(router.logits, total)
     times = []
     try:
         with torch.no_grad():
@@ -150,8 +151,8 @@ def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
                 model(**inputs)
                 times.append(total[0])
     finally:
-        for gate, router in zip(gates, saved):
-            gate.router = router
+        for router in routers:
+            del router.logits
     return statistics.median(times[2:])
 
 
