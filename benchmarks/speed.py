@@ -109,24 +109,18 @@ def router_seconds(model, inputs, repeats: int = 30) -> float:
         arguments = bind_to_signature(gate.signature, args, kwargs)
         calls.append((gate, arguments, gate.stream_batch(arguments)))
     times = []
-    state.in_forward = True  # as inside the model's forward: routers share per-forward work (nn/router_stack.py)
-    try:
-        with torch.no_grad():
-            for _ in range(repeats + 3):
-                start = time.perf_counter()
-                if state.router_stack is not None:
-                    state.router_stack.begin_forward()
-                for gate, arguments, batch in calls:
-                    gate.decide(arguments, batch)
-                times.append(time.perf_counter() - start)
-    finally:
-        state.end_forward()
+    with torch.no_grad():
+        for _ in range(repeats + 3):
+            start = time.perf_counter()
+            for gate, arguments, batch in calls:
+                gate.decide(arguments, batch)
+            times.append(time.perf_counter() - start)
     return statistics.median(times[3:])
 
 
 def _timed_logits(logits, total: list):
     """``logits`` (a router's bound method) adding its seconds to ``total`` (for ``router_seconds_in_place``);
-    installed on the router instance, so the gate still sees a PyTorch router and passes it the model's stack."""
+    installed on the router instance, which stays what it is for everything else."""
     def timed(*args, **kwargs):
         start = time.perf_counter()
         out = logits(*args, **kwargs)

@@ -17,7 +17,6 @@ from .analysis.verify import masked_reference, max_abs_difference
 from .capture.record import call_model
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ElasticCompileError
-from .nn.router_stack import RouterStack
 from .nn.sliced import WidthControl
 from .passes import gate_block, insert_router, install_root_hook, make_mlps_elastic, order_neurons
 from .runtime.state import STATE_ATTRIBUTE, ElasticState, force
@@ -83,8 +82,7 @@ def install(model: nn.Module, state: ElasticState, blocks: list[nn.Module], perm
         state.controls[spec.index] = control
         gate_block(block, spec, router, control, state)
     state.blocks = blocks
-    state.router_stack = RouterStack(lambda: [state.routers[i] for i in sorted(state.routers)])
-    state.root_hooks = install_root_hook(model, state)
+    state.root_hook = install_root_hook(model, state)
     setattr(model, STATE_ATTRIBUTE, state)
 
 

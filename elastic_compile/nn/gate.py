@@ -91,12 +91,7 @@ class BlockGate:
             return run, bucket, False, None
         # One device-to-host copy per block (each is a synchronisation that drains an accelerator's queue), and
         # the decisions are made on the host: a handful of floats, no further tensor ops between two blocks.
-        # Inside the model's forward a PyTorch router shares per-forward work with the others (router_stack.py);
-        # other routers (host, graph, proxies) take the arguments alone.
-        if state.in_forward and type(self.router) is Router:
-            rows = self.router.logits(arguments, state.router_stack).tolist()
-        else:
-            rows = self.router.logits(arguments).tolist()
+        rows = self.router.logits(arguments).tolist()
         p_run = None
         if run is None:
             p_run = [run_probability(row[0]) for row in rows]

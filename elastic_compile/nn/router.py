@@ -9,7 +9,6 @@ from torch.nn import functional as F
 
 from ..analysis.spec import RouterFeature
 from .memo import TensorMemo
-from .router_stack import RouterStack
 
 # "Full capacity" initialisation: an untrained router runs every block at full width with margin.
 RUN_LOGIT_INIT = 4.0
@@ -31,10 +30,8 @@ class Router(nn.Module):
     On CPU without gradients, ``logits`` runs the same function with fewer operations between two blocks (where
     each one is several times slower than in a warm loop): the LayerNorms' affine parameters folded into ``fc1``
     (:meth:`folded`, refreshed whenever a parameter changes) and vector and scalar features normalised once per
-    tensor for all routers (:data:`SHARED_VECTORS`); inside the model's forward the gates also pass the model's
-    :class:`~.router_stack.RouterStack` (weights checked once per forward, one GEMM per shared tensor for all
-    routers). Equal to the training path up to float32 rounding. Not on accelerators: a CUDA graph captured
-    through a memo hit would replay a stale value.
+    tensor for all routers (:data:`SHARED_VECTORS`). Equal to the training path up to float32 rounding. Not on
+    accelerators: a CUDA graph captured through a memo hit would replay a stale value.
     """
 
     def __init__(self, features: list[RouterFeature], hidden: int, num_widths: int):
@@ -72,24 +69,15 @@ class Router(nn.Module):
                  for feature, norm in zip(self.features, self.norms)]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def logits(self, arguments: dict, stack: RouterStack | None = None) -> torch.Tensor:
-        """``(B, 1 + num_widths)``: the run logit, then the width-bucket logits (one tensor, one transfer).
-
-        ``stack``: the model's :class:`~.router_stack.RouterStack` inside its forward (the gates pass it): the
-        weights' check and the shared features' products are then done once per forward for all routers."""
+    def logits(self, arguments: dict) -> torch.Tensor:
+        """``(B, 1 + num_widths)``: the run logit, then the width-bucket logits (one tensor, one transfer)."""
         if torch.is_grad_enabled():
             return self.plain_logits(arguments)
-        started = stack.start(self, arguments) if stack is not None else None
-        if started is not None:
-            member, hidden = started
-            folded, blocks = member.folded, member.own
-        else:
-            folded = self.folded()
-            if not folded["cpu"]:
-                return self.plain_logits(arguments)
-            hidden, blocks = folded["fc1_bias"], folded["fc1"]
-        dtype = folded["dtype"]
-        for feature, weight, eps in blocks:
+        folded = self.folded()
+        if not folded["cpu"]:
+            return self.plain_logits(arguments)
+        hidden, dtype = folded["fc1_bias"], folded["dtype"]
+        for feature, weight, eps in folded["fc1"]:
             value = arguments[feature.name]
             if feature.kind == "pooled" and value.ndim == 3 and value.dtype == dtype:  # the common case, inline
                 # LayerNorm is scale invariant: LN(sum, eps * n^2) == LN(mean, eps); right after a block a sum

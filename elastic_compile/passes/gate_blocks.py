@@ -1,4 +1,4 @@
-"""Pass: replace each block's forward by its gate, and hook the model root to bracket every forward.
+"""Pass: replace each block's forward by its gate, and hook the model root to start a record per forward.
 
 Guarantee: the model keeps its class, forward signature and return type; with every router at full capacity
 (or ``force(skip=False, width=1.0)``) each gate calls the original forward unchanged.
@@ -24,12 +24,7 @@ def gate_block(block: nn.Module, spec: BlockSpec, router: Router | None, control
     return gate
 
 
-def install_root_hook(model: nn.Module, state: ElasticState) -> list:
-    """Hooks on the model root that bracket each forward (the post-hook also runs when the forward raises)."""
+def install_root_hook(model: nn.Module, state: ElasticState):
     def begin(module, args, kwargs):
         state.begin_forward(args, kwargs)
-
-    def end(module, args, output):
-        state.end_forward()
-    return [model.register_forward_pre_hook(begin, with_kwargs=True),
-            model.register_forward_hook(end, always_call=True)]
+    return model.register_forward_pre_hook(begin, with_kwargs=True)

@@ -68,8 +68,6 @@ class ElasticState:
     serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
     device_routing: object = None                        # runtime.device_routing.DeviceRouting while installed
     pending_calls: Any = None                            # () -> list[BlockCall]: decisions still on the device
-    in_forward: bool = False                             # between the root module's pre- and post-hook
-    router_stack: Any = None                             # nn.router_stack.RouterStack over ``routers``
 
     @property
     def dense_bucket(self) -> int:
@@ -83,9 +81,6 @@ class ElasticState:
                           "Force one of the configured buckets (or transform with other width_buckets).")
 
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
-        self.in_forward = True
-        if self.router_stack is not None:
-            self.router_stack.begin_forward()
         if self.profiling:
             return
         self.calls = []
@@ -95,9 +90,6 @@ class ElasticState:
         if self.device_routing is not None:
             self.device_routing.log = []
             self.pending_calls = self.device_routing.calls
-
-    def end_forward(self) -> None:
-        self.in_forward = False
 
     def record(self, call: BlockCall) -> None:
         if self.profiling:
