@@ -120,6 +120,23 @@ def test_inference_logits_equal_the_training_path(seed, batch):
         torch.testing.assert_close(router.logits(arguments), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 256])
+def test_token_sum_with_scaled_epsilon_equals_the_mean_where_epsilon_matters(tokens):
+    """The inference path pools by sum with eps * n^2; where the pooled vector's variance is of the order of eps,
+    a wrong scale would change the LayerNorm's output visibly."""
+    router = _router_with_vector(seed=7)
+    g = torch.Generator().manual_seed(tokens)
+    x = 3e-3 * torch.randn(2, tokens, 24, generator=g)  # pooled variance ~1e-5 / tokens; eps = 1e-5
+    arguments = {"x": x, "c": torch.randn(2, 12, generator=g), "t": torch.rand(2, generator=g) * 1000}
+    expected = router.logits(arguments).detach()  # the training path: LayerNorm of the token mean
+    with torch.no_grad():
+        torch.testing.assert_close(router.logits(arguments), expected, atol=1e-4, rtol=1e-4)
+        if tokens > 1:  # a sum with the unscaled eps is another function here, so the check above can fail
+            unscaled = torch.nn.functional.layer_norm(x.sum(1), (24,), eps=router.norms[0].eps)
+            mean_based = router.normalized(router.features[0], x, router.norms[0].eps, torch.float32)
+            assert not torch.allclose(unscaled, mean_based, atol=1e-2)
+
+
 def test_folded_weights_follow_every_change_of_the_router():
     router = _router_with_vector()
     arguments = {"x": torch.randn(2, 7, 24), "c": torch.randn(2, 12), "t": torch.rand(2) * 1000}
