@@ -25,14 +25,33 @@ def is_stamped(value, stamp_: tuple[weakref.ref, int]) -> bool:
     return stamp_[0]() is value and isinstance(value, torch.Tensor) and value._version == stamp_[1]
 
 
-class TensorMemo:
+class StampedEntries:
+    """What the memos here share: their entries, ``hits`` / ``misses`` of their lookups, and ``reset``."""
+
+    def __init__(self, entries: dict):
+        self._entries = entries
+        self.hits = 0
+        self.misses = 0
+
+    def _served(self, value: Any | None) -> Any | None:
+        """Count a lookup's answer (None: a miss) and return it."""
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def reset(self) -> None:
+        self._entries.clear()
+        self.hits = self.misses = 0
+
+
+class TensorMemo(StampedEntries):
     """At most ``capacity`` entries (the most recent ones); ``hits`` / ``misses`` count lookups."""
 
     def __init__(self, capacity: int = 32):
+        super().__init__(OrderedDict())
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[int, Hashable], tuple[tuple[weakref.ref, int], Any]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
 
     def remember(self, tensor: torch.Tensor, tag: Hashable, value: Any) -> None:
         key = (id(tensor), tag)
@@ -43,12 +62,4 @@ class TensorMemo:
 
     def lookup(self, tensor: torch.Tensor, tag: Hashable) -> Any | None:
         entry = self._entries.get((id(tensor), tag))
-        if entry is not None and is_stamped(tensor, entry[0]):
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        return None
-
-    def reset(self) -> None:
-        self._entries.clear()
-        self.hits = self.misses = 0
+        return self._served(entry[1] if entry is not None and is_stamped(tensor, entry[0]) else None)

@@ -15,16 +15,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn.memo import is_stamped, stamp
+from ..nn.memo import StampedEntries, is_stamped, stamp
 
 
-class LookaheadLogits:
+class LookaheadLogits(StampedEntries):
     """Per router (block index): the last logits a block graph computed for it, with their source tensors."""
 
     def __init__(self):
-        self._entries: dict[int, tuple[list[tuple], torch.Tensor]] = {}  # block -> (source stamps, logits)
-        self.hits = 0
-        self.misses = 0
+        super().__init__({})  # block -> (source stamps, logits)
 
     def remember(self, block: int, sources: Sequence[torch.Tensor], logits: torch.Tensor) -> None:
         self._entries[block] = ([stamp(t) for t in sources], logits)
@@ -32,16 +30,9 @@ class LookaheadLogits:
     def lookup(self, block: int, values: Sequence) -> torch.Tensor | None:
         """The logits for ``block`` if they were computed from exactly ``values`` (same objects, unmodified)."""
         entry = self._entries.get(block)
-        if entry is not None and len(entry[0]) == len(values) and all(
-                is_stamped(value, source) for source, value in zip(entry[0], values)):
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        return None
-
-    def reset(self) -> None:
-        self._entries.clear()
-        self.hits = self.misses = 0
+        found = entry is not None and len(entry[0]) == len(values) and all(
+            is_stamped(value, source) for source, value in zip(entry[0], values))
+        return self._served(entry[1] if found else None)
 
 
 class ExportedWeights:
