@@ -210,7 +210,7 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
            dtype: str = "fp32", backend: str = "onnxruntime", batch_sizes: Sequence[int] | None = None, *,
            base_factory: str | None = None, scheduler: Any = None, sampling_config: Any = None,
            threads: int | None = None, verify_runtime: bool = True, progress: bool = False,
-           trt_options: dict | None = None, router_summaries: bool = True) -> Path:
+           trt_options: dict | None = None, router_summaries: bool = True, outside_graphs: bool = True) -> Path:
     """Export an elastic model (from ``transform`` or ``load``) to ``out_dir`` (see the module docstring).
 
     Args:
@@ -228,6 +228,11 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
             onnxruntime exports, the next router's logits where that router reads only this block's inputs and
             outputs (default); False gives graphs with the block's outputs only (a dense deployment's baseline:
             routers then compute their features themselves).
+        outside_graphs: also export the model's ops outside its blocks (embeddings, final layer...) as graphs and
+            the forward as a program of graphs and block calls (``outside/``, manifest ``program``; fp32
+            onnxruntime exports), so an onnxruntime runtime runs no PyTorch op outside the blocks for calls shaped
+            like the example. A model that cannot be captured that way is exported without them
+            (``program_note`` says why).
 
     Returns the output directory. Nothing is left at ``out_dir`` (or its previous content is kept) when any
     step fails. Raises ExportError / ConfigError.
@@ -255,6 +260,8 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
             exporter = _Exporter(model, example_inputs, root, indices, sizes, dtype, threads, bar)
             blocks = exporter.block_graphs(calls)
             routers = exporter.router_graphs(calls)
+            program, program_note = _outside_program(model, example_inputs, calls, root, dtype, backend, threads,
+                                                     outside_graphs)
             base = save_base(model, state, root / "base", base_factory)
             from ..serialization import save as save_elastic
             save_elastic(model, root / "elastic")
@@ -270,12 +277,14 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
                 "padding": "sub-batches are padded (last row repeated) to the next exported batch size, "
                            "or split into chunks of the largest",
                 "inputs": _describe(example_inputs), "blocks": blocks, "routers": routers,
+                "program": program, "program_note": program_note,
                 "runs_in_torch": {"modules": _runs_in_torch(model, state), "block_parameters_used_outside": shared,
                                   "routers": "with onnxruntime on the host in NumPy by default (routers='host', "
                                   "reading the graphs' token summaries, or the logits a block's 'lookahead' computed), else in "
                                   "torch (routers='torch'); "
                                   "routers/*.onnx with runtime.load(..., routers='onnx')",
-                                  "note": "everything outside the transformer blocks runs in PyTorch"},
+                                  "note": "everything outside the transformer blocks runs in PyTorch, except with "
+                                          "onnxruntime where 'program' lists graphs for it (outside/*.onnx)"},
                 "backends": {"onnxruntime": {"graphs": True, "verified": exporter.verify_ort},
                              "tensorrt": {"engines": None}},
                 "verification": {"onnxruntime": exporter.verify_ort, "atol": ATOL[dtype],
@@ -299,6 +308,23 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
     logger.info("exported %s in %.1f s (max |diff| vs torch %.3g)", out_dir, time.perf_counter() - started,
                 manifest["verification"]["max_abs_diff"])
     return out_dir
+
+
+def _outside_program(model, example_inputs, calls, root: Path, dtype: str, backend: str, threads,
+                     wanted: bool) -> tuple[dict | None, str | None]:
+    """The manifest's ``program`` entry (see :mod:`.outside`), or None and the reason."""
+    if not wanted:
+        return None, "not requested (outside_graphs=False)"
+    if dtype != "fp32" or backend != "onnxruntime":
+        return None, "exported for fp32 onnxruntime runtimes only; with TensorRT those parts run in PyTorch"
+    from .outside import export_outside
+    try:
+        return export_outside(model, example_inputs, calls, root, dtype, threads), None
+    except ExportError as exc:
+        import shutil
+        shutil.rmtree(root / "outside", ignore_errors=True)
+        logger.info("the model's parts outside its blocks stay in PyTorch: %s", exc)
+        return None, str(exc)
 
 
 def _save_sampling(root: Path, scheduler, sampling_config) -> dict:

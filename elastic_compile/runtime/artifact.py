@@ -24,6 +24,7 @@ from ..errors import BackendUnavailableError, ConfigError
 from ..export.base import load_base
 from ..export.manifest import read_manifest
 from ..passes.insert_routers import ROUTER_ATTRIBUTE
+from .driver import ModelDriver
 from .executor import BlockExecutor, GraphRouter, SingleThreadRouter
 from .host_router import HostRouter
 from .lookahead import LookaheadLogits
@@ -57,6 +58,12 @@ class Runtime:
     @property
     def _elastic_state(self):  # found by elastic_compile.runtime.state.state_of: force / stats / report work
         return getattr(self.model, STATE_ATTRIBUTE)
+
+    @property
+    def driver(self):
+        """The :class:`~.driver.ModelDriver` running the export's outside graphs, or None."""
+        forward = self.model.__dict__.get("forward")
+        return forward if isinstance(forward, ModelDriver) else None
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +118,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
          routers: str | None = None, free_torch_weights: bool = True, check_hashes: bool = True,
          device: str | torch.device | None = None, providers: Sequence[str] | None = None,
          engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None,
-         thread_pool: str = "per_session", torch_threads: int | str | None = AUTO) -> Runtime:
+         thread_pool: str = "per_session", torch_threads: int | str | None = AUTO,
+         outside_graphs: bool = True) -> Runtime:
     """Load an export directory written by :func:`elastic_compile.export`.
 
     Args:
@@ -133,6 +141,9 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         check_hashes: verify every file against the manifest's sha256 first.
         device: where the PyTorch parts run (default CPU; CUDA for TensorRT).
         engine_cache: TensorRT engine cache directory (default ``<path>/engines``).
+        outside_graphs: with onnxruntime, run the model's ops outside its blocks as the export's ``outside/``
+            graphs (a :class:`~.driver.ModelDriver` becomes the model's forward) where the export has them;
+            calls not shaped like the export's example, and False, run them in PyTorch.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime, tensorrt or torch.")
@@ -193,6 +204,9 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate
             gate.router = SingleThreadRouter(gate.router)
+    if outside_graphs and backend == "onnxruntime" and manifest.get("program"):
+        model.forward = ModelDriver(model, manifest["program"], manifest["blocks"], root, engine,
+                                    fallback=model.forward, profiling=lambda: state.profiling)
     if free_torch_weights:
         free_block_weights(model, keep=manifest["runs_in_torch"]["block_parameters_used_outside"])
     return Runtime(model, manifest, root, backend, engine, pinned_threads)

@@ -1,0 +1,120 @@
+"""Run a model's forward as its exported program: the parts outside the blocks as graphs, the blocks through
+their gates.
+
+An export's ``program`` entry (see :mod:`elastic_compile.export.outside`) lists the forward as steps: graphs
+(the ops between two block calls: embeddings, patchify, final norm and projection...) and block calls. A
+:class:`ModelDriver` installed as the model's ``forward`` runs them: each graph in the backend, each block by
+calling the block module, so its gate still decides per sample (router, ``force``, skips, feature cache,
+records for ``stats``) and its :class:`~.executor.BlockExecutor` still runs the block's bucket graph. Module
+hooks on the model still run (the driver *is* its forward).
+
+The graphs have the example call's static shapes. A call that differs from it in any way (argument names or
+structure, a tensor's shape, dtype or device, a non-tensor value), a call on fake tensors, and the FLOP
+profiling of ``stats`` run the model's own Python forward instead, as without a driver: same results, the
+PyTorch parts just run in PyTorch. ``driver.calls`` / ``driver.fallbacks`` count both kinds.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
+
+from ..capture.record import SignatureBinder
+from ..export.layout import CallLayout, OutputLayout, dtype_name
+
+
+def run_steps(steps: Sequence[dict], env: dict[str, Any], run_graph: Callable, run_block: Callable) -> dict:
+    """Run program ``steps`` on ``env`` (value name -> tensor; grows). ``run_block(step, tensors)`` returns a
+    block step's (one with a "block" index) tensor outputs in layout order, ``run_graph(step, tensors)`` any
+    other step's outputs."""
+    for step in steps:
+        tensors = [env[name] for name in step["inputs"]]
+        outputs = run_block(step, tensors) if "block" in step else run_graph(step, tensors)
+        for name, value in zip(step["outputs"], outputs):
+            if name is not None:
+                env[name] = value
+    return env
+
+
+class BlockCalls:
+    """``run_block`` for :func:`run_steps`: call block modules with arguments rebuilt from their layouts."""
+
+    def __init__(self, blocks: dict[int, torch.nn.Module], layouts: dict[int, tuple[CallLayout, OutputLayout]]):
+        self.blocks = blocks
+        self.layouts = layouts
+
+    def __call__(self, step: dict, tensors: list) -> list:
+        call, outputs = self.layouts[step["block"]]
+        args, kwargs = call.rebuild(tensors)
+        return outputs.tensors_of(self.blocks[step["block"]](*args, **kwargs))
+
+
+class ModelDriver:
+    """Callable with the model's forward signature (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, entry: dict, blocks_entries: Sequence[dict], root: Path, backend,
+                 fallback: Callable, profiling: Callable[[], bool]):
+        self.fallback = fallback
+        self.profiling = profiling
+        self.backend = backend
+        self.root = root
+        call = entry["call"]
+        self.names = list(call["names"])
+        self.in_spec = pytree.treespec_loads(call["spec"])
+        self.leaves = call["leaves"]
+        self.out_spec = pytree.treespec_loads(entry["outputs"]["spec"])
+        self.output_values = list(entry["outputs"]["values"])
+        self.output_constants = {int(k): v for k, v in entry["outputs"].get("constants", {}).items()}
+        self.steps = [dict(step) for step in entry["steps"]]
+        self.parameters = {name: functools.reduce(getattr, path.split("."), model)
+                           for name, path in entry.get("parameters", {}).items()}
+        from .state import state_of
+        state = state_of(model)
+        by_path = {entry_["path"]: entry_ for entry_ in blocks_entries}
+        blocks = {spec.index: block for spec, block in zip(state.specs, state.blocks)}
+        layouts = {spec.index: (CallLayout.from_dict(by_path[spec.path]["layout"]),
+                                OutputLayout.from_dict(by_path[spec.path]["outputs"]))
+                   for spec in state.specs if spec.path in by_path}
+        self.run_block = BlockCalls(blocks, layouts)
+        import inspect
+        self.bind = SignatureBinder(inspect.signature(fallback))
+        self.calls = 0
+        self.fallbacks = 0
+
+    def run_graph(self, step: dict, tensors: list) -> list:
+        return self.backend.graph(self.root / step["graph"])(tensors)
+
+    def flat_inputs(self, args: tuple, kwargs: dict) -> list | None:
+        """The call's leaves when it is the exported call (see the module docstring), else None."""
+        bound = self.bind(args, kwargs)
+        if list(bound) != self.names:
+            return None
+        values, spec = pytree.tree_flatten(((), bound))
+        if spec != self.in_spec:
+            return None
+        for leaf, value in zip(self.leaves, values):
+            if leaf["kind"] == "tensor":
+                if (not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or not value.is_cpu
+                        or list(value.shape) != leaf["shape"] or dtype_name(value.dtype) != leaf["dtype"]):
+                    return None
+            elif isinstance(value, torch.Tensor) or value != leaf["value"]:
+                return None
+        return values
+
+    def __call__(self, *args, **kwargs):
+        values = None if self.profiling() else self.flat_inputs(args, kwargs)
+        if values is None:
+            self.fallbacks += 1
+            return self.fallback(*args, **kwargs)
+        self.calls += 1
+        env = {leaf["value"]: value for leaf, value in zip(self.leaves, values)
+               if leaf["kind"] == "tensor" and leaf["value"] is not None}
+        env.update(self.parameters)
+        env = run_steps(self.steps, env, self.run_graph, self.run_block)
+        results = [env[name] if name is not None else self.output_constants[k]
+                   for k, name in enumerate(self.output_values)]
+        return pytree.tree_unflatten(results, self.out_spec)

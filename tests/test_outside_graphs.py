@@ -1,0 +1,159 @@
+"""The parts of a model outside its blocks as graphs: capture with opaque blocks, the cut into segments, the
+exported program, and the runtime's driver that runs it in place of the model's Python forward."""
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import elastic_compile as ec
+from elastic_compile.capture.opaque_blocks import capture_with_opaque_blocks
+from elastic_compile.export.recording import record_block_calls
+from elastic_compile.export.segments import BlockCall, Segment, split_at_blocks
+from elastic_compile.runtime.driver import BlockCalls, run_steps
+from elastic_compile.runtime.state import force, state_of
+from helpers import randomize_routers
+from zoo import ARCHITECTURES, first_output
+
+
+class StagedDiT(torch.nn.Module):
+    """The hand-written DiT with PyTorch code between chosen blocks: ``glue[i]`` runs after block ``i`` (0: none,
+    1: scale the stream, 2: add a learned offset, 3: a residual of the stream before the block)."""
+
+    def __init__(self, glue=(0, 1, 0)):
+        super().__init__()
+        from elastic_compile.models.dit import DiT
+        self.glue = list(glue)
+        self.dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=len(self.glue), num_heads=2,
+                       num_classes=10)
+        self.offset = torch.nn.Parameter(torch.randn(32) * 0.1)
+
+    def forward(self, x, t, y):
+        dit = self.dit
+        tokens = dit.x_embedder(x).flatten(2).transpose(1, 2) + dit.pos_embed
+        c = dit.t_embedder(t) + dit.y_embedder(y)
+        for glue, block in zip(self.glue, dit.blocks):
+            before = tokens
+            tokens = block(tokens, c)
+            if glue == 1:
+                tokens = tokens * 0.5
+            elif glue == 2:
+                tokens = tokens + self.offset
+            elif glue == 3:
+                tokens = tokens + 0.25 * before
+        shift, scale = dit.final_modulation(c).chunk(2, dim=1)
+        tokens = dit.final_linear(dit.final_norm(tokens) * (1 + scale[:, None]) + shift[:, None])
+        return dit._unpatchify(tokens)
+
+
+def staged_dit():
+    torch.manual_seed(0)
+    return StagedDiT().eval()
+
+
+def _inputs(batch=2):
+    generator = torch.Generator().manual_seed(1)
+    return dict(x=torch.randn(batch, 4, 8, 8, generator=generator), t=torch.rand(batch, generator=generator) * 1000,
+                y=torch.randint(0, 10, (batch,), generator=generator))
+
+
+def _program_in_torch(model, inputs):
+    """Capture, cut, and run the steps in PyTorch (segments as graph modules, blocks as the model's blocks)."""
+    calls, _ = record_block_calls(model, inputs)
+    program = split_at_blocks(capture_with_opaque_blocks(model, inputs, calls))
+    steps = [{"segment": s, "inputs": s.inputs, "outputs": s.outputs} if isinstance(s, Segment)
+             else {"block": s.block, "inputs": s.inputs, "outputs": s.outputs} for s in program.steps]
+    env = {name: inputs[name] for name in program.inputs if name is not None}
+    blocks = BlockCalls({c.index: c.block for c in calls}, {c.index: (c.layout, c.outputs) for c in calls})
+    with torch.no_grad():
+        env = run_steps(steps, env, lambda step, tensors: list(step["segment"].module(*tensors)), blocks)
+    return program, env[program.outputs[0]]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(glue=st.lists(st.sampled_from([0, 1, 2, 3]), min_size=2, max_size=4))
+def test_the_cut_program_computes_what_the_model_does(glue):
+    torch.manual_seed(0)
+    model = StagedDiT(glue).eval()
+    inputs = _inputs()
+    ec.transform(model, example_inputs=inputs)
+    gates = [block.__dict__["forward"] for block in state_of(model).blocks]
+    program, got = _program_in_torch(model, inputs)
+    with torch.no_grad(), force(model, skip=False, width=1.0):
+        expected = model(**inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # one segment before the first block, one after each block with glue that feeds the next, one at the end
+    kinds = ["part" if isinstance(s, Segment) else s.block for s in program.steps]
+    wanted = ["part"]
+    for index, kind in enumerate(glue):
+        wanted.append(index)
+        if kind or index == len(glue) - 1:
+            wanted.append("part")
+    assert kinds == wanted
+    assert all(isinstance(s, BlockCall) or s.compute_ops() > 0 for s in program.steps)
+    # the capture gave every block its gate back
+    assert [block.__dict__["forward"] for block in state_of(model).blocks] == gates
+
+
+def _export(model, inputs, out, **options):
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, scale=0.5)
+    return ec.export(model, inputs, out, threads=1, **options)
+
+
+def _outside_parameters(model):
+    paths = [spec.path + "." for spec in state_of(model).specs]
+    return [p for name, p in model.named_parameters() if not name.startswith(tuple(paths))]
+
+
+@pytest.mark.parametrize("name", ["dit", "flux"])
+def test_the_runtime_runs_no_pytorch_weight_outside_the_blocks(name, tmp_path):
+    model, inputs = ARCHITECTURES[name](batch=2)
+    out = _export(model, inputs, tmp_path / name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    graphs = [step for step in manifest["program"]["steps"] if "graph" in step]
+    assert graphs and all((out / step["graph"]).is_file() for step in graphs)
+    runtime = ec.runtime.load(out, threads=1)
+    assert runtime.driver is not None
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+        for param in _outside_parameters(runtime.model):  # what runs must come from the graphs, not these
+            param.fill_(float("nan"))
+    got = first_output(runtime(**inputs))
+    assert float((got - expected).abs().max()) <= 1e-4
+    assert (runtime.driver.calls, runtime.driver.fallbacks) == (1, 0)
+    assert ec.stats(runtime).decisions == ec.stats(model).decisions  # its FLOP profiling: the Python forward
+
+
+def _dense_export(model, inputs, out, **options):
+    ec.transform(model, example_inputs=inputs)
+    return ec.export(model, inputs, out, buckets=[1.0], threads=1, **options)
+
+
+def test_calls_unlike_the_exported_one_run_the_python_forward(tmp_path):
+    model, inputs = ARCHITECTURES["dit"](batch=2)
+    out = _dense_export(model, inputs, tmp_path / "dit", batch_sizes=(1, 2))
+    runtime = ec.runtime.load(out, threads=1)
+    single = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    structured = dict(inputs, return_dict=True)
+    positional = (inputs["hidden_states"], inputs["timestep"], inputs["class_labels"])
+    for call in (lambda m: m(**single), lambda m: m(**structured), lambda m: m(*positional, return_dict=False)):
+        with torch.no_grad():
+            expected = first_output(call(model))
+        got = first_output(call(runtime))
+        assert float((got - expected).abs().max()) <= 1e-4
+    assert runtime.driver.fallbacks == 2  # batch 1 and return_dict=True; the positional call binds to the same
+    assert runtime.driver.calls == 1
+
+
+def test_exports_without_outside_graphs_run_as_before(tmp_path):
+    model, inputs = ARCHITECTURES["dit"](batch=2)
+    out = _dense_export(model, inputs, tmp_path / "dit", outside_graphs=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["program"] is None and "outside_graphs=False" in manifest["program_note"]
+    assert not (out / "outside").exists()
+    runtime = ec.runtime.load(out, threads=1)
+    assert runtime.driver is None
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    assert float((first_output(runtime(**inputs)) - expected).abs().max()) <= 1e-4
