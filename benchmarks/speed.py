@@ -248,6 +248,26 @@ def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
                 threads_cost_interval=list(overhead["interval"]))
 
 
+def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:
+    """The dense runtime as loaded by default (the model's ops outside its blocks run as the export's
+    ``outside/`` graphs, see ``elastic_compile.runtime.driver``) against the same export loaded with
+    ``outside_graphs=False`` (those ops in PyTorch, the model's Python forward): what the graphs are worth."""
+    out = Path(args.workdir) / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}-dense"
+    runtime = ec.runtime.load(out, thread_pool=args.thread_pool, outside_graphs=False)
+
+    def pytorch_outside():
+        with ec.force(runtime, skip=False, width=1.0):
+            return runtime(**inputs)
+    overhead = paired_overhead(dense_call, pytorch_outside, pairs=2 * args.repeats)
+    measured = overhead["base_s"] / overhead["method_s"]
+    return dict(model=model_name, backend="onnxruntime", batch=batch_of(inputs),
+                config="dense runtime with the ops outside the blocks in PyTorch (outside_graphs=False), against "
+                       "the default (their exported graphs)",
+                fraction=1.0, limit=1.0, speedup=measured, efficiency=measured, dense_ms=overhead["base_s"] * 1e3,
+                elastic_ms=overhead["method_s"] * 1e3, outside_cost=overhead["overhead"],
+                outside_cost_interval=list(overhead["interval"]))
+
+
 def batch_of(inputs) -> int:
     return next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))
 
@@ -336,6 +356,8 @@ def run(args) -> list[dict]:
                                                       dense_call))
                         print(json.dumps(rows[-1]), flush=True)
                 if backend == "onnxruntime":
+                    rows.append(outside_graphs_row(model_name, inputs, dense_call, args))
+                    print(json.dumps(rows[-1]), flush=True)
                     rows.append(torch_threads_row(model_name, inputs, dense_call, args))
                     print(json.dumps(rows[-1]), flush=True)
                 if backend == "onnxruntime" and args.whole_graph:
@@ -387,10 +409,11 @@ def write(rows, args) -> None:
              f"{args.threads} threads (torch.set_num_threads), {args.repeats} interleaved repetitions after warm-up, "
              "medians. Dense = what a user would deploy without elastic_compile in that backend: the plain PyTorch "
              "model (torch; a deep copy, made like the elastic model's); the model exported dense only, without router summaries, run by the same runtime "
-             f"(onnxruntime, thread pool: {args.thread_pool}; PyTorch parts between the block graphs on 1 thread, "
-             "the runtime's default). Control rows: A/A (dense against a second instance "
+             f"(onnxruntime, thread pool: {args.thread_pool}; the ops outside the blocks as exported graphs where the "
+             "model has them, PyTorch between the graphs on 1 thread: the runtime's defaults). Control rows: A/A (dense against a second instance "
              "of dense: the noise floor) and, in ONNX Runtime, the per-block runtime against the whole model as "
-             "one ONNX graph and against itself with PyTorch's threads left as they are."
+             "one ONNX graph, against itself with the ops outside the blocks in PyTorch instead of their exported "
+             "graphs, and against itself with PyTorch's threads left as they are."
              + (" Merged: rows of other models/backends are from the previous results file." if args.merge else ""),
              "",
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
@@ -415,6 +438,9 @@ def write(rows, args) -> None:
         if r.get("threads_cost") is not None:
             extra = " (cost {:+.1f}% [{:+.1f}, {:+.1f}])".format(
                 100 * r["threads_cost"], *(100 * v for v in r["threads_cost_interval"]))
+        if r.get("outside_cost") is not None:
+            extra = " (cost {:+.1f}% [{:+.1f}, {:+.1f}])".format(
+                100 * r["outside_cost"], *(100 * v for v in r["outside_cost_interval"]))
         if r.get("dispatch_overhead") is not None:
             extra = (" (runtime cost {:+.1f}% [{:+.1f}, {:+.1f}]; outputs differ by {:.1e})".format(
                 100 * r["dispatch_overhead"], *(100 * v for v in r["dispatch_overhead_interval"]), r["max_abs_diff"]))
@@ -426,6 +452,7 @@ def write(rows, args) -> None:
     for backend in dict.fromkeys(r["backend"] for r in rows):
         points = [r for r in rows if r["backend"] == backend and "router_overhead" not in r
                   and "dispatch_overhead" not in r and "noise_floor" not in r and "threads_cost" not in r
+                  and "outside_cost" not in r
                   and not r["config"].startswith("hand-narrowed")]
         ax.scatter([r["limit"] for r in points], [r["speedup"] for r in points], label=backend)
     bounds = [r for r in rows if r["config"].startswith("hand-narrowed")]

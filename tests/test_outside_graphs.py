@@ -157,3 +157,30 @@ def test_exports_without_outside_graphs_run_as_before(tmp_path):
     with torch.no_grad():
         expected = first_output(model(**inputs))
     assert float((first_output(runtime(**inputs)) - expected).abs().max()) <= 1e-4
+
+
+class BranchyDiT(StagedDiT):
+    """Python control flow on a tensor's value outside the blocks: no single graph captures that forward."""
+
+    def forward(self, x, t, y):
+        if float(x.mean()) > 10.0:
+            x = x * 0.5
+        return super().forward(x, t, y)
+
+
+def branchy_dit():
+    torch.manual_seed(0)
+    return BranchyDiT().eval()
+
+
+def test_a_forward_that_does_not_capture_keeps_its_outside_in_pytorch(tmp_path):
+    model, inputs = branchy_dit(), _inputs()
+    out = _dense_export(model, inputs, tmp_path / "branchy", base_factory="test_outside_graphs:branchy_dit")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["program"] is None and "torch.export" in manifest["program_note"]
+    assert not (out / "outside").exists() and not any(name.startswith("outside/") for name in manifest["files"])
+    runtime = ec.runtime.load(out, threads=1)
+    assert runtime.driver is None
+    with torch.no_grad():
+        expected = model(**inputs)
+    assert float((runtime(**inputs) - expected).abs().max()) <= 1e-4

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads used for verification")
     parser.add_argument("--trt-optimization-level", type=int, default=3, help="TensorRT builder optimization level")
     parser.add_argument("--no-verify-runtime", action="store_true", help="skip the whole-model check of the result")
+    parser.add_argument("--no-outside-graphs", dest="outside_graphs", action="store_false",
+                        help="do not export the model's ops outside its blocks as graphs (they then run in PyTorch)")
     parser.set_defaults(handler=run)
 
 
@@ -67,9 +69,13 @@ def run(args) -> int:
     out = ec.export(model, inputs, args.out, buckets=buckets, dtype=args.dtype, backend=args.backend,
                     batch_sizes=batch_sizes, base_factory=factory, scheduler=scheduler, sampling_config=sampling,
                     threads=args.threads, verify_runtime=not args.no_verify_runtime, progress=True,
-                    trt_options={"optimization_level": args.trt_optimization_level})
+                    trt_options={"optimization_level": args.trt_optimization_level},
+                    outside_graphs=args.outside_graphs)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     print(f"exported {len(manifest['blocks'])} blocks x buckets {manifest['buckets']} x batch sizes "
           f"{manifest['batch_sizes']} ({manifest['dtype']}) to {out} in {manifest['export_seconds']} s; "
           f"max |diff| vs PyTorch {manifest['verification']['max_abs_diff']:.3g}")
+    program = manifest.get("program")
+    print(f"outside the blocks: {sum('graph' in s for s in program['steps'])} graphs (outside/)" if program
+          else f"outside the blocks: PyTorch ({manifest.get('program_note')})")
     return 0

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                         help="PyTorch threads for the parts outside the block graphs during a forward (default: 1 "
                              "with onnxruntime, whose spinning threads slow multi-threaded PyTorch ops down; 0: "
                              "leave PyTorch's setting)")
+    parser.add_argument("--no-outside-graphs", dest="outside_graphs", action="store_false",
+                        help="run the model's ops outside its blocks in PyTorch even where the export has them as "
+                             "graphs (outside/; onnxruntime)")
     parser.add_argument("--width", type=float, default=None, help="force every FFN to this width bucket")
     parser.add_argument("--skip", default=None, help="force skips: 'all', 'none' or block indices like 2,5")
     parser.add_argument("--cache", default="auto", choices=("auto", "on", "off"),
@@ -107,7 +110,8 @@ def run(args) -> int:
         raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
                           "CUDA graphs are captured from the PyTorch model: add --backend torch --device cuda.")
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
-                              thread_pool=args.thread_pool, torch_threads=_torch_threads(args.torch_threads))
+                              thread_pool=args.thread_pool, torch_threads=_torch_threads(args.torch_threads),
+                              outside_graphs=args.outside_graphs)
     hooks = serving_cache_hooks(runtime, args.cache)
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
                    progress=True, hooks=hooks)

@@ -11,12 +11,16 @@ Layout of an export directory::
                                (layer-normalised token means, eps "summary_eps": export.program.token_summary),
                                then, with a "lookahead" entry, the next block's router logits (export.lookahead)
     routers/router_<i>.onnx    router of block i (dynamic batch)
+    outside/part_<k>.onnx      the model's ops between two block calls (embeddings, final layer...), for the
+                               example call's shapes; the manifest's "program" lists them with the block calls
+                               (fp32 onnxruntime exports, where the forward captures with its blocks opaque:
+                               see .outside; else "program" is null and "program_note" says why)
     scheduler/, sampling.json  optional: how to sample the model (diffusers scheduler config, SamplingConfig)
     engines/                   optional: TensorRT engine cache (built when TensorRT is present at export)
 
 What runs where: block graphs run in ONNX Runtime / TensorRT; everything outside the blocks (embeddings,
-patchify, final norm/projection) runs in PyTorch (the runtime rebuilds the base model from ``base/`` and
-installs ``elastic/``), the routers in NumPy on the host with ONNX Runtime (or, when the previous block's graph
+patchify, final norm/projection) runs as the ``outside/`` graphs in ONNX Runtime for calls shaped like the
+example, else in PyTorch (the runtime rebuilds the base model from ``base/`` and installs ``elastic/``), the routers in NumPy on the host with ONNX Runtime (or, when the previous block's graph
 computed them, not at all: see :mod:`.lookahead`) and in PyTorch with TensorRT.
 Sub-batches of samples that share a plan are padded up to the nearest exported batch size (rows repeated;
 samples never interact inside a block, so padding rows cannot change real rows) or split into chunks of the

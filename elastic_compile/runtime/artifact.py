@@ -3,7 +3,8 @@
 The runtime rebuilds the base model from ``base/``, installs the elastic artifact (``elastic/``: analysis,
 permutations, routers), and, for the "onnxruntime" and "tensorrt" backends, puts a
 :class:`~.executor.BlockExecutor` in place of every block's original forward. Everything else stays the
-PyTorch elastic model's: the parts outside the blocks, the routers' weights, the gates with their per-sample
+PyTorch elastic model's: the parts outside the blocks (with ONNX Runtime, run from the export's ``outside/``
+graphs by a :class:`~.driver.ModelDriver` where it has them), the routers' weights, the gates with their per-sample
 decisions, skips, grouping and records. With ONNX Runtime, routers run by default as
 :class:`~.host_router.HostRouter` (the same function in NumPy, reading the token summaries that the block graphs
 computed: see :mod:`.summaries`; or not computed at all where the previous block's graph already returned the
