@@ -126,3 +126,29 @@ def test_fold_constants_keeps_weights_named_and_removes_sequence_ops(qwen_block)
     assert not {n.op_type for n in model.graph.node} & {"SplitToSequence", "SequenceAt", "ConcatFromSequence"}
     assert [i.name for i in model.graph.input] == [f"in_{k}" for k in range(len(tensors))]
     assert not any(len(n.metadata_props) for n in model.graph.node)  # debug info stripped
+
+
+class SqueezeMost(torch.nn.Module):
+    """Squeezes that PyTorch partly or wholly ignores (dims not of size 1), as in PixArt's caption projection."""
+
+    def forward(self, x):
+        y = torch.squeeze(x, 1) + 1.0                  # (2, 16, 1, 32): dim 1 is 16, nothing removed
+        return torch.squeeze(y, (0, 2)) * 2.0, y.squeeze(-1)  # dims 0 and 2: only 2 removed; -1 is 32
+
+
+def test_noop_squeeze_dims_are_dropped_and_the_graph_exports(tmp_path):
+    from elastic_compile.export.passes import drop_noop_squeeze_dims
+    x = torch.randn(2, 16, 1, 32)
+    gm = torch.export.export(SqueezeMost(), (x,), strict=False).module()
+    expected = SqueezeMost()(x)
+    assert drop_noop_squeeze_dims(gm) == 3
+    squeezes = [n for n in gm.graph.nodes if n.op == "call_function" and "squeeze" in str(n.target)]
+    assert [list(n.args[1]) for n in squeezes] == [[2]]
+    for got, want in zip(gm(x), expected):
+        assert got.shape == want.shape and torch.equal(got, want)
+    proto, _ = export_graph(gm, [x], "squeezes")
+    path = tmp_path / "squeeze.onnx"
+    onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    for got, want in zip(run_ort(path, [x], torch.float32, []), expected):
+        torch.testing.assert_close(got, want)

@@ -29,6 +29,7 @@ from ..runtime.driver import BlockCalls, run_steps
 from ..runtime.state import force
 from .layout import dtype_name
 from .onnx_io import check_file, export_graph
+from .passes import drop_noop_squeeze_dims
 from .segments import ModelProgram, Segment, split_at_blocks
 from .verify import ATOL, max_abs_diff, run_ort, within
 
@@ -126,6 +127,7 @@ def _attribute(module: torch.nn.Module, path: str):
 
 def _write_segment(segment: Segment, tensors: list, expected: list, path: Path, threads) -> float:
     what = f"the model's ops outside its blocks ({path.stem})"
+    drop_noop_squeeze_dims(segment.module)
     proto, complex_inputs = export_graph(segment.module, tensors, what, weight_prefixes=())
     if complex_inputs:
         raise ExportError(f"real-valued inputs for {path.name}", "complex tensors between the parts",
