@@ -10,7 +10,7 @@ import elastic_compile as ec
 from elastic_compile.capture.opaque_blocks import capture_with_opaque_blocks
 from elastic_compile.export.recording import record_block_calls
 from elastic_compile.export.segments import BlockCall, Segment, split_at_blocks
-from elastic_compile.runtime.driver import BlockCalls, run_steps
+from elastic_compile.runtime.driver import BlockCalls, plan_releases, run_steps
 from elastic_compile.runtime.state import force, state_of
 from helpers import randomize_routers
 from zoo import ARCHITECTURES, first_output
@@ -61,12 +61,12 @@ def _program_in_torch(model, inputs):
     """Capture, cut, and run the steps in PyTorch (segments as graph modules, blocks as the model's blocks)."""
     calls, _ = record_block_calls(model, inputs)
     program = split_at_blocks(capture_with_opaque_blocks(model, inputs, calls))
-    steps = [{"segment": s, "inputs": s.inputs, "outputs": s.outputs} if isinstance(s, Segment)
-             else {"block": s.block, "inputs": s.inputs, "outputs": s.outputs} for s in program.steps]
+    steps = plan_releases(program.torch_steps(), program.outputs)
     env = {name: inputs[name] for name in program.inputs if name is not None}
     blocks = BlockCalls({c.index: c.block for c in calls}, {c.index: (c.layout, c.outputs) for c in calls})
     with torch.no_grad():
         env = run_steps(steps, env, lambda step, tensors: list(step["segment"].module(*tensors)), blocks)
+    assert set(env) == set(program.outputs)  # every other value was dropped once its last reader had run
     return program, env[program.outputs[0]]
 
 

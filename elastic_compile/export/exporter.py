@@ -47,6 +47,7 @@ from . import manifest as mf
 from .base import is_diffusers_model, save_base
 from .layout import dtype_name
 from .recording import RecordedCall, attach_lookaheads, record_block_calls
+from .outside import export_outside
 from .onnx_io import OPSET, WeightFile, block_tensors, check_file, export_graph, write_block_graph
 from .program import DTYPES, BlockProgram, RouterProgram, cast_inputs, cast_module, SUMMARY_EPS
 from .verify import ATOL, ORT_CPU_DTYPES, compare_block_file, max_abs_diff, run_ort, within
@@ -321,9 +322,8 @@ def _outside_program(model, example_inputs, calls, root: Path, dtype: str, backe
         return None, "not requested (outside_graphs=False)"
     if dtype != "fp32" or backend != "onnxruntime":
         return None, "exported for fp32 onnxruntime runtimes only; with TensorRT those parts run in PyTorch"
-    from .outside import export_outside
     try:
-        return export_outside(model, example_inputs, calls, root, dtype, threads), None
+        return export_outside(model, example_inputs, calls, root, threads), None
     except ExportError as exc:
         import shutil
         shutil.rmtree(root / "outside", ignore_errors=True)

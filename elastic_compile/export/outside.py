@@ -30,7 +30,7 @@ from ..runtime.state import force
 from .layout import dtype_name
 from .onnx_io import check_file, export_graph
 from .passes import drop_noop_squeeze_dims
-from .segments import ModelProgram, Segment, split_at_blocks
+from .segments import Segment, split_at_blocks
 from .verify import ATOL, max_abs_diff, run_ort, within
 
 #: graph initializers above this many bytes go to a ``.data`` file next to the graph
@@ -54,17 +54,7 @@ def _treespec(spec, what: str) -> str:
                           "Call the model so that it returns tuples/tensors (e.g. return_dict=False).") from exc
 
 
-def _steps_in_torch(program: ModelProgram) -> list[dict]:
-    steps = []
-    for step in program.steps:
-        if isinstance(step, Segment):
-            steps.append({"segment": step, "inputs": step.inputs, "outputs": step.outputs})
-        else:
-            steps.append({"block": step.block, "inputs": step.inputs, "outputs": step.outputs})
-    return steps
-
-
-def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence, root: Path, dtype: str,
+def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence, root: Path,
                    threads: int | None = None) -> dict:
     """Write ``outside/`` under ``root`` and return the manifest's ``program`` entry (module docstring)."""
     try:
@@ -84,7 +74,7 @@ def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence,
                      "constants": {str(k): v for k, v in program.output_constants.items()}}
 
     # The program in PyTorch: every segment's example inputs and expected outputs, and the split checked whole.
-    steps = _steps_in_torch(program)
+    steps = program.torch_steps()
     blocks = BlockCalls({c.index: c.block for c in calls}, {c.index: (c.layout, c.outputs) for c in calls})
     env = {n: v for n, v in zip(program.inputs, leaves) if n is not None}
     env.update({name: _attribute(captured.graph_module, path) for name, path in program.parameters.items()})

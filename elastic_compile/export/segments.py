@@ -56,6 +56,12 @@ class ModelProgram:
     output_constants: dict[int, object] = field(default_factory=dict)
     parameters: dict[str, str] = field(default_factory=dict)
 
+    def torch_steps(self) -> list[dict]:
+        """The steps as :func:`elastic_compile.runtime.driver.run_steps` takes them, a segment's module under
+        ``"segment"`` (run it in PyTorch) and a block's index under ``"block"``."""
+        return [{"segment": step, "inputs": step.inputs, "outputs": step.outputs} if isinstance(step, Segment)
+                else {"block": step.block, "inputs": step.inputs, "outputs": step.outputs} for step in self.steps]
+
 
 def _is_block_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is OPAQUE_BLOCK

@@ -37,7 +37,28 @@ def run_steps(steps: Sequence[dict], env: dict[str, Any], run_graph: Callable, r
         for name, value in zip(step["outputs"], outputs):
             if name is not None:
                 env[name] = value
+        for name in step.get("release", ()):
+            del env[name]
     return env
+
+
+def plan_releases(steps: Sequence[dict], keep: Sequence[str]) -> list[dict]:
+    """``steps``, each with a "release" list: the values no later step reads and ``keep`` does not name, so
+    that :func:`run_steps` drops them as soon as they are used (as the model's own forward would drop them:
+    a block's input is freed once the next block has run, and its memory is reused while still in cache)."""
+    last: dict[str, int] = {}
+    for index, step in enumerate(steps):
+        for name in step["inputs"]:
+            last[name] = index
+        for name in step["outputs"]:
+            if name is not None:
+                last.setdefault(name, index)
+    kept = set(keep)
+    planned = [dict(step, release=[]) for step in steps]
+    for name, index in last.items():
+        if name not in kept:
+            planned[index]["release"].append(name)
+    return planned
 
 
 class BlockCalls:
@@ -69,7 +90,7 @@ class ModelDriver:
         self.out_spec = pytree.treespec_loads(entry["outputs"]["spec"])
         self.output_values = list(entry["outputs"]["values"])
         self.output_constants = {int(k): v for k, v in entry["outputs"].get("constants", {}).items()}
-        self.steps = [dict(step) for step in entry["steps"]]
+        self.steps = plan_releases(entry["steps"], [v for v in entry["outputs"]["values"] if v is not None])
         self.parameters = {name: functools.reduce(getattr, path.split("."), model)
                            for name, path in entry.get("parameters", {}).items()}
         from .state import state_of
