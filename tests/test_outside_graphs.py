@@ -144,6 +144,11 @@ def test_calls_unlike_the_exported_one_run_the_python_forward(tmp_path):
         assert float((got - expected).abs().max()) <= 1e-4
     assert runtime.driver.fallbacks == 2  # batch 1 and return_dict=True; the positional call binds to the same
     assert runtime.driver.calls == 1
+    runtime.driver.enabled = False  # the exported call itself, through the Python forward
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    assert float((first_output(runtime(**inputs)) - expected).abs().max()) <= 1e-4
+    assert (runtime.driver.calls, runtime.driver.fallbacks) == (1, 3)
 
 
 def test_exports_without_outside_graphs_run_as_before(tmp_path):

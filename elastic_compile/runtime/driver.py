@@ -11,7 +11,8 @@ hooks on the model still run (the driver *is* its forward).
 The graphs have the example call's static shapes. A call that differs from it in any way (argument names or
 structure, a tensor's shape, dtype or device, a non-tensor value), a call on fake tensors, and the FLOP
 profiling of ``stats`` run the model's own Python forward instead, as without a driver: same results, the
-PyTorch parts just run in PyTorch. ``driver.calls`` / ``driver.fallbacks`` count both kinds.
+PyTorch parts just run in PyTorch; so does every call while ``driver.enabled`` is False. ``driver.calls`` /
+``driver.fallbacks`` count both kinds.
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ class ModelDriver:
         self.run_block = BlockCalls(blocks, layouts)
         import inspect
         self.bind = SignatureBinder(inspect.signature(fallback))
+        self.enabled = True  # False: every call runs the Python forward (e.g. to compare both on one instance)
         self.calls = 0
         self.fallbacks = 0
 
@@ -127,7 +129,7 @@ class ModelDriver:
         return values
 
     def __call__(self, *args, **kwargs):
-        values = None if self.profiling() else self.flat_inputs(args, kwargs)
+        values = None if not self.enabled or self.profiling() else self.flat_inputs(args, kwargs)
         if values is None:
             self.fallbacks += 1
             return self.fallback(*args, **kwargs)
