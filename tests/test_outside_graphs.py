@@ -189,3 +189,21 @@ def test_a_forward_that_does_not_capture_keeps_its_outside_in_pytorch(tmp_path):
     with torch.no_grad():
         expected = model(**inputs)
     assert float((runtime(**inputs) - expected).abs().max()) <= 1e-4
+
+
+def test_a_failure_in_the_outside_export_leaves_a_clean_artifact_without_it(tmp_path, monkeypatch):
+    from elastic_compile.export import exporter
+
+    def fails_halfway(model, example_inputs, calls, root, threads=None):
+        (root / "outside").mkdir()
+        (root / "outside" / "part_00.onnx").write_bytes(b"half written")
+        raise RuntimeError("something torch did not expect\nsecond line")
+    monkeypatch.setattr(exporter, "export_outside", fails_halfway)
+    model, inputs = ARCHITECTURES["dit"](batch=2)
+    out = _dense_export(model, inputs, tmp_path / "dit")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["program"] is None
+    assert manifest["program_note"] == "RuntimeError: something torch did not expect"
+    assert not (out / "outside").exists()
+    runtime = ec.runtime.load(out, threads=1)  # hashes check out: nothing listed is missing or extra
+    assert runtime.driver is None

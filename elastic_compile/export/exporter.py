@@ -324,11 +324,12 @@ def _outside_program(model, example_inputs, calls, root: Path, dtype: str, backe
         return None, "exported for fp32 onnxruntime runtimes only; with TensorRT those parts run in PyTorch"
     try:
         return export_outside(model, example_inputs, calls, root, threads), None
-    except ExportError as exc:
+    except Exception as exc:  # optional: any failure leaves those parts in PyTorch, never fails the export
         import shutil
         shutil.rmtree(root / "outside", ignore_errors=True)
-        logger.info("the model's parts outside its blocks stay in PyTorch: %s", exc)
-        return None, str(exc)
+        note = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        logger.info("the model's parts outside its blocks stay in PyTorch: %s", note)
+        return None, note
 
 
 def _save_sampling(root: Path, scheduler, sampling_config) -> dict:
