@@ -17,6 +17,7 @@ PyTorch parts just run in PyTorch; so does every call while ``driver.enabled`` i
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.record import SignatureBinder
 from ..export.layout import CallLayout, OutputLayout, dtype_name
+from .state import state_of
 
 
 def run_steps(steps: Sequence[dict], env: dict[str, Any], run_graph: Callable, run_block: Callable) -> dict:
@@ -94,15 +96,13 @@ class ModelDriver:
         self.steps = plan_releases(entry["steps"], [v for v in entry["outputs"]["values"] if v is not None])
         self.parameters = {name: functools.reduce(getattr, path.split("."), model)
                            for name, path in entry.get("parameters", {}).items()}
-        from .state import state_of
         state = state_of(model)
-        by_path = {entry_["path"]: entry_ for entry_ in blocks_entries}
+        by_path = {block_entry["path"]: block_entry for block_entry in blocks_entries}
         blocks = {spec.index: block for spec, block in zip(state.specs, state.blocks)}
         layouts = {spec.index: (CallLayout.from_dict(by_path[spec.path]["layout"]),
                                 OutputLayout.from_dict(by_path[spec.path]["outputs"]))
                    for spec in state.specs if spec.path in by_path}
         self.run_block = BlockCalls(blocks, layouts)
-        import inspect
         self.bind = SignatureBinder(inspect.signature(fallback))
         self.enabled = True  # False: every call runs the Python forward (e.g. to compare both on one instance)
         self.calls = 0
