@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError
+from .record import call_arguments
 
 #: (shape, dtype, device) of each block's tensor outputs while a capture runs, by block index
 _OUTPUT_META: dict[int, list[tuple[tuple[int, ...], torch.dtype, torch.device]]] = {}
@@ -49,12 +50,12 @@ _CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._as
 class CapturedModel:
     """The model's forward as one graph; ``OPAQUE_BLOCK`` nodes are the block calls (``args[1]``: block index).
 
-    ``input_names`` are the forward's parameters the example call bound (the graph's user inputs are their
-    flattened leaves, in ``in_spec`` order, called as ``((), kwargs)``); ``out_spec`` is the output structure.
+    ``example`` is the example call as keyword arguments (:func:`bound_call`; the graph's user inputs are its
+    flattened leaves, in ``in_spec`` order, called as ``((), example)``); ``out_spec`` is the output structure.
     """
 
     graph_module: fx.GraphModule
-    input_names: list[str]
+    example: dict[str, Any]
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
 
@@ -62,7 +63,7 @@ class CapturedModel:
 def bound_call(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """The example call as keyword arguments by parameter name (only those passed, in signature order).
     Raises CaptureError when the call needs ``*args`` / ``**kwargs`` (no stable names to key a graph on)."""
-    args, kwargs = _as_call(example_inputs)
+    args, kwargs = call_arguments(example_inputs)
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs)
@@ -74,14 +75,6 @@ def bound_call(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
             raise CaptureError("a forward call with named parameters only", f"values for *{name}/**{name}",
                                "Call the model with its named parameters.")
     return dict(bound.arguments)
-
-
-def _as_call(inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
 
 
 @contextlib.contextmanager
@@ -131,4 +124,4 @@ def capture_with_opaque_blocks(model: nn.Module, example_inputs: Any, calls: Seq
             graph.erase_node(node)
     graph.lint()
     graph_module.recompile()
-    return CapturedModel(graph_module, list(kwargs), program.call_spec.in_spec, program.call_spec.out_spec)
+    return CapturedModel(graph_module, kwargs, program.call_spec.in_spec, program.call_spec.out_spec)

@@ -11,13 +11,20 @@ from torch import nn
 from ..errors import CaptureError
 
 
-def call_model(model: nn.Module, inputs: Any):
-    """Call ``model`` with ``inputs``: a dict (keyword arguments), a tuple/list (positional) or one tensor."""
+def call_arguments(inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of example ``inputs``: a dict (keyword arguments), a tuple/list (positional) or one
+    tensor."""
     if isinstance(inputs, dict):
-        return model(**inputs)
+        return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def call_model(model: nn.Module, inputs: Any):
+    """Call ``model`` with ``inputs`` (see :func:`call_arguments`)."""
+    args, kwargs = call_arguments(inputs)
+    return model(*args, **kwargs)
 
 
 @dataclass

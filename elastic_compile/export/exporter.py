@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -325,7 +326,6 @@ def _outside_program(model, example_inputs, calls, root: Path, dtype: str, backe
     try:
         return export_outside(model, example_inputs, calls, root, threads), None
     except Exception as exc:  # optional: any failure leaves those parts in PyTorch, never fails the export
-        import shutil
         shutil.rmtree(root / "outside", ignore_errors=True)
         note = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         logger.info("the model's parts outside its blocks stay in PyTorch: %s", note)

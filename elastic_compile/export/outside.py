@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from ..capture.opaque_blocks import bound_call, capture_with_opaque_blocks
+from ..capture.opaque_blocks import capture_with_opaque_blocks
 from ..capture.record import call_model
 from ..errors import CaptureError, ExportError
 from ..runtime.driver import BlockCalls, run_steps
@@ -30,7 +30,7 @@ from ..runtime.state import force
 from .layout import dtype_name
 from .onnx_io import check_file, export_graph
 from .passes import drop_noop_squeeze_dims
-from .segments import Segment, split_at_blocks
+from .segments import Segment, attribute_at, split_at_blocks
 from .verify import ATOL, max_abs_diff, run_ort, within
 
 #: graph initializers above this many bytes go to a ``.data`` file next to the graph
@@ -63,7 +63,7 @@ def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence,
         raise ExportError("a forward that torch.export captures with its blocks opaque", str(exc),
                           "Those parts stay in PyTorch for this model.") from exc
     program = split_at_blocks(captured)
-    kwargs = bound_call(model, example_inputs)
+    kwargs = captured.example
     leaves, spec = pytree.tree_flatten(((), kwargs))
     if spec != captured.in_spec or len(leaves) != len(program.inputs):
         raise ExportError("one graph input per leaf of the model call", f"{len(program.inputs)} vs {len(leaves)}",
@@ -77,7 +77,7 @@ def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence,
     steps = program.torch_steps()
     blocks = BlockCalls({c.index: c.block for c in calls}, {c.index: (c.layout, c.outputs) for c in calls})
     env = {n: v for n, v in zip(program.inputs, leaves) if n is not None}
-    env.update({name: _attribute(captured.graph_module, path) for name, path in program.parameters.items()})
+    env.update({name: attribute_at(captured.graph_module, path) for name, path in program.parameters.items()})
     seen: dict[int, tuple[list, list]] = {}
 
     def torch_graph(step, tensors):
@@ -107,12 +107,6 @@ def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence,
                         "ops": step["segment"].compute_ops(), "max_abs_diff": diff})
     return {"call": call_entry, "steps": entries, "outputs": outputs_entry, "parameters": program.parameters,
             "max_abs_diff": worst, "dtype": "fp32"}
-
-
-def _attribute(module: torch.nn.Module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _write_segment(segment: Segment, tensors: list, expected: list, path: Path, threads) -> float:

@@ -63,6 +63,13 @@ class ModelProgram:
                 else {"block": step.block, "inputs": step.inputs, "outputs": step.outputs} for step in self.steps]
 
 
+def attribute_at(module: torch.nn.Module, path: str):
+    """The attribute a ``get_attr`` target (``"a.b.weight"``) names: parameter, buffer or constant tensor."""
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def _is_block_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is OPAQUE_BLOCK
 

@@ -16,7 +16,6 @@ PyTorch parts just run in PyTorch; so does every call while ``driver.enabled`` i
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.record import SignatureBinder
 from ..export.layout import CallLayout, OutputLayout, dtype_name
+from ..export.segments import attribute_at
 from .state import state_of
 
 
@@ -94,8 +94,7 @@ class ModelDriver:
         self.output_values = list(entry["outputs"]["values"])
         self.output_constants = {int(k): v for k, v in entry["outputs"].get("constants", {}).items()}
         self.steps = plan_releases(entry["steps"], [v for v in entry["outputs"]["values"] if v is not None])
-        self.parameters = {name: functools.reduce(getattr, path.split("."), model)
-                           for name, path in entry.get("parameters", {}).items()}
+        self.parameters = {name: attribute_at(model, path) for name, path in entry.get("parameters", {}).items()}
         state = state_of(model)
         by_path = {block_entry["path"]: block_entry for block_entry in blocks_entries}
         blocks = {spec.index: block for spec, block in zip(state.specs, state.blocks)}
