@@ -181,12 +181,18 @@ def noise_floor_row(model_name: str, backend: str, inputs, dense_calls, args) ->
     what this machine resolves: instances of the same model differ by memory placement alone."""
     first, second = dense_calls
     overhead = paired_overhead(first, second, pairs=4 * args.repeats)
+    return control_row(model_name, backend, inputs, "A/A: dense against a second instance of dense (the noise floor)",
+                       "noise_floor", overhead)
+
+
+def control_row(model_name: str, backend: str, inputs, config: str, key: str, overhead: dict) -> dict:
+    """A row of two nearly equal dense callables timed by ``paired_overhead``: the ratio of their medians as
+    speedup and efficiency, and the paired overhead with its interval under ``key`` / ``<key>_interval``."""
     measured = overhead["base_s"] / overhead["method_s"]
-    return dict(model=model_name, backend=backend, batch=batch_of(inputs),
-                config="A/A: dense against a second instance of dense (the noise floor)", fraction=1.0, limit=1.0,
-                speedup=measured, efficiency=measured, dense_ms=overhead["base_s"] * 1e3,
-                elastic_ms=overhead["method_s"] * 1e3, noise_floor=overhead["overhead"],
-                noise_floor_interval=list(overhead["interval"]))
+    return {"model": model_name, "backend": backend, "batch": batch_of(inputs), "config": config, "fraction": 1.0,
+            "limit": 1.0, "speedup": measured, "efficiency": measured, "dense_ms": overhead["base_s"] * 1e3,
+            "elastic_ms": overhead["method_s"] * 1e3, key: overhead["overhead"],
+            f"{key}_interval": list(overhead["interval"])}
 
 
 def whole_graph(model_name: str, base, inputs, threads: int, workdir: Path, shared_pool: bool = True):
@@ -220,13 +226,10 @@ def runtime_vs_whole_graph_row(model_name: str, base, inputs, dense_call, args) 
         runtime_out = dense_call()
     runtime_out = runtime_out[0] if isinstance(runtime_out, (tuple, list)) else runtime_out
     overhead = paired_overhead(whole, dense_call, pairs=2 * args.repeats)
-    measured = overhead["base_s"] / overhead["method_s"]
-    return dict(model=model_name, backend="onnxruntime", batch=batch_of(inputs),
-                config="dense through the per-block runtime, against the plain model as one ONNX graph",
-                fraction=1.0, limit=1.0, speedup=measured, efficiency=measured, dense_ms=overhead["base_s"] * 1e3,
-                elastic_ms=overhead["method_s"] * 1e3, dispatch_overhead=overhead["overhead"],
-                dispatch_overhead_interval=list(overhead["interval"]),
-                max_abs_diff=float((whole_out - runtime_out.float()).abs().max()))
+    row = control_row(model_name, "onnxruntime", inputs,
+                      "dense through the per-block runtime, against the plain model as one ONNX graph",
+                      "dispatch_overhead", overhead)
+    return dict(row, max_abs_diff=float((whole_out - runtime_out.float()).abs().max()))
 
 
 def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
@@ -240,13 +243,9 @@ def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
         with ec.force(runtime, skip=False, width=1.0):
             return runtime(**inputs)
     overhead = paired_overhead(dense_call, pytorch_threads, pairs=2 * args.repeats)
-    measured = overhead["base_s"] / overhead["method_s"]
-    return dict(model=model_name, backend="onnxruntime", batch=batch_of(inputs),
-                config=f"dense runtime with PyTorch at {args.threads} threads between the block graphs "
-                       "(torch_threads=None), against the default (1 thread)",
-                fraction=1.0, limit=1.0, speedup=measured, efficiency=measured, dense_ms=overhead["base_s"] * 1e3,
-                elastic_ms=overhead["method_s"] * 1e3, threads_cost=overhead["overhead"],
-                threads_cost_interval=list(overhead["interval"]))
+    return control_row(model_name, "onnxruntime", inputs,
+                       f"dense runtime with PyTorch at {args.threads} threads between the block graphs "
+                       "(torch_threads=None), against the default (1 thread)", "threads_cost", overhead)
 
 
 def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:
@@ -267,13 +266,9 @@ def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:
         finally:
             driver.enabled = True
     overhead = paired_overhead(lambda: call(True), lambda: call(False), pairs=4 * args.repeats)
-    measured = overhead["base_s"] / overhead["method_s"]
-    return dict(model=model_name, backend="onnxruntime", batch=batch_of(inputs),
-                config="dense runtime with the ops outside the blocks in PyTorch (its driver disabled), against "
-                       "itself as loaded (those ops as the exported graphs)",
-                fraction=1.0, limit=1.0, speedup=measured, efficiency=measured, dense_ms=overhead["base_s"] * 1e3,
-                elastic_ms=overhead["method_s"] * 1e3, outside_cost=overhead["overhead"],
-                outside_cost_interval=list(overhead["interval"]))
+    return control_row(model_name, "onnxruntime", inputs,
+                       "dense runtime with the ops outside the blocks in PyTorch (its driver disabled), against "
+                       "itself as loaded (those ops as the exported graphs)", "outside_cost", overhead)
 
 
 def settle_heap() -> None:
@@ -458,12 +453,9 @@ def write(rows, args) -> None:
         if r.get("noise_floor") is not None:
             extra = " ({:+.1f}% [{:+.1f}, {:+.1f}])".format(
                 100 * r["noise_floor"], *(100 * v for v in r["noise_floor_interval"]))
-        if r.get("threads_cost") is not None:
-            extra = " (cost {:+.1f}% [{:+.1f}, {:+.1f}])".format(
-                100 * r["threads_cost"], *(100 * v for v in r["threads_cost_interval"]))
-        if r.get("outside_cost") is not None:
-            extra = " (cost {:+.1f}% [{:+.1f}, {:+.1f}])".format(
-                100 * r["outside_cost"], *(100 * v for v in r["outside_cost_interval"]))
+        for key in ("threads_cost", "outside_cost"):
+            if r.get(key) is not None:
+                extra = " (cost {:+.1f}% [{:+.1f}, {:+.1f}])".format(100 * r[key], *(100 * v for v in r[f"{key}_interval"]))
         if r.get("dispatch_overhead") is not None:
             extra = (" (runtime cost {:+.1f}% [{:+.1f}, {:+.1f}]; outputs differ by {:.1e})".format(
                 100 * r["dispatch_overhead"], *(100 * v for v in r["dispatch_overhead_interval"]), r["max_abs_diff"]))
