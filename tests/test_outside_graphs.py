@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import elastic_compile as ec
 from elastic_compile.capture.opaque_blocks import capture_with_opaque_blocks
+from elastic_compile.export.outside import resize_batch
 from elastic_compile.export.recording import record_block_calls
 from elastic_compile.export.segments import BlockCall, Segment, split_at_blocks
 from elastic_compile.runtime.driver import BlockCalls, plan_releases, run_steps
@@ -123,6 +124,15 @@ def test_the_runtime_runs_no_pytorch_weight_outside_the_blocks(name, tmp_path):
     assert float((got - expected).abs().max()) <= 1e-4
     assert (runtime.driver.calls, runtime.driver.fallbacks) == (1, 0)
     assert ec.stats(runtime).decisions == ec.stats(model).decisions  # its FLOP profiling: the Python forward
+    assert manifest["program"]["batch"] == {"dynamic": True, "verified": [1, 2, 3]}
+    profiled = runtime.driver.fallbacks
+    for rows in (1, 3, 5):  # other batch sizes run the same graphs (blocks: padded or chunked to 1 and 2)
+        resized = resize_batch(inputs, 2, rows)
+        with torch.no_grad():
+            expected = first_output(model(**resized))
+        got = first_output(runtime(**resized))
+        assert got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-4
+    assert (runtime.driver.calls, runtime.driver.fallbacks) == (4, profiled)
 
 
 def _dense_export(model, inputs, out, **options):
@@ -142,13 +152,46 @@ def test_calls_unlike_the_exported_one_run_the_python_forward(tmp_path):
             expected = first_output(call(model))
         got = first_output(call(runtime))
         assert float((got - expected).abs().max()) <= 1e-4
-    assert runtime.driver.fallbacks == 2  # batch 1 and return_dict=True; the positional call binds to the same
-    assert runtime.driver.calls == 1
+    # return_dict=True; batch 1 runs the (dynamic) graphs and the positional call binds to the exported one
+    assert (runtime.driver.calls, runtime.driver.fallbacks) == (2, 1)
+    mixed = dict(inputs, timestep=inputs["timestep"][:1])  # batch sizes that disagree are not the exported call
+    assert runtime.driver.flat_inputs((), mixed) is None and runtime.driver.flat_inputs((), single) is not None
     runtime.driver.enabled = False  # the exported call itself, through the Python forward
     with torch.no_grad():
         expected = first_output(model(**inputs))
     assert float((first_output(runtime(**inputs)) - expected).abs().max()) <= 1e-4
-    assert (runtime.driver.calls, runtime.driver.fallbacks) == (1, 3)
+    assert (runtime.driver.calls, runtime.driver.fallbacks) == (2, 2)
+
+
+class PairedDiT(StagedDiT):
+    """Needs an even batch (a classifier-free-guidance pair per image): its forward specialises on the batch
+    size, so its outside graphs keep the example's static shapes."""
+
+    def forward(self, x, t, y):
+        if x.shape[0] % 2:
+            raise ValueError("an even batch")
+        return super().forward(x, t, y)
+
+
+def paired_dit():
+    torch.manual_seed(0)
+    return PairedDiT().eval()
+
+
+def test_a_forward_that_specialises_on_its_batch_gets_static_outside_graphs(tmp_path):
+    model, inputs = paired_dit(), _inputs()
+    out = _dense_export(model, inputs, tmp_path / "paired", base_factory="test_outside_graphs:paired_dit")
+    manifest = json.loads((out / "manifest.json").read_text())
+    program = manifest["program"]
+    assert program["batch"]["dynamic"] is False and "torch.export" in program["batch"]["note"]
+    assert [leaf["shape"][0] for leaf in program["call"]["leaves"]] == [2, 2, 2]
+    runtime = ec.runtime.load(out, threads=1)
+    four = resize_batch(inputs, 2, 4)
+    for call in (inputs, four):
+        with torch.no_grad():
+            expected = model(**call)
+        assert float((runtime(**call) - expected).abs().max()) <= 1e-4
+    assert (runtime.driver.calls, runtime.driver.fallbacks) == (1, 1)
 
 
 def test_exports_without_outside_graphs_run_as_before(tmp_path):

@@ -8,6 +8,11 @@ implementation that returns tensors shaped like the recorded outputs, so the cap
 *outside* the blocks as ATen ops and each block call as one node (see :mod:`elastic_compile.export.segments`,
 which cuts the graph there).
 
+With ``batch`` given, the capture is batch-polymorphic: every tensor argument of the model call whose leading
+dimension is ``batch`` shares one dynamic dimension, and the fake implementation gives each block output that
+was batched in the recorded call (leading dimension = the call's batch) the leading dimension of the block's
+first batched input, so the symbolic batch flows through the blocks to the outputs.
+
 Guarantee: the blocks' forwards are restored when the capture ends, also when it fails; the op is never run for
 real (calling it outside a capture raises).
 """
@@ -25,8 +30,9 @@ from torch.utils import _pytree as pytree
 from ..errors import CaptureError
 from .record import call_arguments
 
-#: (shape, dtype, device) of each block's tensor outputs while a capture runs, by block index
-_OUTPUT_META: dict[int, list[tuple[tuple[int, ...], torch.dtype, torch.device]]] = {}
+#: while a capture runs, by block index: the input whose leading dimension is the batch (None: none is) and the
+#: (shape, dtype, device, batched) of each tensor output
+_OUTPUT_META: dict[int, tuple[int | None, list[tuple[tuple[int, ...], torch.dtype, torch.device, bool]]]] = {}
 
 
 @torch.library.custom_op("elastic_compile::opaque_block", mutates_args=())
@@ -36,7 +42,10 @@ def opaque_block(tensors: list[torch.Tensor], index: int) -> list[torch.Tensor]:
 
 @opaque_block.register_fake
 def _opaque_block_fake(tensors, index):
-    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in _OUTPUT_META[index]]
+    batch_input, outputs = _OUTPUT_META[index]
+    rows = tensors[batch_input].shape[0] if batch_input is not None else None
+    return [torch.empty((rows, *shape[1:]) if batched and rows is not None else shape, dtype=dtype, device=device)
+            for shape, dtype, device, batched in outputs]
 
 
 OPAQUE_BLOCK = torch.ops.elastic_compile.opaque_block.default
@@ -84,7 +93,9 @@ def _blocks_as_opaque_calls(calls: Sequence):
     try:
         for call in calls:
             outputs = call.outputs.tensors_of(call.output)
-            _OUTPUT_META[call.index] = [(tuple(t.shape), t.dtype, t.device) for t in outputs]
+            batch_input = next((k for k, leaf in enumerate(call.layout.inputs) if leaf.batched), None)
+            _OUTPUT_META[call.index] = (batch_input, [
+                (tuple(t.shape), t.dtype, t.device, t.ndim > 0 and int(t.shape[0]) == call.batch) for t in outputs])
 
             def forward(*args, _call=call, **kwargs):
                 tensors = _call.layout.tensors_of(args, kwargs)
@@ -103,14 +114,28 @@ def _blocks_as_opaque_calls(calls: Sequence):
             _OUTPUT_META.pop(index, None)
 
 
-def capture_with_opaque_blocks(model: nn.Module, example_inputs: Any, calls: Sequence) -> CapturedModel:
+def batch_dynamic_shapes(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """torch.export ``dynamic_shapes`` for a keyword call: dimension 0 of every tensor leaf with ``batch`` rows
+    is one shared dimension named ``batch``; every other leaf is static."""
+    dim = torch.export.Dim("batch")
+
+    def spec(value):
+        batched = isinstance(value, torch.Tensor) and value.ndim > 0 and int(value.shape[0]) == batch
+        return {0: dim} if batched else None
+    return {name: pytree.tree_map(spec, value) for name, value in kwargs.items()}
+
+
+def capture_with_opaque_blocks(model: nn.Module, example_inputs: Any, calls: Sequence,
+                               batch: int | None = None) -> CapturedModel:
     """torch.export ``model`` on the example call (keyword form, see :func:`bound_call`) with each block of
     ``calls`` (:class:`~elastic_compile.export.recording.RecordedCall`) opaque; torch.export's own checks removed.
-    Raises CaptureError with the exporter's message."""
+    ``batch``: capture with a dynamic batch dimension (module docstring; the example must have ``batch`` >= 2
+    rows). Raises CaptureError with the exporter's message."""
     kwargs = bound_call(model, example_inputs)
+    dynamic = batch_dynamic_shapes(kwargs, batch) if batch is not None else None
     try:
         with _blocks_as_opaque_calls(calls), torch.no_grad():
-            program = torch.export.export(model, (), kwargs, strict=False)
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         raise CaptureError("a model forward that torch.export can capture with its blocks opaque",
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
@@ -122,6 +147,7 @@ def capture_with_opaque_blocks(model: nn.Module, example_inputs: Any, calls: Seq
         guards = node.op == "call_module" and str(node.target).startswith("_guards")
         if (checks or guards) and not node.users:
             graph.erase_node(node)
+    graph.eliminate_dead_code()  # the size arithmetic only those checks read
     graph.lint()
     graph_module.recompile()
     return CapturedModel(graph_module, kwargs, program.call_spec.in_spec, program.call_spec.out_spec)

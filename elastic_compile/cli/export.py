@@ -76,6 +76,7 @@ def run(args) -> int:
           f"{manifest['batch_sizes']} ({manifest['dtype']}) to {out} in {manifest['export_seconds']} s; "
           f"max |diff| vs PyTorch {manifest['verification']['max_abs_diff']:.3g}")
     program = manifest.get("program")
-    print(f"outside the blocks: {sum('graph' in s for s in program['steps'])} graphs (outside/)" if program
+    print(f"outside the blocks: {sum('graph' in s for s in program['steps'])} graphs (outside/), batch "
+          f"{'dynamic' if program.get('batch', {}).get('dynamic') else 'static'}" if program
           else f"outside the blocks: PyTorch ({manifest.get('program_note')})")
     return 0

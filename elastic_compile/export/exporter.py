@@ -20,7 +20,7 @@ Layout of an export directory::
 
 What runs where: block graphs run in ONNX Runtime / TensorRT; everything outside the blocks (embeddings,
 patchify, final norm/projection) runs as the ``outside/`` graphs in ONNX Runtime for calls shaped like the
-example, else in PyTorch (the runtime rebuilds the base model from ``base/`` and installs ``elastic/``), the routers in NumPy on the host with ONNX Runtime (or, when the previous block's graph
+example (at any batch size where the batch dimension could be made dynamic), else in PyTorch (the runtime rebuilds the base model from ``base/`` and installs ``elastic/``), the routers in NumPy on the host with ONNX Runtime (or, when the previous block's graph
 computed them, not at all: see :mod:`.lookahead`) and in PyTorch with TensorRT.
 Sub-batches of samples that share a plan are padded up to the nearest exported batch size (rows repeated;
 samples never interact inside a block, so padding rows cannot change real rows) or split into chunks of the
@@ -237,7 +237,7 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
         outside_graphs: also export the model's ops outside its blocks (embeddings, final layer...) as graphs and
             the forward as a program of graphs and block calls (``outside/``, manifest ``program``; fp32
             onnxruntime exports), so an onnxruntime runtime runs no PyTorch op outside the blocks for calls shaped
-            like the example. A model that cannot be captured that way is exported without them
+            like the example, at any batch size where the model allows a dynamic batch. A model that cannot be captured that way is exported without them
             (``program_note`` says why).
 
     Returns the output directory. Nothing is left at ``out_dir`` (or its previous content is kept) when any

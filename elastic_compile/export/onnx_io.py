@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -72,16 +73,24 @@ def _to_onnx(program: torch.export.ExportedProgram, opset: int, names: dict):
 
 
 def export_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], what: str,
-                 dynamic_batch: bool = False, opset: int = OPSET,
+                 dynamic_batch: bool = False, opset: int = OPSET, dynamic_dims: Sequence[Sequence[int]] | None = None,
                  weight_prefixes: tuple[str, ...] = ("block.", "router.", "lookahead.")) -> tuple[onnx.ModelProto, list[int]]:
     """ONNX model of ``module(*example)`` with inputs ``in_<k>`` and outputs ``out_<k>``.
 
     Returns ``(model, complex_inputs)``: indices of inputs that were complex and now take
-    ``torch.view_as_real`` of the tensor. ``dynamic_batch`` makes dim 0 of every input dynamic.
+    ``torch.view_as_real`` of the tensor. ``dynamic_batch`` makes dim 0 of every input dynamic;
+    ``dynamic_dims[k]`` (instead) lists the dynamic dimensions of input ``k``.
     """
     example = tuple(example)
+    if dynamic_batch:
+        dynamic_dims = [[0]] * len(example)
     try:
-        dynamic = (tuple({0: torch.export.Dim.DYNAMIC} for _ in example),) if dynamic_batch else None
+        dynamic = None
+        if dynamic_dims is not None and any(dynamic_dims):
+            dynamic = tuple({d: torch.export.Dim.DYNAMIC for d in dims} or None for dims in dynamic_dims)
+            parameters = list(inspect.signature(module.forward).parameters.values())
+            if len(parameters) == 1 and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+                dynamic = (dynamic,)  # forward(*tensors): one spec, for the tuple
         with torch.no_grad(), _quiet_exporter():
             program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
             program, complex_inputs = export_without_complex(program, list(example))

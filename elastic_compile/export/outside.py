@@ -6,15 +6,24 @@ patch embedding, timestep MLP and final projection, inline or in ``part_<k>.onnx
 against PyTorch on the values of the example forward; the manifest's ``program`` entry lists the steps, which
 :class:`elastic_compile.runtime.driver.ModelDriver` runs in place of the model's Python forward.
 
+Batch: the capture is batch-polymorphic where the model allows it (every model input with the example's batch
+rows shares one dynamic dimension, see :mod:`elastic_compile.capture.opaque_blocks`), so one set of graphs
+serves every batch size, e.g. both classifier-free-guidance layouts; the manifest's call leaves then say
+``"batch"`` for that dimension and ``program.batch`` lists the batch sizes the graphs were checked at. A model
+whose forward specialises on its batch size (or whose dynamic graphs do not reproduce it at those sizes) gets
+the example's static shapes instead, and ``program.batch.note`` says why.
+
 Guarantee: before anything is written, the program is run in PyTorch (segments as graph modules, blocks as the
 elastic model's own blocks at full width) and must reproduce the model's output; every written graph must match
-its segment within the export's tolerance. A model whose forward cannot be captured this way (data-dependent
+its segment within the export's tolerance; dynamic graphs, run whole in ONNX Runtime with the blocks in
+PyTorch, must reproduce the model at batch 1, the example's batch and one more. A model whose forward cannot be captured this way (data-dependent
 Python control flow, non-tensor values between the parts, an output structure that cannot be serialised) gets
 no program: :func:`export_outside` raises :class:`~elastic_compile.errors.ExportError` and the exporter records
 why, and the runtime then runs those parts in PyTorch as before.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +31,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from ..capture.opaque_blocks import capture_with_opaque_blocks
+from ..capture.opaque_blocks import bound_call, capture_with_opaque_blocks
 from ..capture.record import call_model
 from ..errors import CaptureError, ExportError
 from ..runtime.driver import BlockCalls, run_steps
@@ -37,9 +46,20 @@ from .verify import ATOL, max_abs_diff, run_ort, within
 EXTERNAL_DATA_BYTES = 1024
 
 
-def _leaf_entry(value: Any, name: str | None) -> dict:
+def symbolic_dims(node) -> list[int]:
+    """The dimensions of a captured value whose size is symbolic (the batch, or an expression of it)."""
+    value = node.meta.get("val")
+    return [d for d, size in enumerate(value.shape) if not isinstance(size, int)] if isinstance(value, torch.Tensor) else []
+
+
+def _leaf_entry(value: Any, name: str | None, node) -> dict:
     if isinstance(value, torch.Tensor):
-        return {"kind": "tensor", "value": name, "shape": list(value.shape), "dtype": dtype_name(value.dtype)}
+        dynamic = symbolic_dims(node)
+        if dynamic not in ([], [0]):
+            raise ExportError("model inputs whose only dynamic dimension is the batch", f"dimensions {dynamic}",
+                              "Report the model.")
+        shape = ["batch" if d in dynamic else size for d, size in enumerate(value.shape)]
+        return {"kind": "tensor", "value": name, "shape": shape, "dtype": dtype_name(value.dtype)}
     if not isinstance(value, (bool, int, float, str, type(None))):
         raise ExportError("model call arguments made of tensors and plain constants", f"a {type(value).__name__}",
                           "Those parts stay in PyTorch for this model.")
@@ -56,45 +76,66 @@ def _treespec(spec, what: str) -> str:
 
 def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence, root: Path,
                    threads: int | None = None) -> dict:
-    """Write ``outside/`` under ``root`` and return the manifest's ``program`` entry (module docstring)."""
+    """Write ``outside/`` under ``root`` and return the manifest's ``program`` entry (module docstring): with a
+    dynamic batch dimension when the model captures that way and the graphs reproduce it at every verified
+    batch size, else with the example's static shapes (``batch.note`` says why)."""
+    batch = max(call.batch for call in calls)
     try:
-        captured = capture_with_opaque_blocks(model, example_inputs, calls)
+        return _export_program(model, example_inputs, calls, root, threads, batch)
+    except Exception as exc:  # the static program is still worth having
+        shutil.rmtree(root / "outside", ignore_errors=True)
+        entry = _export_program(model, example_inputs, calls, root, threads, None)
+        note = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        entry["batch"] = {"dynamic": False, "note": note}
+        return entry
+
+
+def resize_batch(kwargs: dict[str, Any], batch: int, rows: int) -> dict[str, Any]:
+    """The keyword call with ``rows`` samples: every tensor leaf with ``batch`` rows (the batch rule of
+    :mod:`.layout`) takes rows ``0..rows-1`` of itself cyclically; other leaves are kept."""
+    index = torch.arange(rows) % batch
+
+    def resize(value):
+        batched = isinstance(value, torch.Tensor) and value.ndim > 0 and int(value.shape[0]) == batch
+        return value.index_select(0, index.to(value.device)) if batched else value
+    return {name: pytree.tree_map(resize, value) for name, value in kwargs.items()}
+
+
+def _export_program(model, example_inputs, calls, root: Path, threads, batch: int | None) -> dict:
+    """The ``program`` entry; ``batch`` None: static shapes, else dynamic over the example's ``batch`` rows."""
+    kwargs = bound_call(model, example_inputs)
+    rows = None
+    if batch is not None:  # torch.export specialises a dimension of size 1: capture two rows at least
+        rows = max(batch, 2)
+        kwargs = resize_batch(kwargs, batch, rows)
+    try:
+        captured = capture_with_opaque_blocks(model, kwargs, calls, batch=rows)
     except CaptureError as exc:
         raise ExportError("a forward that torch.export captures with its blocks opaque", str(exc),
                           "Those parts stay in PyTorch for this model.") from exc
     program = split_at_blocks(captured)
-    kwargs = captured.example
     leaves, spec = pytree.tree_flatten(((), kwargs))
     if spec != captured.in_spec or len(leaves) != len(program.inputs):
         raise ExportError("one graph input per leaf of the model call", f"{len(program.inputs)} vs {len(leaves)}",
                           "Those parts stay in PyTorch for this model.")
+    placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
     call_entry = {"names": list(kwargs), "spec": _treespec(captured.in_spec, "call"),
-                  "leaves": [_leaf_entry(v, n) for v, n in zip(leaves, program.inputs)]}
+                  "leaves": [_leaf_entry(v, n, node) for v, n, node in zip(leaves, program.inputs, placeholders)]}
     outputs_entry = {"spec": _treespec(captured.out_spec, "output"), "values": program.outputs,
                      "constants": {str(k): v for k, v in program.output_constants.items()}}
 
     # The program in PyTorch: every segment's example inputs and expected outputs, and the split checked whole.
     steps = program.torch_steps()
     blocks = BlockCalls({c.index: c.block for c in calls}, {c.index: (c.layout, c.outputs) for c in calls})
-    env = {n: v for n, v in zip(program.inputs, leaves) if n is not None}
-    env.update({name: attribute_at(captured.graph_module, path) for name, path in program.parameters.items()})
     seen: dict[int, tuple[list, list]] = {}
 
     def torch_graph(step, tensors):
         outputs = list(step["segment"].module(*tensors))
         seen[id(step)] = (tensors, outputs)
         return outputs
-    with torch.no_grad(), force(model, skip=False, width=1.0):
-        env = run_steps(steps, env, torch_graph, blocks)
-        expected = [t for t in pytree.tree_leaves(call_model(model, example_inputs)) if isinstance(t, torch.Tensor)]
-    got = [env[name] if name is not None else program.output_constants[k] for k, name in enumerate(program.outputs)]
-    got = [t for t in pytree.tree_leaves(pytree.tree_unflatten(got, captured.out_spec)) if isinstance(t, torch.Tensor)]
-    diff, scale = max_abs_diff(got, expected)
-    if not within(diff, scale, "fp32"):
-        raise ExportError("the program of graphs and block calls to reproduce the model", f"max |diff| {diff:.3g}",
-                          "Report the model; its parts outside the blocks stay in PyTorch.")
+    _check_program(model, program, steps, kwargs, torch_graph, blocks, "the program of graphs and block calls")
 
-    entries, worst = [], 0.0
+    entries, worst, files = [], 0.0, {}
     for k, step in enumerate(steps):
         if "segment" not in step:
             entries.append({"block": step["block"], "inputs": step["inputs"], "outputs": step["outputs"]})
@@ -102,17 +143,48 @@ def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence,
         tensors, outputs = seen[id(step)]
         relative = f"outside/part_{k:02d}.onnx"
         diff = _write_segment(step["segment"], tensors, outputs, root / relative, threads)
+        files[id(step)] = root / relative
         worst = max(worst, diff)
         entries.append({"graph": relative, "inputs": step["inputs"], "outputs": step["outputs"],
                         "ops": step["segment"].compute_ops(), "max_abs_diff": diff})
-    return {"call": call_entry, "steps": entries, "outputs": outputs_entry, "parameters": program.parameters,
-            "max_abs_diff": worst, "dtype": "fp32"}
+    entry = {"call": call_entry, "steps": entries, "outputs": outputs_entry, "parameters": program.parameters,
+             "max_abs_diff": worst, "dtype": "fp32", "batch": {"dynamic": False}}
+    if rows is not None:
+        # The graphs take any batch: check them, whole, at sizes they were not captured at (1 included: a
+        # dimension torch.export assumed >= 2 while tracing).
+        def ort_graph(step, tensors):
+            return run_ort(files[id(step)], tensors, torch.float32, [], threads)
+        verified = sorted({1, batch, rows, rows + 1})
+        for size in verified:
+            if size != rows:
+                _check_program(model, program, steps, resize_batch(kwargs, rows, size), ort_graph, blocks,
+                               f"the outside graphs at batch {size}")
+        entry["batch"] = {"dynamic": True, "verified": verified}
+    return entry
+
+
+def _check_program(model, program, steps, kwargs: dict, run_graph, blocks, what: str) -> None:
+    """Run ``steps`` on the keyword call (blocks dense) and compare with the model's own output (fp32
+    tolerance); raise ExportError when they differ."""
+    leaves = pytree.tree_leaves(((), kwargs))
+    env = {n: v for n, v in zip(program.inputs, leaves) if n is not None}
+    env.update({name: attribute_at(program.captured.graph_module, path) for name, path in program.parameters.items()})
+    with torch.no_grad(), force(model, skip=False, width=1.0):
+        env = run_steps(steps, env, run_graph, blocks)
+        expected = [t for t in pytree.tree_leaves(call_model(model, kwargs)) if isinstance(t, torch.Tensor)]
+    got = [env[name] if name is not None else program.output_constants[k] for k, name in enumerate(program.outputs)]
+    got = pytree.tree_leaves(pytree.tree_unflatten(got, program.captured.out_spec))
+    diff, scale = max_abs_diff([t for t in got if isinstance(t, torch.Tensor)], expected)
+    if not within(diff, scale, "fp32"):
+        raise ExportError(f"{what} to reproduce the model", f"max |diff| {diff:.3g}",
+                          "Report the model; its parts outside the blocks stay in PyTorch.")
 
 
 def _write_segment(segment: Segment, tensors: list, expected: list, path: Path, threads) -> float:
     what = f"the model's ops outside its blocks ({path.stem})"
     drop_noop_squeeze_dims(segment.module)
-    proto, complex_inputs = export_graph(segment.module, tensors, what, weight_prefixes=())
+    dynamic = [symbolic_dims(node) for node in segment.module.graph.nodes if node.op == "placeholder"]
+    proto, complex_inputs = export_graph(segment.module, tensors, what, weight_prefixes=(), dynamic_dims=dynamic)
     if complex_inputs:
         raise ExportError(f"real-valued inputs for {path.name}", "complex tensors between the parts",
                           "Those parts stay in PyTorch for this model.")

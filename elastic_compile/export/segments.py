@@ -147,15 +147,43 @@ def _block_call(members: list[fx.Node], program: ModelProgram) -> BlockCall:
     return BlockCall(int(index), [v.name for v in tensors], outputs)
 
 
+def _is_size(node: fx.Node) -> bool:
+    """A symbolic size (an expression of the capture's dynamic batch) rather than a tensor."""
+    return isinstance(node.meta.get("val"), torch.SymInt)
+
+
+def _size_source(size: fx.Node, inputs: list[fx.Node]) -> tuple[fx.Node, int] | None:
+    """A tensor input and dimension whose size is the same symbolic expression as ``size``."""
+    expr = size.meta["val"].node.expr
+    for node in inputs:
+        for dim, extent in enumerate(node.meta["val"].shape):
+            if isinstance(extent, torch.SymInt) and extent.node.expr == expr:
+                return node, dim
+    return None
+
+
 def _segment(root: fx.GraphModule, members: list[fx.Node], index: int, step_of: dict) -> Segment:
+    """One segment's GraphModule. A symbolic size computed in another step (torch.export computes the batch once,
+    from the first input, and reuses it) is recomputed here from a tensor input with that size, since only
+    tensors cross between the parts."""
     inside = set(members)
     inputs: list[fx.Node] = []
+    sizes: list[fx.Node] = []
     for node in members:
         for used in node.all_input_nodes:
-            if used not in inside and used.op != "get_attr" and used not in inputs:
+            if used in inside or used.op == "get_attr" or used in inputs or used in sizes:
+                continue
+            if _is_size(used):
+                sizes.append(used)
+            else:
                 _check_tensor(used, f"input of the part before step {index}")
                 inputs.append(used)
-    outputs = [n for n in members if any(user not in inside for user in n.users)]
+    def read_elsewhere(node: fx.Node) -> bool:
+        readers = [user for user in node.users if user not in inside]
+        if _is_size(node):  # other parts recompute it; blocks and the model output cannot
+            return any(user.op == "output" or _is_block_call(user) for user in readers)
+        return bool(readers)
+    outputs = [n for n in members if read_elsewhere(n)]
     for node in outputs:
         _check_tensor(node, f"output of the part before step {index}")
 
@@ -164,6 +192,14 @@ def _segment(root: fx.GraphModule, members: list[fx.Node], index: int, step_of: 
     for node in inputs:
         env[node] = graph.placeholder(node.name)
         env[node].meta = dict(node.meta)
+    for size in sizes:
+        source = _size_source(size, inputs)
+        if source is None:
+            raise ExportError(f"a tensor input of the part before step {index} with the size it reads",
+                              f"{size.name} = {size.meta['val']} computed elsewhere, no input of that size",
+                              "Those parts keep the example's static shapes.")
+        env[size] = graph.call_function(torch.ops.aten.sym_size.int, (env[source[0]], source[1]))
+        env[size].meta = dict(size.meta)
     for node in members:
         for used in node.all_input_nodes:
             if used.op == "get_attr" and used not in env:

@@ -144,7 +144,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         engine_cache: TensorRT engine cache directory (default ``<path>/engines``).
         outside_graphs: with onnxruntime, run the model's ops outside its blocks as the export's ``outside/``
             graphs (a :class:`~.driver.ModelDriver` becomes the model's forward) where the export has them;
-            calls not shaped like the export's example, and False, run them in PyTorch.
+            calls not shaped like the export's example (other than in batch size, where the graphs' batch is
+            dynamic), and False, run them in PyTorch.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime, tensorrt or torch.")

@@ -8,8 +8,10 @@ calling the block module, so its gate still decides per sample (router, ``force`
 records for ``stats``) and its :class:`~.executor.BlockExecutor` still runs the block's bucket graph. Module
 hooks on the model still run (the driver *is* its forward).
 
-The graphs have the example call's static shapes. A call that differs from it in any way (argument names or
-structure, a tensor's shape, dtype or device, a non-tensor value), a call on fake tensors, and the FLOP
+The graphs take the example call's shapes, with any batch size where the export made the batch dynamic (a
+call leaf's shape then says ``"batch"`` for that dimension; all of them must agree). A call that differs from
+the example in any other way (argument names or structure, a tensor's other dimensions, dtype or device, a
+non-tensor value), a call on fake tensors, and the FLOP
 profiling of ``stats`` run the model's own Python forward instead, as without a driver: same results, the
 PyTorch parts just run in PyTorch; so does every call while ``driver.enabled`` is False. ``driver.calls`` /
 ``driver.fallbacks`` count both kinds.
@@ -118,11 +120,19 @@ class ModelDriver:
         values, spec = pytree.tree_flatten(((), bound))
         if spec != self.in_spec:
             return None
+        rows = None
         for leaf, value in zip(self.leaves, values):
             if leaf["kind"] == "tensor":
                 if (not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or not value.is_cpu
-                        or list(value.shape) != leaf["shape"] or dtype_name(value.dtype) != leaf["dtype"]):
+                        or value.ndim != len(leaf["shape"]) or dtype_name(value.dtype) != leaf["dtype"]):
                     return None
+                for wanted, size in zip(leaf["shape"], value.shape):
+                    if wanted == "batch":
+                        rows = size if rows is None else rows
+                        if size != rows or size < 1:
+                            return None
+                    elif size != wanted:
+                        return None
             elif isinstance(value, torch.Tensor) or value != leaf["value"]:
                 return None
         return values
