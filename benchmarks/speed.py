@@ -234,18 +234,23 @@ def runtime_vs_whole_graph_row(model_name: str, base, inputs, dense_call, args) 
 
 def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
     """The dense runtime as loaded by default (its PyTorch parts on one thread while a forward runs, see
-    ``elastic_compile.runtime.torch_threads``) against the same export loaded with ``torch_threads=None``
-    (PyTorch at ``--threads`` between the block graphs): what that default is worth, paired."""
-    out = Path(args.workdir) / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}-dense"
-    runtime = ec.runtime.load(out, thread_pool=args.thread_pool, torch_threads=None)
+    ``elastic_compile.runtime.torch_threads``) against the same instance with ``torch_threads`` None (PyTorch at
+    ``--threads`` between the block graphs), paired: what that default is worth. One instance, as for the
+    outside graphs: a second one differs by memory placement alone."""
+    runtime = dense_call.runtime
+    default = runtime.torch_threads
 
-    def pytorch_threads():
-        with ec.force(runtime, skip=False, width=1.0):
-            return runtime(**inputs)
-    overhead = paired_overhead(dense_call, pytorch_threads, pairs=2 * args.repeats)
+    def call(threads):
+        runtime.torch_threads = threads
+        try:
+            with ec.force(runtime, skip=False, width=1.0):
+                return runtime(**inputs)
+        finally:
+            runtime.torch_threads = default
+    overhead = paired_overhead(lambda: call(default), lambda: call(None), pairs=4 * args.repeats)
     return control_row(model_name, "onnxruntime", inputs,
                        f"dense runtime with PyTorch at {args.threads} threads between the block graphs "
-                       "(torch_threads=None), against the default (1 thread)", "threads_cost", overhead)
+                       "(torch_threads=None), against itself with the default (1 thread)", "threads_cost", overhead)
 
 
 def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:

@@ -207,3 +207,20 @@ def test_export_from_a_single_sample_keeps_routers_batch_dynamic(tmp_path):
     with torch.no_grad():
         expected = model(**batch3)
     torch.testing.assert_close(runtime(**batch3), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_diffusers_model_with_fp32_modules_reloads_without_accelerate(tmp_path, monkeypatch):
+    """Wan keeps some modules in float32 (``_keep_in_fp32_modules``): its ``from_pretrained`` refuses to load
+    without ``accelerate``; the runtime rebuilds it from config and safetensors instead."""
+    monkeypatch.setitem(__import__("sys").modules, "accelerate", None)  # `import accelerate` raises ImportError
+    model, inputs = ARCHITECTURES["wan"](batch=2)
+    assert getattr(type(model), "_keep_in_fp32_modules", None)
+    ec.transform(model, example_inputs=inputs)
+    out = ec.export(model, inputs, tmp_path / "wan", buckets=[0.5, 1.0], threads=1)
+    runtime = ec.runtime.load(out, threads=1)
+    for width in (0.5, 1.0):
+        with torch.no_grad(), ec.force(model, width=width):
+            expected = first_output(model(**inputs))
+        with ec.force(runtime, width=width):
+            got = first_output(runtime(**inputs))
+        assert float((got - expected).abs().max()) <= 1e-4

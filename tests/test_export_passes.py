@@ -7,7 +7,7 @@ import torch
 import elastic_compile as ec
 from elastic_compile.errors import UnsupportedComplexOpError
 from elastic_compile.export.layout import CallLayout, OutputLayout
-from elastic_compile.export.onnx_io import export_graph
+from elastic_compile.export.onnx_io import complex_outputs_of, export_graph
 from elastic_compile.export.passes import export_without_complex, has_complex, lower_complex
 from elastic_compile.export.program import BlockProgram, graph_inputs
 from elastic_compile.export.verify import run_ort
@@ -76,10 +76,42 @@ def test_unknown_complex_op_is_a_typed_error():
         export_without_complex(program, [torch.randn(3, 2)])
 
 
+class RotaryTable(torch.nn.Module):
+    """Complex values from a complex buffer (a rotary table, as Qwen-Image's positional embedding keeps one),
+    returned complex: the parts outside a model's blocks hand such tables to the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        angles = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+        self.register_buffer("table", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def forward(self, x):
+        rows = self.table.to(torch.complex64)[1:4].split([1, 3], dim=1)
+        z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        return rows[1] * 2.0, (z * rows[0].squeeze(1)).abs()
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_complex_buffers_and_outputs_cross_as_real_pairs(tmp_path, batch):
+    module = RotaryTable()
+    example = [torch.randn(2, 3, 2)]
+    model, complex_inputs = export_graph(module, example, "table", dynamic_dims=[[0]], complex_outputs=True)
+    assert complex_inputs == [] and complex_outputs_of(model) == [0]
+    onnx.save(model, tmp_path / "table.onnx")
+    onnx.checker.check_model(str(tmp_path / "table.onnx"), full_check=True)
+    inputs = [torch.randn(batch, 3, 2)]  # 5: a batch the graph was not traced at
+    table, magnitude = run_ort(tmp_path / "table.onnx", inputs, torch.float32, [])
+    expected_table, expected_magnitude = module(*inputs)
+    torch.testing.assert_close(torch.view_as_complex(table), expected_table, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(magnitude, expected_magnitude, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnsupportedComplexOpError, match="complex output"):  # blocks must return real values
+        export_graph(module, example, "table")
+
+
 def test_real_graphs_pass_through_unchanged():
     program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(4, 3),), strict=False)
-    same, indices = export_without_complex(program, [torch.randn(4, 3)])
-    assert same is program and indices == []
+    same, inputs, outputs = export_without_complex(program, [torch.randn(4, 3)])
+    assert same is program and inputs == [] and outputs == []
 
 
 @pytest.fixture(scope="module")

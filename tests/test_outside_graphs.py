@@ -107,7 +107,7 @@ def _outside_parameters(model):
     return [p for name, p in model.named_parameters() if not name.startswith(tuple(paths))]
 
 
-@pytest.mark.parametrize("name", ["dit", "flux"])
+@pytest.mark.parametrize("name", ["dit", "flux", "qwen_image"])  # qwen_image: complex rotary tables cross parts
 def test_the_runtime_runs_no_pytorch_weight_outside_the_blocks(name, tmp_path):
     model, inputs = ARCHITECTURES[name](batch=2)
     out = _export(model, inputs, tmp_path / name)
@@ -126,13 +126,13 @@ def test_the_runtime_runs_no_pytorch_weight_outside_the_blocks(name, tmp_path):
     assert ec.stats(runtime).decisions == ec.stats(model).decisions  # its FLOP profiling: the Python forward
     assert manifest["program"]["batch"] == {"dynamic": True, "verified": [1, 2, 3]}
     profiled = runtime.driver.fallbacks
-    for rows in (1, 3, 5):  # other batch sizes run the same graphs (blocks: padded or chunked to 1 and 2)
+    for rows in (1, 3):  # other batch sizes run the same graphs (blocks: chunked to the exported 1 and 2)
         resized = resize_batch(inputs, 2, rows)
         with torch.no_grad():
             expected = first_output(model(**resized))
         got = first_output(runtime(**resized))
         assert got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-4
-    assert (runtime.driver.calls, runtime.driver.fallbacks) == (4, profiled)
+    assert (runtime.driver.calls, runtime.driver.fallbacks) == (3, profiled)
 
 
 def _dense_export(model, inputs, out, **options):

@@ -79,6 +79,22 @@ def call_factory(spec: str) -> nn.Module:
     return made[0] if isinstance(made, tuple) else made
 
 
+def load_diffusers_model(model_class, directory) -> nn.Module:
+    """``model_class.from_pretrained(directory)`` (eval mode), also where ``accelerate`` is not installed: there
+    the model is built from its config and its safetensors loaded into it (strict), as ``from_pretrained`` does
+    without ``accelerate`` (float32 parameters) but also for models with ``_keep_in_fp32_modules`` (e.g. Wan),
+    which ``from_pretrained`` refuses to load without it."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        from huggingface_hub import load_torch_model
+
+        model = model_class.from_config(model_class.load_config(str(directory)))
+        load_torch_model(model, str(directory), strict=True, filename_pattern=DIFFUSERS_WEIGHTS)
+        return model.eval()
+    return model_class.from_pretrained(str(directory)).eval()
+
+
 def load_base(root: Path, entry: dict) -> nn.Module:
     """Rebuild the base model recorded by :func:`save_base` (eval mode)."""
     directory = root / entry["path"]
@@ -89,7 +105,7 @@ def load_base(root: Path, entry: dict) -> nn.Module:
         if model_class is None:
             raise ArtifactError(f"diffusers class {entry['class']}", "not in this diffusers version",
                                 "Install the diffusers version the artifact was exported with.")
-        return model_class.from_pretrained(str(directory)).eval()
+        return load_diffusers_model(model_class, directory)
     if entry["kind"] == "factory":
         from huggingface_hub import load_torch_model
 

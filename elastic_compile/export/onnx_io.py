@@ -72,14 +72,28 @@ def _to_onnx(program: torch.export.ExportedProgram, opset: int, names: dict):
     return _core.export(program, registry=registry, opset_version=opset, optimize=False, verbose=False, **names)
 
 
+#: model-level ONNX metadata: comma-separated indices of outputs that are ``view_as_real`` pairs of complex values
+COMPLEX_OUTPUTS_KEY = "elastic_compile.complex_outputs"
+
+
+def complex_outputs_of(model: onnx.ModelProto) -> list[int]:
+    """The outputs :func:`export_graph` wrote as ``view_as_real`` pairs (``complex_outputs=True``)."""
+    for prop in model.metadata_props:
+        if prop.key == COMPLEX_OUTPUTS_KEY:
+            return [int(k) for k in prop.value.split(",") if k]
+    return []
+
+
 def export_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], what: str,
                  dynamic_batch: bool = False, opset: int = OPSET, dynamic_dims: Sequence[Sequence[int]] | None = None,
+                 complex_outputs: bool = False,
                  weight_prefixes: tuple[str, ...] = ("block.", "router.", "lookahead.")) -> tuple[onnx.ModelProto, list[int]]:
     """ONNX model of ``module(*example)`` with inputs ``in_<k>`` and outputs ``out_<k>``.
 
     Returns ``(model, complex_inputs)``: indices of inputs that were complex and now take
     ``torch.view_as_real`` of the tensor. ``dynamic_batch`` makes dim 0 of every input dynamic;
-    ``dynamic_dims[k]`` (instead) lists the dynamic dimensions of input ``k``.
+    ``dynamic_dims[k]`` (instead) lists the dynamic dimensions of input ``k``. ``complex_outputs``: complex
+    outputs become ``view_as_real`` pairs, listed by :func:`complex_outputs_of` (else they are an error).
     """
     example = tuple(example)
     if dynamic_batch:
@@ -93,12 +107,14 @@ def export_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], what:
                 dynamic = (dynamic,)  # forward(*tensors): one spec, for the tuple
         with torch.no_grad(), _quiet_exporter():
             program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
-            program, complex_inputs = export_without_complex(program, list(example))
+            program, complex_inputs, paired = export_without_complex(program, list(example), complex_outputs, dynamic)
             count = len(program.graph_signature.user_outputs)
             names = dict(input_names=[f"in_{k}" for k in range(len(example))],
                          output_names=[f"out_{k}" for k in range(count)])
             onnx_program = _to_onnx(program, opset, names)
             model = fold_constants(onnx_program.model_proto, weight_prefixes)
+            if paired:
+                model.metadata_props.add(key=COMPLEX_OUTPUTS_KEY, value=",".join(map(str, paired)))
         return _strip_debug_info(model), complex_inputs
     except ExportError:
         raise

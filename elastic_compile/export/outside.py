@@ -34,10 +34,11 @@ from torch.utils import _pytree as pytree
 from ..capture.opaque_blocks import bound_call, capture_with_opaque_blocks
 from ..capture.record import call_model
 from ..errors import CaptureError, ExportError
-from ..runtime.driver import BlockCalls, run_steps
+from ..runtime.backends.onnxruntime import OrtGraph
+from ..runtime.driver import BlockCalls, run_graph_step, run_steps
 from ..runtime.state import force
 from .layout import dtype_name
-from .onnx_io import check_file, export_graph
+from .onnx_io import check_file, complex_outputs_of, export_graph
 from .passes import drop_noop_squeeze_dims
 from .segments import Segment, attribute_at, split_at_blocks
 from .verify import ATOL, max_abs_diff, run_ort, within
@@ -142,18 +143,24 @@ def _export_program(model, example_inputs, calls, root: Path, threads, batch: in
             continue
         tensors, outputs = seen[id(step)]
         relative = f"outside/part_{k:02d}.onnx"
-        diff = _write_segment(step["segment"], tensors, outputs, root / relative, threads)
-        files[id(step)] = root / relative
+        diff, complex_inputs, complex_outputs = _write_segment(step["segment"], tensors, outputs, root / relative,
+                                                               threads)
         worst = max(worst, diff)
         entries.append({"graph": relative, "inputs": step["inputs"], "outputs": step["outputs"],
                         "ops": step["segment"].compute_ops(), "max_abs_diff": diff})
+        if complex_inputs or complex_outputs:  # carried as view_as_real pairs (passes/complex_to_real.py)
+            entries[-1].update(complex_inputs=complex_inputs, complex_outputs=complex_outputs)
+        files[id(step)] = (root / relative, entries[-1])
     entry = {"call": call_entry, "steps": entries, "outputs": outputs_entry, "parameters": program.parameters,
              "max_abs_diff": worst, "dtype": "fp32", "batch": {"dynamic": False}}
     if rows is not None:
         # The graphs take any batch: check them, whole, at sizes they were not captured at (1 included: a
         # dimension torch.export assumed >= 2 while tracing).
+        sessions = {key: (OrtGraph(path, threads), written) for key, (path, written) in files.items()}
+
         def ort_graph(step, tensors):
-            return run_ort(files[id(step)], tensors, torch.float32, [], threads)
+            session, written = sessions[id(step)]
+            return run_graph_step(session, written, tensors)
         verified = sorted({1, batch, rows, rows + 1})
         for size in verified:
             if size != rows:
@@ -184,18 +191,17 @@ def _write_segment(segment: Segment, tensors: list, expected: list, path: Path, 
     what = f"the model's ops outside its blocks ({path.stem})"
     drop_noop_squeeze_dims(segment.module)
     dynamic = [symbolic_dims(node) for node in segment.module.graph.nodes if node.op == "placeholder"]
-    proto, complex_inputs = export_graph(segment.module, tensors, what, weight_prefixes=(), dynamic_dims=dynamic)
-    if complex_inputs:
-        raise ExportError(f"real-valued inputs for {path.name}", "complex tensors between the parts",
-                          "Those parts stay in PyTorch for this model.")
+    proto, complex_inputs = export_graph(segment.module, tensors, what, weight_prefixes=(), dynamic_dims=dynamic,
+                                         complex_outputs=True)
+    complex_outputs = complex_outputs_of(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     large = sum(len(init.raw_data) for init in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=EXTERNAL_DATA_BYTES)
     check_file(path)
-    got = run_ort(path, tensors, torch.float32, [], threads)
-    diff, scale = max_abs_diff(got, expected)
+    got = run_ort(path, tensors, torch.float32, complex_inputs, threads)
+    diff, scale = max_abs_diff(got, [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in expected])
     if not within(diff, scale, "fp32"):
         raise ExportError(f"{path.name} to match PyTorch within {ATOL['fp32']} x max(1, |ref|)",
                           f"max |diff| {diff:.3g}", "Report the model; its parts outside the blocks stay in PyTorch.")
-    return diff
+    return diff, complex_inputs, complex_outputs

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.record import SignatureBinder
 from ..export.layout import CallLayout, OutputLayout, dtype_name
+from ..export.program import graph_inputs
 from ..export.segments import attribute_at
 from .state import state_of
 
@@ -45,6 +46,20 @@ def run_steps(steps: Sequence[dict], env: dict[str, Any], run_graph: Callable, r
         for name in step.get("release", ()):
             del env[name]
     return env
+
+
+def run_graph_step(graph: Callable, step: dict, tensors: list) -> list:
+    """Run a graph step's ``graph`` (list of tensors in, list out) on PyTorch values: complex values the step
+    lists cross as ``view_as_real`` pairs (see :mod:`elastic_compile.export.passes.complex_to_real`)."""
+    complex_inputs = step.get("complex_inputs")
+    if complex_inputs:
+        tensors = graph_inputs(tensors, torch.float32, complex_inputs)
+    outputs = graph(tensors)
+    if "complex_outputs" in step:
+        outputs = list(outputs)
+    for k in step.get("complex_outputs", ()):
+        outputs[k] = torch.view_as_complex(outputs[k])
+    return outputs
 
 
 def plan_releases(steps: Sequence[dict], keep: Sequence[str]) -> list[dict]:
@@ -110,7 +125,7 @@ class ModelDriver:
         self.fallbacks = 0
 
     def run_graph(self, step: dict, tensors: list) -> list:
-        return self.backend.graph(self.root / step["graph"])(tensors)
+        return run_graph_step(self.backend.graph(self.root / step["graph"]), step, tensors)
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list | None:
         """The call's leaves when it is the exported call (see the module docstring), else None."""

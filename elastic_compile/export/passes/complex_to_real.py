@@ -10,7 +10,11 @@ tensor ``view_as_real(z)`` of shape ``S + (2,)`` (real part ``[..., 0]``, imagin
 * shape ops (``unsqueeze``, ``reshape``/``view``, ``permute``, ``transpose``, ``slice``, ``select``, ``expand``,
   ``flatten``, ``cat``, ``stack``, ``squeeze``, ``clone``/``contiguous``) act on the leading dims only;
 * ``conj``, ``real``, ``imag``, ``abs`` and dtype casts between complex dtypes have their real forms;
-* complex graph *inputs* become real inputs of shape ``S + (2,)``: feed ``torch.view_as_real(z)``.
+* complex constants (buffers) become real buffers of shape ``S + (2,)``;
+* complex graph *inputs* become real inputs of shape ``S + (2,)``: feed ``torch.view_as_real(z)``;
+* complex graph *outputs* are an error, or (``real_outputs=True``) real outputs of shape ``S + (2,)``: take
+  ``torch.view_as_complex`` of them (their indices: ``gm.meta["complex_outputs"]``);
+* ``torch.export``'s own metadata checks on complex values are dropped (they check the complex dtype).
 
 Guarantee: the rewritten graph computes the same real outputs as the original one (up to float rounding of the
 expanded products), for any values of its inputs; it contains no complex-valued node. It is pattern-based,
@@ -49,11 +53,14 @@ def has_complex(gm: fx.GraphModule) -> bool:
 
 
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, real_outputs: bool = False):
+        self.gm = gm
         self.old = gm.graph
         self.new = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.complex_inputs: list[int] = []
+        self.real_outputs = real_outputs
+        self.complex_outputs: list[int] = []
 
     # helpers -------------------------------------------------------------------------------------------
     def call(self, target, *args, **kwargs) -> fx.Node:
@@ -141,6 +148,8 @@ class _Lowering:
             return self.call(target, z, args[1] + ndim + 1 if args[1] < 0 else args[1])
         if target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default):
             return self.call(target, z, list(args[1]) + [2], **kwargs)
+        if target is aten.sym_size.int:
+            return self.call(target, z, self.dim(args[1], ndim))
         if target is aten.permute.default:
             return self.call(target, z, [self.dim(d, ndim) for d in args[1]] + [ndim])
         if target is aten.transpose.int:
@@ -210,6 +219,21 @@ class _Lowering:
             return self.shape_op(node)
         raise self.unsupported(node)
 
+    def attribute(self, target: str):
+        value = self.gm
+        for part in target.split("."):
+            value = getattr(value, part)
+        return value
+
+    def real_attribute(self, node: fx.Node) -> fx.Node:
+        """A complex constant (e.g. a rotary-frequency buffer) stored as its ``view_as_real`` carrier."""
+        real = torch.view_as_real(self.attribute(node.target).detach().resolve_conj()).clone()
+        name = "_real_" + str(node.target).replace(".", "_")
+        self.gm.register_buffer(name, real)
+        carrier = self.new.get_attr(name)
+        carrier.meta["val"] = real
+        return carrier
+
     @staticmethod
     def unsupported(node: fx.Node) -> UnsupportedComplexOpError:
         return UnsupportedComplexOpError(
@@ -228,13 +252,19 @@ class _Lowering:
                     self.env[node].meta["val"] = torch.empty(tuple(value.shape) + (2,), dtype=_REAL_OF[value.dtype],
                                                              device="meta")
                 placeholder_index += 1
+            elif node.op == "get_attr" and _is_complex(self.attribute(node.target)):
+                self.env[node] = self.real_attribute(node)
             elif node.op == "call_module" and str(node.target).startswith("_guards"):
                 continue  # input guards check the original (complex) input dtypes; re-export re-derives them
             elif node.op == "output":
-                if any(_is_complex(n) for n in node.all_input_nodes):
+                leaves = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+                self.complex_outputs = [k for k, leaf in enumerate(leaves) if _is_complex(leaf)]
+                if self.complex_outputs and not self.real_outputs:
                     raise UnsupportedComplexOpError("real-valued graph outputs", "a complex output",
                                                     "Return view_as_real(...) from the block, or report the model.")
                 self.new.node_copy(node, lambda n: self.env[n])
+            elif node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
+                continue  # checks the complex dtype the lowered graph no longer has
             elif node.op == "call_function" and (_is_complex(node) or any(_is_complex(a) for a in node.all_input_nodes)):
                 self.env[node] = self.lower(node)
             else:
@@ -242,11 +272,13 @@ class _Lowering:
         return self.new
 
 
-def lower_complex(gm: fx.GraphModule) -> list[int]:
+def lower_complex(gm: fx.GraphModule, real_outputs: bool = False) -> list[int]:
     """Rewrite ``gm`` in place (see the module docstring). Returns the indices of its placeholders that were
-    complex and now expect ``torch.view_as_real`` of the original input."""
-    lowering = _Lowering(gm)
+    complex and now expect ``torch.view_as_real`` of the original input; ``gm.meta["complex_outputs"]`` lists
+    the outputs that are now ``view_as_real`` pairs (``real_outputs=True``, else complex outputs raise)."""
+    lowering = _Lowering(gm, real_outputs)
     graph = lowering.run()
+    gm.meta["complex_outputs"] = lowering.complex_outputs
     graph._codegen = gm.graph._codegen
     gm.graph = graph
     gm.graph.eliminate_dead_code()
@@ -254,13 +286,17 @@ def lower_complex(gm: fx.GraphModule) -> list[int]:
     return lowering.complex_inputs
 
 
-def export_without_complex(program: torch.export.ExportedProgram, example: list[torch.Tensor]):
-    """``(program, complex_input_indices)``: the program unchanged when it has no complex values, else the
-    lowered graph re-exported with real inputs (``view_as_real`` of the complex examples)."""
+def export_without_complex(program: torch.export.ExportedProgram, example: list[torch.Tensor],
+                           real_outputs: bool = False, dynamic_shapes=None):
+    """``(program, complex_input_indices, complex_output_indices)``: the program unchanged when it has no complex
+    values, else the lowered graph re-exported with real inputs (``view_as_real`` of the complex examples;
+    ``dynamic_shapes`` as for the original export: the pair dimension is last) and, with ``real_outputs``,
+    complex outputs as ``view_as_real`` pairs."""
     gm = program.module()
     if not has_complex(gm):
-        return program, []
-    indices = lower_complex(gm)
+        return program, [], []
+    indices = lower_complex(gm, real_outputs)
     real_example = tuple(torch.view_as_real(t.resolve_conj()).contiguous() if i in indices else t
                          for i, t in enumerate(example))
-    return torch.export.export(gm, real_example, strict=False), indices
+    lowered = torch.export.export(gm, real_example, dynamic_shapes=dynamic_shapes, strict=False)
+    return lowered, indices, list(gm.meta["complex_outputs"])
