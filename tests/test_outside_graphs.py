@@ -58,11 +58,14 @@ def _inputs(batch=2):
                 y=torch.randint(0, 10, (batch,), generator=generator))
 
 
-def _program_in_torch(model, inputs):
-    """Capture, cut, and run the steps in PyTorch (segments as graph modules, blocks as the model's blocks)."""
+def _program_in_torch(model, inputs, run_at=None):
+    """Capture, cut, and run the steps in PyTorch (segments as graph modules, blocks as the model's blocks);
+    ``run_at``: capture with a dynamic batch and run the steps on these inputs instead."""
     calls, _ = record_block_calls(model, inputs)
-    program = split_at_blocks(capture_with_opaque_blocks(model, inputs, calls))
+    batch = inputs["x"].shape[0] if run_at is not None else None
+    program = split_at_blocks(capture_with_opaque_blocks(model, inputs, calls, batch=batch))
     steps = plan_releases(program.torch_steps(), program.outputs)
+    inputs = run_at if run_at is not None else inputs
     env = {name: inputs[name] for name in program.inputs if name is not None}
     blocks = BlockCalls({c.index: c.block for c in calls}, {c.index: (c.layout, c.outputs) for c in calls})
     with torch.no_grad():
@@ -94,6 +97,12 @@ def test_the_cut_program_computes_what_the_model_does(glue):
     assert all(isinstance(s, BlockCall) or s.compute_ops() > 0 for s in program.steps)
     # the capture gave every block its gate back
     assert [block.__dict__["forward"] for block in state_of(model).blocks] == gates
+    # captured batch-polymorphic, the same cut runs any batch (sizes such as the unpatchify's batch are
+    # recomputed in the part that reads them)
+    three = resize_batch(inputs, 2, 3)
+    _, got = _program_in_torch(model, inputs, run_at=three)
+    with torch.no_grad(), force(model, skip=False, width=1.0):
+        torch.testing.assert_close(got, model(**three), rtol=0, atol=1e-6)
 
 
 def _export(model, inputs, out, **options):

@@ -16,10 +16,11 @@ the example's static shapes instead, and ``program.batch.note`` says why.
 Guarantee: before anything is written, the program is run in PyTorch (segments as graph modules, blocks as the
 elastic model's own blocks at full width) and must reproduce the model's output; every written graph must match
 its segment within the export's tolerance; dynamic graphs, run whole in ONNX Runtime with the blocks in
-PyTorch, must reproduce the model at batch 1, the example's batch and one more. A model whose forward cannot be captured this way (data-dependent
-Python control flow, non-tensor values between the parts, an output structure that cannot be serialised) gets
-no program: :func:`export_outside` raises :class:`~elastic_compile.errors.ExportError` and the exporter records
-why, and the runtime then runs those parts in PyTorch as before.
+PyTorch, must reproduce the model at batch 1, the example's batch and one more. A model whose forward cannot be
+captured this way (data-dependent Python control flow, non-tensor values between the parts, an output structure
+that cannot be serialised) gets no program: :func:`export_outside` raises
+:class:`~elastic_compile.errors.ExportError`, the exporter records why, and the runtime then runs those parts in
+PyTorch as before.
 """
 from __future__ import annotations
 
@@ -187,7 +188,10 @@ def _check_program(model, program, steps, kwargs: dict, run_graph, blocks, what:
                           "Report the model; its parts outside the blocks stay in PyTorch.")
 
 
-def _write_segment(segment: Segment, tensors: list, expected: list, path: Path, threads) -> float:
+def _write_segment(segment: Segment, tensors: list, expected: list, path: Path,
+                   threads) -> tuple[float, list[int], list[int]]:
+    """Export, save and check one part; ``(max |diff|, complex inputs, complex outputs)`` (the complex values
+    it takes and returns as ``view_as_real`` pairs)."""
     what = f"the model's ops outside its blocks ({path.stem})"
     drop_noop_squeeze_dims(segment.module)
     dynamic = [symbolic_dims(node) for node in segment.module.graph.nodes if node.op == "placeholder"]

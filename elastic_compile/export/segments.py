@@ -12,7 +12,8 @@ block call one ``OPAQUE_BLOCK`` node). Output: a :class:`ModelProgram`, the forw
 Values are named by the graph's node names. Guarantee: running the steps in order, each segment on its inputs
 and each block on its inputs, computes every value the original graph computes, from the same inputs; segments
 that compute nothing anyone reads are dropped. Values that cross a cut must be tensors (else
-:class:`~elastic_compile.errors.ExportError`: the program cannot run as separate graphs).
+:class:`~elastic_compile.errors.ExportError`: the program cannot run as separate graphs), except symbolic sizes
+of a batch-polymorphic capture, which each part recomputes from a tensor input of that size.
 """
 from __future__ import annotations
 
@@ -178,6 +179,7 @@ def _segment(root: fx.GraphModule, members: list[fx.Node], index: int, step_of: 
             else:
                 _check_tensor(used, f"input of the part before step {index}")
                 inputs.append(used)
+
     def read_elsewhere(node: fx.Node) -> bool:
         readers = [user for user in node.users if user not in inside]
         if _is_size(node):  # other parts recompute it; blocks and the model output cannot
