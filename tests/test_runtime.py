@@ -275,7 +275,10 @@ def test_sampling_and_feature_cache_on_the_runtime_match_the_pytorch_model(tmp_p
         ec.runtime.cache.remove_feature_cache(exported.runtime)
     assert main(["run", str(exported.dir), "--classes", "0,1,2", "--steps", "1", "--out", str(tmp_path / "g.png"),
                  "--threads", "1", "--width", "0.5", "--thread-pool", "per_session"]) == 0  # shared: process-wide
-    assert (tmp_path / "g.png").stat().st_size > 0 and "3 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (tmp_path / "g.png").stat().st_size > 0 and "3 images" in printed
+    # exported at batch 4, sampled as one CFG batch of 6: the outside graphs' batch is dynamic
+    assert "ops outside the blocks as graphs in 1 of 1 forwards" in printed
 
 
 def test_run_cli_with_cuda_graphs(tmp_path_factory, tmp_path, capsys, monkeypatch):

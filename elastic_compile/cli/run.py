@@ -121,10 +121,13 @@ def run(args) -> int:
             runtime.sample(labels, **options)
     seconds = time.perf_counter() - started
     path = save_images(images, Path(args.out), args.nrow or len(labels))
+    driver = runtime.driver  # counted before ec.stats, whose FLOP profiling runs the Python forward
+    outside = "" if driver is None else \
+        f"; ops outside the blocks as graphs in {driver.calls} of {driver.calls + driver.fallbacks} forwards"
     stats = ec.stats(runtime)
     how = args.backend + (", one CUDA graph per forward" if args.cuda_graph else "")
     print(f"{len(labels)} images in {seconds:.2f} s ({how}) -> {path}; last step executed "
           f"{100 * stats.executed_flops_fraction:.1f}% of dense FLOPs, {100 * stats.skipped_fraction:.1f}% of "
-          f"block calls skipped" + ("" if hooks is None else " (feature cache on)"))
+          f"block calls skipped" + ("" if hooks is None else " (feature cache on)") + outside)
     runtime.close()
     return 0
