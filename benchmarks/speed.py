@@ -232,22 +232,27 @@ def runtime_vs_whole_graph_row(model_name: str, base, inputs, dense_call, args) 
     return dict(row, max_abs_diff=float((whole_out - runtime_out.float()).abs().max()))
 
 
-def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
-    """The dense runtime as loaded by default (its PyTorch parts on one thread while a forward runs, see
-    ``elastic_compile.runtime.torch_threads``) against the same instance with ``torch_threads`` None (PyTorch at
-    ``--threads`` between the block graphs), paired: what that default is worth. One instance, as for the
-    outside graphs: a second one differs by memory placement alone."""
-    runtime = dense_call.runtime
-    default = runtime.torch_threads
+def setting_cost(runtime, inputs, owner, attribute: str, changed, args) -> dict:
+    """Paired cost of ``owner.<attribute>`` set to ``changed`` against its value as loaded, on one dense runtime
+    instance (a second instance differs by memory placement alone: the A/A row); restored after every call."""
+    loaded = getattr(owner, attribute)
 
-    def call(threads):
-        runtime.torch_threads = threads
+    def call(value):
+        setattr(owner, attribute, value)
         try:
             with ec.force(runtime, skip=False, width=1.0):
                 return runtime(**inputs)
         finally:
-            runtime.torch_threads = default
-    overhead = paired_overhead(lambda: call(default), lambda: call(None), pairs=4 * args.repeats)
+            setattr(owner, attribute, loaded)
+    return paired_overhead(lambda: call(loaded), lambda: call(changed), pairs=4 * args.repeats)
+
+
+def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
+    """The dense runtime as loaded by default (its PyTorch parts on one thread while a forward runs, see
+    ``elastic_compile.runtime.torch_threads``) against itself with ``torch_threads`` None (PyTorch at
+    ``--threads`` between the block graphs): what that default is worth."""
+    runtime = dense_call.runtime
+    overhead = setting_cost(runtime, inputs, runtime, "torch_threads", None, args)
     return control_row(model_name, "onnxruntime", inputs,
                        f"dense runtime with PyTorch at {args.threads} threads between the block graphs "
                        "(torch_threads=None), against itself with the default (1 thread)", "threads_cost", overhead)
@@ -255,22 +260,12 @@ def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
 
 def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:
     """The dense runtime as loaded by default (the model's ops outside its blocks run as the export's
-    ``outside/`` graphs, see ``elastic_compile.runtime.driver``) against the same instance with its driver
-    disabled (those ops in PyTorch, the model's Python forward), paired: what the graphs are worth. One
-    instance, because a second one differs by memory placement alone (the A/A row)."""
+    ``outside/`` graphs, see ``elastic_compile.runtime.driver``) against itself with its driver disabled (those
+    ops in PyTorch, the model's Python forward): what the graphs are worth."""
     runtime = dense_call.runtime
-    driver = runtime.driver
-    if driver is None:
+    if runtime.driver is None:
         raise RuntimeError(f"{model_name}: the dense export has no outside graphs ({runtime.manifest.get('program_note')})")
-
-    def call(enabled: bool):
-        driver.enabled = enabled
-        try:
-            with ec.force(runtime, skip=False, width=1.0):
-                return runtime(**inputs)
-        finally:
-            driver.enabled = True
-    overhead = paired_overhead(lambda: call(True), lambda: call(False), pairs=4 * args.repeats)
+    overhead = setting_cost(runtime, inputs, runtime.driver, "enabled", False, args)
     return control_row(model_name, "onnxruntime", inputs,
                        "dense runtime with the ops outside the blocks in PyTorch (its driver disabled), against "
                        "itself as loaded (those ops as the exported graphs)", "outside_cost", overhead)

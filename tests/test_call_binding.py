@@ -72,7 +72,7 @@ def test_flatten_reads_plain_calls_directly_and_matches_tree_flatten():
     for call in [((x,), {"c": c, "scale": 1.0}), ((x[:1],), {"c": c[:1], "scale": 1.0})]:
         values = layout.flatten(*call)
         assert values == pytree.tree_leaves((call[0], call[1]))
-    assert layout._flat_call == (1, ("c", "scale"))
+    assert layout.flat_shape() == (1, ("c", "scale"))
     assert layout.flatten((x, c), {"scale": 1.0}) is None  # other structure
     assert layout.flatten((x,), {"scale": 1.0, "c": c}) is None  # keywords in another order: another treespec
     assert layout.flatten(((x,),), {"c": c, "scale": 1.0}) is None  # a container where a leaf was

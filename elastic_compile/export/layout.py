@@ -27,6 +27,12 @@ _JSON_SCALARS = (type(None), bool, int, float, str)
 _PLAIN_LEAVES = (torch.Tensor,) + _JSON_SCALARS
 
 
+def cycle_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """``tensor`` with ``size`` rows: rows ``0..size-1`` of it, taken cyclically (an example resized to another
+    batch)."""
+    return tensor.index_select(0, torch.arange(size, device=tensor.device) % tensor.shape[0])
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -59,7 +65,6 @@ class CallLayout:
     leaves: list[Leaf]
     batch: int
     _treespec: Any = field(default=None, repr=False, compare=False)
-    _flat_call: tuple | None = field(default=None, repr=False, compare=False)
     _flat_shape: tuple | bool | None = field(default=None, repr=False, compare=False)
 
     # construction ----------------------------------------------------------------------------------------
@@ -133,8 +138,7 @@ class CallLayout:
 
     def resized(self, tensors: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
         """The inputs for batch ``size``: batched inputs take rows ``0..size-1`` cyclically from the example."""
-        rows = torch.arange(size) % self.batch
-        return [t.index_select(0, rows.to(t.device)) if leaf.batched else t for leaf, t in zip(self.inputs, tensors)]
+        return [cycle_rows(t, size) if leaf.batched else t for leaf, t in zip(self.inputs, tensors)]
 
     # runtime side ----------------------------------------------------------------------------------------
     def flatten(self, args: tuple, kwargs: dict) -> list | None:
@@ -143,21 +147,12 @@ class CallLayout:
         A call of plain leaves (tensors, scalars) in the recorded arguments and keywords is read off directly:
         the structure test is done once per (argument count, keyword names), not by ``tree_flatten`` per call
         (a few hundred microseconds of cold Python between two block graphs)."""
-        shape = (len(args), tuple(kwargs))
-        if shape == self._flat_call or (self._flat_call is None and self._records_flat_call(shape)):
+        if (len(args), tuple(kwargs)) == self.flat_shape():
             values = [*args, *kwargs.values()]
             if all(isinstance(v, _PLAIN_LEAVES) for v in values):
                 return values
         values, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         return values if treespec == self.treespec else None
-
-    def _records_flat_call(self, shape: tuple[int, tuple]) -> bool:
-        count, names = shape
-        flat = pytree.tree_structure((tuple(range(count)), dict.fromkeys(names, 0)))
-        if flat == self.treespec:
-            self._flat_call = shape
-            return True
-        return False
 
     def match(self, args: tuple, kwargs: dict, block: str) -> tuple[list[torch.Tensor], int]:
         """Graph inputs of a runtime call and its (sub-)batch size; raises InputMismatchError when the call

@@ -38,11 +38,12 @@ from ..errors import CaptureError, ExportError
 from ..runtime.backends.onnxruntime import OrtGraph
 from ..runtime.driver import BlockCalls, run_graph_step, run_steps
 from ..runtime.state import force
-from .layout import dtype_name
+from .layout import cycle_rows, dtype_name
 from .onnx_io import check_file, complex_outputs_of, export_graph
 from .passes import drop_noop_squeeze_dims
 from .segments import Segment, attribute_at, split_at_blocks
-from .verify import ATOL, max_abs_diff, run_ort, within
+from .program import graph_inputs
+from .verify import ATOL, max_abs_diff, within
 
 #: graph initializers above this many bytes go to a ``.data`` file next to the graph
 EXTERNAL_DATA_BYTES = 1024
@@ -95,11 +96,9 @@ def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence,
 def resize_batch(kwargs: dict[str, Any], batch: int, rows: int) -> dict[str, Any]:
     """The keyword call with ``rows`` samples: every tensor leaf with ``batch`` rows (the batch rule of
     :mod:`.layout`) takes rows ``0..rows-1`` of itself cyclically; other leaves are kept."""
-    index = torch.arange(rows) % batch
-
     def resize(value):
         batched = isinstance(value, torch.Tensor) and value.ndim > 0 and int(value.shape[0]) == batch
-        return value.index_select(0, index.to(value.device)) if batched else value
+        return cycle_rows(value, rows) if batched else value
     return {name: pytree.tree_map(resize, value) for name, value in kwargs.items()}
 
 
@@ -137,28 +136,26 @@ def _export_program(model, example_inputs, calls, root: Path, threads, batch: in
         return outputs
     _check_program(model, program, steps, kwargs, torch_graph, blocks, "the program of graphs and block calls")
 
-    entries, worst, files = [], 0.0, {}
+    entries, worst, sessions = [], 0.0, {}
     for k, step in enumerate(steps):
         if "segment" not in step:
             entries.append({"block": step["block"], "inputs": step["inputs"], "outputs": step["outputs"]})
             continue
         tensors, outputs = seen[id(step)]
         relative = f"outside/part_{k:02d}.onnx"
-        diff, complex_inputs, complex_outputs = _write_segment(step["segment"], tensors, outputs, root / relative,
-                                                               threads)
+        session, diff, complex_inputs, complex_outputs = _write_segment(step["segment"], tensors, outputs,
+                                                                        root / relative, threads)
         worst = max(worst, diff)
         entries.append({"graph": relative, "inputs": step["inputs"], "outputs": step["outputs"],
                         "ops": step["segment"].compute_ops(), "max_abs_diff": diff})
         if complex_inputs or complex_outputs:  # carried as view_as_real pairs (passes/complex_to_real.py)
             entries[-1].update(complex_inputs=complex_inputs, complex_outputs=complex_outputs)
-        files[id(step)] = (root / relative, entries[-1])
+        sessions[id(step)] = (session, entries[-1])
     entry = {"call": call_entry, "steps": entries, "outputs": outputs_entry, "parameters": program.parameters,
              "max_abs_diff": worst, "dtype": "fp32", "batch": {"dynamic": False}}
     if rows is not None:
         # The graphs take any batch: check them, whole, at sizes they were not captured at (1 included: a
         # dimension torch.export assumed >= 2 while tracing).
-        sessions = {key: (OrtGraph(path, threads), written) for key, (path, written) in files.items()}
-
         def ort_graph(step, tensors):
             session, written = sessions[id(step)]
             return run_graph_step(session, written, tensors)
@@ -189,9 +186,9 @@ def _check_program(model, program, steps, kwargs: dict, run_graph, blocks, what:
 
 
 def _write_segment(segment: Segment, tensors: list, expected: list, path: Path,
-                   threads) -> tuple[float, list[int], list[int]]:
-    """Export, save and check one part; ``(max |diff|, complex inputs, complex outputs)`` (the complex values
-    it takes and returns as ``view_as_real`` pairs)."""
+                   threads) -> tuple[OrtGraph, float, list[int], list[int]]:
+    """Export, save and check one part; ``(its ONNX Runtime session, max |diff|, complex inputs, complex
+    outputs)`` (the complex values it takes and returns as ``view_as_real`` pairs)."""
     what = f"the model's ops outside its blocks ({path.stem})"
     drop_noop_squeeze_dims(segment.module)
     dynamic = [symbolic_dims(node) for node in segment.module.graph.nodes if node.op == "placeholder"]
@@ -203,9 +200,10 @@ def _write_segment(segment: Segment, tensors: list, expected: list, path: Path,
     onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=EXTERNAL_DATA_BYTES)
     check_file(path)
-    got = run_ort(path, tensors, torch.float32, complex_inputs, threads)
+    session = OrtGraph(path, threads)
+    got = session(graph_inputs(tensors, torch.float32, complex_inputs))
     diff, scale = max_abs_diff(got, [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in expected])
     if not within(diff, scale, "fp32"):
         raise ExportError(f"{path.name} to match PyTorch within {ATOL['fp32']} x max(1, |ref|)",
                           f"max |diff| {diff:.3g}", "Report the model; its parts outside the blocks stay in PyTorch.")
-    return diff, complex_inputs, complex_outputs
+    return session, diff, complex_inputs, complex_outputs
