@@ -20,7 +20,8 @@ a hand-narrowed row: the plain model with its FFN weights physically cut (the bo
 Two control rows per (model, backend, batch): "A/A", dense against a second independent instance of dense, timed
 like the router overhead (the machine's noise floor for that comparison); and, in ONNX Runtime, dense through the
 per-block runtime against the plain model exported as one ONNX graph (what running block by block costs before
-any routing). ONNX Runtime sessions share one thread pool (``--thread-pool shared``, as the CLI deploys).
+any routing). ONNX Runtime sessions share one thread pool (``--thread-pool shared``, as the CLI deploys) and one
+memory arena (the runtime's default; a control row loads the dense export with an arena per graph).
 FLOPs: matmuls, convolutions and attention (``analysis.flop_counter``).
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ from elastic_compile.runtime.state import state_of
 from elastic_compile.runtime.timing import paired_overhead, timed_speedup
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Control rows that price one runtime setting against the default (their key holds the paired cost).
+SETTING_COSTS = ("threads_cost", "outside_cost", "arena_cost")
 
 
 FACTORIES = {"DiT-S/2": "elastic_compile.models.dit:dit_s2", "DiT-B/2": "elastic_compile.models.dit:dit_b2"}
@@ -271,6 +274,25 @@ def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:
                        "itself as loaded (those ops as the exported graphs)", "outside_cost", overhead)
 
 
+def memory_arena_row(model_name: str, inputs, dense_call, args) -> dict:
+    """The dense runtime as loaded by default (every graph's memory from the process's one shared arena, see
+    ``elastic_compile.runtime.backends.onnxruntime``) against the same export loaded with an arena per graph
+    (``memory_arena="per_session"``): what the shared arena is worth. Two instances (an arena cannot be swapped
+    under a loaded session), so the A/A row's placement floor is in it."""
+    runtime = ec.runtime.load(dense_call.runtime.root, backend="onnxruntime", thread_pool=args.thread_pool,
+                              memory_arena="per_session")
+
+    def per_session():
+        with ec.force(runtime, skip=False, width=1.0):
+            return runtime(**inputs)
+    per_session()  # its sessions open on the first call, before anything is timed
+    settle_heap()
+    overhead = paired_overhead(dense_call, per_session, pairs=4 * args.repeats)
+    return control_row(model_name, "onnxruntime", inputs,
+                       "dense runtime with a memory arena per graph (memory_arena='per_session'), against the "
+                       "default shared arena (a second instance: read with the A/A row)", "arena_cost", overhead)
+
+
 def settle_heap() -> None:
     """Collect the exports' garbage and give the freed heap back to the OS before anything is timed. Without
     this, the sessions created first (the dense baseline's, at its first call) were placed in memory the
@@ -378,6 +400,8 @@ def run(args) -> list[dict]:
                     print(json.dumps(rows[-1]), flush=True)
                     rows.append(torch_threads_row(model_name, inputs, dense_call, args))
                     print(json.dumps(rows[-1]), flush=True)
+                    rows.append(memory_arena_row(model_name, inputs, dense_call, args))
+                    print(json.dumps(rows[-1]), flush=True)
                 if backend == "onnxruntime" and args.whole_graph:
                     try:
                         rows.append(runtime_vs_whole_graph_row(model_name, base, inputs, dense_call, args))
@@ -431,7 +455,8 @@ def write(rows, args) -> None:
              "model has them, PyTorch between the graphs on 1 thread: the runtime's defaults). Control rows: A/A (dense against a second instance "
              "of dense: the noise floor) and, in ONNX Runtime, the per-block runtime against the whole model as "
              "one ONNX graph, against itself with the ops outside the blocks in PyTorch instead of their exported "
-             "graphs, and against itself with PyTorch's threads left as they are."
+             "graphs, against itself with PyTorch's threads left as they are, and against a second instance with a "
+             "memory arena per graph."
              + (" Merged: rows of other models/backends are from the previous results file." if args.merge else ""),
              "",
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
@@ -453,7 +478,7 @@ def write(rows, args) -> None:
         if r.get("noise_floor") is not None:
             extra = " ({:+.1f}% [{:+.1f}, {:+.1f}])".format(
                 100 * r["noise_floor"], *(100 * v for v in r["noise_floor_interval"]))
-        for key in ("threads_cost", "outside_cost"):
+        for key in SETTING_COSTS:
             if r.get(key) is not None:
                 extra = " (cost {:+.1f}% [{:+.1f}, {:+.1f}])".format(100 * r[key], *(100 * v for v in r[f"{key}_interval"]))
         if r.get("dispatch_overhead") is not None:
@@ -466,9 +491,8 @@ def write(rows, args) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         points = [r for r in rows if r["backend"] == backend and "router_overhead" not in r
-                  and "dispatch_overhead" not in r and "noise_floor" not in r and "threads_cost" not in r
-                  and "outside_cost" not in r
-                  and not r["config"].startswith("hand-narrowed")]
+                  and "dispatch_overhead" not in r and "noise_floor" not in r
+                  and not any(key in r for key in SETTING_COSTS) and not r["config"].startswith("hand-narrowed")]
         ax.scatter([r["limit"] for r in points], [r["speedup"] for r in points], label=backend)
     bounds = [r for r in rows if r["config"].startswith("hand-narrowed")]
     if bounds:

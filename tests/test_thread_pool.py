@@ -1,5 +1,6 @@
-"""ONNX Runtime's shared (global) thread pool for a runtime's sessions. The pool is process-wide, so everything
-that turns it on runs in a subprocess."""
+"""ONNX Runtime's process-wide resources for a runtime's sessions: the shared (global) thread pool (process-wide
+for every session, so everything that turns it on runs in a subprocess) and the shared CPU memory arena (only
+sessions that opt in use it)."""
 import subprocess
 import sys
 import textwrap
@@ -79,6 +80,42 @@ def test_shared_pool_gives_the_per_session_outputs_and_stays_process_wide(export
 def test_unknown_thread_pool_is_a_config_error(exported):
     with pytest.raises(ConfigError, match="thread_pool"):
         OnnxRuntimeBackend(thread_pool="global")
+
+
+def _arena_entries(runtime) -> set[str]:
+    """Each session's "session.use_env_allocators" option ("" where it is not set)."""
+    def entry(options):
+        try:
+            return options.get_session_config_entry("session.use_env_allocators")
+        except RuntimeError:  # onnxruntime raises for an option never set
+            return ""
+    return {entry(g.session.get_session_options()) for g in runtime.backend._graphs.values()}
+
+
+def test_sessions_share_one_memory_arena_by_default_with_the_same_outputs(exported):
+    """Every graph of a default runtime (blocks, routers' summaries, the parts outside the blocks) takes its memory
+    from the process's shared arena; 'per_session' keeps ONNX Runtime's own arena per graph. Same numbers either
+    way, routed and at a forced plan, across repeated calls (buffers reused between graphs hold nothing stale)."""
+    inputs, out = exported
+    shared, own = ec.runtime.load(out), ec.runtime.load(out, memory_arena="per_session")
+    results = {}
+    with torch.no_grad():
+        for name, runtime in (("shared", shared), ("own", own)):
+            routed = [first_output(runtime(**inputs)) for _ in range(2)]
+            with ec.force(runtime, skip={1}, width=0.5):
+                forced = first_output(runtime(**inputs))
+            results[name] = routed + [forced]
+    assert _arena_entries(shared) == {"1"} and len(shared.backend._graphs) >= 3
+    assert _arena_entries(own) == {""}
+    torch.testing.assert_close(results["shared"][0], results["shared"][1], atol=0, rtol=0)
+    for a, b in zip(results["shared"], results["own"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert ec.stats(shared).decisions == ec.stats(own).decisions
+
+
+def test_unknown_memory_arena_is_a_config_error():
+    with pytest.raises(ConfigError, match="memory_arena in"):
+        OnnxRuntimeBackend(memory_arena="global")
 
 
 def test_cli_run_shares_one_pool_by_default_with_the_same_images(exported, tmp_path):

@@ -52,6 +52,18 @@ def test_untrained_elastic_model_reproduces_dense(transformed):
     assert all(d.run and d.width == 1.0 for block in decisions for d in block)
 
 
+def test_a_transformed_model_copies_silently_and_exactly(transformed):
+    """Users A/B a transformed model against a deep copy of it: the copy warns nothing (block output structures
+    are kept serialized: copying a torch ``TreeSpec`` warns per leaf) and computes the same at every forced plan."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin = copy.deepcopy(transformed.model)
+    torch.testing.assert_close(run(twin, transformed.inputs), run(transformed.model, transformed.inputs))
+    with ec.force(twin, skip=False, width=0.5), ec.force(transformed.model, skip=False, width=0.5):
+        torch.testing.assert_close(run(twin, transformed.inputs), run(transformed.model, transformed.inputs))
+
+
 def test_analysis_finds_the_ffns(transformed):
     specs = state_of(transformed.model).specs
     found = {(s.out_projection.param, s.out_projection.unit_starts[0]) for spec in specs for s in spec.sites}

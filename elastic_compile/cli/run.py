@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("--thread-pool", default="shared", choices=("shared", "per_session"),
                         help="onnxruntime thread pools: one shared by every block graph (default: this process runs "
                              "nothing else) or one per graph")
+    parser.add_argument("--memory-arena", default="shared", choices=("shared", "per_session"),
+                        help="onnxruntime CPU memory: one arena for every graph (default: each graph reuses the "
+                             "buffers the previous one freed) or one per graph")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="PyTorch threads for the parts outside the block graphs during a forward (default: 1 "
                              "with onnxruntime, whose spinning threads slow multi-threaded PyTorch ops down; 0: "
@@ -110,7 +113,7 @@ def run(args) -> int:
         raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
                           "CUDA graphs are captured from the PyTorch model: add --backend torch --device cuda.")
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
-                              thread_pool=args.thread_pool, torch_threads=_torch_threads(args.torch_threads),
+                              thread_pool=args.thread_pool, memory_arena=args.memory_arena, torch_threads=_torch_threads(args.torch_threads),
                               outside_graphs=args.outside_graphs)
     hooks = serving_cache_hooks(runtime, args.cache)
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,

@@ -21,6 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..analysis.blocks import flatten_output
+from ..capture.treespec import loaded_treespec
 from ..errors import ExportError, InputMismatchError
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
@@ -64,7 +65,6 @@ class CallLayout:
     spec: str
     leaves: list[Leaf]
     batch: int
-    _treespec: Any = field(default=None, repr=False, compare=False)
     _flat_shape: tuple | bool | None = field(default=None, repr=False, compare=False)
 
     # construction ----------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ class CallLayout:
         except Exception as exc:
             raise ExportError("block arguments in standard containers (tuple, list, dict)", f"{exc}",
                               "Report the model: its blocks take arguments in a custom container.") from exc
-        return cls(spec, leaves, batch, treespec)
+        return cls(spec, leaves, batch)
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "batch": self.batch, "leaves": [asdict(leaf) for leaf in self.leaves]}
@@ -98,10 +98,8 @@ class CallLayout:
         return cls(data["spec"], [Leaf(**leaf) for leaf in data["leaves"]], int(data["batch"]))
 
     @property
-    def treespec(self):
-        if self._treespec is None:
-            self._treespec = pytree.treespec_loads(self.spec)
-        return self._treespec
+    def treespec(self) -> pytree.TreeSpec:
+        return loaded_treespec(self.spec)
 
     @property
     def inputs(self) -> list[Leaf]:
@@ -198,7 +196,6 @@ class OutputLayout:
 
     spec: str
     leaves: list[dict]
-    _treespec: Any = field(default=None, repr=False, compare=False)
     _dtypes: list | None = field(default=None, repr=False, compare=False)
     _single: bool = field(default=False, repr=False, compare=False)
 
@@ -215,7 +212,7 @@ class OutputLayout:
             else:
                 raise ExportError("block outputs made of tensors and None", f"a {type(value).__name__} output",
                                   "Report the model.")
-        return cls(pytree.treespec_dumps(treespec), leaves, treespec)
+        return cls(pytree.treespec_dumps(treespec), leaves)
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "leaves": self.leaves}
@@ -225,10 +222,8 @@ class OutputLayout:
         return cls(data["spec"], list(data["leaves"]))
 
     @property
-    def treespec(self):
-        if self._treespec is None:
-            self._treespec = pytree.treespec_loads(self.spec)
-        return self._treespec
+    def treespec(self) -> pytree.TreeSpec:
+        return loaded_treespec(self.spec)
 
     def pack(self, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> Any:
         """The block's output from graph outputs, each cast back to the dtype the PyTorch block returns (and moved

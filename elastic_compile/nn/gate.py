@@ -19,6 +19,7 @@ from ..analysis.flop_counter import flop_counter
 from ..analysis.spec import BlockSpec
 from ..errors import ConfigError
 from ..capture.record import SignatureBinder
+from ..capture.treespec import loaded_treespec
 from ..runtime.device_routing import run_logit_threshold
 from ..runtime.state import BlockCall, ElasticState
 from .router import Router
@@ -48,10 +49,13 @@ class BlockGate:
         self.control = control
         self.state = state
         self.original_forward = original_forward
-        self.output_spec = pytree.treespec_loads(spec.output_spec)
         self.signature = inspect.signature(original_forward)
         self.bind = SignatureBinder(self.signature)
         self.stream_names = tuple(spec.residual_of.values()) + tuple(f.name for f in spec.features)
+
+    @property
+    def output_spec(self) -> pytree.TreeSpec:
+        return loaded_treespec(self.spec.output_spec)
 
     @property
     def index(self) -> int:

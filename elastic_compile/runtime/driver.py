@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from ..capture.record import SignatureBinder
+from ..capture.treespec import loaded_treespec
 from ..export.layout import CallLayout, OutputLayout, dtype_name
 from ..export.program import graph_inputs
 from ..export.segments import attribute_at
@@ -105,9 +106,9 @@ class ModelDriver:
         self.root = root
         call = entry["call"]
         self.names = list(call["names"])
-        self.in_spec = pytree.treespec_loads(call["spec"])
+        self.in_spec_dumped = call["spec"]
         self.leaves = call["leaves"]
-        self.out_spec = pytree.treespec_loads(entry["outputs"]["spec"])
+        self.out_spec_dumped = entry["outputs"]["spec"]
         self.output_values = list(entry["outputs"]["values"])
         self.output_constants = {int(k): v for k, v in entry["outputs"].get("constants", {}).items()}
         self.steps = plan_releases(entry["steps"], [v for v in entry["outputs"]["values"] if v is not None])
@@ -133,7 +134,7 @@ class ModelDriver:
         if list(bound) != self.names:
             return None
         values, spec = pytree.tree_flatten(((), bound))
-        if spec != self.in_spec:
+        if spec != loaded_treespec(self.in_spec_dumped):
             return None
         rows = None
         for leaf, value in zip(self.leaves, values):
@@ -164,4 +165,4 @@ class ModelDriver:
         env = run_steps(self.steps, env, self.run_graph, self.run_block)
         results = [env[name] if name is not None else self.output_constants[k]
                    for k, name in enumerate(self.output_values)]
-        return pytree.tree_unflatten(results, self.out_spec)
+        return pytree.tree_unflatten(results, loaded_treespec(self.out_spec_dumped))
