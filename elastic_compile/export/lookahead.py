@@ -73,12 +73,18 @@ class LookaheadProgram(nn.Module):
         self.names = [feature.name for feature in router.features]
         self.sources = [(str(kind), int(k)) for kind, k in sources]
 
-    def forward(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        values = [outputs[k] if kind == "out" else inputs[k] for kind, k in self.sources]
-        # Pooled features as the summaries pool them (a MatMul, not the router's ReduceMean: 3x faster in ONNX
-        # Runtime); the router takes a (B, C) pooled feature as already pooled, so the function is the same.
-        values = [token_mean(value) if feature.kind == "pooled" and value.ndim > 2 else value
-                  for feature, value in zip(self.router.features, values)]
+    def forward(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                output_means: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """``output_means``: token means of block outputs the graph computes anyway (its summaries), reused."""
+        output_means = output_means or {}
+        values = []
+        for feature, (kind, k) in zip(self.router.features, self.sources):
+            value = outputs[k] if kind == "out" else inputs[k]
+            if feature.kind == "pooled" and value.ndim > 2:
+                # Pooled as the summaries pool (a MatMul, not the router's ReduceMean: 3x faster in ONNX Runtime);
+                # the router takes a (B, C) pooled feature as already pooled, so the function is the same.
+                value = output_means[k] if kind == "out" and k in output_means else token_mean(value)
+            values.append(value)
         return self.router.plain_logits(dict(zip(self.names, values)))
 
     def signature(self) -> tuple:

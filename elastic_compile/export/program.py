@@ -52,8 +52,9 @@ class BlockProgram(nn.Module):
         finally:
             gate.control.bucket = previous
         outputs = self.outputs.tensors_of(out)
-        extra = () if self.lookahead is None else (self.lookahead(tensors, outputs),)
-        return tuple(outputs) + tuple(token_summary(outputs[k]) for k in self.pooled) + extra
+        means = {k: token_mean(outputs[k]) for k in self.pooled}  # shared by the summaries and the lookahead
+        extra = () if self.lookahead is None else (self.lookahead(tensors, outputs, means),)
+        return tuple(outputs) + tuple(normalized_summary(means[k]) for k in self.pooled) + extra
 
 
 #: LayerNorm epsilon of router summaries; every Router normalises its features with nn.LayerNorm's default.
@@ -72,7 +73,11 @@ def token_mean(stream: torch.Tensor) -> torch.Tensor:
 def token_summary(stream: torch.Tensor) -> torch.Tensor:
     """``(B, ..., C) -> (B, C)``: :func:`token_mean` layer-normalised without affine parameters (eps
     :data:`SUMMARY_EPS`) - a router's pooled feature right before its LayerNorm's affine step."""
-    mean = token_mean(stream)
+    return normalized_summary(token_mean(stream))
+
+
+def normalized_summary(mean: torch.Tensor) -> torch.Tensor:
+    """A token mean ``(B, C)`` as :func:`token_summary` returns it."""
     return F.layer_norm(mean, mean.shape[-1:], eps=SUMMARY_EPS)
 
 
