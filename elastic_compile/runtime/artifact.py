@@ -132,9 +132,10 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
             ``use_per_session_threads = False``). See :mod:`.backends.onnxruntime`.
         memory_arena: onnxruntime CPU memory: "shared" (default: one arena registered with ONNX Runtime's
             environment for every graph of the process, so each graph's activations reuse the buffers the previous
-            graph just freed: the per-block runtime's gap to a whole-model graph fell from 7-8% to -2%-+2% on DiT-S/2
-            and DiT-B/2, and the DiT-B/2 runtime holds 1.0 GiB less at batch 4; sessions of other code are
-            unaffected) or "per_session" (ONNX Runtime's default: an arena per graph).
+            graph just freed: 7-15% faster forwards at batch 1 (DiT-S/2, DiT-B/2, Flux-shaped; paired against
+            an arena per graph in ``benchmarks/results/speed.md``), and the DiT-B/2 runtime holds 1.0 GiB less at
+            batch 4; sessions of other code are unaffected) or "per_session" (ONNX Runtime's default: an arena per
+            graph).
         torch_threads: PyTorch intra-op threads during a call, for the parts outside the block graphs (restored
             after it). "auto" (default): 1 with onnxruntime (ONNX Runtime's threads still spin on the cores when
             a PyTorch op starts between two graphs; one thread is 5-30% faster end to end, see
