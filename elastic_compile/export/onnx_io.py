@@ -21,6 +21,7 @@ import functools
 import inspect
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -64,12 +65,17 @@ def _to_onnx(program: torch.export.ExportedProgram, opset: int, names: dict):
     """``torch.onnx.export(program, dynamo=True, optimize=False)``. Building the exporter's op registry takes
     ~1 s per call, so it is built once per opset and passed to the exporter's core (private API of torch
     2.6-2.13; falls back to the public call if that moves)."""
-    try:
-        from torch.onnx._internal.exporter import _core
-        registry = _registry(opset)
-    except (ImportError, AttributeError, TypeError):
-        return torch.onnx.export(program, (), dynamo=True, opset_version=opset, optimize=False, verbose=False, **names)
-    return _core.export(program, registry=registry, opset_version=opset, optimize=False, verbose=False, **names)
+    with warnings.catch_warnings():
+        # torch's exporter deep-copies the program, whose TreeSpecs warn per leaf (deprecated LeafSpec, torch 2.13):
+        # torch's own objects, nothing a user of this toolkit can act on.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        try:
+            from torch.onnx._internal.exporter import _core
+            registry = _registry(opset)
+        except (ImportError, AttributeError, TypeError):
+            return torch.onnx.export(program, (), dynamo=True, opset_version=opset, optimize=False, verbose=False,
+                                     **names)
+        return _core.export(program, registry=registry, opset_version=opset, optimize=False, verbose=False, **names)
 
 
 #: model-level ONNX metadata: comma-separated indices of outputs that are ``view_as_real`` pairs of complex values
