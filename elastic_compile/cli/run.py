@@ -113,8 +113,8 @@ def run(args) -> int:
         raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
                           "CUDA graphs are captured from the PyTorch model: add --backend torch --device cuda.")
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
-                              thread_pool=args.thread_pool, memory_arena=args.memory_arena, torch_threads=_torch_threads(args.torch_threads),
-                              outside_graphs=args.outside_graphs)
+                              thread_pool=args.thread_pool, memory_arena=args.memory_arena,
+                              torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs)
     hooks = serving_cache_hooks(runtime, args.cache)
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
                    progress=True, hooks=hooks)

@@ -13,8 +13,7 @@ call leaf's shape then says ``"batch"`` for that dimension; all of them must agr
 the example in any other way (argument names or structure, a tensor's other dimensions, dtype or device, a
 non-tensor value), a call on fake tensors, and the FLOP profiling of ``stats`` run the model's own Python
 forward instead, as without a driver: same results, the PyTorch parts just run in PyTorch; so does every call
-while ``driver.enabled`` is False. ``driver.calls`` /
-``driver.fallbacks`` count both kinds.
+while ``driver.enabled`` is False. ``driver.calls`` / ``driver.fallbacks`` count both kinds.
 """
 from __future__ import annotations
 

@@ -86,11 +86,10 @@ def use_shared_cpu_arena() -> bool:
         try:
             ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, ARENA_EXTEND_SAME_AS_REQUESTED, -1, -1))
             _shared_arena = True
-        except Exception as exc:  # e.g. the application registered its own CPU allocator first: use that one
-            _shared_arena = "already" in str(exc).lower()
-            if not _shared_arena:
-                warnings.warn(f"onnxruntime refused a shared CPU arena ({exc}); every session keeps its own.",
-                              RuntimeWarning, stacklevel=2)
+        except Exception as exc:  # registering again does not raise (onnxruntime 1.32): this is a real refusal
+            _shared_arena = False
+            warnings.warn(f"onnxruntime refused a shared CPU arena ({exc}); every session keeps its own.",
+                          RuntimeWarning, stacklevel=2)
     return _shared_arena
 
 
