@@ -115,3 +115,97 @@ def test_to_numpy_is_a_view_when_it_can_be_and_a_copy_when_it_must():
     assert _to_numpy(strided).flags["C_CONTIGUOUS"]
     grad = torch.randn(2, requires_grad=True)
     assert np.array_equal(_to_numpy(grad), grad.detach().numpy())
+
+
+@settings(max_examples=100, deadline=None)
+@given(signatures(), st.lists(st.tuples(st.integers(0, 7), st.lists(
+    st.sampled_from(["p0", "p1", "p2", "p3", "p4", "p5", "extra"]), unique=True, max_size=4)), min_size=1, max_size=4))
+def test_one_signature_binder_binds_repeated_calls_as_bind_to_signature(signature, calls):
+    """The binder remembers how each call shape binds: later calls of a shape, with other values, bind alike."""
+    binder = SignatureBinder(signature)
+    for round_ in range(2):
+        for positional, keywords in calls:
+            args = tuple(f"a{i}_{round_}" for i in range(positional))
+            kwargs = {name: f"k_{name}_{round_}" for name in keywords}
+            expected = bind_to_signature(signature, args, kwargs)
+            got = binder(args, kwargs)
+            assert got == expected and list(got) == list(expected)
+
+
+LEAF_KINDS = st.sampled_from(["batched", "shared", "const"])
+
+
+@st.composite
+def layouts_and_calls(draw):
+    """A recorded layout (batched and shared tensors, constants) and a call that may differ from it in one way."""
+    batch = draw(st.integers(1, 3))
+    kinds = draw(st.lists(LEAF_KINDS, min_size=1, max_size=5))
+    if "batched" not in kinds:
+        kinds[0] = "batched"
+    values = []
+    for k, kind in enumerate(kinds):
+        if kind == "batched":
+            values.append(torch.randn((batch,) + tuple(draw(st.lists(st.integers(1, 4), max_size=2)))))
+        elif kind == "shared":
+            values.append(torch.randn(tuple(draw(st.lists(st.integers(batch + 1, 5), min_size=1, max_size=2)))))
+        else:
+            values.append(draw(st.sampled_from([None, 1, 2.5, "gelu", True])))
+    args, kwargs = tuple(values[:1]), {f"k{i}": v for i, v in enumerate(values[1:])}
+    layout = CallLayout.from_dict(CallLayout.record(args, kwargs, batch).to_dict())
+    change = draw(st.sampled_from(["none", "rows", "shape", "dtype", "const", "subclass", "container"]))
+    at = draw(st.integers(0, len(values) - 1))
+    rows = draw(st.integers(1, batch))
+    call = [v[:rows] if kinds[k] == "batched" else v for k, v in enumerate(values)]
+    if change == "rows":
+        call = [v[:1].expand((batch + 1,) + tuple(v.shape[1:])) if kinds[k] == "batched" and k == at else v
+                for k, v in enumerate(call)]
+    elif change == "shape" and isinstance(call[at], torch.Tensor):
+        call[at] = call[at].unsqueeze(-1)
+    elif change == "dtype" and isinstance(call[at], torch.Tensor):
+        call[at] = call[at].double()
+    elif change == "const" and kinds[at] == "const":
+        call[at] = "another"
+    elif change == "subclass" and isinstance(call[at], torch.Tensor):
+        call[at] = torch.nn.Parameter(call[at], requires_grad=False)
+    elif change == "container":
+        call[at] = (call[at],)
+    return layout, (tuple(call[:1]), {f"k{i}": v for i, v in enumerate(call[1:])})
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts_and_calls())
+def test_fast_match_agrees_with_match_or_leaves_the_call_to_it(case):
+    """``fast_match`` returns what ``match`` returns for the calls it takes, and None (never a wrong match) for
+    every other call: other rows where they must agree, shapes, dtypes, constants, tensor subclasses, containers."""
+    layout, (args, kwargs) = case
+    try:
+        expected = layout.match(args, kwargs, "blocks.0")
+    except InputMismatchError:
+        expected = None
+    fast = layout.fast_match(args, kwargs)
+    if fast is not None:
+        assert expected is not None
+        assert fast[1] == expected[1] and len(fast[0]) == len(expected[0])
+        assert all(a is b for a, b in zip(fast[0], expected[0]))
+    if expected is not None and all(type(t) is torch.Tensor for t in expected[0]):
+        assert fast is not None  # the usual call takes the fast path
+
+
+def test_describe_inputs_reads_flat_calls_directly_and_matches_tree_map():
+    from elastic_compile.runtime.state import TensorMeta, describe_inputs
+    x, t = torch.randn(2, 3), torch.tensor([1, 2])
+    flat = describe_inputs((x,), {"t": t, "flag": True, "none": None})
+    assert flat == ((TensorMeta((2, 3), torch.float32, x.device),),
+                    {"t": TensorMeta((2,), torch.int64, t.device), "flag": True, "none": None})
+    nested = describe_inputs((x,), {"pair": (t, 3)})
+    assert nested == ((TensorMeta((2, 3), torch.float32, x.device),),
+                      {"pair": (TensorMeta((2,), torch.int64, t.device), 3)})
+
+
+def test_tensors_of_a_single_output_before_any_pack():
+    """The driver's output layouts never pack: a single-tensor output is still returned without a pytree walk."""
+    out = torch.randn(2, 3)
+    layout = OutputLayout.from_dict(OutputLayout.record(out).to_dict())
+    assert layout.tensors_of(out) == [out] and layout._single
+    pair = OutputLayout.from_dict(OutputLayout.record((out, None)).to_dict())
+    assert pair.tensors_of((out, None)) == [out]

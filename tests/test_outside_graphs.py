@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import elastic_compile as ec
@@ -165,6 +166,13 @@ def test_calls_unlike_the_exported_one_run_the_python_forward(tmp_path):
     assert (runtime.driver.calls, runtime.driver.fallbacks) == (2, 1)
     mixed = dict(inputs, timestep=inputs["timestep"][:1])  # batch sizes that disagree are not the exported call
     assert runtime.driver.flat_inputs((), mixed) is None and runtime.driver.flat_inputs((), single) is not None
+    # every exported argument is a leaf: the values are read off the bound call, as tree_flatten would give them
+    assert runtime.driver.flat_call
+    values = runtime.driver.flat_inputs((), inputs)
+    leaves = pytree.tree_leaves(((), runtime.driver.bind((), inputs)))
+    assert len(values) == len(leaves) and all(a is b for a, b in zip(values, leaves))
+    nested = dict(inputs, class_labels=(inputs["class_labels"],))  # a container where the export had a leaf
+    assert runtime.driver.flat_inputs((), nested) is None
     runtime.driver.enabled = False  # the exported call itself, through the Python forward
     with torch.no_grad():
         expected = first_output(model(**inputs))

@@ -85,18 +85,30 @@ class SignatureBinder:
         self.required = frozenset(p.name for p in params if p.default is kinds.empty
                                   and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
         self.order = {p.name: i for i, p in enumerate(params)}
+        #: (positional count, keyword names) -> (names in signature order, index of each in args + kwargs values)
+        self.plans: dict[tuple, tuple[tuple[str, ...], tuple[int, ...]] | None] = {}
 
     def __call__(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if len(args) <= len(self.positional):
-            named = dict(zip(self.positional, args))
-            if kwargs:
-                if not all(k in self.keywords and k not in named for k in kwargs):
-                    return bind_to_signature(self.signature, args, kwargs)
-                named.update(kwargs)
-                named = dict(sorted(named.items(), key=lambda item: self.order[item[0]]))
-            if self.required.issubset(named):
-                return named
-        return bind_to_signature(self.signature, args, kwargs)
+        shape = (len(args), tuple(kwargs))
+        plan = self.plans.get(shape, False)
+        if plan is False:
+            plan = self.plans[shape] = self.plan(*shape)
+        if plan is None:
+            return bind_to_signature(self.signature, args, kwargs)
+        names, picks = plan
+        values = (*args, *kwargs.values())
+        return dict(zip(names, [values[i] for i in picks]))
+
+    def plan(self, count: int, keywords: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+        """How a call of this shape binds (see the class docstring), or None where it takes ``bind_to_signature``."""
+        if count > len(self.positional):
+            return None
+        given = list(self.positional[:count]) + list(keywords)
+        if (not all(k in self.keywords for k in keywords) or len(set(given)) != len(given)
+                or not self.required.issubset(given)):
+            return None
+        ordered = sorted(range(len(given)), key=lambda i: self.order[given[i]])
+        return tuple(given[i] for i in ordered), tuple(ordered)
 
 
 def record_calls(model: nn.Module, inputs: Any, modules: dict[str, nn.Module]) -> tuple[dict[str, ModuleCall], Any]:

@@ -25,7 +25,8 @@ from ..capture.treespec import loaded_treespec
 from ..errors import ExportError, InputMismatchError
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
-_PLAIN_LEAVES = (torch.Tensor,) + _JSON_SCALARS
+#: Values pytree keeps as leaves that a call layout records as they are (a tensor input or a constant).
+PLAIN_LEAVES = (torch.Tensor,) + _JSON_SCALARS
 
 
 def cycle_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -66,6 +67,7 @@ class CallLayout:
     leaves: list[Leaf]
     batch: int
     _flat_shape: tuple | bool | None = field(default=None, repr=False, compare=False)
+    _checks: list | None = field(default=None, repr=False, compare=False)
 
     # construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -147,7 +149,7 @@ class CallLayout:
         (a few hundred microseconds of cold Python between two block graphs)."""
         if (len(args), tuple(kwargs)) == self.flat_shape():
             values = [*args, *kwargs.values()]
-            if all(isinstance(v, _PLAIN_LEAVES) for v in values):
+            if all(isinstance(v, PLAIN_LEAVES) for v in values):
                 return values
         values, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         return values if treespec == self.treespec else None
@@ -159,6 +161,50 @@ class CallLayout:
 
     def match_values(self, values: list | None, block: str) -> tuple[list[torch.Tensor], int]:
         """:meth:`match` on the leaves from :meth:`flatten` (None: another structure)."""
+        if values is not None and len(values) == len(self.leaves):
+            matched = self._fast_match(values)
+            if matched is not None:
+                return matched
+        return self._checked_match(values, block)
+
+    def fast_match(self, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], int] | None:
+        """:meth:`match` for the usual runtime call, in few operations per leaf: the recorded arguments and
+        keywords as plain leaves, every tensor a plain ``torch.Tensor`` (no subclass: fake tensors,
+        parameters) with the recorded dtype and shape. None for any other call, which :meth:`match` handles
+        (and reports). Between two block graphs each Python step runs with cold caches."""
+        if (len(args), tuple(kwargs)) != self.flat_shape():
+            return None
+        return self._fast_match((*args, *kwargs.values()), exact=True)
+
+    def _fast_match(self, values, exact: bool = False) -> tuple[list[torch.Tensor], int] | None:
+        """:meth:`match_values` for a call that matches (``exact``: tensors of type ``torch.Tensor`` only), no
+        messages, no string compares; None at the first difference, which :meth:`_checked_match` reports."""
+        checks = self._checks
+        if checks is None:
+            checks = self._checks = [
+                (0, leaf.value, None, 0) if leaf.kind == "const" else
+                (1 if leaf.batched else 2, tuple(leaf.shape[1:]) if leaf.batched else tuple(leaf.shape),
+                 dtype_from_name(leaf.dtype), len(leaf.shape))
+                for leaf in self.leaves]
+        tensors, batch = [], None
+        for (kind, expected, dtype, ndim), value in zip(checks, values):
+            if kind == 0:
+                if isinstance(value, torch.Tensor) or value != expected:
+                    return None
+                continue
+            if (type(value) is not torch.Tensor if exact else not isinstance(value, torch.Tensor)) or value.dtype != dtype:
+                return None
+            shape = value.shape
+            if kind == 1:
+                if len(shape) != ndim or shape[1:] != expected or (batch is not None and shape[0] != batch):
+                    return None
+                batch = shape[0]
+            elif shape != expected:
+                return None
+            tensors.append(value)
+        return tensors, batch if batch is not None else self.batch
+
+    def _checked_match(self, values: list | None, block: str) -> tuple[list[torch.Tensor], int]:
         if values is None:
             raise InputMismatchError(f"block {block} called with the argument structure it was exported with",
                                      "a different structure (other arguments or containers)",
@@ -225,12 +271,16 @@ class OutputLayout:
     def treespec(self) -> pytree.TreeSpec:
         return loaded_treespec(self.spec)
 
+    def _prepare(self) -> None:
+        """Per leaf the dtype the block returns (None: a ``None`` leaf), and whether the output is one tensor."""
+        self._dtypes = [dtype_from_name(leaf["dtype"]) if leaf["kind"] == "tensor" else None for leaf in self.leaves]
+        self._single = self.treespec.is_leaf()
+
     def pack(self, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> Any:
         """The block's output from graph outputs, each cast back to the dtype the PyTorch block returns (and moved
         to ``device`` when given); casts and moves happen only where needed."""
         if self._dtypes is None:
-            self._dtypes = [dtype_from_name(leaf["dtype"]) if leaf["kind"] == "tensor" else None for leaf in self.leaves]
-            self._single = self.treespec.is_leaf()
+            self._prepare()
         values = []
         for leaf, dtype in zip(self.leaves, self._dtypes):
             if dtype is None:
@@ -243,6 +293,8 @@ class OutputLayout:
         return values[0] if self._single else pytree.tree_unflatten(values, self.treespec)
 
     def tensors_of(self, output: Any) -> list[torch.Tensor]:
+        if self._dtypes is None:
+            self._prepare()
         if self._single and isinstance(output, torch.Tensor):
             return [output]
         values, _ = flatten_output(output)

@@ -84,11 +84,14 @@ class BlockExecutor:
     def __call__(self, *args, **kwargs):
         if self.gate.state.profiling:
             return self.torch_forward(*args, **kwargs)  # FLOP profiling on shapes only (stats)
-        # Between two graphs every Python step runs with cold caches: one flatten of the call, and casts, copies,
-        # slices and moves only where a tensor needs them.
-        values = self.layout.flatten(args, kwargs)
-        if any(isinstance(v, FakeTensor) for v in (values if values is not None else pytree.tree_leaves((args, kwargs)))):
-            return self.torch_forward(*args, **kwargs)
+        # Between two graphs every Python step runs with cold caches: the usual call is matched in one pass over
+        # its leaves (``fast_match``), and casts, copies, slices and moves happen only where a tensor needs them.
+        matched = self.layout.fast_match(args, kwargs)
+        if matched is None:
+            values = self.layout.flatten(args, kwargs)
+            leaves = values if values is not None else pytree.tree_leaves((args, kwargs))
+            if any(isinstance(v, FakeTensor) for v in leaves):
+                return self.torch_forward(*args, **kwargs)
         if self.gate.control.unit_masks:
             raise ConfigError("hard decisions on an exported runtime", "soft unit masks (router training)",
                               "Train routers on the PyTorch elastic model, then export again.")
@@ -96,11 +99,12 @@ class BlockExecutor:
         if bucket not in self.files:
             raise BucketNotExportedError(f"a width bucket exported for block {self.path} ({sorted(self.files)})",
                                          f"bucket {bucket}", "Force an exported width, or export all buckets.")
-        tensors, rows = self.layout.match_values(values, self.path)
+        tensors, rows = matched if matched is not None else self.layout.match_values(values, self.path)
         device = tensors[0].device if tensors else torch.device("cpu")
         target = self.backend.device
-        inputs = [t if t.device == target else t.to(target)
-                  for t in graph_inputs(tensors, self.dtype, self.complex_inputs)]
+        inputs = graph_inputs(tensors, self.dtype, self.complex_inputs)
+        if not all(t.device == target for t in inputs):
+            inputs = [t if t.device == target else t.to(target) for t in inputs]
         sizes = self.files[bucket]
         if rows in sizes:  # one graph call, no padding
             outs = self.graph(bucket, rows)(inputs)

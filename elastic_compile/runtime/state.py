@@ -106,10 +106,19 @@ class ElasticState:
         return self.calls
 
 
+_LEAVES = (torch.Tensor, type(None), bool, int, float, str)
+
+
+def _described(value):
+    return TensorMeta(tuple(value.shape), value.dtype, value.device) if isinstance(value, torch.Tensor) else value
+
+
 def describe_inputs(args: tuple, kwargs: dict):
     """``(args, kwargs)`` with every tensor replaced by its shape/dtype/device (for FLOP profiling)."""
-    return pytree.tree_map(
-        lambda x: TensorMeta(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    if (type(args) is tuple and type(kwargs) is dict and all(isinstance(v, _LEAVES) for v in args)
+            and all(isinstance(v, _LEAVES) for v in kwargs.values())):
+        return tuple(map(_described, args)), {k: _described(v) for k, v in kwargs.items()}  # no pytree walk
+    return pytree.tree_map(_described, (args, kwargs))
 
 
 def state_of(model: nn.Module) -> ElasticState:
