@@ -331,8 +331,22 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, ro
     return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool)
 
 
+def host_cpu() -> str:
+    """The CPU's model name and core count (rows of runs on other hosts are not comparable)."""
+    import os
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def run(args) -> list[dict]:
     rows = []
+    cpu, date = host_cpu(), time.strftime("%Y-%m-%d %H:%M")
     workdir = Path(args.workdir)
     for model_name in args.models:
         for batch in args.batches:
@@ -412,6 +426,8 @@ def run(args) -> list[dict]:
                                          speedup=float("nan"), efficiency=float("nan"), dense_ms=float("nan"),
                                          elastic_ms=float("nan"), dispatch_overhead=None))
                     print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        row.update(cpu=cpu, measured=date)
     return rows
 
 
@@ -457,7 +473,9 @@ def write(rows, args) -> None:
              "one ONNX graph, against itself with the ops outside the blocks in PyTorch instead of their exported "
              "graphs, against itself with PyTorch's threads left as they are, and against a second instance with a "
              "memory arena per graph."
-             + (" Merged: rows of other models/backends are from the previous results file." if args.merge else ""),
+             + (" Merged: rows of other models/backends are from the previous results file." if args.merge else "")
+             + f" This run's host: {host_cpu()}" + (" (each row's host and date are in speed.json; rows without "
+                                                    "them predate that record)." if args.merge else "."),
              "",
              "| model | backend | batch | configuration | FLOP fraction | limit | speedup | efficiency | "
              "dense ms | elastic ms |", "|---|---|---|---|---|---|---|---|---|---|"]
