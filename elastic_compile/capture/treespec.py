@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch.utils import _pytree as pytree
+
+#: Scalars a call can carry as they are (JSON values): recorded as constants of a block call.
+JSON_SCALARS = (type(None), bool, int, float, str)
+#: Values pytree keeps as leaves that a call layout records as they are (a tensor input or a constant): a call
+#: made only of these has the structure of its argument names, read without a pytree walk.
+PLAIN_LEAVES = (torch.Tensor,) + JSON_SCALARS
 
 
 @functools.lru_cache(maxsize=1024)

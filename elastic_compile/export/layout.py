@@ -21,12 +21,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..analysis.blocks import flatten_output
-from ..capture.treespec import loaded_treespec
+from ..capture.treespec import JSON_SCALARS, PLAIN_LEAVES, loaded_treespec
 from ..errors import ExportError, InputMismatchError
-
-_JSON_SCALARS = (type(None), bool, int, float, str)
-#: Values pytree keeps as leaves that a call layout records as they are (a tensor input or a constant).
-PLAIN_LEAVES = (torch.Tensor,) + _JSON_SCALARS
 
 
 def cycle_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -79,7 +75,7 @@ class CallLayout:
                 batched = value.ndim > 0 and int(value.shape[0]) == batch
                 leaves.append(Leaf("tensor", count, list(value.shape), dtype_name(value.dtype), batched, value.is_complex()))
                 count += 1
-            elif isinstance(value, _JSON_SCALARS):
+            elif isinstance(value, JSON_SCALARS):
                 leaves.append(Leaf("const", value=value))
             else:
                 raise ExportError("block arguments that are tensors, containers of tensors or plain scalars",

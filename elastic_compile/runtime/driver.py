@@ -26,8 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from ..capture.record import SignatureBinder
-from ..capture.treespec import loaded_treespec
-from ..export.layout import PLAIN_LEAVES, CallLayout, OutputLayout, dtype_name
+from ..capture.treespec import PLAIN_LEAVES, loaded_treespec
+from ..export.layout import CallLayout, OutputLayout, dtype_name
 from ..export.program import graph_inputs
 from ..export.segments import attribute_at
 from .state import state_of

@@ -102,9 +102,8 @@ class BlockExecutor:
         tensors, rows = matched if matched is not None else self.layout.match_values(values, self.path)
         device = tensors[0].device if tensors else torch.device("cpu")
         target = self.backend.device
-        inputs = graph_inputs(tensors, self.dtype, self.complex_inputs)
-        if not all(t.device == target for t in inputs):
-            inputs = [t if t.device == target else t.to(target) for t in inputs]
+        inputs = [t if t.device == target else t.to(target)
+                  for t in graph_inputs(tensors, self.dtype, self.complex_inputs)]
         sizes = self.files[bucket]
         if rows in sizes:  # one graph call, no padding
             outs = self.graph(bucket, rows)(inputs)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..capture.treespec import PLAIN_LEAVES
 from ..config import ElasticConfig
 from ..errors import ConfigError, NotElasticError
 
@@ -106,17 +107,14 @@ class ElasticState:
         return self.calls
 
 
-_LEAVES = (torch.Tensor, type(None), bool, int, float, str)
-
-
 def _described(value):
     return TensorMeta(tuple(value.shape), value.dtype, value.device) if isinstance(value, torch.Tensor) else value
 
 
 def describe_inputs(args: tuple, kwargs: dict):
     """``(args, kwargs)`` with every tensor replaced by its shape/dtype/device (for FLOP profiling)."""
-    if (type(args) is tuple and type(kwargs) is dict and all(isinstance(v, _LEAVES) for v in args)
-            and all(isinstance(v, _LEAVES) for v in kwargs.values())):
+    if (type(args) is tuple and type(kwargs) is dict and all(isinstance(v, PLAIN_LEAVES) for v in args)
+            and all(isinstance(v, PLAIN_LEAVES) for v in kwargs.values())):
         return tuple(map(_described, args)), {k: _described(v) for k, v in kwargs.items()}  # no pytree walk
     return pytree.tree_map(_described, (args, kwargs))
 
