@@ -156,6 +156,21 @@ def test_a_summary_is_served_only_for_the_same_unmodified_tensor_and_epsilon():
     assert summaries.lookup(stream, SUMMARY_EPS) is None
 
 
+def test_a_summary_is_converted_once_on_its_first_lookup():
+    """The executor hands over graph outputs as they are; a lookup serves float32 NumPy and keeps that form."""
+    summaries = PooledSummaries()
+    stream = torch.randn(2, 5, 8)
+    summary = token_summary(stream).double()
+    summaries.remember(stream, summary, SUMMARY_EPS)
+    first = summaries.lookup(stream, SUMMARY_EPS)
+    assert isinstance(first, np.ndarray) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, summary.float().numpy())
+    assert summaries.lookup(stream, SUMMARY_EPS) is first  # converted once
+    assert (summaries.hits, summaries.misses) == (2, 0)
+    stream.mul_(2.0)  # the conversion kept the stamp: an in-place change is still a miss
+    assert summaries.lookup(stream, SUMMARY_EPS) is None
+
+
 def test_summaries_hold_no_stream_alive_and_keep_only_the_latest():
     summaries = PooledSummaries(capacity=2)
     streams = [torch.randn(1, 3, 4) for _ in range(3)]

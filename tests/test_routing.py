@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import elastic_compile as ec
-from elastic_compile.nn.gate import best_bucket, run_probability
+from elastic_compile.nn.gate import best_bucket, host_decisions, run_probability
 from elastic_compile.runtime.state import state_of
 from helpers import randomize_routers, sample_inputs
 from zoo import ARCHITECTURES, first_output
@@ -73,6 +73,25 @@ def test_host_decisions_equal_the_tensor_ops_they_replace(row):
     assert run_probability(row[0]) == pytest.approx(torch.sigmoid(logits[0]).item(), abs=1e-6)
     width = logits[1:]
     assert best_bucket(row[1:]) == int(width.argmax())
+
+
+SPECIAL = st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e30, -1e30])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.floats(-50, 50, width=32) | SPECIAL, min_size=4, max_size=6), min_size=1, max_size=4)
+       .filter(lambda rows: len({len(r) for r in rows}) == 1),
+       st.floats(0.0, 1.0), st.booleans(), st.booleans())
+def test_the_gates_one_pass_decisions_equal_the_per_row_functions(rows, threshold, decide_run, decide_bucket):
+    """``host_decisions`` (what the gate runs between two graphs) is run_probability >= threshold and
+    best_bucket row by row, non-finite logits included."""
+    run, bucket, p_run = host_decisions(rows, threshold, decide_run, decide_bucket)
+    if decide_run:
+        assert p_run == [run_probability(row[0]) for row in rows]
+        assert run == [run_probability(row[0]) >= threshold for row in rows]
+    else:
+        assert run is None and p_run is None
+    assert bucket == ([best_bucket(row[1:]) for row in rows] if decide_bucket else None)
 
 
 def test_non_finite_router_logits_run_the_block_at_full_width():

@@ -39,6 +39,27 @@ def best_bucket(logits: list[float]) -> int:
     return logits.index(max(logits))
 
 
+def host_decisions(rows: list[list[float]], threshold: float, decide_run: bool, decide_bucket: bool):
+    """``(run, bucket, p_run)`` per row of router logits ``[run logit, width logits...]``: exactly
+    :func:`run_probability` >= ``threshold`` and :func:`best_bucket`, in one pass (this runs between two block
+    graphs, where every extra Python call is paid with cold caches). A list is None where not decided here."""
+    run = bucket = p_run = None
+    if decide_run:
+        p_run = []
+        for row in rows:
+            logit = row[0]
+            p_run.append(1.0 if logit != logit else 0.5 * (1.0 + math.tanh(0.5 * logit)))
+        run = [p >= threshold for p in p_run]
+    if decide_bucket:
+        bucket = []
+        for row in rows:
+            widths = row[1:]
+            total = sum(widths)  # NaN when a logit is NaN (or infinities of both signs: then look closer)
+            nan = total != total and any(w != w for w in widths)
+            bucket.append(len(widths) - 1 if nan else widths.index(max(widths)))
+    return run, bucket, p_run
+
+
 class BlockGate:
     """Callable installed as ``block.forward``."""
 
@@ -89,20 +110,19 @@ class BlockGate:
 
     def decide(self, arguments: dict, batch: int) -> tuple[list[bool], list[int], bool, list[float] | None]:
         """Per-sample (run, bucket) from ``force`` or the router; also whether the router ran and its p_run."""
-        state = self.state
-        run, bucket = self.static_decisions(batch)
-        if run is not None and bucket is not None:
-            return run, bucket, False, None
+        state, spec = self.state, self.spec
+        if state.forced is None and spec.elastic_width and spec.skippable and state.config.allow_skip:
+            run = bucket = None  # the router decides everything (static_decisions' answer, without the call)
+        else:
+            run, bucket = self.static_decisions(batch)
+            if run is not None and bucket is not None:
+                return run, bucket, False, None
         # One device-to-host copy per block (each is a synchronisation that drains an accelerator's queue), and
         # the decisions are made on the host: a handful of floats, no further tensor ops between two blocks.
         rows = self.router.logits(arguments).tolist()
-        p_run = None
-        if run is None:
-            p_run = [run_probability(row[0]) for row in rows]
-            run = [p >= state.config.threshold for p in p_run]
-        if bucket is None:
-            bucket = [best_bucket(row[1:]) for row in rows]
-        return run, bucket, True, p_run
+        routed_run, routed_bucket, p_run = host_decisions(rows, state.config.threshold, run is None, bucket is None)
+        run = run if routed_run is None else routed_run
+        return run, (bucket if routed_bucket is None else routed_bucket), True, p_run
 
     def apply_cache_policy(self, run: list[bool], p_run: list[float] | None, batch: int) -> tuple[list[bool], list[bool]]:
         """(run, reuse) after the feature cache's rules (see runtime/cache.py)."""

@@ -54,12 +54,20 @@ class TensorMemo(StampedEntries):
         self.capacity = capacity
 
     def remember(self, tensor: torch.Tensor, tag: Hashable, value: Any) -> None:
-        key = (id(tensor), tag)
-        self._entries.pop(key, None)
-        self._entries[key] = (stamp(tensor), value)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        entries, key = self._entries, (id(tensor), tag)
+        if key in entries:
+            del entries[key]  # re-inserted last: the most recent
+        entries[key] = ((weakref.ref(tensor), tensor._version), value)
+        while len(entries) > self.capacity:
+            entries.popitem(last=False)
 
     def lookup(self, tensor: torch.Tensor, tag: Hashable) -> Any | None:
         entry = self._entries.get((id(tensor), tag))
         return self._served(entry[1] if entry is not None and is_stamped(tensor, entry[0]) else None)
+
+    def replace(self, tensor: torch.Tensor, tag: Hashable, value: Any) -> None:
+        """A new value for an entry that :meth:`lookup` just served (a converted form of it), stamp kept."""
+        key = (id(tensor), tag)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (entry[0], value)

@@ -30,9 +30,13 @@ class LookaheadLogits(StampedEntries):
     def lookup(self, block: int, values: Sequence) -> torch.Tensor | None:
         """The logits for ``block`` if they were computed from exactly ``values`` (same objects, unmodified)."""
         entry = self._entries.get(block)
-        found = entry is not None and len(entry[0]) == len(values) and all(
-            is_stamped(value, source) for source, value in zip(entry[0], values))
-        return self._served(entry[1] if found else None)
+        if entry is not None and len(entry[0]) == len(values):
+            for source, value in zip(entry[0], values):
+                if not is_stamped(value, source):
+                    break
+            else:
+                return self._served(entry[1])
+        return self._served(None)
 
 
 class ExportedWeights:

@@ -23,7 +23,11 @@ from ..nn.memo import TensorMemo
 
 class PooledSummaries(TensorMemo):
     """Float32 NumPy arrays ``(batch, features)`` by (tensor, kind, eps): routers on the host read them without
-    another PyTorch call."""
+    another PyTorch call.
+
+    A summary is stored as given and converted on its first lookup: the executor remembers every block graph's
+    summaries, but a router that takes the logits a graph computed for it (:mod:`.lookahead`) never reads them,
+    and between two block graphs each conversion costs tens of microseconds (cold caches)."""
 
     def remember(self, stream: torch.Tensor, summary: torch.Tensor | np.ndarray, eps: float,
                  kind: str = "pooled") -> None:
@@ -32,10 +36,16 @@ class PooledSummaries(TensorMemo):
         sinusoidal features at ``n`` frequencies."""
         if summary.shape[0] != stream.shape[0] or (kind == "pooled" and summary.shape[-1] != stream.shape[-1]):
             return  # not a summary of this stream: never serve a wrong value
-        array = summary.numpy(force=True) if isinstance(summary, torch.Tensor) else summary
-        super().remember(stream, (kind, float(eps)), array if array.dtype == np.float32 else array.astype(np.float32))
+        super().remember(stream, (kind, float(eps)), summary)
 
     def lookup(self, stream: torch.Tensor, eps: float, kind: str = "pooled") -> np.ndarray | None:
         """The summary of ``stream`` normalised with ``eps``; None for another tensor, a tensor modified in place
         since, or another epsilon."""
-        return super().lookup(stream, (kind, float(eps)))
+        tag = (kind, float(eps))
+        summary = super().lookup(stream, tag)
+        if summary is None or isinstance(summary, np.ndarray) and summary.dtype == np.float32:
+            return summary
+        array = summary.numpy(force=True) if isinstance(summary, torch.Tensor) else summary
+        array = array if array.dtype == np.float32 else array.astype(np.float32)
+        self.replace(stream, tag, array)
+        return array
