@@ -8,7 +8,11 @@ warm-up, >= 10 repetitions each; we report medians, the ratio dense/elastic of e
 fraction (ec.stats), the FLOP-ratio limit 1/fraction and efficiency = measured / limit. "routers, full width" is
 the elastic model with untrained routers (they run but keep every block at full width): its slowdown is the
 router + gate overhead, reported as a fraction of dense time: the median ratio of back-to-back pairs in alternating
-order (40 pairs by default) with a 95% bootstrap interval, plus the routers' own time on recorded block inputs
+order (45 pairs by default) with a 95% bootstrap interval, across ``--instances`` (3) independently built or loaded
+instances of each side where the model's weights exceed the last-level cache (pairs cycle through every dense x elastic combination: instances differ by where their
+weights landed in memory, which moved a single-instance comparison by up to 2%; the bootstrap draws instances
+too, so the interval includes placement; a model that fits in that cache is timed on one instance a side, as
+instances taking turns would evict each other's weights), plus the routers' own time on recorded block inputs
 ("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block), and "same
 instance": the routed elastic model against itself forced dense (routers not consulted), paired the same way: the
 routers' cost free of the placement differences between two instances (see the A/A rows). Dense is what a
@@ -17,8 +21,8 @@ no toolkit code, so gates, routers and their Python count against elastic); in O
 dense only, without router summaries (block graphs end at the block's outputs, run by the same per-block runtime
 forced dense; the whole-graph row below says what running block by block costs). In torch, every width row is followed by
 a hand-narrowed row: the plain model with its FFN weights physically cut (the bound for that row).
-Two control rows per (model, backend, batch): "A/A", dense against a second independent instance of dense, timed
-like the router overhead (the machine's noise floor for that comparison); and, in ONNX Runtime, dense through the
+Two control rows per (model, backend, batch): "A/A", ``--instances`` instances of dense against as many other
+instances of dense, timed like the router overhead (the machine's noise floor for that comparison); and, in ONNX Runtime, dense through the
 per-block runtime against the plain model exported as one ONNX graph (what running block by block costs before
 any routing). ONNX Runtime sessions share one thread pool (``--thread-pool shared``, as the CLI deploys) and one
 memory arena (the runtime's default; a control row loads the dense export with an arena per graph).
@@ -155,8 +159,9 @@ def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
 
 def build_dense(model_name: str, base, inputs, backend: str, workdir: Path, thread_pool: str = "shared",
                 instances: int = 1):
-    """The dense baseline of a backend, as a callable (see the module doc); with ``instances=2``, a list of two
-    independent instances of it (a second plain model, or the same export loaded again) for the A/A row."""
+    """The dense baseline of a backend, as a callable (see the module doc); with ``instances`` > 1, a list of
+    independent instances of it (more plain models, or the same export loaded again): the A/A row and the router
+    overhead pair across them."""
     if backend == "torch":
         # Copies, like the elastic model: the model as constructed ran up to 8% slower than any deep copy of it
         # (DiT-S/2, batch 1: memory placement), which would have flattered every elastic row.
@@ -180,11 +185,13 @@ def build_dense(model_name: str, base, inputs, backend: str, workdir: Path, thre
 
 
 def noise_floor_row(model_name: str, backend: str, inputs, dense_calls, args) -> dict:
-    """A/A: dense against a second, independent instance of dense, timed like the router overhead. Its interval is
-    what this machine resolves: instances of the same model differ by memory placement alone."""
-    first, second = dense_calls
-    overhead = paired_overhead(first, second, pairs=4 * args.repeats)
-    return control_row(model_name, backend, inputs, "A/A: dense against a second instance of dense (the noise floor)",
+    """A/A: instances of dense against as many other instances of dense, timed like the router overhead. Its
+    interval is what this machine resolves: instances of the same model differ by memory placement alone."""
+    half = len(dense_calls) // 2
+    overhead = paired_overhead(dense_calls[:half], dense_calls[half:], pairs=4 * args.repeats)
+    what = ("dense against a second instance of dense" if half == 1 else
+            f"{half} instances of dense against {half} other instances of dense")
+    return control_row(model_name, backend, inputs, f"A/A: {what} (the noise floor)",
                        "noise_floor", overhead)
 
 
@@ -311,9 +318,34 @@ def batch_of(inputs) -> int:
     return next(iter(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)))
 
 
+def last_level_cache_bytes() -> int:
+    """This host's largest CPU cache (Linux sysfs); 32 MiB where it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return max(sizes, default=32 << 20)
+
+
+def instances_for(base, wanted: int) -> int:
+    """``wanted`` instances per side where the model's weights stream from memory every forward (placement then
+    moves timings and is worth averaging out), one where they fit in the last-level cache: instances taking
+    turns there would evict each other's weights, which a deployment running one instance never sees."""
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    return wanted if weights > last_level_cache_bytes() else 1
+
+
 def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, routers_in: str | None = None,
-                  thread_pool: str = "shared"):
-    """(elastic callable, the object ec.force/ec.stats act on) for a backend."""
+                  thread_pool: str = "shared", load_only: bool = False):
+    """(elastic callable, the object ec.force/ec.stats act on) for a backend; ``load_only``: load the export
+    that an earlier call wrote again (another instance of the same runtime)."""
+    out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}"
+    if load_only:
+        return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool)
     elastic = copy.deepcopy(base)
     if model_name == "reference":
         from elastic_compile.reference import ASSETS_DIR
@@ -326,7 +358,6 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, ro
         ec.transform(elastic, example_inputs=inputs)
     if backend == "torch":
         return elastic
-    out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}"
     ec.export(elastic, inputs, out, backend=backend, base_factory=FACTORIES.get(model_name))
     return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool)
 
@@ -355,7 +386,13 @@ def run(args) -> list[dict]:
                 elastic = build_elastic(model_name, base, inputs, backend, workdir, args.runtime_routers,
                                         args.thread_pool)
                 trained = state_of(elastic).routers and model_name == "reference"
-                dense_calls = build_dense(model_name, base, inputs, backend, workdir, args.thread_pool, instances=2)
+                instances = instances_for(base, args.instances)
+                dense_calls = build_dense(model_name, base, inputs, backend, workdir, args.thread_pool,
+                                          instances=2 * instances)
+                # more elastic instances for the router overhead (the same export loaded again, in ONNX Runtime)
+                others = [build_elastic(model_name, base, inputs, backend, workdir, args.runtime_routers,
+                                        args.thread_pool, load_only=backend != "torch")
+                          for _ in range(instances - 1)]
                 settle_heap()
                 dense_call = dense_calls[0]
                 rows.append(noise_floor_row(model_name, backend, inputs, dense_calls, args))
@@ -366,7 +403,7 @@ def run(args) -> list[dict]:
                     routers = state_of(elastic).routers.values()
                     saved = [copy.deepcopy(r.state_dict()) for r in routers]
                     if plan is None:  # overhead: routers at full capacity run, every block stays full width
-                        for router in routers:
+                        for router in [r for m in [elastic] + others for r in state_of(m).routers.values()]:
                             router.reset_to_full_capacity()
 
                     def elastic_call(plan=plan):
@@ -375,7 +412,9 @@ def run(args) -> list[dict]:
                                 return elastic(**inputs)
                         return elastic(**inputs)
                     if plan is None:  # two nearly equal times: back-to-back pairs, ABBA order, 4x the repetitions
-                        overhead = paired_overhead(dense_call, elastic_call, pairs=4 * args.repeats)
+                        overhead = paired_overhead(dense_calls[:instances],
+                                                   [elastic_call] + [lambda m=m: m(**inputs) for m in others],
+                                                   pairs=4 * args.repeats)
                         dense_s, elastic_s = overhead["base_s"], overhead["method_s"]
                     else:
                         dense_s, elastic_s, _ = timed_speedup(dense_call, elastic_call, args.repeats, warmup=2)
@@ -392,6 +431,7 @@ def run(args) -> list[dict]:
                                                   if b._elastic_gate.router is not None)
                         row["router_overhead"] = overhead["overhead"]
                         row["router_overhead_interval"] = list(overhead["interval"])
+                        row["router_overhead_instances"] = instances
                         row["router_share"] = router_seconds(elastic, inputs) / dense_s
                         row["router_share_in_place"] = router_seconds_in_place(elastic, inputs) / dense_s
 
@@ -401,6 +441,8 @@ def run(args) -> list[dict]:
                         same = paired_overhead(forced_dense, elastic_call, pairs=4 * args.repeats)
                         row["router_overhead_same_instance"] = same["overhead"]
                         row["router_overhead_same_instance_interval"] = list(same["interval"])
+                        others, dense_calls = [], dense_calls[:1]  # the extra instances are done with
+                        settle_heap()
                     for router, state in zip(routers, saved):
                         router.load_state_dict(state)
                     rows.append(row)
@@ -468,8 +510,10 @@ def write(rows, args) -> None:
              "medians. Dense = what a user would deploy without elastic_compile in that backend: the plain PyTorch "
              "model (torch; a deep copy, made like the elastic model's); the model exported dense only, without router summaries, run by the same runtime "
              f"(onnxruntime, thread pool: {args.thread_pool}; the ops outside the blocks as exported graphs where the "
-             "model has them, PyTorch between the graphs on 1 thread: the runtime's defaults). Control rows: A/A (dense against a second instance "
-             "of dense: the noise floor) and, in ONNX Runtime, the per-block runtime against the whole model as "
+             "model has them, PyTorch between the graphs on 1 thread: the runtime's defaults). Router overhead and A/A "
+             f"pair across {args.instances} independent instances of each side (every combination; the interval "
+             "draws instances too) where the model's weights exceed the last-level cache, one instance a side where "
+             "they fit. Control rows: A/A (dense against other instances of dense: the noise floor) and, in ONNX Runtime, the per-block runtime against the whole model as "
              "one ONNX graph, against itself with the ops outside the blocks in PyTorch instead of their exported "
              "graphs, against itself with PyTorch's threads left as they are, and against a second instance with a "
              "memory arena per graph."
@@ -491,7 +535,9 @@ def write(rows, args) -> None:
             same = (", same instance {:+.1f}% [{:+.1f}, {:+.1f}]".format(
                 100 * r["router_overhead_same_instance"], *(100 * v for v in r["router_overhead_same_instance_interval"]))
                 if "router_overhead_same_instance" in r else "")
-            extra = (f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{same}{alone}"
+            across = (f" across {r['router_overhead_instances']}x{r['router_overhead_instances']} instances"
+                      if r.get("router_overhead_instances", 1) > 1 else "")
+            extra = (f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{across}{same}{alone}"
                      f"{runs})")
         if r.get("noise_floor") is not None:
             extra = " ({:+.1f}% [{:+.1f}, {:+.1f}])".format(
@@ -538,6 +584,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="torch,onnxruntime")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--instances", type=int, default=3,
+                        help="independent instances of dense and of elastic that the router overhead (and of dense "
+                             "that the A/A row) pair across: placement in memory averaged out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/elastic-speed")
     parser.add_argument("--thread-pool", default="shared", choices=("shared", "per_session"),
