@@ -1,5 +1,6 @@
-"""Router lookahead: a block graph also computes the next block's router logits, and the ONNX Runtime runtime
-serves them to that router only for the very tensors they came from, while the router holds exported weights."""
+"""Router lookahead: a block graph (or a graph of the ops outside the blocks) also computes the next block's router
+logits, and the ONNX Runtime runtime serves them to that router only for the very tensors they came from, while
+the router holds exported weights."""
 import json
 
 import onnx
@@ -31,6 +32,12 @@ def _memo(runtime) -> LookaheadLogits:
                 if getattr(b._elastic_gate.router, "lookahead", None) is not None)
 
 
+def _outside_lookaheads(out) -> list[int]:
+    """Blocks whose router logits a graph outside the blocks computes (program steps with a lookahead)."""
+    program = json.loads((out / "manifest.json").read_text())["program"]
+    return [int(step["lookahead"]["block"]) for step in program["steps"] if "lookahead" in step]
+
+
 def _same_as_pytorch(model, runtime, inputs):
     with torch.no_grad():
         expected = first_output(model(**inputs))
@@ -50,23 +57,31 @@ def test_graphs_compute_the_next_router_and_the_runtime_serves_it(name, tmp_path
         graph = onnx.load(out / entry["graphs"]["0"]["4"], load_external_data=False).graph
         assert len(graph.output) == len(entry["outputs"]["leaves"]) - sum(
             leaf["kind"] != "tensor" for leaf in entry["outputs"]["leaves"]) + len(entry["pooled_outputs"]) + 1
+    outside = _outside_lookaheads(out)
+    assert outside[:1] == [0]  # the first graph computes what the first block's router reads
+    served = len(ahead) + len(outside)
     runtime = ec.runtime.load(out, threads=1)
     memo = _memo(runtime)
     _same_as_pytorch(model, runtime, inputs)
-    assert (memo.hits, memo.misses) == (len(ahead), 0)
+    assert (memo.hits, memo.misses) == (served, 0)
     # a router whose weights changed after export computes its logits itself; put back, it is served again
     for target in (runtime, model):
         with torch.no_grad():
             state_of(target).routers[1].fc2.weight.mul_(-1.0)
     memo.reset()
     _same_as_pytorch(model, runtime, inputs)
-    assert (memo.hits, memo.misses) == (len(ahead) - 1, 0)
+    assert (memo.hits, memo.misses) == (served - 1, 0)
     for target in (runtime, model):
         with torch.no_grad():
             state_of(target).routers[1].fc2.weight.mul_(-1.0)
     memo.reset()
     _same_as_pytorch(model, runtime, inputs)
-    assert memo.hits == len(ahead)
+    assert memo.hits == served
+    # the ops outside the blocks in PyTorch (driver off): no graph computed the first router's logits
+    runtime.driver.enabled = False
+    memo.reset()
+    _same_as_pytorch(model, runtime, inputs)
+    assert (memo.hits, memo.misses) == (len(ahead), len(outside))
 
 
 def test_skips_mixed_plans_and_glue_code_are_misses(tmp_path):
@@ -74,17 +89,20 @@ def test_skips_mixed_plans_and_glue_code_are_misses(tmp_path):
     out = _export(model, inputs, tmp_path / "glue", base_factory="zoo:glue_dit")
     blocks = json.loads((out / "manifest.json").read_text())["blocks"]
     assert [("lookahead" in e) for e in blocks] == [False, True, False]  # block 1 reads glue's output
+    # the glue code's graph computes block 1's router (taking the conditioning vector as an extra input), the
+    # first graph block 0's
+    assert _outside_lookaheads(out) == [0, 1]
     runtime = ec.runtime.load(out, threads=1)
     memo = _memo(runtime)
     _same_as_pytorch(model, runtime, inputs)
-    assert (memo.hits, memo.misses) == (1, 0)
+    assert (memo.hits, memo.misses) == (3, 0)
     with ec.force(runtime, skip={1}), ec.force(model, skip={1}):  # block 1 skipped: router 2 reads another tensor
         memo.reset()
         _same_as_pytorch(model, runtime, inputs)
-        assert memo.hits == 0
+        assert memo.hits == 2  # routers 0 and 1: their inputs come straight from graphs that ran
     from helpers import randomize_routers
     for target in (runtime, model):
-        randomize_routers(target, seed=5)  # also mixed per-sample plans
+        randomize_routers(target, seed=5)  # mixed per-sample plans, and weights unlike the exported ones
     memo.reset()
     _same_as_pytorch(model, runtime, inputs)
     assert memo.hits == 0
@@ -94,6 +112,7 @@ def test_no_lookahead_without_router_summaries(tmp_path):
     model, inputs = ARCHITECTURES["dit"](batch=4)
     out = _export(model, inputs, tmp_path / "plain", router_summaries=False, verify_runtime=False)
     assert not any("lookahead" in e for e in json.loads((out / "manifest.json").read_text())["blocks"])
+    assert _outside_lookaheads(out) == []
 
 
 def test_logits_are_served_only_for_the_same_unmodified_tensors():

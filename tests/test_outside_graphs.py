@@ -254,7 +254,7 @@ def test_a_forward_that_does_not_capture_keeps_its_outside_in_pytorch(tmp_path):
 def test_a_failure_in_the_outside_export_leaves_a_clean_artifact_without_it(tmp_path, monkeypatch):
     from elastic_compile.export import exporter
 
-    def fails_halfway(model, example_inputs, calls, root, threads=None):
+    def fails_halfway(model, example_inputs, calls, root, threads=None, lookaheads=False):
         (root / "outside").mkdir()
         (root / "outside" / "part_00.onnx").write_bytes(b"half written")
         raise RuntimeError("something torch did not expect\nsecond line")

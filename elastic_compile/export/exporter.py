@@ -267,7 +267,7 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
             blocks = exporter.block_graphs(calls)
             routers = exporter.router_graphs(calls)
             program, program_note = _outside_program(model, example_inputs, calls, root, dtype, backend, threads,
-                                                     outside_graphs)
+                                                     outside_graphs, lookaheads=router_summaries)
             base = save_base(model, state, root / "base", base_factory)
             from ..serialization import save as save_elastic
             save_elastic(model, root / "elastic")
@@ -317,14 +317,15 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
 
 
 def _outside_program(model, example_inputs, calls, root: Path, dtype: str, backend: str, threads,
-                     wanted: bool) -> tuple[dict | None, str | None]:
-    """The manifest's ``program`` entry (see :mod:`.outside`), or None and the reason."""
+                     wanted: bool, lookaheads: bool = False) -> tuple[dict | None, str | None]:
+    """The manifest's ``program`` entry (see :mod:`.outside`), or None and the reason; ``lookaheads``: graphs
+    also compute the router of the block right after them where they can."""
     if not wanted:
         return None, "not requested (outside_graphs=False)"
     if dtype != "fp32" or backend != "onnxruntime":
         return None, "exported for fp32 onnxruntime runtimes only; with TensorRT those parts run in PyTorch"
     try:
-        return export_outside(model, example_inputs, calls, root, threads), None
+        return export_outside(model, example_inputs, calls, root, threads, lookaheads), None
     except Exception as exc:  # optional: any failure leaves those parts in PyTorch, never fails the export
         shutil.rmtree(root / "outside", ignore_errors=True)
         note = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -12,6 +12,7 @@ very objects (identity, not equal values) that block ``i`` (the call right befor
 :class:`LookaheadProgram` is the router of ``j`` fed from block ``i``'s graph values. Guarantee: the extra output
 equals ``router_j.plain_logits`` of those tensors (checked against PyTorch with the rest of the graph); the
 runtime serves it only for the same tensors, unmodified, and only while router ``j`` holds the exported weights.
+:class:`SegmentWithLookahead` does the same for a graph of the model's ops outside its blocks (:mod:`.outside`).
 """
 from __future__ import annotations
 
@@ -44,13 +45,14 @@ def find_lookaheads(state, calls, raw_calls: dict[int, tuple], order: Sequence[i
         next_args, next_kwargs, _ = raw_calls[following]
         gate = by_index[following].block._elastic_gate
         arguments = bind_to_signature(gate.signature, next_args, next_kwargs)
-        sources = [_source_of(arguments.get(feature.name), inputs, outputs) for feature in router.features]
+        sources = [source_of(arguments.get(feature.name), inputs, outputs) for feature in router.features]
         if sources and all(s is not None for s in sources):
             found[previous] = {"block": following, "sources": [list(s) for s in sources]}
     return found
 
 
-def _source_of(value, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Source | None:
+def source_of(value, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Source | None:
+    """Where ``value`` is among a graph's inputs or outputs (identity), as a :data:`Source`; None if nowhere."""
     if not isinstance(value, torch.Tensor) or value.is_complex():
         return None
     for k, tensor in enumerate(outputs):
@@ -91,3 +93,20 @@ class LookaheadProgram(nn.Module):
         """What two lookaheads must share for one template graph to serve both."""
         router = self.router
         return (repr(router.features), router.fc1.out_features, router.num_widths, tuple(self.sources))
+
+
+class SegmentWithLookahead(nn.Module):
+    """A graph of the model's ops outside its blocks (:mod:`.outside`) that also returns, last, the logits of the
+    router of the block called right after it (the first block's router reads the patch embedding and the
+    conditioning vector that the first graph computes). Inputs past the segment's first ``segment_inputs`` are
+    read by the router only (a model input that the block receives as is, such as the timestep)."""
+
+    def __init__(self, segment: nn.Module, lookahead: LookaheadProgram, segment_inputs: int):
+        super().__init__()
+        self.segment = segment
+        self.lookahead = lookahead
+        self.segment_inputs = int(segment_inputs)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = tuple(self.segment(*tensors[:self.segment_inputs]))
+        return outputs + (self.lookahead(list(tensors), list(outputs)),)

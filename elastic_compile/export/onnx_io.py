@@ -105,15 +105,17 @@ def export_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], what:
     if dynamic_batch:
         dynamic_dims = [[0]] * len(example)
     try:
-        dynamic = None
+        dynamic = per_input = None
         if dynamic_dims is not None and any(dynamic_dims):
-            dynamic = tuple({d: torch.export.Dim.DYNAMIC for d in dims} or None for dims in dynamic_dims)
+            dynamic = per_input = tuple({d: torch.export.Dim.DYNAMIC for d in dims} or None for dims in dynamic_dims)
             parameters = list(inspect.signature(module.forward).parameters.values())
             if len(parameters) == 1 and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
                 dynamic = (dynamic,)  # forward(*tensors): one spec, for the tuple
         with torch.no_grad(), _quiet_exporter():
             program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
-            program, complex_inputs, paired = export_without_complex(program, list(example), complex_outputs, dynamic)
+            # re-exported from program.module(), whose forward takes the inputs one by one: the per-input specs
+            program, complex_inputs, paired = export_without_complex(program, list(example), complex_outputs,
+                                                                     per_input)
             count = len(program.graph_signature.user_outputs)
             names = dict(input_names=[f"in_{k}" for k in range(len(example))],
                          output_names=[f"out_{k}" for k in range(count)])

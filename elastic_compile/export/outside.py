@@ -13,6 +13,11 @@ serves every batch size, e.g. both classifier-free-guidance layouts; the manifes
 whose forward specialises on its batch size (or whose dynamic graphs do not reproduce it at those sizes) gets
 the example's static shapes instead, and ``program.batch.note`` says why.
 
+Router lookahead: a graph followed directly by a block call whose router reads only that graph's inputs or
+outputs (as the first block's router reads the patch embedding and the conditioning vector) also returns that
+router's logits, last (:class:`~.lookahead.SegmentWithLookahead`; the step's ``lookahead`` entry says for which
+block and from which values), as block graphs do for the next block (:mod:`.lookahead`).
+
 Guarantee: before anything is written, the program is run in PyTorch (segments as graph modules, blocks as the
 elastic model's own blocks at full width) and must reproduce the model's output; every written graph must match
 its segment within the export's tolerance; dynamic graphs, run whole in ONNX Runtime with the blocks in
@@ -33,12 +38,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..capture.opaque_blocks import bound_call, capture_with_opaque_blocks
-from ..capture.record import call_model
+from ..capture.record import bind_to_signature, call_model
 from ..errors import CaptureError, ExportError
 from ..runtime.backends.onnxruntime import OrtGraph
 from ..runtime.driver import BlockCalls, run_graph_step, run_steps
-from ..runtime.state import force
+from ..runtime.state import force, state_of
 from .layout import cycle_rows, dtype_name
+from .lookahead import LookaheadProgram, SegmentWithLookahead, source_of
 from .onnx_io import check_file, complex_outputs_of, export_graph
 from .passes import drop_noop_squeeze_dims
 from .segments import Segment, attribute_at, split_at_blocks
@@ -78,16 +84,17 @@ def _treespec(spec, what: str) -> str:
 
 
 def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence, root: Path,
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, lookaheads: bool = False) -> dict:
     """Write ``outside/`` under ``root`` and return the manifest's ``program`` entry (module docstring): with a
     dynamic batch dimension when the model captures that way and the graphs reproduce it at every verified
-    batch size, else with the example's static shapes (``batch.note`` says why)."""
+    batch size, else with the example's static shapes (``batch.note`` says why). ``lookaheads``: graphs
+    followed by a routed block also compute its router's logits where they can."""
     batch = max(call.batch for call in calls)
     try:
-        return _export_program(model, example_inputs, calls, root, threads, batch)
+        return _export_program(model, example_inputs, calls, root, threads, batch, lookaheads)
     except Exception as exc:  # the static program is still worth having
         shutil.rmtree(root / "outside", ignore_errors=True)
-        entry = _export_program(model, example_inputs, calls, root, threads, None)
+        entry = _export_program(model, example_inputs, calls, root, threads, None, lookaheads)
         note = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         entry["batch"] = {"dynamic": False, "note": note}
         return entry
@@ -102,7 +109,8 @@ def resize_batch(kwargs: dict[str, Any], batch: int, rows: int) -> dict[str, Any
     return {name: pytree.tree_map(resize, value) for name, value in kwargs.items()}
 
 
-def _export_program(model, example_inputs, calls, root: Path, threads, batch: int | None) -> dict:
+def _export_program(model, example_inputs, calls, root: Path, threads, batch: int | None,
+                    lookaheads: bool = False) -> dict:
     """The ``program`` entry; ``batch`` None: static shapes, else dynamic over the example's ``batch`` rows."""
     kwargs = bound_call(model, example_inputs)
     rows = None
@@ -134,20 +142,34 @@ def _export_program(model, example_inputs, calls, root: Path, threads, batch: in
         outputs = list(step["segment"].module(*tensors))
         seen[id(step)] = (tensors, outputs)
         return outputs
-    _check_program(model, program, steps, kwargs, torch_graph, blocks, "the program of graphs and block calls")
 
-    entries, worst, sessions = [], 0.0, {}
+    def torch_block(step, tensors):
+        seen[id(step)] = (tensors, None)
+        return blocks(step, tensors)
+    _check_program(model, program, steps, kwargs, torch_graph, torch_block, "the program of graphs and block calls")
+
+    entries, worst, sessions, lookahead_of = [], 0.0, {}, {}
     for k, step in enumerate(steps):
         if "segment" not in step:
             entries.append({"block": step["block"], "inputs": step["inputs"], "outputs": step["outputs"]})
             continue
         tensors, outputs = seen[id(step)]
         relative = f"outside/part_{k:02d}.onnx"
-        session, diff, complex_inputs, complex_outputs = _write_segment(step["segment"], tensors, outputs,
-                                                                        root / relative, threads)
+        following = steps[k + 1] if k + 1 < len(steps) else {}
+        found = (_segment_lookahead(model, calls, tensors, outputs, following, seen)
+                 if lookaheads and "block" in following else None)
+        lookahead, extra = found if found is not None else (None, [])
+        if extra:  # values the router reads that the graph did not take (model inputs passed to the block)
+            step["inputs"] = list(step["inputs"]) + [name for name, _ in extra]
+        session, diff, complex_inputs, complex_outputs = _write_segment(
+            step["segment"], tensors, outputs, root / relative, threads, lookahead,
+            [value for _, value in extra], rows)
         worst = max(worst, diff)
         entries.append({"graph": relative, "inputs": step["inputs"], "outputs": step["outputs"],
                         "ops": step["segment"].compute_ops(), "max_abs_diff": diff})
+        if lookahead is not None:
+            entries[-1]["lookahead"] = {"block": lookahead.block, "sources": [list(s) for s in lookahead.sources]}
+            lookahead_of[id(step)] = lookahead
         if complex_inputs or complex_outputs:  # carried as view_as_real pairs (passes/complex_to_real.py)
             entries[-1].update(complex_inputs=complex_inputs, complex_outputs=complex_outputs)
         sessions[id(step)] = (session, entries[-1])
@@ -158,7 +180,16 @@ def _export_program(model, example_inputs, calls, root: Path, threads, batch: in
         # dimension torch.export assumed >= 2 while tracing).
         def ort_graph(step, tensors):
             session, written = sessions[id(step)]
-            return run_graph_step(session, written, tensors)
+            outputs = run_graph_step(session, written, tensors)
+            if id(step) not in lookahead_of:
+                return outputs
+            with torch.no_grad():  # the router's logits at this batch size too
+                expected = lookahead_of[id(step)](list(tensors), list(outputs[:-1]))
+            diff, scale = max_abs_diff([outputs[-1]], [expected])
+            if not within(diff, scale, "fp32"):
+                raise ExportError(f"{written['graph']}'s router logits to match PyTorch at batch {len(expected)}",
+                                  f"max |diff| {diff:.3g}", "Report the model; export with router_summaries=False.")
+            return outputs[:-1]
         verified = sorted({1, batch, rows, rows + 1})
         for size in verified:
             if size != rows:
@@ -185,14 +216,53 @@ def _check_program(model, program, steps, kwargs: dict, run_graph, blocks, what:
                           "Report the model; its parts outside the blocks stay in PyTorch.")
 
 
-def _write_segment(segment: Segment, tensors: list, expected: list, path: Path,
-                   threads) -> tuple[OrtGraph, float, list[int], list[int]]:
+def _segment_lookahead(model, calls: Sequence, tensors: list, outputs: list, following: dict,
+                       seen: dict) -> tuple[LookaheadProgram, list[tuple[str, torch.Tensor]]] | None:
+    """The router of the block step ``following`` as a function of this graph's ``tensors`` / ``outputs`` (by
+    identity: the values of the checked PyTorch run) and of ``extra`` inputs: ``[(program value name, tensor)]``
+    that the block receives from elsewhere (a model input such as the timestep, passed to the block as is), which
+    the graph then takes after its own. None when the block has no router or it reads a non-tensor."""
+    index = following["block"]
+    router = state_of(model).routers.get(index)
+    call = next((c for c in calls if c.index == index), None)
+    if router is None or call is None or id(following) not in seen:
+        return None
+    block_tensors = seen[id(following)][0]
+    args, kwargs = call.layout.rebuild(block_tensors)
+    arguments = bind_to_signature(call.block._elastic_gate.signature, args, kwargs)
+    sources, extra = [], []
+    for feature in router.features:
+        value = arguments.get(feature.name)
+        source = source_of(value, list(tensors) + [t for _, t in extra], outputs)
+        if source is None and isinstance(value, torch.Tensor) and not value.is_complex():
+            position = next((m for m, t in enumerate(block_tensors) if t is value), None)
+            if position is not None:
+                extra.append((following["inputs"][position], value))
+                source = ("in", len(tensors) + len(extra) - 1)
+        sources.append(source)
+    if not sources or any(s is None for s in sources):
+        return None
+    return LookaheadProgram(router, sources, index), extra
+
+
+def _write_segment(segment: Segment, tensors: list, expected: list, path: Path, threads,
+                   lookahead: LookaheadProgram | None = None, extra: Sequence[torch.Tensor] = (),
+                   batch_rows: int | None = None) -> tuple[OrtGraph, float, list[int], list[int]]:
     """Export, save and check one part; ``(its ONNX Runtime session, max |diff|, complex inputs, complex
-    outputs)`` (the complex values it takes and returns as ``view_as_real`` pairs)."""
+    outputs)`` (the complex values it takes and returns as ``view_as_real`` pairs). With a ``lookahead``, the
+    graph also takes ``extra`` inputs after the segment's (batch-dynamic where the program is, ``batch_rows``
+    rows) and returns the router's logits last, checked against the router in PyTorch."""
     what = f"the model's ops outside its blocks ({path.stem})"
     drop_noop_squeeze_dims(segment.module)
     dynamic = [symbolic_dims(node) for node in segment.module.graph.nodes if node.op == "placeholder"]
-    proto, complex_inputs = export_graph(segment.module, tensors, what, weight_prefixes=(), dynamic_dims=dynamic,
+    module = segment.module
+    if lookahead is not None:
+        module = SegmentWithLookahead(segment.module, lookahead, len(tensors))
+        tensors = list(tensors) + list(extra)
+        dynamic += [[0] if batch_rows is not None and t.ndim > 0 and t.shape[0] == batch_rows else [] for t in extra]
+        with torch.no_grad():
+            expected = list(expected) + [lookahead(tensors, list(expected))]
+    proto, complex_inputs = export_graph(module, tensors, what, weight_prefixes=(), dynamic_dims=dynamic,
                                          complex_outputs=True)
     complex_outputs = complex_outputs_of(proto)
     path.parent.mkdir(parents=True, exist_ok=True)

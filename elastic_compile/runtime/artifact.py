@@ -199,6 +199,9 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         gate.original_forward = BlockExecutor(gate, entry, root, engine, manifest["dtype"], manifest["dense_bucket"],
                                               summaries, lookahead)
     looked_ahead = {int(e["lookahead"]["block"]) for e in manifest["blocks"] if e.get("lookahead")}
+    driven = outside_graphs and backend == "onnxruntime" and manifest.get("program")
+    if driven:  # graphs outside the blocks that compute the router of the block after them
+        looked_ahead |= {int(s["lookahead"]["block"]) for s in manifest["program"]["steps"] if s.get("lookahead")}
     if routers == "onnx":
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate
@@ -212,9 +215,9 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         for entry in manifest["routers"]:
             gate = state.blocks[entry["block"]]._elastic_gate
             gate.router = SingleThreadRouter(gate.router)
-    if outside_graphs and backend == "onnxruntime" and manifest.get("program"):
+    if driven:
         model.forward = ModelDriver(model, manifest["program"], manifest["blocks"], root, engine,
-                                    fallback=model.forward, profiling=lambda: state.profiling)
+                                    fallback=model.forward, profiling=lambda: state.profiling, lookahead=lookahead)
     if free_torch_weights:
         free_block_weights(model, keep=manifest["runs_in_torch"]["block_parameters_used_outside"])
     return Runtime(model, manifest, root, backend, engine, pinned_threads)

@@ -98,8 +98,9 @@ class ModelDriver:
     """Callable with the model's forward signature (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, entry: dict, blocks_entries: Sequence[dict], root: Path, backend,
-                 fallback: Callable, profiling: Callable[[], bool]):
+                 fallback: Callable, profiling: Callable[[], bool], lookahead=None):
         self.fallback = fallback
+        self.lookahead = lookahead  # .lookahead.LookaheadLogits: router logits that graph steps computed
         self.profiling = profiling
         self.backend = backend
         self.root = root
@@ -127,7 +128,15 @@ class ModelDriver:
         self.fallbacks = 0
 
     def run_graph(self, step: dict, tensors: list) -> list:
-        return run_graph_step(self.backend.graph(self.root / step["graph"]), step, tensors)
+        outputs = run_graph_step(self.backend.graph(self.root / step["graph"]), step, tensors)
+        ahead = step.get("lookahead")
+        if ahead is None:
+            return outputs
+        # the graph's last output: the logits of the next block's router, from these very tensors
+        if self.lookahead is not None:
+            sources = [outputs[k] if kind == "out" else tensors[k] for kind, k in ahead["sources"]]
+            self.lookahead.remember(int(ahead["block"]), sources, outputs[-1])
+        return outputs[:-1]
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list | None:
         """The call's leaves when it is the exported call (see the module docstring), else None."""

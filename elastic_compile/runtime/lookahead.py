@@ -1,7 +1,8 @@
 """Router logits that a block graph computed for the next block (see :mod:`elastic_compile.export.lookahead`).
 
-The executor of block ``i`` remembers the logits its graph returned for router ``j`` together with the tensors
-those logits were computed from (block ``i``'s outputs and inputs that router ``j`` reads). Router ``j``'s
+The executor of block ``i`` (or the model driver, for a graph of the ops outside the blocks right before block
+``j``: see :mod:`elastic_compile.export.outside`) remembers the logits its graph returned for router ``j``
+together with the tensors those logits were computed from (block ``i``'s outputs and inputs that router ``j`` reads). Router ``j``'s
 :class:`~.host_router.HostRouter` takes them only when (1) it is given those very tensors, unmodified (identity
 and version counter, as :class:`~elastic_compile.nn.memo.TensorMemo`): glue code between the blocks, a skipped
 or regrouped batch, or a cache-reuse output all give other tensors and a miss; and (2) the PyTorch router still
