@@ -94,8 +94,10 @@ class BlockGate:
         """Per-sample run / bucket fixed without the router (by ``force`` or the block's spec); None: the router's."""
         state, dense = self.state, self.state.dense_bucket
         can_skip = self.spec.skippable and state.config.allow_skip
-        run = bucket = None
         forced = state.forced
+        if forced is None and can_skip and self.spec.elastic_width:
+            return None, None  # the usual routed block: the router decides everything
+        run = bucket = None
         if forced is not None:
             skip = forced.skips(self.index)
             if skip is not None:
@@ -110,13 +112,10 @@ class BlockGate:
 
     def decide(self, arguments: dict, batch: int) -> tuple[list[bool], list[int], bool, list[float] | None]:
         """Per-sample (run, bucket) from ``force`` or the router; also whether the router ran and its p_run."""
-        state, spec = self.state, self.spec
-        if state.forced is None and spec.elastic_width and spec.skippable and state.config.allow_skip:
-            run = bucket = None  # the router decides everything (static_decisions' answer, without the call)
-        else:
-            run, bucket = self.static_decisions(batch)
-            if run is not None and bucket is not None:
-                return run, bucket, False, None
+        state = self.state
+        run, bucket = self.static_decisions(batch)
+        if run is not None and bucket is not None:
+            return run, bucket, False, None
         # One device-to-host copy per block (each is a synchronisation that drains an accelerator's queue), and
         # the decisions are made on the host: a handful of floats, no further tensor ops between two blocks.
         rows = self.router.logits(arguments).tolist()

@@ -57,7 +57,7 @@ class TensorMemo(StampedEntries):
         entries, key = self._entries, (id(tensor), tag)
         if key in entries:
             del entries[key]  # re-inserted last: the most recent
-        entries[key] = ((weakref.ref(tensor), tensor._version), value)
+        entries[key] = (stamp(tensor), value)
         while len(entries) > self.capacity:
             entries.popitem(last=False)
 
