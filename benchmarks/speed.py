@@ -15,7 +15,9 @@ too, so the interval includes placement; a model that fits in that cache is time
 instances taking turns would evict each other's weights), plus the routers' own time on recorded block inputs
 ("routers alone": warm, in a loop) and inside real forwards ("in place": right after each block), and "same
 instance": the routed elastic model against itself forced dense (routers not consulted), paired the same way: the
-routers' cost free of the placement differences between two instances (see the A/A rows). Dense is what a
+routers' cost free of the placement differences between two instances (see the A/A rows). In torch also "on the
+same weights": the routed model against a plain copy of the model whose parameters are the elastic model's own
+tensors (no toolkit code; gates and routers are the whole difference, memory placement none of it). Dense is what a
 user would otherwise deploy in that backend: in torch the plain model (a deep copy, made like the elastic model's:
 no toolkit code, so gates, routers and their Python count against elastic); in ONNX Runtime the same model exported
 dense only, without router summaries (block graphs end at the block's outputs, run by the same per-block runtime
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 import elastic_compile as ec
 from elastic_compile.capture.record import bind_to_signature
@@ -182,6 +185,29 @@ def build_dense(model_name: str, base, inputs, backend: str, workdir: Path, thre
         dense.runtime = runtime
         calls.append(dense)
     return calls if instances > 1 else calls[0]
+
+
+def plain_on_the_same_weights(base, elastic, inputs):
+    """A plain copy of ``base`` (no toolkit code runs) whose parameters and buffers are the elastic model's own
+    tensors (same storage: ``load_state_dict(assign=True)``; the FFN units in the elastic model's order, which
+    computes the same function). Against it the routed model differs by its gates and routers only, not by where
+    its weights landed in memory: the router overhead without the placement spread of two instances."""
+    plain = copy.deepcopy(base)
+    missing, _ = plain.load_state_dict(elastic.state_dict(), strict=False, assign=True)
+    owned = {t.data_ptr() for t in elastic.state_dict().values()}
+    separate = [name for name, t in plain.state_dict().items() if t.numel() and t.data_ptr() not in owned]
+    if missing or separate:
+        raise RuntimeError(f"the plain copy does not hold the elastic model's tensors: missing {missing[:3]}, "
+                           f"separate {separate[:3]}")
+    with torch.no_grad(), ec.force(elastic, skip=False, width=1.0):
+        expected = elastic(**inputs)
+        got = plain(**inputs)
+    pairs = zip(pytree.tree_leaves(got), pytree.tree_leaves(expected))
+    difference = max((a - b).abs().max().item() for a, b in pairs if isinstance(a, torch.Tensor))
+    if difference > 1e-4:
+        raise RuntimeError(f"the plain copy on the elastic model's weights differs from it forced dense by "
+                           f"{difference}")
+    return plain
 
 
 def noise_floor_row(model_name: str, backend: str, inputs, dense_calls, args) -> dict:
@@ -441,6 +467,12 @@ def run(args) -> list[dict]:
                         same = paired_overhead(forced_dense, elastic_call, pairs=4 * args.repeats)
                         row["router_overhead_same_instance"] = same["overhead"]
                         row["router_overhead_same_instance_interval"] = list(same["interval"])
+                        if backend == "torch":  # gates and routers against no toolkit code, same tensors
+                            plain = plain_on_the_same_weights(base, elastic, inputs)
+                            shared = paired_overhead(lambda: plain(**inputs), elastic_call, pairs=4 * args.repeats)
+                            row["router_overhead_same_weights"] = shared["overhead"]
+                            row["router_overhead_same_weights_interval"] = list(shared["interval"])
+                            del plain
                         others, dense_calls = [], dense_calls[:1]  # the extra instances are done with
                         settle_heap()
                     for router, state in zip(routers, saved):
@@ -535,6 +567,10 @@ def write(rows, args) -> None:
             same = (", same instance {:+.1f}% [{:+.1f}, {:+.1f}]".format(
                 100 * r["router_overhead_same_instance"], *(100 * v for v in r["router_overhead_same_instance_interval"]))
                 if "router_overhead_same_instance" in r else "")
+            if "router_overhead_same_weights" in r:
+                same = (", against the plain model on the same weights {:+.1f}% [{:+.1f}, {:+.1f}]".format(
+                    100 * r["router_overhead_same_weights"], *(100 * v for v in r["router_overhead_same_weights_interval"]))
+                    + same)
             across = (f" across {r['router_overhead_instances']}x{r['router_overhead_instances']} instances"
                       if r.get("router_overhead_instances", 1) > 1 else "")
             extra = (f" (router overhead {100 * r['router_overhead']:+.1f}%{interval} end to end{across}{same}{alone}"
