@@ -90,13 +90,18 @@ class BlockGate:
                 return int(value.shape[0])
         raise RuntimeError(f"block {self.spec.path} was called without its hidden-state input")
 
+    def routes_everything(self) -> bool:
+        """Whether the router decides every sample's run and width (no ``force``; the block may skip and narrow)."""
+        state = self.state
+        return state.forced is None and self.spec.elastic_width and self.spec.skippable and state.config.allow_skip
+
     def static_decisions(self, batch: int) -> tuple[list[bool] | None, list[int] | None]:
         """Per-sample run / bucket fixed without the router (by ``force`` or the block's spec); None: the router's."""
+        if self.routes_everything():
+            return None, None
         state, dense = self.state, self.state.dense_bucket
         can_skip = self.spec.skippable and state.config.allow_skip
         forced = state.forced
-        if forced is None and can_skip and self.spec.elastic_width:
-            return None, None  # the usual routed block: the router decides everything
         run = bucket = None
         if forced is not None:
             skip = forced.skips(self.index)
@@ -145,6 +150,29 @@ class BlockGate:
 
     # execution -------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        state = self.state
+        if state.profiling or state.soft or state.device_routing is not None:
+            return self.call_in_mode(args, kwargs)
+        # Inference with host routing: the path every block takes between two others, where each Python step runs
+        # with cold caches (~73 us per block in place before it was cut down, DiT-B/2 batch 1): no batch-size
+        # scan or decision helpers when the router decides everything, the record appended directly.
+        arguments = self.bind(args, kwargs)
+        if self.routes_everything():
+            rows = self.router.logits(arguments).tolist()
+            run, bucket, p_run = host_decisions(rows, state.config.threshold, True, True)
+            batch, router_ran = len(rows), True
+        else:
+            batch = self.stream_batch(arguments)
+            run, bucket, router_ran, p_run = self.decide(arguments, batch)
+        if state.cache is not None and self.spec.skippable:
+            run, reuse = self.apply_cache_policy(run, p_run, batch)
+        else:
+            reuse = [False] * batch
+        state.calls.append(BlockCall(self.index, run, bucket, router_ran, reuse))
+        return self.execute(run, bucket, reuse, args, kwargs, arguments, batch)
+
+    def call_in_mode(self, args, kwargs):
+        """The call during router training (``soft``), device routing, or FLOP profiling."""
         arguments = self.bind(args, kwargs)
         batch = self.stream_batch(arguments)
         if self.state.soft and self.state.forced is None and not self.state.profiling:
@@ -161,6 +189,11 @@ class BlockGate:
                 out = self.run_plan((run[0], bucket[0]), args, kwargs, arguments)
             self.state.profile_sink.append((self.index, counter.get_total_flops()))
             return out
+        return self.execute(run, bucket, reuse, args, kwargs, arguments, batch)
+
+    def execute(self, run: list[bool], bucket: list[int], reuse: list[bool], args, kwargs, arguments: dict,
+                batch: int):
+        """The block's output for these decisions (one call, a skip, or sub-batches), stored in the feature cache."""
         if all(run) and len(set(bucket)) == 1:
             out = self.run_plan((True, bucket[0]), args, kwargs, arguments)
         elif not any(run):
