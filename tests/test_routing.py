@@ -206,3 +206,47 @@ def test_scalar_features_at_other_frequency_counts_are_not_shared():
         with torch.no_grad():
             torch.testing.assert_close(router.logits(arguments), expected, atol=1e-4, rtol=1e-4)
     assert (SHARED_VECTORS.misses, SHARED_VECTORS.hits) == (2, 1)
+
+
+@pytest.mark.parametrize("name", ["reference_dit", "flux"])
+@pytest.mark.parametrize("setting", ["routed", "skip forced", "width forced", "cache", "cache band"])
+def test_the_gates_inference_path_equals_its_general_path(name, setting, monkeypatch):
+    """Inference with host routing takes a lean path through the gate; it must decide, record, cache and output
+    exactly what the general path (the one training, device routing and profiling take) does."""
+    from elastic_compile.nn.gate import BlockGate
+    from elastic_compile.runtime.cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
+
+    def forwards(model, inputs, general: bool):
+        if general:
+            monkeypatch.setattr(BlockGate, "__call__", lambda self, *a, **k: self.call_in_mode(a, k))
+        else:
+            monkeypatch.undo()
+        reset_cache(model)
+        outputs, decisions = [], []
+        with torch.no_grad(), cache_context(model, "cond"):
+            for step in range(4):  # other inputs each step: decisions change, cached deltas get reused and age
+                g = torch.Generator().manual_seed(step)
+                stepped = {k: v + torch.randn(v.shape, generator=g) if torch.is_tensor(v) and v.is_floating_point()
+                           else v for k, v in inputs.items()}
+                plan = {"skip forced": dict(skip={1}), "width forced": dict(width=0.5)}.get(setting)
+                if plan is None:
+                    outputs.append(first_output(model(**stepped)))
+                else:
+                    with ec.force(model, **plan):
+                        outputs.append(first_output(model(**stepped)))
+                decisions.append([[(d.run, d.width, d.reused) for d in block] for block in ec.stats(model).decisions])
+        return outputs, decisions
+
+    model, inputs = ARCHITECTURES[name](batch=3)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=5, scale=0.5 if setting == "cache band" else 3.0)  # band: p near the threshold
+    if setting.startswith("cache"):
+        apply_feature_cache(model, FeatureCacheConfig(max_reuse=1, band=0.45 if setting == "cache band" else None))
+    general_outputs, general_decisions = forwards(model, inputs, general=True)
+    lean_outputs, lean_decisions = forwards(model, inputs, general=False)
+    assert lean_decisions == general_decisions
+    assert len({str(d) for step in general_decisions for block in step for d in block}) > 1  # decisions vary
+    if setting.startswith("cache"):
+        assert any(d[2] for step in general_decisions for block in step for d in block)  # a cached delta was used
+    for lean, general in zip(lean_outputs, general_outputs):
+        torch.testing.assert_close(lean, general, atol=0, rtol=0)
