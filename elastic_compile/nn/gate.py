@@ -154,7 +154,7 @@ class BlockGate:
         if state.profiling or state.soft or state.device_routing is not None:
             return self.call_in_mode(args, kwargs)
         # Inference with host routing: the path every block takes between two others, where each Python step runs
-        # with cold caches (~73 us per block in place before it was cut down, DiT-B/2 batch 1): no batch-size
+        # with cold caches (73-88 us per block in place before it was cut down, DiT-B/2 batch 1): no batch-size
         # scan or decision helpers when the router decides everything, the record appended directly.
         arguments = self.bind(args, kwargs)
         if self.routes_everything():
