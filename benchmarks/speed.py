@@ -41,9 +41,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
 
 import elastic_compile as ec
+from elastic_compile.analysis.blocks import flatten_output
+from elastic_compile.analysis.verify import max_abs_difference
 from elastic_compile.capture.record import bind_to_signature
 from elastic_compile.runtime.state import state_of
 from elastic_compile.runtime.timing import paired_overhead, timed_speedup
@@ -193,17 +194,17 @@ def plain_on_the_same_weights(base, elastic, inputs):
     computes the same function). Against it the routed model differs by its gates and routers only, not by where
     its weights landed in memory: the router overhead without the placement spread of two instances."""
     plain = copy.deepcopy(base)
-    missing, _ = plain.load_state_dict(elastic.state_dict(), strict=False, assign=True)
-    owned = {t.data_ptr() for t in elastic.state_dict().values()}
+    tensors = elastic.state_dict()
+    missing, _ = plain.load_state_dict(tensors, strict=False, assign=True)
+    owned = {t.data_ptr() for t in tensors.values()}
     separate = [name for name, t in plain.state_dict().items() if t.numel() and t.data_ptr() not in owned]
     if missing or separate:
         raise RuntimeError(f"the plain copy does not hold the elastic model's tensors: missing {missing[:3]}, "
                            f"separate {separate[:3]}")
     with torch.no_grad(), ec.force(elastic, skip=False, width=1.0):
-        expected = elastic(**inputs)
-        got = plain(**inputs)
-    pairs = zip(pytree.tree_leaves(got), pytree.tree_leaves(expected))
-    difference = max((a - b).abs().max().item() for a, b in pairs if isinstance(a, torch.Tensor))
+        expected, _ = flatten_output(elastic(**inputs))
+        got, _ = flatten_output(plain(**inputs))
+    difference = max_abs_difference(expected, got)
     if difference > 1e-4:
         raise RuntimeError(f"the plain copy on the elastic model's weights differs from it forced dense by "
                            f"{difference}")

@@ -155,7 +155,7 @@ class BlockGate:
             return self.call_in_mode(args, kwargs)
         # Inference with host routing: the path every block takes between two others, where each Python step runs
         # with cold caches (73-88 us per block in place before it was cut down, DiT-B/2 batch 1): no batch-size
-        # scan or decision helpers when the router decides everything, the record appended directly.
+        # scan or decision helpers when the router decides everything.
         arguments = self.bind(args, kwargs)
         if self.routes_everything():
             rows = self.router.logits(arguments).tolist()
@@ -164,11 +164,8 @@ class BlockGate:
         else:
             batch = self.stream_batch(arguments)
             run, bucket, router_ran, p_run = self.decide(arguments, batch)
-        if state.cache is not None and self.spec.skippable:
-            run, reuse = self.apply_cache_policy(run, p_run, batch)
-        else:
-            reuse = [False] * batch
-        state.calls.append(BlockCall(self.index, run, bucket, router_ran, reuse))
+        run, reuse = self.apply_cache_policy(run, p_run, batch)
+        state.record(BlockCall(self.index, run, bucket, router_ran, reuse))
         return self.execute(run, bucket, reuse, args, kwargs, arguments, batch)
 
     def call_in_mode(self, args, kwargs):
