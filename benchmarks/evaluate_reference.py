@@ -19,7 +19,7 @@ import torch
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
 from elastic_compile.reference.data import NUM_CLASSES, load_digits_split
 from elastic_compile.reference.metrics import class_accuracy, fid, nearest_neighbour_rmse
-from elastic_compile.runtime.sampling import sample
+from elastic_compile.sampling import sample
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PER_CLASS = 36

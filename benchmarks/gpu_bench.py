@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elastic_compile as ec  # noqa: E402
 from elastic_compile.capture.record import bind_to_signature  # noqa: E402
 from elastic_compile.models import DiT, dit_config  # noqa: E402
-from elastic_compile.runtime.cache import (FeatureCacheConfig, apply_feature_cache, cache_context,  # noqa: E402
+from elastic_compile.cache import (FeatureCacheConfig, apply_feature_cache, cache_context,  # noqa: E402
                                            remove_feature_cache, reset_cache)
-from elastic_compile.runtime.device_routing import conditional_nodes_available, device_routing  # noqa: E402
-from elastic_compile.runtime.state import state_of  # noqa: E402
+from elastic_compile.nn.gate.device import conditional_nodes_available, device_routing  # noqa: E402
+from elastic_compile.state import gate_of, state_of  # noqa: E402
 
 
 class GraphedBlock:
@@ -122,7 +122,7 @@ def install_graphs(model, inputs):
     for h in handles:
         h.remove()
     for index, block in enumerate(state.blocks):
-        gate = block._elastic_gate
+        gate = gate_of(block)
         x, c = recorded[index]
         gate.original_forward = GraphedBlock(block, gate, state.controls[index], state.config.width_buckets, x, c)
         if gate.router is not None:
@@ -134,7 +134,7 @@ def install_graphs(model, inputs):
 
 def remove_graphs(model):
     for block in state_of(model).blocks:
-        gate = block._elastic_gate
+        gate = gate_of(block)
         if isinstance(gate.original_forward, GraphedBlock):
             gate.original_forward = gate.original_forward.eager
         if isinstance(gate.router, GraphedRouter):

@@ -31,11 +31,11 @@ from elastic_compile.cli.common import synthesize_dit_inputs
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
 from elastic_compile.reference.data import load_digits_split
 from elastic_compile.reference.evaluate import measure_flops, score
-from elastic_compile.runtime.timing import timed_speedup
 from elastic_compile.reference.metrics import psnr
-from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
-from elastic_compile.runtime.sampler_hooks import DiffusersCacheHooks
-from elastic_compile.runtime.sampling import sample
+from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
+from elastic_compile.sampling.hooks import DiffusersCacheHooks
+from elastic_compile.sampling import sample
+from timing import timed_speedup  # benchmarks/timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,7 +107,7 @@ def greedy_skip_order(assets, scheduler, config, labels, dense_images, blocks_ne
     """Blocks in the order a greedy search skips them (each time the one that keeps PSNR vs dense highest)."""
     model = elastic_base(assets)
     chosen: list[int] = []
-    candidates = [s.index for s in ec.runtime.state.state_of(model).specs if s.skippable]
+    candidates = [s.index for s in state_of(model).specs if s.skippable]
     while len(chosen) < blocks_needed and candidates:
         best = max(candidates, key=lambda b: psnr(
             sample(Forced(model, skip=set(chosen) | {b}, width=1.0), scheduler, labels, config, seed=900),

@@ -43,11 +43,11 @@ from pathlib import Path
 import torch
 
 import elastic_compile as ec
-from elastic_compile.analysis.blocks import flatten_output
+from elastic_compile.capture.treespec import flatten_output
 from elastic_compile.analysis.verify import max_abs_difference
 from elastic_compile.capture.record import bind_to_signature
-from elastic_compile.runtime.state import state_of
-from elastic_compile.runtime.timing import paired_overhead, timed_speedup
+from elastic_compile.state import gate_of, state_of
+from timing import paired_overhead, timed_speedup  # benchmarks/timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Control rows that price one runtime setting against the default (their key holds the paired cost).
@@ -58,7 +58,7 @@ FACTORIES = {"DiT-S/2": "elastic_compile.models.dit:dit_s2", "DiT-B/2": "elastic
 
 
 def dit(shape: str, batch: int):
-    from elastic_compile.export.base import call_factory
+    from elastic_compile.artifact.base import call_factory
     torch.manual_seed(0)
     model = call_factory(FACTORIES[f"DiT-{shape}/2"])
     inputs = dict(x=torch.randn(batch, 4, 32, 32), t=torch.rand(batch) * 1000, y=torch.randint(0, 1000, (batch,)))
@@ -116,7 +116,7 @@ def router_seconds(model, inputs, repeats: int = 30) -> float:
             hook.remove()
     calls = []
     for index, (args, kwargs) in recorded.items():
-        gate = state.blocks[index]._elastic_gate
+        gate = gate_of(state.blocks[index])
         arguments = bind_to_signature(gate.signature, args, kwargs)
         calls.append((gate, arguments, gate.stream_batch(arguments)))
     times = []
@@ -143,8 +143,8 @@ def _timed_logits(logits, total: list):
 def router_seconds_in_place(model, inputs, repeats: int = 20) -> float:
     """Median seconds per forward spent inside the routers during real forwards: the same work as
     ``router_seconds`` but where it runs, right after a block (caches full of the block's weights)."""
-    routers = [block._elastic_gate.router for block in state_of(model).blocks
-               if block._elastic_gate.router is not None]
+    routers = [gate_of(block).router for block in state_of(model).blocks
+               if gate_of(block).router is not None]
     total = [0.0]
     for router in routers:
         router.logits = _timed_logits(router.logits, total)
@@ -241,7 +241,7 @@ def whole_graph(model_name: str, base, inputs, threads: int, workdir: Path, shar
     with torch.no_grad():
         program = torch.export.export(base.eval(), (), kwargs=inputs)
         torch.onnx.export(program, (), str(path), kwargs=inputs, dynamo=True, external_data=True, verbose=False)
-    from elastic_compile.runtime.backends.onnxruntime import use_shared_thread_pool
+    from elastic_compile.backends.onnxruntime import use_shared_thread_pool
     options = ort.SessionOptions()
     if shared_pool:  # the process-wide pool the runtime uses: the whole graph runs on the same threads
         use_shared_thread_pool(threads)
@@ -286,7 +286,7 @@ def setting_cost(runtime, inputs, owner, attribute: str, changed, args) -> dict:
 
 def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
     """The dense runtime as loaded by default (its PyTorch parts on one thread while a forward runs, see
-    ``elastic_compile.runtime.torch_threads``) against itself with ``torch_threads`` None (PyTorch at
+    ``elastic_compile.serve.torch_threads``) against itself with ``torch_threads`` None (PyTorch at
     ``--threads`` between the block graphs): what that default is worth."""
     runtime = dense_call.runtime
     overhead = setting_cost(runtime, inputs, runtime, "torch_threads", None, args)
@@ -297,7 +297,7 @@ def torch_threads_row(model_name: str, inputs, dense_call, args) -> dict:
 
 def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:
     """The dense runtime as loaded by default (the model's ops outside its blocks run as the export's
-    ``outside/`` graphs, see ``elastic_compile.runtime.driver``) against itself with its driver disabled (those
+    ``outside/`` graphs, see ``elastic_compile.serve.driver``) against itself with its driver disabled (those
     ops in PyTorch, the model's Python forward): what the graphs are worth."""
     runtime = dense_call.runtime
     if runtime.driver is None:
@@ -310,7 +310,7 @@ def outside_graphs_row(model_name: str, inputs, dense_call, args) -> dict:
 
 def memory_arena_row(model_name: str, inputs, dense_call, args) -> dict:
     """The dense runtime as loaded by default (every graph's memory from the process's one shared arena, see
-    ``elastic_compile.runtime.backends.onnxruntime``) against the same export loaded with an arena per graph
+    ``elastic_compile.backends.onnxruntime``) against the same export loaded with an arena per graph
     (``memory_arena="per_session"``): what the shared arena is worth. Two instances (an arena cannot be swapped
     under a loaded session), so the A/A row's placement floor is in it."""
     runtime = ec.runtime.load(dense_call.runtime.root, backend="onnxruntime", thread_pool=args.thread_pool,
@@ -454,8 +454,8 @@ def run(args) -> list[dict]:
                                dense_ms=dense_s * 1e3, elastic_ms=elastic_s * 1e3)
                     if plan is None:
                         if backend != "torch":
-                            row["routers"] = next(type(b._elastic_gate.router).__name__ for b in state_of(elastic).blocks
-                                                  if b._elastic_gate.router is not None)
+                            row["routers"] = next(type(gate_of(b).router).__name__ for b in state_of(elastic).blocks
+                                                  if gate_of(b).router is not None)
                         row["router_overhead"] = overhead["overhead"]
                         row["router_overhead_interval"] = list(overhead["interval"])
                         row["router_overhead_instances"] = instances

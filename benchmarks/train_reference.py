@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from elastic_compile.reference import ASSETS_DIR
 from elastic_compile.reference.data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
-from elastic_compile.runtime.sampling import SamplingConfig
+from elastic_compile.sampling import SamplingConfig
 
 NULL_CLASS = NUM_CLASSES  # diffusers' LabelEmbedding appends the CFG row at index num_classes.
 

@@ -30,10 +30,10 @@ from elastic_compile.cli.common import synthesize_dit_inputs
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference
 from elastic_compile.reference.data import load_digits_split
 from elastic_compile.reference.evaluate import generate, score
-from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
-from elastic_compile.runtime.timing import timed_speedup
-from elastic_compile.runtime.sampling import sample
+from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
+from elastic_compile.sampling import sample
 from elastic_compile.train import record_class_conditional_trajectories, train_routers
+from timing import timed_speedup  # benchmarks/timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -8,24 +8,21 @@ Public API::
         out = model(**kwargs)
     s = ec.stats(model)
     ec.save(model, "artifact/"); model2 = ec.load(fresh_base_model, "artifact/")
+    ec.export(model, kwargs, "exported/"); runtime = ec.runtime.load("exported/")
 """
+from . import runtime
+from .cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
 from .config import ElasticConfig
+from .deploy import export
 from .errors import ElasticCompileError
 from .report import report
-from .runtime.cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
-from .runtime.state import force
-from .runtime.stats import Decision, ElasticStats, stats
 from .serialization import load, save
+from .state import force
+from .stats import Decision, ElasticStats, stats
 from .train import train_routers
 from .transform import transform
+from .version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["Decision", "ElasticCompileError", "ElasticConfig", "ElasticStats", "FeatureCacheConfig",
-           "apply_feature_cache", "cache_context", "force", "load", "report", "reset_cache", "save", "stats",
-           "train_routers", "transform"]
-
-from . import runtime  # noqa: E402  (elastic_compile.runtime.load: exported runtimes)
-from .export import export  # noqa: E402
-
-__all__ += ["export", "runtime"]
+__all__ = ["Decision", "ElasticCompileError", "ElasticConfig", "ElasticStats", "FeatureCacheConfig", "__version__",
+           "apply_feature_cache", "cache_context", "export", "force", "load", "report", "reset_cache", "runtime",
+           "save", "stats", "train_routers", "transform"]

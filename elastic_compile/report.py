@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .passes.insert_routers import ROUTER_ATTRIBUTE, block_parameter_count
-from .runtime.state import state_of
+from .passes.insert_routers import block_parameter_count
+from .state import ROUTER_ATTRIBUTE, state_of
 
 
 def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:

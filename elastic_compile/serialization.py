@@ -21,14 +21,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __name__ as _package
 from .analysis.spec import BlockSpec
-from .artifact_io import read_manifest_json, staging_directory
+from .artifact.files import read_manifest_json, staging_directory
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ModelMismatchError
 from .passes.order_neurons import apply_unit_permutation
 from .report import model_fingerprint
-from .runtime.state import STATE_ATTRIBUTE, ElasticState, state_of
+from .state import STATE_ATTRIBUTE, ElasticState, state_of
+from .transform import install
+from .version import __version__
 
 FORMAT = "elastic_compile.artifact/1"
 MANIFEST, PERMUTATIONS, ROUTERS = "elastic.json", "permutations.safetensors", "routers.safetensors"
@@ -51,7 +52,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
         "blocks": [spec.to_dict() for spec in state.specs],
         "base_weights": include_base_weights,
         "serving": state.serving,
-        "versions": {"torch": torch.__version__, _package: _package_version()},
+        "versions": {"torch": torch.__version__, __package__: __version__},
     }
     permutations = {f"{index}.{site}": order.to(torch.int64).contiguous()
                     for (index, site), order in state.permutations.items()}
@@ -74,8 +75,6 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
     ``strict=False`` accepts base weights whose fingerprint differs (e.g. a fine-tuned copy): neuron ordering
     stays function-preserving, but the routers were trained for the original weights.
     """
-    from .transform import install
-
     path = Path(path)
     manifest = _read_manifest(path)
     if hasattr(base_model, STATE_ATTRIBUTE):
@@ -147,8 +146,3 @@ def _load_routers(state: ElasticState, tensors: dict[str, torch.Tensor]) -> None
         except RuntimeError as exc:
             raise ArtifactError("router weights of matching shapes", str(exc).splitlines()[0],
                                 "The artifact was made with another config; save it again.") from exc
-
-
-def _package_version() -> str:
-    from . import __version__
-    return __version__

@@ -11,16 +11,17 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .analysis.blocks import Analysis, discover_blocks, flatten_output
+from .analysis.blocks import Analysis, discover_blocks
 from .analysis.spec import BlockSpec
 from .analysis.verify import masked_reference, max_abs_difference
 from .capture.record import call_model
+from .capture.treespec import flatten_output
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ElasticCompileError
-from .nn.sliced import WidthControl
+from .nn.sliced import WidthControl, uninstall_sliced_forward
 from .passes import gate_block, insert_router, install_root_hook, make_mlps_elastic, order_neurons
-from .runtime.state import STATE_ATTRIBUTE, ElasticState, force
 from .report import model_fingerprint
+from .state import ROUTER_ATTRIBUTE, STATE_ATTRIBUTE, ElasticState, force, gate_of
 
 logger = logging.getLogger("elastic_compile")
 
@@ -159,8 +160,6 @@ def _scale(values: list) -> float:
 
 
 def _drop_width(block: nn.Module, spec: BlockSpec, state: ElasticState, reason: str) -> None:
-    from .nn.sliced import uninstall_sliced_forward
-    from .passes.insert_routers import ROUTER_ATTRIBUTE
     for site in spec.sites:
         for piece in site.all_slices():
             uninstall_sliced_forward(block.get_submodule(piece.module))
@@ -172,8 +171,7 @@ def _drop_width(block: nn.Module, spec: BlockSpec, state: ElasticState, reason: 
     state.routers.pop(spec.index, None)
     if router is not None:
         state.routers[spec.index] = router
-    gate = block._elastic_gate
-    gate.router = router
+    gate_of(block).router = router
 
 
 def _log_summary(state: ElasticState) -> None:

@@ -3,7 +3,7 @@ import contextlib
 import torch
 from torch.utils import _pytree as pytree
 
-from elastic_compile.runtime.state import state_of
+from elastic_compile.state import state_of
 
 
 def randomize_routers(model, seed=0, scale=3.0):
@@ -55,9 +55,9 @@ class EagerStandInGraph:
 
 def stand_in_capture(model, inputs, clone_outputs=True, contexts=(None,)):
     """What ``capture_cuda_graph`` builds, with :class:`EagerStandInGraph` in place of each CUDA graph."""
-    from elastic_compile.runtime.cache import cache_context
-    from elastic_compile.runtime.cuda_graph import CapturedForward, CapturedGraph, normalize_call
-    from elastic_compile.runtime.device_routing import Branches, DeviceRouting
+    from elastic_compile.cache import cache_context
+    from elastic_compile.serve.cuda_graph import CapturedForward, CapturedGraph, normalize_call
+    from elastic_compile.nn.gate.device import Branches, DeviceRouting
     static = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                              normalize_call(model, (), dict(inputs)))
     graphs = {}

@@ -5,10 +5,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import elastic_compile as ec
 from elastic_compile.errors import ConfigError
-from elastic_compile.runtime.cache import (CacheContextError, ElasticCacheHooks, FeatureCacheConfig,
+from elastic_compile.cache import (CacheContextError, ElasticCacheHooks, FeatureCacheConfig,
                                            apply_feature_cache, cache_context, reset_cache)
-from elastic_compile.runtime.sampling import SamplingConfig, sample
-from elastic_compile.runtime.state import state_of
+from elastic_compile.sampling import SamplingConfig, sample
+from elastic_compile.state import state_of
 from helpers import randomize_routers
 from zoo import ARCHITECTURES
 
@@ -86,7 +86,7 @@ def test_cache_off_and_after_reset_skip_is_identity():
     _call(model, inputs, skip={2})
     x, y = seen[-1]
     assert torch.equal(y, x)
-    ec.runtime.cache.remove_feature_cache(model)
+    ec.cache.remove_feature_cache(model)
     with torch.no_grad(), ec.force(model, skip={2}):
         model(**inputs)  # no context needed without a cache
     x, y = seen[-1]

@@ -10,8 +10,8 @@ from torch.utils import _pytree as pytree
 
 from elastic_compile.capture.record import SignatureBinder, bind_to_signature
 from elastic_compile.errors import InputMismatchError
-from elastic_compile.export.layout import CallLayout, OutputLayout
-from elastic_compile.runtime.backends.onnxruntime import _to_numpy
+from elastic_compile.artifact.layout import CallLayout, OutputLayout
+from elastic_compile.backends.onnxruntime import _to_numpy
 
 P = inspect.Parameter
 KIND_ORDER = [P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD, P.VAR_POSITIONAL, P.KEYWORD_ONLY, P.VAR_KEYWORD]
@@ -192,7 +192,7 @@ def test_fast_match_agrees_with_match_or_leaves_the_call_to_it(case):
 
 
 def test_describe_inputs_reads_flat_calls_directly_and_matches_tree_map():
-    from elastic_compile.runtime.state import TensorMeta, describe_inputs
+    from elastic_compile.state import TensorMeta, describe_inputs
     x, t = torch.randn(2, 3), torch.tensor([1, 2])
     flat = describe_inputs((x,), {"t": t, "flag": True, "none": None})
     assert flat == ((TensorMeta((2, 3), torch.float32, x.device),),

@@ -8,10 +8,11 @@ from hypothesis import given, settings, strategies as st
 
 import elastic_compile as ec
 from elastic_compile.errors import BackendUnavailableError, ConfigError
-from elastic_compile.nn.gate import best_bucket, run_probability
-from elastic_compile.runtime.cuda_graph import capture_cuda_graph
-from elastic_compile.runtime.device_routing import Branches, device_decisions, device_routing, run_logit_threshold
-from elastic_compile.runtime.state import state_of
+from elastic_compile.nn.gate.decisions import best_bucket, run_probability
+from elastic_compile.serve.cuda_graph import capture_cuda_graph
+from elastic_compile.nn.gate.decisions import device_decisions, run_logit_threshold
+from elastic_compile.nn.gate.device import Branches, device_routing
+from elastic_compile.state import state_of
 from helpers import randomize_routers, stand_in_capture
 from zoo import ARCHITECTURES, first_output
 
@@ -187,7 +188,7 @@ def test_a_captured_forward_serves_the_sampling_loop():
     """The sampler calls ``denoiser(x, timestep=t, class_labels=y, return_dict=False)`` with the CFG batch: a
     graph captured from keyword inputs of that batch replays those calls, with the routed model's images."""
     from elastic_compile.reference import load_reference
-    from elastic_compile.runtime.sampling import sample
+    from elastic_compile.sampling import sample
     model, scheduler, config = load_reference()
     ec.transform(model, example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
                                             class_labels=torch.tensor([1, 2]), return_dict=False))
@@ -208,8 +209,8 @@ def test_feature_cache_on_the_device_follows_the_host_rules(cache, cfg):
     """A whole generation with the feature cache: device-side reuse counters, band and fallback give the host
     gate's images and per-step decisions (run, width, reuse), per CFG branch; ``reset_cache`` reaches them."""
     from elastic_compile.reference import load_reference
-    from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
-    from elastic_compile.runtime.sampling import sample
+    from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
+    from elastic_compile.sampling import sample
     model, scheduler, config = load_reference()
     ec.transform(model, example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
                                             class_labels=torch.tensor([1, 2]), return_dict=False))
@@ -240,8 +241,8 @@ def test_feature_cache_on_the_device_follows_the_host_rules(cache, cfg):
 def test_captured_forwards_serve_the_cache_per_context():
     """One graph per cache context; the sampler's hooks pick the graph; images and reuse as on the host."""
     from elastic_compile.reference import load_reference
-    from elastic_compile.runtime.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, cache_context
-    from elastic_compile.runtime.sampling import sample
+    from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, cache_context
+    from elastic_compile.sampling import sample
     model, scheduler, config = load_reference()
     ec.transform(model, example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
                                             class_labels=torch.tensor([1, 2]), return_dict=False))

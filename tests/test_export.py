@@ -10,9 +10,9 @@ import elastic_compile as ec
 from elastic_compile.cli import main
 from elastic_compile.errors import ArtifactError, BucketNotExportedError, ConfigError
 from elastic_compile.export import exporter
-from elastic_compile.artifact_io import staging_directory
-from elastic_compile.export.manifest import FORMAT, read_manifest, sha256_file
-from elastic_compile.runtime.state import state_of
+from elastic_compile.artifact.files import staging_directory
+from elastic_compile.artifact.manifest import FORMAT, read_manifest, sha256_file
+from elastic_compile.state import state_of
 from zoo import ARCHITECTURES, first_output
 
 

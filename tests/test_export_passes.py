@@ -6,12 +6,13 @@ import torch
 
 import elastic_compile as ec
 from elastic_compile.errors import UnsupportedComplexOpError
-from elastic_compile.export.layout import CallLayout, OutputLayout
+from elastic_compile.artifact.layout import CallLayout, OutputLayout
 from elastic_compile.export.onnx_io import complex_outputs_of, export_graph
 from elastic_compile.export.passes import export_without_complex, has_complex, lower_complex
-from elastic_compile.export.program import BlockProgram, graph_inputs
+from elastic_compile.artifact.graphs import graph_inputs
+from elastic_compile.export.program import BlockProgram
 from elastic_compile.export.verify import run_ort
-from elastic_compile.runtime.state import state_of
+from elastic_compile.state import state_of
 from zoo import ARCHITECTURES
 
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from elastic_compile.analysis.spec import RouterFeature
 from elastic_compile.export.program import SUMMARY_EPS, pooled_outputs, token_summary
 from elastic_compile.nn.router import Router
-from elastic_compile.runtime.host_router import SINGLE_THREAD_GEMM, HostRouter, _matmul
-from elastic_compile.runtime.summaries import PooledSummaries
+from elastic_compile.serve.host_router import SINGLE_THREAD_GEMM, HostRouter, _matmul
+from elastic_compile.serve.summaries import PooledSummaries
 
 
 def _router(features, hidden, widths, seed):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import elastic_compile as ec
-from elastic_compile.runtime.lookahead import ExportedWeights, LookaheadLogits
-from elastic_compile.runtime.state import state_of
+from elastic_compile.serve.lookahead import ExportedWeights, LookaheadLogits
+from elastic_compile.state import gate_of, state_of
 from zoo import ARCHITECTURES, first_output, glue_dit
 
 
@@ -28,8 +28,8 @@ def _export(model, inputs, out, **options):
 
 
 def _memo(runtime) -> LookaheadLogits:
-    return next(b._elastic_gate.router.lookahead for b in state_of(runtime).blocks
-                if getattr(b._elastic_gate.router, "lookahead", None) is not None)
+    return next(gate_of(b).router.lookahead for b in state_of(runtime).blocks
+                if getattr(gate_of(b).router, "lookahead", None) is not None)
 
 
 def _outside_lookaheads(out) -> list[int]:

@@ -12,8 +12,8 @@ from elastic_compile.capture.opaque_blocks import capture_with_opaque_blocks
 from elastic_compile.export.outside import resize_batch
 from elastic_compile.export.recording import record_block_calls
 from elastic_compile.export.segments import BlockCall, Segment, split_at_blocks
-from elastic_compile.runtime.driver import BlockCalls, plan_releases, run_steps
-from elastic_compile.runtime.state import force, state_of
+from elastic_compile.artifact.graphs import BlockCalls, plan_releases, run_steps
+from elastic_compile.state import force, state_of
 from helpers import randomize_routers
 from zoo import ARCHITECTURES, first_output
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import elastic_compile as ec
 from elastic_compile.analysis.spec import ParamSlice
 from elastic_compile.passes.order_neurons import unit_importance
-from elastic_compile.runtime.state import state_of
+from elastic_compile.state import state_of
 from zoo import ARCHITECTURES, first_output
 
 

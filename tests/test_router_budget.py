@@ -5,7 +5,7 @@ from elastic_compile.analysis.flop_counter import flop_counter
 import elastic_compile as ec
 from elastic_compile.analysis import blocks as block_analysis
 from elastic_compile.models import DiT, dit_config
-from elastic_compile.runtime.state import state_of
+from elastic_compile.state import state_of
 
 
 def test_router_within_budget_on_dit_xl_block():

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import elastic_compile as ec
-from elastic_compile.nn.gate import best_bucket, host_decisions, run_probability
-from elastic_compile.runtime.state import state_of
+from elastic_compile.nn.gate.decisions import best_bucket, host_decisions, run_probability
+from elastic_compile.state import state_of
 from helpers import randomize_routers, sample_inputs
 from zoo import ARCHITECTURES, first_output
 
@@ -50,7 +50,7 @@ def test_untrained_router_runs_everything_at_full_width():
     ec.transform(model, example_inputs=inputs)
     with torch.no_grad():
         model(**inputs)
-    for router in ec.runtime.state.state_of(model).routers.values():
+    for router in state_of(model).routers.values():
         run_logit, width_logits = router(_arguments_for(model, router, inputs))
         assert (torch.sigmoid(run_logit) > 0.95).all() and (width_logits.argmax(-1) == width_logits.shape[1] - 1).all()
 
@@ -214,7 +214,7 @@ def test_the_gates_inference_path_equals_its_general_path(name, setting, monkeyp
     """Inference with host routing takes a lean path through the gate; it must decide, record, cache and output
     exactly what the general path (the one training, device routing and profiling take) does."""
     from elastic_compile.nn.gate import BlockGate
-    from elastic_compile.runtime.cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
+    from elastic_compile.cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
 
     def forwards(model, inputs, general: bool):
         if general:

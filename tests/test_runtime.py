@@ -6,12 +6,11 @@ import torch
 import elastic_compile as ec
 from elastic_compile.cli import main
 from elastic_compile.errors import BackendUnavailableError, ConfigError, InputMismatchError
-from elastic_compile.export.program import torch_forward
-from elastic_compile.runtime.backends.tensorrt import tensorrt_available
-from elastic_compile.runtime.cache import ElasticCacheHooks
-from elastic_compile.runtime.executor import BlockExecutor, GraphRouter, plan_chunks
-from elastic_compile.runtime.host_router import HostRouter
-from elastic_compile.runtime.state import state_of
+from elastic_compile.backends.tensorrt import tensorrt_available
+from elastic_compile.cache import ElasticCacheHooks
+from elastic_compile.serve.executor import BlockExecutor, GraphRouter, plan_chunks
+from elastic_compile.serve.host_router import HostRouter
+from elastic_compile.state import gate_of, state_of
 from helpers import randomize_routers, reference_case, sample_inputs
 from zoo import ARCHITECTURES, first_output
 
@@ -113,7 +112,7 @@ def test_torch_backend_is_the_elastic_model_itself(exported):
 def test_padding_rows_do_not_change_real_rows(exported):
     """One block, directly: 3 rows run in a batch-4 graph (padded) equal the PyTorch block on those 3 rows."""
     state = state_of(exported.runtime.model)
-    gate = state.blocks[-1]._elastic_gate
+    gate = gate_of(state.blocks[-1])
     executor = gate.original_forward
     assert isinstance(executor, BlockExecutor) and sorted(executor.files[state.dense_bucket]) == [4]
     seen = {}
@@ -127,13 +126,13 @@ def test_padding_rows_do_not_change_real_rows(exported):
     pick = lambda v: v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 4 else v
     sub_args = tuple(pick(a) for a in args)
     sub_kwargs = {k: (tuple(pick(x) for x in v) if isinstance(v, tuple) else pick(v)) for k, v in kwargs.items()}
-    torch_gate = state_of(exported.model).blocks[-1]._elastic_gate
+    torch_gate = gate_of(state_of(exported.model).blocks[-1])
     for bucket in (0, None) if state.specs[-1].elastic_width else (None,):
         gate.control.bucket = torch_gate.control.bucket = bucket
         try:
             with torch.no_grad():
                 got = executor(*sub_args, **sub_kwargs)
-                expected = torch_forward(torch_gate)(*sub_args, **sub_kwargs)
+                expected = torch_gate.torch_forward(*sub_args, **sub_kwargs)
         finally:
             gate.control.bucket = torch_gate.control.bucket = None
         for g, e in zip(_tensors(got), _tensors(expected)):
@@ -157,7 +156,7 @@ def test_plan_chunks():
 def test_onnx_routers_give_the_same_decisions_and_block_weights_are_freed(tmp_path_factory):
     exported = _get("flux", tmp_path_factory)
     runtime = ec.runtime.load(exported.dir, routers="onnx", threads=1)
-    assert all(isinstance(state_of(runtime.model).blocks[e["block"]]._elastic_gate.router, GraphRouter)
+    assert all(isinstance(gate_of(state_of(runtime.model).blocks[e["block"]]).router, GraphRouter)
                for e in runtime.manifest["routers"])
     with torch.no_grad():
         expected = first_output(exported.model(**exported.inputs))
@@ -176,7 +175,7 @@ def test_block_graphs_summarise_streams_for_the_host_routers(tmp_path_factory, t
     import shutil
     exported = _get("dit", tmp_path_factory)
     state = state_of(exported.runtime.model)
-    hosts = [g.router for g in (b._elastic_gate for b in state.blocks) if isinstance(g.router, HostRouter)]
+    hosts = [g.router for g in (gate_of(b) for b in state.blocks) if isinstance(g.router, HostRouter)]
     assert len(hosts) == len(state.routers) > 1
     assert all(entry["pooled_outputs"] == [0] for entry in exported.runtime.manifest["blocks"])
     for router in state.routers.values():
@@ -228,7 +227,7 @@ def test_graphs_without_router_summaries_return_only_the_block_outputs(tmp_path_
         expected = first_output(exported.model(**exported.inputs))
     assert float((got - expected).abs().max()) <= ATOL
     assert ec.stats(runtime).decisions == ec.stats(exported.model).decisions
-    hosts = [b._elastic_gate.router for b in state_of(runtime.model).blocks if b._elastic_gate.router is not None]
+    hosts = [gate_of(b).router for b in state_of(runtime.model).blocks if gate_of(b).router is not None]
     shared = sum(f.kind != "pooled" for f in hosts[0].features)  # the timestep's features: the only hits
     assert hosts[0].summaries.hits == shared * (len(hosts) - 1)
 
@@ -257,7 +256,7 @@ def test_tensorrt_backend_unavailable_is_a_typed_error(tmp_path_factory):
 
 def test_sampling_and_feature_cache_on_the_runtime_match_the_pytorch_model(tmp_path_factory, tmp_path, capsys):
     exported = _get("reference", tmp_path_factory)
-    from elastic_compile.runtime.sampling import sample
+    from elastic_compile.sampling import sample
     exported.randomize(7)
     kwargs = dict(num_inference_steps=3, guidance_scale=2.0, seed=3)
     expected = sample(exported.model, exported.scheduler, [1, 4, 7], exported.sampling, **kwargs)
@@ -271,8 +270,8 @@ def test_sampling_and_feature_cache_on_the_runtime_match_the_pytorch_model(tmp_p
         got = exported.runtime.sample([1, 4, 7], hooks=ElasticCacheHooks(exported.runtime), **kwargs)
         torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
     finally:
-        ec.runtime.cache.remove_feature_cache(exported.model)
-        ec.runtime.cache.remove_feature_cache(exported.runtime)
+        ec.cache.remove_feature_cache(exported.model)
+        ec.cache.remove_feature_cache(exported.runtime)
     assert main(["run", str(exported.dir), "--classes", "0,1,2", "--steps", "1", "--out", str(tmp_path / "g.png"),
                  "--threads", "1", "--width", "0.5", "--thread-pool", "per_session"]) == 0  # shared: process-wide
     printed = capsys.readouterr().out
@@ -284,7 +283,7 @@ def test_sampling_and_feature_cache_on_the_runtime_match_the_pytorch_model(tmp_p
 def test_run_cli_with_cuda_graphs(tmp_path_factory, tmp_path, capsys, monkeypatch):
     """``run --cuda-graph``: typed errors without a GPU or with another backend; with the capture replaced by an
     eager stand-in (what a replay computes), the same images as the plain torch run, feature cache included."""
-    import elastic_compile.runtime.cuda_graph as cuda_graph
+    import elastic_compile.serve.cuda_graph as cuda_graph
     from helpers import stand_in_capture
     exported = _get("reference", tmp_path_factory)
     common = ["run", str(exported.dir), "--classes", "0,3", "--steps", "3", "--threads", "1", "--cache", "on"]
@@ -303,7 +302,7 @@ def test_run_cli_with_cuda_graphs(tmp_path_factory, tmp_path, capsys, monkeypatc
 
 
 def test_single_thread_router_runs_on_one_thread_and_restores_the_pool():
-    from elastic_compile.runtime.executor import SingleThreadRouter
+    from elastic_compile.serve.executor import SingleThreadRouter
     seen = []
 
     def router(arguments):
@@ -380,49 +379,3 @@ def test_onnxruntime_runtime_outputs_do_not_depend_on_its_pytorch_threads(tmp_pa
         torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(before)
-
-
-def test_paired_overhead_is_the_median_pair_ratio_on_a_fake_clock(monkeypatch):
-    """Statistics only (no wall-clock assertion): a clock that advances 100 (+ drift) per base call and 103
-    (+ the same drift) per method call gives +3% whatever the drift, with an interval around it."""
-    from elastic_compile.runtime import timing
-    clock = {"now": 0.0, "drift": 0.0}
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
-
-    def work(cost):
-        def call():
-            clock["drift"] += 0.2  # the machine slows down steadily (0.2% per call, 16% over the run)
-            clock["now"] += cost * (1 + clock["drift"] / 100)
-        return call
-    result = timing.paired_overhead(work(100.0), work(103.0), pairs=40, warmup=1)
-    assert result["overhead"] == pytest.approx(0.03, abs=2e-3)
-    low, high = result["interval"]
-    assert low <= 0.03 <= high and high - low < 0.01
-
-
-def test_paired_overhead_across_instances_cycles_every_combination_on_a_fake_clock(monkeypatch):
-    """Instances that differ by placement (here +-2% each, fixed per instance): every (base, method) pair of
-    instances is timed, pairs round up to whole cycles, the overhead is the method's own +3%, and the interval
-    (instances drawn in the bootstrap) is wider than the one of a single pair of instances."""
-    from elastic_compile.runtime import timing
-    clock = {"now": 0.0}
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
-    calls = []
-
-    def work(cost, name):
-        def call():
-            calls.append(name)
-            clock["now"] += cost
-        return call
-    placement = [1.0, 1.02, 0.98]
-    bases = [work(100.0 * p, f"b{k}") for k, p in enumerate(placement)]
-    methods = [work(103.0 * p, f"m{k}") for k, p in enumerate(placement)]
-    result = timing.paired_overhead(bases, methods, pairs=40, warmup=1)
-    assert result["pairs"] == 45 and result["instances"] == (3, 3)
-    timed = calls[6:]  # after one warm-up call of each instance
-    combos = {tuple(sorted(timed[k:k + 2])) for k in range(0, len(timed), 2)}
-    assert combos == {(f"b{i}", f"m{j}") for i in range(3) for j in range(3)}
-    assert result["overhead"] == pytest.approx(0.03, abs=1e-9)  # the median combination: same placement
-    low, high = result["interval"]
-    single = timing.paired_overhead(bases[0], methods[1], pairs=40, warmup=1)
-    assert low < 0.03 < high and high - low > single["interval"][1] - single["interval"][0]

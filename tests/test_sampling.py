@@ -10,8 +10,8 @@ import torch
 
 from elastic_compile.errors import ConfigError, DenoiserError
 from elastic_compile.reference import load_reference
-from elastic_compile.runtime.sampler_hooks import DiffusersCacheHooks, SamplerHooks
-from elastic_compile.runtime.sampling import SamplingConfig, initial_noise, sample
+from elastic_compile.sampling.hooks import DiffusersCacheHooks, SamplerHooks
+from elastic_compile.sampling import SamplingConfig, initial_noise, sample
 
 STEPS = 4
 LABELS = [1, 3, 5, 7]

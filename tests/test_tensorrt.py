@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from elastic_compile.errors import BackendUnavailableError, ConfigError, EngineCacheError
-from elastic_compile.runtime.backends import engine_cache as ec_cache
-from elastic_compile.runtime.backends.engine_cache import MAGIC, EngineCache, EngineKey, decode_entry, encode_entry
+from elastic_compile.backends import engine_cache as ec_cache
+from elastic_compile.backends.engine_cache import MAGIC, EngineCache, EngineKey, decode_entry, encode_entry
 
 KEY = EngineKey.make("a" * 64, ["b" * 64], "10.9.0", "NVIDIA H100 80GB HBM3", (9, 0),
                      {"strongly_typed": True, "optimization_level": 3})
@@ -122,7 +122,7 @@ def test_engine_cache_module_is_pure_python():
 
 
 def test_tensorrt_module_imports_without_tensorrt_and_says_why_it_cannot_run(tmp_path):
-    module = importlib.import_module("elastic_compile.runtime.backends.tensorrt")
+    module = importlib.import_module("elastic_compile.backends.tensorrt")
     available, why = module.tensorrt_available()
     if available:
         pytest.skip("TensorRT is installed here")
@@ -137,7 +137,7 @@ def test_tensorrt_module_imports_without_tensorrt_and_says_why_it_cannot_run(tmp
 
 
 def _tensorrt_or_skip():
-    module = importlib.import_module("elastic_compile.runtime.backends.tensorrt")
+    module = importlib.import_module("elastic_compile.backends.tensorrt")
     available, why = module.tensorrt_available()
     if not available:
         pytest.skip(f"TensorRT backend needs TensorRT and a CUDA GPU: {why}")
@@ -176,7 +176,7 @@ def test_tensorrt_engines_match_pytorch(tmp_path):
 def test_every_graph_is_keyed_with_its_block_weights_file(tmp_path):
     """Graphs reference their block's weights through external data, so an engine key must hash the weights
     file as well as the graph bytes."""
-    module = importlib.import_module("elastic_compile.runtime.backends.tensorrt")
+    module = importlib.import_module("elastic_compile.backends.tensorrt")
     manifest = {"blocks": [{"weights": "blocks/000/weights.bin",
                             "graphs": {"0": {"1": "blocks/000/bucket0_b1.onnx"}, "3": {"1": "blocks/000/bucket3_b1.onnx"}}},
                            {"weights": "blocks/001/weights.bin", "graphs": {"3": {"2": "blocks/001/bucket3_b2.onnx"}}}]}

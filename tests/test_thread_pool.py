@@ -10,7 +10,7 @@ import torch
 
 import elastic_compile as ec
 from elastic_compile.errors import ConfigError
-from elastic_compile.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from elastic_compile.backends.onnxruntime import OnnxRuntimeBackend
 from helpers import randomize_routers, reference_case
 from zoo import first_output
 

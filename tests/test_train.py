@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import elastic_compile as ec
-from elastic_compile.runtime.state import state_of
+from elastic_compile.state import state_of
 from elastic_compile.train import train_routers
 from train_fixtures import TRAIN_ARGS, router_state, tiny_dataset, tiny_elastic_model
 

@@ -5,9 +5,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import elastic_compile as ec
 from elastic_compile.errors import ConfigError
-from elastic_compile.runtime.cache import FeatureCacheConfig, apply_feature_cache, cache_context, remove_feature_cache
-from elastic_compile.runtime.sampling import SamplingConfig, denoiser_output, sample
-from elastic_compile.runtime.state import state_of
+from elastic_compile.cache import FeatureCacheConfig, apply_feature_cache, cache_context, remove_feature_cache
+from elastic_compile.sampling import SamplingConfig, denoiser_output, sample
+from elastic_compile.state import state_of
 from elastic_compile.train import record_class_conditional_trajectories, record_trajectories, train_routers
 from elastic_compile.train.cache_aware import previous_step_updates, steps_back
 from train_fixtures import TRAIN_ARGS, tiny_dataset, tiny_elastic_model

@@ -7,7 +7,7 @@ import torch
 from elastic_compile.analysis.flop_counter import flop_counter
 
 import elastic_compile as ec
-from elastic_compile.runtime.state import state_of
+from elastic_compile.state import state_of
 from zoo import first_output
 
 # What a bypassed block returns, written per architecture from its source (independent of the analysis).

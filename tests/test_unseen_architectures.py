@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import elastic_compile as ec
-from elastic_compile.runtime.state import state_of
+from elastic_compile.state import state_of
 from unseen import build
 
 

@@ -18,7 +18,7 @@ def tiny_dataset(size=128, seed=0):
 
 
 def router_state(model):
-    from elastic_compile.runtime.state import state_of
+    from elastic_compile.state import state_of
     return {f"{i}.{k}": v.detach().clone() for i, r in state_of(model).routers.items() for k, v in r.state_dict().items()}
 
 

@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.export import ExportedBlock, export_block
 from ..capture.record import ModuleCall, record_calls
+from ..capture.treespec import flatten_output
 from ..errors import CaptureError, NoTransformerBlocksError
 from .conditioning import router_features
 from .ffn import find_ffn_sites
@@ -52,11 +53,6 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
             if sequence or classes.count(type(child)) >= 2:
                 found[f"{parent_name}.{child_name}" if parent_name else child_name] = child
     return found
-
-
-def flatten_output(value):
-    """Flatten a block output the way its exported graph does: ``None`` entries count as leaves."""
-    return pytree.tree_flatten(value, is_leaf=lambda v: v is None)
 
 
 def _tensor_leaves(value) -> list[torch.Tensor]:

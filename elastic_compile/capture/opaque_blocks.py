@@ -2,8 +2,8 @@
 
 Inside :func:`capture_with_opaque_blocks` each recorded block's ``forward`` (its gate) is replaced by a call of
 the custom op ``elastic_compile::opaque_block(tensors, index) -> tensors``: the block's tensor arguments in its
-:class:`~elastic_compile.export.layout.CallLayout` order in, its tensor outputs in
-:class:`~elastic_compile.export.layout.OutputLayout` order out. torch.export traces the op with a fake
+:class:`~elastic_compile.artifact.layout.CallLayout` order in, its tensor outputs in
+:class:`~elastic_compile.artifact.layout.OutputLayout` order out. torch.export traces the op with a fake
 implementation that returns tensors shaped like the recorded outputs, so the captured graph holds everything
 *outside* the blocks as ATen ops and each block call as one node (see :mod:`elastic_compile.export.segments`,
 which cuts the graph there).

@@ -24,3 +24,8 @@ PLAIN_LEAVES = (torch.Tensor,) + JSON_SCALARS
 def loaded_treespec(dumped: str) -> pytree.TreeSpec:
     """The ``TreeSpec`` that ``pytree.treespec_dumps`` wrote as ``dumped``, loaded once and shared."""
     return pytree.treespec_loads(dumped)
+
+
+def flatten_output(value):
+    """Flatten a block output the way its exported graph does: ``None`` entries count as leaves."""
+    return pytree.tree_flatten(value, is_leaf=lambda v: v is None)

@@ -40,7 +40,7 @@ def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.M
     if model_class is None:
         raise ConfigError("a diffusers model class in config.json", f"_class_name={class_name!r}",
                           "Use a package.module:factory spec for non-diffusers models.")
-    from ..export.base import load_diffusers_model
+    from ..artifact.base import load_diffusers_model
     model = load_diffusers_model(model_class, directory)
     if inputs is None:
         inputs = synthesize_dit_inputs(model)

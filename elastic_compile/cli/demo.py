@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def elastic_model_cache(model) -> str:
-    from ..runtime.state import state_of
+    from ..state import state_of
     config = state_of(model).cache.config
     return f"K={config.max_reuse}, fallback '{config.fallback}'"
 
@@ -30,7 +30,7 @@ def run(args) -> int:
     from ..reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
     from ..reference.data import load_digits_split
     from ..reference.evaluate import generate, score
-    from ..runtime.cache import (ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, remove_feature_cache,
+    from ..cache import (ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, remove_feature_cache,
                                  serving_cache_hooks)
     from .common import synthesize_dit_inputs
 

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def _sampling_assets(args):
-    from ..runtime.sampling import SamplingConfig
+    from ..sampling import SamplingConfig
 
     model_dir = Path(args.model)
     scheduler_dir = Path(args.scheduler) if args.scheduler else model_dir.parent / "scheduler"

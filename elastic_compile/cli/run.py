@@ -43,7 +43,7 @@ def register(subparsers) -> None:
                         "CUDA for TensorRT)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="torch backend on a GPU: each forward replays one CUDA graph in which the routers "
-                        "decide on the GPU (elastic_compile.runtime.capture_cuda_graph)")
+                        "decide on the GPU (elastic_compile.serve.capture_cuda_graph)")
     parser.set_defaults(handler=run)
 
 
@@ -90,8 +90,8 @@ def save_images(images: torch.Tensor, path: Path, nrow: int) -> Path:
 
 def sample_with_cuda_graph(runtime, labels: list[int], options: dict) -> torch.Tensor:
     """``runtime.sample`` through a CUDA graph of the sampler's calls (captured first, under the active force)."""
-    from ..runtime.cuda_graph import capture_for_sampling
-    from ..runtime.sampling import sample
+    from ..serve.cuda_graph import capture_for_sampling
+    from ..sampling import sample
 
     if runtime.scheduler is None or runtime.sampling_config is None:
         raise ConfigError("an export with a scheduler and a sampling config", "none stored",
@@ -106,7 +106,7 @@ def sample_with_cuda_graph(runtime, labels: list[int], options: dict) -> torch.T
 
 def run(args) -> int:
     import elastic_compile as ec
-    from ..runtime.cache import serving_cache_hooks
+    from ..cache import serving_cache_hooks
 
     labels = [int(c) for c in parse_floats(args.classes, "--classes")]
     if args.cuda_graph and args.backend != "torch":

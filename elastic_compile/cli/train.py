@@ -38,7 +38,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from ..reference import ASSETS_DIR
-    from ..runtime.sampling import SamplingConfig
+    from ..sampling import SamplingConfig
     from ..train import record_class_conditional_trajectories, train_routers
     from .common import resolve_model
 

@@ -3,7 +3,7 @@
 Layout of an export directory::
 
     manifest.json              written last: format, source fingerprint, shapes, buckets, batch sizes, files+sha256
-    base/                      the base model (diffusers folder, or safetensors + factory.json), see .base
+    base/                      the base model (diffusers folder, or safetensors + factory.json), see artifact/base.py
     elastic/                   elastic_compile.save artifact (config, block specs, permutations, routers)
     blocks/<i>/weights.bin     block i's weights, once (external data shared by all of its graphs)
     blocks/<i>/bucket<k>_b<n>.onnx   block i at width bucket k for batch size n (static shapes); outputs: the
@@ -34,24 +34,28 @@ import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..artifact_io import staging_directory
-from ..capture.record import bind_to_signature, call_model
+from ..artifact import manifest as mf
+from ..artifact.base import is_diffusers_model, save_base
+from ..artifact.files import staging_directory
+from ..artifact.graphs import DTYPES
+from ..artifact.layout import dtype_name
+from ..artifact.tolerance import ATOL, max_abs_diff, within
+from ..backends.tensorrt import prebuild_engines
+from ..capture.record import bind_to_signature
 from ..errors import ConfigError, ExportError
-from ..runtime.state import force, state_of
-from . import manifest as mf
-from .base import is_diffusers_model, save_base
-from .layout import dtype_name
-from .recording import RecordedCall, attach_lookaheads, record_block_calls
-from .outside import export_outside
+from ..serialization import save as save_elastic
+from ..state import gate_of, state_of
 from .onnx_io import OPSET, WeightFile, block_tensors, check_file, export_graph, write_block_graph
-from .program import DTYPES, BlockProgram, RouterProgram, cast_inputs, cast_module, SUMMARY_EPS
-from .verify import ATOL, ORT_CPU_DTYPES, compare_block_file, max_abs_diff, run_ort, within
+from .outside import export_outside
+from .program import SUMMARY_EPS, BlockProgram, RouterProgram, cast_inputs, cast_module
+from .recording import RecordedCall, attach_lookaheads, record_block_calls
+from .verify import ORT_CPU_DTYPES, compare_block_file, run_ort
 
 logger = logging.getLogger("elastic_compile")
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -177,7 +181,7 @@ class _Exporter:
             router = self.state.routers.get(call.index)
             if router is None:
                 continue
-            gate = call.block._elastic_gate
+            gate = gate_of(call.block)
             arguments = bind_to_signature(gate.signature, call.args, call.kwargs)
             example = [arguments[f.name] for f in router.features]
             program = RouterProgram(router)
@@ -215,7 +219,7 @@ class _Exporter:
 def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[float] | None = None,
            dtype: str = "fp32", backend: str = "onnxruntime", batch_sizes: Sequence[int] | None = None, *,
            base_factory: str | None = None, scheduler: Any = None, sampling_config: Any = None,
-           threads: int | None = None, verify_runtime: bool = True, progress: bool = False,
+           threads: int | None = None, runtime_check: Callable | None = None, progress: bool = False,
            trt_options: dict | None = None, router_summaries: bool = True, outside_graphs: bool = True) -> Path:
     """Export an elastic model (from ``transform`` or ``load``) to ``out_dir`` (see the module docstring).
 
@@ -228,8 +232,11 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
         batch_sizes: static batch sizes per graph (default 1 and the example batch).
         base_factory: ``package.module:factory`` for models that are not diffusers ModelMixins.
         scheduler, sampling_config: stored for ``Runtime.sample`` / ``elastic-compile run`` (optional).
-        threads: onnxruntime intra-op threads for verification; verify_runtime: also load the finished
-            artifact with the onnxruntime runtime and compare whole-model outputs under several forced plans.
+        threads: onnxruntime intra-op threads for verification.
+        runtime_check: called as ``runtime_check(model, example_inputs, staged_dir, dtype, bucket_indices,
+            threads, backend)`` once the staged artifact is complete, before it replaces ``out_dir`` (raising
+            aborts the export); ``elastic_compile.export`` passes the runtime's own check
+            (``serve/check.py``), so this package never imports the runtime that reads what it writes.
         router_summaries: block graphs also return the token summaries the next router reads and, for fp32
             onnxruntime exports, the next router's logits where that router reads only this block's inputs and
             outputs (default); False gives graphs with the block's outputs only (a dense deployment's baseline:
@@ -269,7 +276,6 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
             program, program_note = _outside_program(model, example_inputs, calls, root, dtype, backend, threads,
                                                      outside_graphs, lookaheads=router_summaries)
             base = save_base(model, state, root / "base", base_factory)
-            from ..serialization import save as save_elastic
             save_elastic(model, root / "elastic")
             sampling = _save_sampling(root, scheduler, sampling_config)
             manifest = {
@@ -300,14 +306,13 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
                 "sampling": sampling, "versions": mf.tool_versions(),
             }
             if backend == "tensorrt":
-                from ..runtime.backends.tensorrt import prebuild_engines
                 manifest["backends"]["tensorrt"] = prebuild_engines(root, manifest, trt_options or {})
             manifest["export_seconds"] = round(time.perf_counter() - started, 2)
             manifest = mf.finalize(root, manifest)
-            if verify_runtime and exporter.verify_ort:
-                _check_runtime(model, example_inputs, root, dtype, indices, threads)
-            if verify_runtime and manifest["backends"]["tensorrt"].get("engines"):
-                _check_runtime(model, example_inputs, root, dtype, indices, threads, backend="tensorrt")
+            if runtime_check is not None and exporter.verify_ort:
+                runtime_check(model, example_inputs, root, dtype, indices, threads, "onnxruntime")
+            if runtime_check is not None and manifest["backends"]["tensorrt"].get("engines"):
+                runtime_check(model, example_inputs, root, dtype, indices, threads, "tensorrt")
     finally:
         model.train(was_training)
         state.cache = feature_cache
@@ -342,27 +347,3 @@ def _save_sampling(root: Path, scheduler, sampling_config) -> dict:
         sampling_config.save(root / "sampling.json")
         entry["config"] = "sampling.json"
     return entry
-
-
-def _check_runtime(model, example_inputs, root: Path, dtype: str, indices: list[int], threads,
-                   backend: str = "onnxruntime") -> None:
-    """Load the staged artifact with a runtime backend; compare whole-model outputs with ``model`` under
-    dense, narrowest-exported-width and skip-every-other-block plans."""
-    from ..runtime.artifact import load
-
-    state = state_of(model)
-    runtime = load(root, backend, threads=threads)
-    runtime_inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(runtime.device), example_inputs)
-    widths = [state.config.width_buckets[i] for i in indices]
-    skippable = {s.index for s in state.specs if s.skippable and state.config.allow_skip}
-    plans = [(False, 1.0), (False, widths[0]), (frozenset(sorted(skippable)[::2]) or None, widths[len(widths) // 2])]
-    for skip, width in plans:
-        with torch.no_grad(), force(model, skip=skip, width=width):
-            expected = [t for t in pytree.tree_leaves(call_model(model, example_inputs)) if isinstance(t, torch.Tensor)]
-        with force(runtime, skip=skip, width=width):
-            got = [t.cpu() for t in pytree.tree_leaves(call_model(runtime, runtime_inputs)) if isinstance(t, torch.Tensor)]
-        diff, scale = max_abs_diff(got, expected)
-        if not within(diff, scale, dtype):
-            raise ExportError(f"the exported {backend} runtime to reproduce the PyTorch elastic model",
-                              f"max |diff| {diff:.3g} with skip={skip}, width={width}", "Report the model.")
-    runtime.close()

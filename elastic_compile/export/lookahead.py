@@ -5,7 +5,7 @@ after a block has streamed its weights through the caches (DiT-B/2, batch 1: ~27
 ~25 us warm). When everything the next block's router reads is a tensor that this block's graph holds anyway
 (one of its outputs, such as the hidden-state stream, or one of its inputs, such as the conditioning vector that
 every block receives), the graph can evaluate that router too, at no measurable cost, and the runtime only has to
-look the logits up (:mod:`elastic_compile.runtime.lookahead`).
+look the logits up (:mod:`elastic_compile.serve.lookahead`).
 
 :func:`find_lookaheads` decides this per block from one real forward: router ``j``'s feature tensors must be the
 very objects (identity, not equal values) that block ``i`` (the call right before ``j``) received or returned.
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..capture.record import bind_to_signature
+from ..state import gate_of
 from .program import token_mean
 
 #: A feature's source in the block graph: ("out", k) the block's k-th tensor output, ("in", k) its k-th input.
@@ -43,7 +44,7 @@ def find_lookaheads(state, calls, raw_calls: dict[int, tuple], order: Sequence[i
         inputs = call.layout.tensors_of(args, kwargs)
         outputs = call.outputs.tensors_of(output)
         next_args, next_kwargs, _ = raw_calls[following]
-        gate = by_index[following].block._elastic_gate
+        gate = gate_of(by_index[following].block)
         arguments = bind_to_signature(gate.signature, next_args, next_kwargs)
         sources = [source_of(arguments.get(feature.name), inputs, outputs) for feature in router.features]
         if sources and all(s is not None for s in sources):

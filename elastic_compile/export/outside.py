@@ -4,7 +4,7 @@ The whole model is captured once with its blocks opaque (:mod:`elastic_compile.c
 at the block calls (:mod:`.segments`). Each segment becomes ``outside/part_<k>.onnx`` (its weights, e.g. the
 patch embedding, timestep MLP and final projection, inline or in ``part_<k>.onnx.data`` next to it), verified
 against PyTorch on the values of the example forward; the manifest's ``program`` entry lists the steps, which
-:class:`elastic_compile.runtime.driver.ModelDriver` runs in place of the model's Python forward.
+:class:`elastic_compile.serve.driver.ModelDriver` runs in place of the model's Python forward.
 
 Batch: the capture is batch-polymorphic where the model allows it (every model input with the example's batch
 rows shares one dynamic dimension, see :mod:`elastic_compile.capture.opaque_blocks`), so one set of graphs
@@ -37,19 +37,18 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
+from ..artifact.graphs import BlockCalls, attribute_at, graph_inputs, run_graph_step, run_steps
+from ..artifact.layout import cycle_rows, dtype_name
+from ..artifact.tolerance import ATOL, max_abs_diff, within
+from ..backends.onnxruntime import OrtGraph
 from ..capture.opaque_blocks import bound_call, capture_with_opaque_blocks
 from ..capture.record import bind_to_signature, call_model
 from ..errors import CaptureError, ExportError
-from ..runtime.backends.onnxruntime import OrtGraph
-from ..runtime.driver import BlockCalls, run_graph_step, run_steps
-from ..runtime.state import force, state_of
-from .layout import cycle_rows, dtype_name
+from ..state import force, gate_of, state_of
 from .lookahead import LookaheadProgram, SegmentWithLookahead, source_of
 from .onnx_io import check_file, complex_outputs_of, export_graph
 from .passes import drop_noop_squeeze_dims
-from .segments import Segment, attribute_at, split_at_blocks
-from .program import graph_inputs
-from .verify import ATOL, max_abs_diff, within
+from .segments import Segment, split_at_blocks
 
 #: graph initializers above this many bytes go to a ``.data`` file next to the graph
 EXTERNAL_DATA_BYTES = 1024
@@ -102,7 +101,7 @@ def export_outside(model: torch.nn.Module, example_inputs: Any, calls: Sequence,
 
 def resize_batch(kwargs: dict[str, Any], batch: int, rows: int) -> dict[str, Any]:
     """The keyword call with ``rows`` samples: every tensor leaf with ``batch`` rows (the batch rule of
-    :mod:`.layout`) takes rows ``0..rows-1`` of itself cyclically; other leaves are kept."""
+    :mod:`elastic_compile.artifact.layout`) takes rows ``0..rows-1`` of itself cyclically; other leaves are kept."""
     def resize(value):
         batched = isinstance(value, torch.Tensor) and value.ndim > 0 and int(value.shape[0]) == batch
         return cycle_rows(value, rows) if batched else value
@@ -229,7 +228,7 @@ def _segment_lookahead(model, calls: Sequence, tensors: list, outputs: list, fol
         return None
     block_tensors = seen[id(following)][0]
     args, kwargs = call.layout.rebuild(block_tensors)
-    arguments = bind_to_signature(call.block._elastic_gate.signature, args, kwargs)
+    arguments = bind_to_signature(gate_of(call.block).signature, args, kwargs)
     sources, extra = [], []
     for feature in router.features:
         value = arguments.get(feature.name)

@@ -1,12 +1,12 @@
 """The functions that get exported: one block at one width bucket, and one router, over flat tensor inputs.
 
 :class:`BlockProgram` is an ``nn.Module`` whose ``forward(*tensors)`` rebuilds the block's arguments from a
-:class:`~.layout.CallLayout`, pins the block's :class:`~elastic_compile.nn.sliced.WidthControl` to one bucket
+:class:`~elastic_compile.artifact.layout.CallLayout`, pins the block's :class:`~elastic_compile.nn.sliced.WidthControl` to one bucket
 and calls the block's *original* forward (the code under its gate), returning the output's tensor leaves.
 Guarantee: in eager mode it returns exactly what the PyTorch elastic model computes for that block at that
 bucket (it runs the same modules with the same sliced weights); torch.export captures that computation with
 static shapes. After the block's outputs it returns, for the outputs listed in ``pooled``, their router
-summaries (:func:`token_summary`): what the next block's router reads first (see ``runtime.summaries``); and,
+summaries (:func:`token_summary`): what the next block's router reads first (see ``serve/summaries.py``); and,
 with a ``lookahead``, last, the next block's router logits (see :mod:`.lookahead`).
 """
 from __future__ import annotations
@@ -18,15 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layout import CallLayout, OutputLayout
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def torch_forward(gate):
-    """The block's own PyTorch forward, also when a runtime has put an executor in its place."""
-    forward = gate.original_forward
-    return getattr(forward, "torch_forward", forward)
+from ..artifact.layout import CallLayout, OutputLayout
+from ..state import gate_of
 
 
 class BlockProgram(nn.Module):
@@ -43,12 +36,12 @@ class BlockProgram(nn.Module):
         self.lookahead = lookahead  # .lookahead.LookaheadProgram: the next block's router, last output
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        gate = self.block._elastic_gate
+        gate = gate_of(self.block)
         args, kwargs = self.layout.rebuild(tensors)
         previous = gate.control.bucket
         gate.control.bucket = self.bucket
         try:
-            out = torch_forward(gate)(*args, **kwargs)
+            out = gate.torch_forward(*args, **kwargs)
         finally:
             gate.control.bucket = previous
         outputs = self.outputs.tensors_of(out)
@@ -129,17 +122,3 @@ def cast_module(module: nn.Module, dtype: torch.dtype):
 def cast_inputs(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
     """Real floating-point tensors cast to ``dtype``; integer, boolean and complex tensors unchanged."""
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
-
-
-def graph_inputs(tensors, dtype: torch.dtype, complex_inputs) -> list[torch.Tensor]:
-    """What an exported graph takes for these PyTorch inputs: real floats cast to the export dtype, complex
-    inputs as ``view_as_real`` pairs (see :mod:`.passes.complex_to_real`), the rest unchanged."""
-    complex_inputs = set(complex_inputs) if complex_inputs else ()
-    out = []
-    for k, t in enumerate(tensors):
-        if k in complex_inputs:
-            t = torch.view_as_real(t.resolve_conj())
-        elif t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        out.append(t if t.is_contiguous() else t.contiguous())
-    return out

@@ -11,10 +11,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ..artifact.layout import CallLayout, OutputLayout
 from ..capture.record import bind_to_signature, call_model
 from ..errors import ExportError
-from ..runtime.state import force, state_of
-from .layout import CallLayout, OutputLayout
+from ..state import force, gate_of, state_of
 from .lookahead import LookaheadProgram, find_lookaheads
 from .program import pooled_outputs
 
@@ -98,7 +98,7 @@ def record_block_calls(model: nn.Module, example_inputs: Any) -> tuple[list[Reco
             raise ExportError(f"block {spec.path} to run in the example forward", "it was not called",
                               "Pass example inputs that run the whole model.")
         (args, kwargs), output = seen[spec.index]
-        gate = block._elastic_gate
+        gate = gate_of(block)
         batch = gate.stream_batch(bind_to_signature(gate.signature, args, kwargs))
         calls.append(RecordedCall(spec.index, block, args, kwargs, output, batch, order=list(raw).index(spec.index),
                                   raw=raw[spec.index]))

@@ -58,17 +58,10 @@ class ModelProgram:
     parameters: dict[str, str] = field(default_factory=dict)
 
     def torch_steps(self) -> list[dict]:
-        """The steps as :func:`elastic_compile.runtime.driver.run_steps` takes them, a segment's module under
+        """The steps as :func:`elastic_compile.artifact.graphs.run_steps` takes them, a segment's module under
         ``"segment"`` (run it in PyTorch) and a block's index under ``"block"``."""
         return [{"segment": step, "inputs": step.inputs, "outputs": step.outputs} if isinstance(step, Segment)
                 else {"block": step.block, "inputs": step.inputs, "outputs": step.outputs} for step in self.steps]
-
-
-def attribute_at(module: torch.nn.Module, path: str):
-    """The attribute a ``get_attr`` target (``"a.b.weight"``) names: parameter, buffer or constant tensor."""
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _is_block_call(node: fx.Node) -> bool:

@@ -2,8 +2,7 @@
 
 Every block graph and router graph is run in onnxruntime (CPU) on the block's real recorded inputs, resized to
 the graph's batch size, and compared with the PyTorch elastic model's own computation of that block at that
-bucket in float32. Tolerances are absolute, scaled by the reference's magnitude: ``atol * max(1, max|ref|)``
-with atol 1e-4 (fp32), 2e-2 (fp16), 1e-1 (bf16).
+bucket in float32, within the tolerances of :mod:`elastic_compile.artifact.tolerance`.
 """
 from __future__ import annotations
 
@@ -12,33 +11,13 @@ from typing import Sequence
 
 import torch
 
-from ..runtime.backends.onnxruntime import OrtGraph
-from .program import graph_inputs
-
-ATOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+from ..artifact.graphs import graph_inputs
+from ..artifact.tolerance import max_abs_diff
+from ..backends.onnxruntime import OrtGraph
 
 #: Export dtypes onnxruntime's CPU provider can run (fp16 graphs run there through inserted casts: slow, but
 #: correct; it has no bfloat16 kernels for most ops, so bf16 graphs are for TensorRT only).
 ORT_CPU_DTYPES = ("fp32", "fp16")
-
-
-def max_abs_diff(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """``(max |got - expected|, max |expected|)`` over all outputs (float64 arithmetic)."""
-    if len(got) != len(expected):
-        return float("inf"), 1.0
-    diff, scale = 0.0, 0.0
-    for g, e in zip(got, expected):
-        if tuple(g.shape) != tuple(e.shape):
-            return float("inf"), 1.0
-        if e.numel():
-            g, e = g.detach().cpu().double(), e.detach().cpu().double()
-            diff = max(diff, float((g - e).abs().max()))
-            scale = max(scale, float(e.abs().max()))
-    return diff, scale
-
-
-def within(diff: float, scale: float, dtype: str) -> bool:
-    return diff <= ATOL[dtype] * max(1.0, scale)
 
 
 def run_ort(path: Path, inputs: Sequence[torch.Tensor], dtype: torch.dtype, complex_inputs, threads=None) -> list:

@@ -11,9 +11,7 @@ from ..analysis.spec import BlockSpec
 from ..nn.gate import BlockGate
 from ..nn.router import Router
 from ..nn.sliced import WidthControl
-from ..runtime.state import ElasticState
-
-GATE_ATTRIBUTE = "_elastic_gate"
+from ..state import GATE_ATTRIBUTE, ElasticState
 
 
 def gate_block(block: nn.Module, spec: BlockSpec, router: Router | None, control: WidthControl,

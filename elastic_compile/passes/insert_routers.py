@@ -6,8 +6,7 @@ from torch import nn
 from ..analysis.spec import BlockSpec
 from ..config import ElasticConfig
 from ..nn.router import Router, router_hidden_size
-
-ROUTER_ATTRIBUTE = "elastic_router"
+from ..state import ROUTER_ATTRIBUTE
 
 
 def block_parameter_count(block: nn.Module) -> int:

@@ -12,7 +12,7 @@ user can ``DiTTransformer2DModel.from_pretrained(ASSETS_DIR / "transformer")``):
 Quick use::
 
     from elastic_compile.reference import load_reference
-    from elastic_compile.runtime.sampling import sample
+    from elastic_compile.sampling import sample
     model, scheduler, config = load_reference()
     images = sample(model, scheduler, [0, 1, 2], config, seed=0)   # (3, 1, 8, 8) in [-1, 1]
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError
-from ..runtime.sampling import SamplingConfig
+from ..sampling import SamplingConfig
+from . import classifier
 
 #: Folder holding the bundled reference assets (inside the installed package).
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
@@ -55,10 +56,8 @@ def load_reference(assets_dir: str | Path | None = None, *, device: torch.device
 
 def load_classifier(assets_dir: str | Path | None = None, *, device: torch.device | str = "cpu"):
     """Load the bundled digit classifier (eval mode, no gradients); see :mod:`.classifier`."""
-    from .classifier import load_classifier as _load
-
     root = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
-    return _load(_require(root / "classifier", "digit classifier"), device=device)
+    return classifier.load_classifier(_require(root / "classifier", "digit classifier"), device=device)
 
 
 def make_grid_png(images: torch.Tensor, path: str | Path, nrow: int, *, scale: int = 4, pad: int = 1) -> Path:

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from ..analysis.flop_counter import flop_counter
-from ..runtime.sampling import SamplingConfig, sample
-from ..runtime.state import STATE_ATTRIBUTE
-from ..runtime.stats import stats
+from ..sampling import SamplingConfig, sample
+from ..state import STATE_ATTRIBUTE
+from ..stats import stats
 from .metrics import class_accuracy, fid, psnr, ssim
 
 

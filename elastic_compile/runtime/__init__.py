@@ -1,18 +1,11 @@
-"""runtime stage of elastic_compile: decisions, stats, sampling, exported runtimes (``load``) and whole-forward CUDA
-graphs with routers deciding on the GPU (``capture_cuda_graph``)."""
+"""Where the exported runtime used to live, kept so that ``elastic_compile.runtime.load(dir)`` and
+``elastic_compile.runtime.capture_cuda_graph(model, inputs)`` keep working: both are :mod:`elastic_compile.serve`'s.
 
+The rest of the former ``runtime`` package moved by job: the feature cache to :mod:`elastic_compile.cache`, the
+sampling loop to :mod:`elastic_compile.sampling`, ``stats`` to :mod:`elastic_compile.stats`, ``force`` and the
+model state to :mod:`elastic_compile.state`, device routing to :mod:`elastic_compile.nn.gate.device`, and the
+artifact loader, backends and CUDA graphs to :mod:`elastic_compile.serve` / :mod:`elastic_compile.backends`.
+"""
+from ..serve import capture_cuda_graph, load
 
-def load(path, backend: str = "onnxruntime", **options):
-    """Load an exported artifact as a :class:`~elastic_compile.runtime.artifact.Runtime` (see
-    :func:`elastic_compile.runtime.artifact.load` for the options)."""
-    from .artifact import load as _load
-
-    return _load(path, backend, **options)
-
-
-def capture_cuda_graph(model, example_inputs, **options):
-    """Capture one forward of an elastic model as a CUDA graph whose routers decide on the GPU (see
-    :func:`elastic_compile.runtime.cuda_graph.capture_cuda_graph`)."""
-    from .cuda_graph import capture_cuda_graph as _capture
-
-    return _capture(model, example_inputs, **options)
+__all__ = ["capture_cuda_graph", "load"]

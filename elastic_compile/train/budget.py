@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..analysis.flops import FlopTable
+from ..nn.gate.profile import FlopTable
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:

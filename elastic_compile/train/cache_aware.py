@@ -1,6 +1,6 @@
 """Cache-aware distillation: train a skip to mean "reuse the block's update from an earlier step".
 
-At inference with the feature cache (runtime/cache.py), a skipped block returns ``x + delta`` where ``delta`` is
+At inference with the feature cache (elastic_compile/cache), a skipped block returns ``x + delta`` where ``delta`` is
 the block's update from the last step it ran. Routers trained with plain skips (``x``) learn to skip only where
 a block can be *removed*; a cache makes skipping far cheaper in quality wherever the update changes slowly
 across steps, which plain training never sees. Here the student's skip branch adds the dense model's update of
@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..batch import per_sample
+from ..cache import FeatureCacheConfig, FeatureCacheState
 from ..errors import ConfigError
-from ..nn.rows import per_sample
-from ..runtime.cache import FeatureCacheConfig, FeatureCacheState
-from ..runtime.state import force, state_of
+from ..state import force, state_of
 from .trajectories import TrajectoryDataset
 
 _CONTEXT = "previous-step"

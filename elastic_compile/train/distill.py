@@ -31,11 +31,12 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from ..analysis.flops import flop_table
 from ..errors import ConfigError
-from ..runtime.sampling import denoiser_output
-from ..runtime.state import describe_inputs, force, state_of
-from ..runtime.stats import stats
+from ..nn.gate.profile import flop_table
+from ..sampling import denoiser_output
+from ..serialization import save
+from ..state import describe_inputs, force, state_of
+from ..stats import stats
 from .budget import executed_flops_fraction
 from .cache_aware import previous_step_updates, require_step_links
 from .trajectories import TrajectoryDataset
@@ -266,7 +267,6 @@ def _executed_fraction(model: nn.Module) -> float:
 
 
 def _checkpoint(model: nn.Module, path: Path, with_base: bool) -> None:
-    from ..serialization import save
     save(model, path, include_base_weights=with_base)
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..runtime.sampler_hooks import SamplerHooks
-from ..runtime.state import force
+from ..sampling import SamplerHooks, sample
+from ..state import force
 
 _GENERATION = "__generation__"
 _BRANCH = "__branch__"
@@ -134,8 +134,6 @@ def record_class_conditional_trajectories(model: nn.Module, scheduler, sampling_
                                           seed: int = 0, cfg: str = "batch", batch_size: int = 64) -> TrajectoryDataset:
     """Trajectories of ``samples_per_class`` generations per class with the project's sampler (CFG included,
     so the unconditional branch is in the data too)."""
-    from ..runtime.sampling import sample
-
     labels = [c for c in range(sampling_config.num_classes) for _ in range(samples_per_class)]
     calls: list[dict[str, Any]] = []
     recorder = _RecordingDenoiser(model)

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ...errors import BackendUnavailableError, ConfigError, ExportError
+from ..errors import BackendUnavailableError, ConfigError, ExportError
 
 THREAD_POOLS = ("per_session", "shared")
 MEMORY_ARENAS = ("shared", "per_session")

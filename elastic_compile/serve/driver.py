@@ -19,79 +19,17 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
+from ..artifact.graphs import BlockCalls, attribute_at, plan_releases, run_graph_step, run_steps
+from ..artifact.layout import CallLayout, OutputLayout, dtype_name
 from ..capture.record import SignatureBinder
 from ..capture.treespec import PLAIN_LEAVES, loaded_treespec
-from ..export.layout import CallLayout, OutputLayout, dtype_name
-from ..export.program import graph_inputs
-from ..export.segments import attribute_at
-from .state import state_of
-
-
-def run_steps(steps: Sequence[dict], env: dict[str, Any], run_graph: Callable, run_block: Callable) -> dict:
-    """Run program ``steps`` on ``env`` (value name -> tensor; grows). ``run_block(step, tensors)`` returns a
-    block step's (one with a "block" index) tensor outputs in layout order, ``run_graph(step, tensors)`` any
-    other step's outputs."""
-    for step in steps:
-        tensors = [env[name] for name in step["inputs"]]
-        outputs = run_block(step, tensors) if "block" in step else run_graph(step, tensors)
-        for name, value in zip(step["outputs"], outputs):
-            if name is not None:
-                env[name] = value
-        for name in step.get("release", ()):
-            del env[name]
-    return env
-
-
-def run_graph_step(graph: Callable, step: dict, tensors: list) -> list:
-    """Run a graph step's ``graph`` (list of tensors in, list out) on PyTorch values: complex values the step
-    lists cross as ``view_as_real`` pairs (see :mod:`elastic_compile.export.passes.complex_to_real`)."""
-    complex_inputs = step.get("complex_inputs")
-    if complex_inputs:
-        tensors = graph_inputs(tensors, torch.float32, complex_inputs)
-    outputs = graph(tensors)
-    if "complex_outputs" in step:
-        outputs = list(outputs)
-    for k in step.get("complex_outputs", ()):
-        outputs[k] = torch.view_as_complex(outputs[k])
-    return outputs
-
-
-def plan_releases(steps: Sequence[dict], keep: Sequence[str]) -> list[dict]:
-    """``steps``, each with a "release" list: the values no later step reads and ``keep`` does not name, so
-    that :func:`run_steps` drops them as soon as they are used (as the model's own forward would drop them:
-    a block's input is freed once the next block has run, and its memory is reused while still in cache)."""
-    last: dict[str, int] = {}
-    for index, step in enumerate(steps):
-        for name in step["inputs"]:
-            last[name] = index
-        for name in step["outputs"]:
-            if name is not None:
-                last.setdefault(name, index)
-    kept = set(keep)
-    planned = [dict(step, release=[]) for step in steps]
-    for name, index in last.items():
-        if name not in kept:
-            planned[index]["release"].append(name)
-    return planned
-
-
-class BlockCalls:
-    """``run_block`` for :func:`run_steps`: call block modules with arguments rebuilt from their layouts."""
-
-    def __init__(self, blocks: dict[int, torch.nn.Module], layouts: dict[int, tuple[CallLayout, OutputLayout]]):
-        self.blocks = blocks
-        self.layouts = layouts
-
-    def __call__(self, step: dict, tensors: list) -> list:
-        call, outputs = self.layouts[step["block"]]
-        args, kwargs = call.rebuild(tensors)
-        return outputs.tensors_of(self.blocks[step["block"]](*args, **kwargs))
+from ..state import state_of
 
 
 class ModelDriver:

@@ -16,8 +16,9 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from ..artifact_io import read_manifest_json, write_json_atomic
 from ..errors import ArtifactError
+from ..version import __version__
+from .files import read_manifest_json, write_json_atomic
 
 FORMAT = "elastic_compile.export/1"
 MANIFEST = "manifest.json"
@@ -51,7 +52,6 @@ def tool_versions(*packages: str) -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             if name == "elastic_compile":
-                from .. import __version__
                 versions[name] = __version__
     return versions
 

@@ -1,7 +1,7 @@
 """One CUDA graph for a whole elastic forward, routers deciding on the GPU (no device-to-host copy per block).
 
 ``capture_cuda_graph(model, example_inputs)`` warms the model up with every width bucket of every routed block,
-then captures one forward under :func:`~elastic_compile.runtime.device_routing.device_routing` in ``"graph"`` mode:
+then captures one forward under :func:`~elastic_compile.nn.gate.device.device_routing` in ``"graph"`` mode:
 each block's buckets sit behind CUDA-graph IF nodes whose conditions the routers compute on the device. The
 returned :class:`CapturedForward` replays it for new inputs of the same shapes (copied into the graph's static
 input buffers) and returns the graph's static outputs; ``elastic_compile.stats(model)`` reads the decisions of
@@ -19,6 +19,7 @@ replacing a parameter tensor (``load_state_dict`` keeps storage, ``.to()`` does 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..cache import cache_context
 from ..capture.record import bind_to_signature
 from ..errors import BackendUnavailableError, ConfigError, InputMismatchError
-from .cache import cache_context
-from .device_routing import DeviceRouting, check_supported, device_routing, require_conditional_nodes
-from .state import describe_inputs, state_of
+from ..nn.gate.device import DeviceRouting, check_supported, device_routing, require_conditional_nodes
+from ..sampling import BRANCH_COND, BRANCH_COND_UNCOND, BRANCH_UNCOND, CFG_MODES
+from ..state import describe_inputs, state_of
 
 
 @dataclass
@@ -158,9 +160,9 @@ def _capture_one(model: nn.Module, static_inputs: tuple, warmup: int, pool, fuse
 def capture_for_sampling(model: nn.Module, scheduler: Any, config, num_images: int, *, cfg: str = "separate",
                          guidance_scale: float | None = None, device: str | torch.device = "cuda",
                          dtype: torch.dtype | None = None, **options) -> CapturedForward:
-    """A :class:`CapturedForward` for the calls ``runtime.sampling.sample`` makes to generate ``num_images``
+    """A :class:`CapturedForward` for the calls ``elastic_compile.sampling.sample`` makes to generate ``num_images``
     images with ``cfg`` and ``guidance_scale`` (default: the config's): its batch, dtypes, and with the feature
-    cache on, one graph per context :class:`~elastic_compile.runtime.cache.ElasticCacheHooks` names."""
+    cache on, one graph per context :class:`~elastic_compile.cache.ElasticCacheHooks` names."""
     inputs, contexts = sampling_calls(scheduler, config, num_images, cfg=cfg, guidance_scale=guidance_scale,
                                       device=device, dtype=dtype or next(model.parameters()).dtype)
     if state_of(model).cache is not None:
@@ -170,11 +172,7 @@ def capture_for_sampling(model: nn.Module, scheduler: Any, config, num_images: i
 
 def sampling_calls(scheduler: Any, config, num_images: int, *, cfg: str, guidance_scale: float | None,
                    device, dtype: torch.dtype) -> tuple[dict, tuple[str, ...]]:
-    """(example keyword inputs, cache contexts) of the denoiser calls of ``runtime.sampling.sample``."""
-    import copy
-
-    from .sampler_hooks import BRANCH_COND, BRANCH_COND_UNCOND, BRANCH_UNCOND
-    from .sampling import CFG_MODES
+    """(example keyword inputs, cache contexts) of the denoiser calls of ``elastic_compile.sampling.sample``."""
     if cfg not in CFG_MODES:
         raise ConfigError(f"cfg in {CFG_MODES}", repr(cfg), "Use 'separate' (two calls per step) or 'batch'.")
     scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)

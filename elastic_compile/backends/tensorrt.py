@@ -26,8 +26,8 @@ from typing import Sequence
 
 import torch
 
-from ...errors import BackendUnavailableError, ConfigError, EngineCacheError
-from ...export.manifest import sha256_file
+from ..artifact.manifest import sha256_file
+from ..errors import BackendUnavailableError, ConfigError, EngineCacheError
 from .engine_cache import EngineCache, EngineKey
 
 logger = logging.getLogger("elastic_compile")

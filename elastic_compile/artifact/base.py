@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from ..passes.insert_routers import ROUTER_ATTRIBUTE
-from ..runtime.state import ElasticState
+from ..state import ROUTER_ATTRIBUTE, ElasticState
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
 FACTORY_FILE = "factory.json"

@@ -1,4 +1,4 @@
-"""Per-sample values broadcast over a batch-first tensor."""
+"""Per-sample values over a batch-first tensor (the gates, the feature cache and cache-aware training share it)."""
 from __future__ import annotations
 
 import torch

@@ -21,16 +21,19 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..artifact.base import load_base
+from ..artifact.manifest import read_manifest
+from ..backends.onnxruntime import OnnxRuntimeBackend
+from ..backends.tensorrt import TensorRTBackend, tensorrt_available
 from ..errors import BackendUnavailableError, ConfigError
-from ..export.base import load_base
-from ..export.manifest import read_manifest
-from ..passes.insert_routers import ROUTER_ATTRIBUTE
+from ..sampling import SamplingConfig, sample
+from ..serialization import load as load_elastic
+from ..state import ROUTER_ATTRIBUTE, STATE_ATTRIBUTE, gate_of, state_of
 from .driver import ModelDriver
 from .executor import BlockExecutor, GraphRouter, SingleThreadRouter
 from .host_router import HostRouter
 from .lookahead import LookaheadLogits
 from .summaries import PooledSummaries
-from .state import STATE_ATTRIBUTE, state_of
 from .torch_threads import AUTO, resolve_torch_threads, using_torch_threads
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -57,7 +60,7 @@ class Runtime:
         self._scheduler = None
 
     @property
-    def _elastic_state(self):  # found by elastic_compile.runtime.state.state_of: force / stats / report work
+    def _elastic_state(self):  # found by elastic_compile.state.state_of: force / stats / report work
         return getattr(self.model, STATE_ATTRIBUTE)
 
     @property
@@ -88,15 +91,12 @@ class Runtime:
 
     @property
     def sampling_config(self):
-        from .sampling import SamplingConfig
         entry = (self.manifest.get("sampling") or {}).get("config")
         return SamplingConfig.load(self.root / entry) if entry else None
 
     def sample(self, class_labels, *, scheduler=None, config=None, **options) -> torch.Tensor:
-        """Generate images with :func:`elastic_compile.runtime.sampling.sample` (options passed through), using
+        """Generate images with :func:`elastic_compile.sampling.sample` (options passed through), using
         the scheduler and sampling config stored with the export unless given."""
-        from .sampling import sample
-
         scheduler = scheduler or self.scheduler
         config = config or self.sampling_config
         if scheduler is None or config is None:
@@ -129,7 +129,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         thread_pool: onnxruntime threads: "per_session" (default: each block graph's session has its own pool)
             or "shared" (ONNX Runtime's process-wide global pool: 14-28% faster on small models, where a forward
             wakes a dozen idle pools; other code in the process must then create its sessions with
-            ``use_per_session_threads = False``). See :mod:`.backends.onnxruntime`.
+            ``use_per_session_threads = False``). See :mod:`elastic_compile.backends.onnxruntime`.
         memory_arena: onnxruntime CPU memory: "shared" (default: one arena registered with ONNX Runtime's
             environment for every graph of the process, so each graph's activations reuse the buffers the previous
             graph just freed: 7-15% faster forwards at batch 1 (DiT-S/2, DiT-B/2, Flux-shaped; paired against
@@ -164,15 +164,12 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         raise ConfigError("routers='torch' with the TensorRT backend (routers run on the GPU)", "routers='host'",
                           "Use routers='torch'.")
     if backend == "tensorrt":
-        from .backends.tensorrt import tensorrt_available
         available, why = tensorrt_available()
         if not available:
             raise BackendUnavailableError("TensorRT and a CUDA device", why,
                                           "Install TensorRT on a CUDA machine, or use backend='onnxruntime'.")
     root = Path(path)
     manifest = read_manifest(root, check_hashes=check_hashes)
-    from ..serialization import load as load_elastic
-
     # Base files are hash-checked against the manifest; strict=False accepts a base fine-tuned before export.
     model = load_elastic(load_base(root, manifest["source"]["base"]), root / manifest["elastic"], strict=False)
     model.eval().requires_grad_(False)
@@ -183,10 +180,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     if backend == "torch":
         return Runtime(model, manifest, root, backend, None, pinned_threads)
     if backend == "onnxruntime":
-        from .backends.onnxruntime import OnnxRuntimeBackend
         engine = OnnxRuntimeBackend(threads, providers, thread_pool, memory_arena)
     else:
-        from .backends.tensorrt import TensorRTBackend
         built_with = (manifest["backends"].get("tensorrt") or {}).get("flags") or {}
         options = {k: built_with[k] for k in ("optimization_level", "workspace_bytes") if built_with.get(k) is not None}
         options.update(trt_options or {})  # default: the flags the export prebuilt its engines with (cache hits)
@@ -195,7 +190,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     summaries = PooledSummaries() if routers == "host" else None
     lookahead = LookaheadLogits() if routers == "host" else None
     for entry in manifest["blocks"]:
-        gate = state.blocks[entry["index"]]._elastic_gate
+        gate = gate_of(state.blocks[entry["index"]])
         gate.original_forward = BlockExecutor(gate, entry, root, engine, manifest["dtype"], manifest["dense_bucket"],
                                               summaries, lookahead)
     looked_ahead = {int(e["lookahead"]["block"]) for e in manifest["blocks"] if e.get("lookahead")}
@@ -204,16 +199,16 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         looked_ahead |= {int(s["lookahead"]["block"]) for s in manifest["program"]["steps"] if s.get("lookahead")}
     if routers == "onnx":
         for entry in manifest["routers"]:
-            gate = state.blocks[entry["block"]]._elastic_gate
+            gate = gate_of(state.blocks[entry["block"]])
             gate.router = GraphRouter(engine.router_graph(root / entry["file"]), entry["inputs"])
     elif routers == "host":
         for entry in manifest["routers"]:
-            gate = state.blocks[entry["block"]]._elastic_gate
+            gate = gate_of(state.blocks[entry["block"]])
             gate.router = HostRouter(gate.router, summaries, lookahead if entry["block"] in looked_ahead else None,
                                      entry["block"])
     elif backend == "onnxruntime":
         for entry in manifest["routers"]:
-            gate = state.blocks[entry["block"]]._elastic_gate
+            gate = gate_of(state.blocks[entry["block"]])
             gate.router = SingleThreadRouter(gate.router)
     if driven:
         model.forward = ModelDriver(model, manifest["program"], manifest["blocks"], root, engine,

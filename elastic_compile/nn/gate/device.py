@@ -7,7 +7,7 @@ tokens, batch 1, even with every block and router graph-captured: benchmarks/res
 device-evaluated condition (:class:`Branches`; at most one is true per block); what evaluates it is the mode:
 
 * ``"graph"``: a CUDA-graph IF node (CUDA >= 12.4, ``torch.cuda.CUDAGraph.begin_capture_to_if_node``), so one
-  graph of the whole forward replays with every decision taken on the GPU (:mod:`.cuda_graph` captures it);
+  graph of the whole forward replays with every decision taken on the GPU (:mod:`elastic_compile.serve.cuda_graph` captures it);
 * ``"host"``: ``if bool(condition)`` (the same computation in eager mode; on CPU it costs nothing and is what the
   tests compare against the default gate);
 * ``"every"``: every body runs (warm-up before a capture: every kernel of every bucket is initialised once).
@@ -23,7 +23,7 @@ images): decisions 0.54 of dense, executed 0.71 with classifier-free guidance in
 ``cfg="separate"`` (batches of 8), 0.59 for one image (batch 2). ``elastic_compile.stats`` counts that work in
 ``executed_flops_fraction`` and the decisions' own cost in ``decided_flops_fraction``.
 
-The feature cache (``runtime/cache.py``) works here too, with the same rules on device tensors (reuse counters,
+The feature cache (``elastic_compile/cache``) works here too, with the same rules on device tensors (reuse counters,
 band, fallback): its per-(context, block, batch) deltas live in buffers updated in place
 (``FeatureCacheState.device_entries``), so ``reset_cache`` reaches a captured graph's state. Not supported (a
 typed error): skippable blocks with tensor outputs that are not residual streams.
@@ -31,15 +31,15 @@ typed error): skippable blocks with tensor outputs that are not residual streams
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import BackendUnavailableError, ConfigError
-from .state import BlockCall, ElasticState, state_of
+from ...errors import BackendUnavailableError, ConfigError
+from ...state import BlockCall, ElasticState, state_of
+from .decisions import device_decisions, fused_decisions
 
 BRANCH_MODES = ("graph", "host", "every")
 
@@ -86,33 +86,9 @@ class Branches:
                 graph.end_capture_to_conditional_node()
 
 
-def run_logit_threshold(threshold: float) -> float:
-    """``p >= threshold`` with ``p = sigmoid(logit)`` is ``logit >= log(threshold / (1 - threshold))``."""
-    return math.log(threshold / (1.0 - threshold))
-
-
-def device_decisions(logits: torch.Tensor, can_skip: bool, elastic_width: bool, threshold: float,
-                     dense_bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``(run (B,) bool, bucket (B,) long)`` from router logits, on their device, as the host gate
-    decides them: run iff sigmoid(run logit) >= threshold (a NaN logit runs); bucket = first argmax of the width
-    logits (any NaN: the dense bucket)."""
-    logits = logits.float()
-    batch = logits.shape[0]
-    if can_skip:  # "not below" rather than ">=": a NaN logit compares False both ways and must run
-        run = (logits[:, 0] < run_logit_threshold(threshold)).logical_not()
-    else:
-        run = torch.ones(batch, dtype=torch.bool, device=logits.device)
-    if elastic_width:
-        widths = logits[:, 1:]
-        bucket = torch.where(torch.isnan(widths).any(dim=-1), dense_bucket, widths.argmax(dim=-1))
-    else:
-        bucket = torch.full((batch,), dense_bucket, dtype=torch.long, device=logits.device)
-    return run, bucket
-
-
 @dataclass
 class DeviceRouting:
-    """Installed on an :class:`~elastic_compile.runtime.state.ElasticState` while gates route on the device.
+    """Installed on an :class:`~elastic_compile.state.ElasticState` while gates route on the device.
 
     ``log``: per block call, ``(block, run, bucket, router_ran, reused)`` where ``run``/``bucket``/``reused`` are
     device tensors (refreshed by every replay of a captured graph) or host lists (decisions pinned by ``force``).
@@ -140,19 +116,6 @@ def check_supported(state: ElasticState) -> None:
     if state.soft:
         raise ConfigError("hard decisions for device routing", "soft decisions (router training in progress)",
                           "Route on the device only at inference.")
-
-
-_COMPILED_DECISIONS = None
-
-
-def fused_decisions() -> Callable:
-    """:func:`device_decisions` through ``torch.compile``: its seven tiny element-wise ops and reductions become
-    one or two kernels (on a GPU, inside a captured graph, each kernel node costs a few microseconds). Compiled
-    on first use for each (shape, flags) combination, which must happen outside a capture (the warm-up)."""
-    global _COMPILED_DECISIONS
-    if _COMPILED_DECISIONS is None:
-        _COMPILED_DECISIONS = torch.compile(device_decisions, dynamic=False)
-    return _COMPILED_DECISIONS
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ A block is called as ``forward(*args, **kwargs)``. :class:`CallLayout` records, 
 structure of ``(args, kwargs)`` and, per leaf, either a *tensor input* (graph input ``k``: shape, dtype, whether
 its leading dimension is the batch, whether it is complex) or a *constant* baked into the graph (``None``, ints,
 floats, strings, bools). :class:`OutputLayout` records the block's output structure (``None`` leaves included,
-as in :func:`elastic_compile.analysis.blocks.flatten_output`).
+as in :func:`elastic_compile.capture.treespec.flatten_output`).
 
 Batch rule (the one the gate uses to split a batch into per-plan sub-batches): a tensor input is *batched* when
 it has at least one dimension and its leading dimension equals the call's batch; every other tensor is shared
@@ -20,8 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..analysis.blocks import flatten_output
-from ..capture.treespec import JSON_SCALARS, PLAIN_LEAVES, loaded_treespec
+from ..capture.treespec import JSON_SCALARS, PLAIN_LEAVES, flatten_output, loaded_treespec
 from ..errors import ExportError, InputMismatchError
 
 

@@ -1,6 +1,4 @@
-"""Block-level feature cache (training-free): skipped blocks reuse the residual update of their last run.
-
-In the style of diffusers' hooks: a config dataclass, a state object with ``reset()``, and ``apply_feature_cache``.
+"""The feature cache's configuration and what it stores: per (context, block), each sample's last update.
 
 Semantics, per block, per cache context (one per classifier-free-guidance branch) and per sample:
 - when the block runs for a sample, ``delta = out - in`` is stored for each residual output;
@@ -15,16 +13,12 @@ everything; a batch-size change within a context also starts that context afresh
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from ..batch import per_sample
 from ..errors import ConfigError, ElasticCompileError
-from ..nn.rows import per_sample
-from .sampler_hooks import SamplerHooks
-from .state import state_of
 
 
 class CacheContextError(ElasticCompileError):
@@ -62,7 +56,7 @@ class _Entry:
 
 class DeviceEntry:
     """The same state as :class:`_Entry` as device tensors, for gates that route on the device
-    (``runtime/device_routing.py``): updated in place, so a captured CUDA graph keeps reading and writing the
+    (``nn/gate/device.py``): updated in place, so a captured CUDA graph keeps reading and writing the
     same memory across replays and ``reset`` reaches it."""
 
     def __init__(self, inputs: dict[int, torch.Tensor], batch: int):
@@ -108,7 +102,7 @@ class FeatureCacheState:
             if any(x.is_cuda for x in inputs.values()) and torch.cuda.is_current_stream_capturing():
                 raise CacheContextError("the feature cache's device buffers created before a CUDA-graph capture",
                                         f"a capture in context {key[0]!r} that no warm-up ran",
-                                        "Capture with elastic_compile.runtime.capture_cuda_graph (it warms up each "
+                                        "Capture with elastic_compile.serve.capture_cuda_graph (it warms up each "
                                         "context first), inside the cache context the graph will serve.")
             entry = self.device_entries[key] = DeviceEntry(inputs, batch)
         return entry
@@ -152,65 +146,3 @@ class FeatureCacheState:
         for s, r in enumerate(ran):
             if r:
                 entry.valid[s], entry.reuse[s] = True, 0
-
-
-def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = None) -> FeatureCacheState:
-    """Turn the feature cache on for an elastic model (replacing any previous cache state).
-
-    Without ``config``: the cache the routers were trained for (``train_routers(..., cache_aware=True)`` records
-    it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``."""
-    state = state_of(model)
-    state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})))
-    return state.cache
-
-
-def serving_cache_hooks(model: nn.Module, mode: str = "auto") -> "ElasticCacheHooks | None":
-    """Turn the cache on and return its sampler hooks when ``mode`` is "on", or "auto" and the routers were trained
-    for it (``train_routers(..., cache_aware=True)``); None (cache left as it is) otherwise."""
-    if mode == "off" or (mode == "auto" and not state_of(model).serving.get("feature_cache")):
-        return None
-    apply_feature_cache(model)
-    return ElasticCacheHooks(model)
-
-
-def remove_feature_cache(model: nn.Module) -> None:
-    state_of(model).cache = None
-
-
-@contextlib.contextmanager
-def cache_context(model: nn.Module, name: str):
-    """Calls inside use the cache rows of branch ``name`` (like diffusers' ``cache_context``)."""
-    cache = state_of(model).cache
-    if cache is None:
-        yield
-        return
-    previous, cache.context = cache.context, name
-    try:
-        yield
-    finally:
-        cache.context = previous
-
-
-def reset_cache(model: nn.Module) -> None:
-    """Forget all cached deltas (call at the start of every generation)."""
-    cache = state_of(model).cache
-    if cache is not None:
-        cache.reset()
-
-
-class ElasticCacheHooks(SamplerHooks):
-    """Sampler hooks for an elastic model with the feature cache: reset per generation, one context per branch."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def start_generation(self) -> None:
-        reset_cache(self.model)
-
-    def end_generation(self) -> None:
-        reset_cache(self.model)
-
-    @contextlib.contextmanager
-    def branch(self, name, step):
-        with cache_context(self.model, name):
-            yield

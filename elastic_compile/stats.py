@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..analysis.flops import flop_table
-from ..errors import ConfigError
+from .errors import ConfigError
+from .nn.gate.profile import flop_table
 from .state import state_of
 
 
@@ -29,7 +29,7 @@ class ElasticStats:
     routers ran; FLOPs of matmuls, convolutions and attention, counted by ``analysis.flop_counter``).
     ``decided_flops_fraction``: what the decisions cost, each sample at its own plan (the default gate executes
     exactly that; under device routing a block runs once for the whole batch at the widest bucket any running
-    sample chose, so a batch whose samples disagree executes more: ``runtime/device_routing.py``).
+    sample chose, so a batch whose samples disagree executes more: ``nn/gate/device.py``).
     ``per_sample_flops_fraction``: the decided cost per sample.
     """
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ...errors import EngineCacheError
+from ..errors import EngineCacheError
 
 logger = logging.getLogger("elastic_compile")
 

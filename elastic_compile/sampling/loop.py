@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, ConfigError, DenoiserError
-from .sampler_hooks import BRANCH_COND, BRANCH_COND_UNCOND, BRANCH_UNCOND, SamplerHooks, StepInfo
+from .hooks import BRANCH_COND, BRANCH_COND_UNCOND, BRANCH_UNCOND, SamplerHooks, StepInfo
 
 CFG_MODES = ("batch", "separate")
 
@@ -167,7 +167,7 @@ def sample(
         num_inference_steps, guidance_scale: override ``config``.
         cfg: "batch" (cond and uncond rows concatenated, cond first, one call per step, context "cond_uncond")
             or "separate" (two calls per step, contexts "cond" then "uncond"). Ignored when guidance is 1.
-        hooks: per-generation reset and per-branch context for stateful denoisers (see ``sampler_hooks``).
+        hooks: per-generation reset and per-branch context for stateful denoisers (see :mod:`.hooks`).
         on_step_end: called after every scheduler step with the step and the new latents (B, C, H, W).
         device, dtype: where the loop runs; default: the denoiser's first parameter, else CPU float32.
         progress: show a tqdm bar.

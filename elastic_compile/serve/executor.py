@@ -23,9 +23,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
+from ..artifact.graphs import DTYPES, graph_inputs
+from ..artifact.layout import CallLayout, OutputLayout
 from ..errors import BucketNotExportedError, ConfigError
-from ..export.layout import CallLayout, OutputLayout
-from ..export.program import DTYPES, graph_inputs
 from .lookahead import LookaheadLogits
 from .summaries import PooledSummaries
 
@@ -59,7 +59,7 @@ class BlockExecutor:
     def __init__(self, gate, entry: dict, root: Path, backend, dtype: str, dense_bucket: int,
                  summaries: PooledSummaries | None = None, lookahead: LookaheadLogits | None = None):
         self.gate = gate
-        self.torch_forward = getattr(gate.original_forward, "torch_forward", gate.original_forward)
+        self.torch_forward = gate.torch_forward
         self.path = entry["path"]
         self.layout = CallLayout.from_dict(entry["layout"])
         self.outputs = OutputLayout.from_dict(entry["outputs"])

@@ -1,4 +1,10 @@
-"""Model-level run-time state of an elastic model: forced plans, per-forward decision records, FLOP tables."""
+"""What every layer of an elastic model reads: its state (forced plans, per-forward decision records, FLOP tables,
+the cache and routing modes), ``force``, and where elastic_compile keeps things on a model and its blocks.
+
+This module sits right above errors/config/capture: the gates (nn/), the passes, training, export and the
+runtimes all import it, and it imports none of them (the cache, device routing and profiling objects it holds are
+typed as ``object`` here and owned by their own modules).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,11 +15,16 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..capture.treespec import PLAIN_LEAVES
-from ..config import ElasticConfig
-from ..errors import ConfigError, NotElasticError
+from .capture.treespec import PLAIN_LEAVES
+from .config import ElasticConfig
+from .errors import ConfigError, NotElasticError
 
+#: The model attribute holding its :class:`ElasticState` (read through :func:`state_of`).
 STATE_ATTRIBUTE = "_elastic_state"
+#: The block attribute holding its gate (read through :func:`gate_of`).
+GATE_ATTRIBUTE = "_elastic_gate"
+#: The block attribute (a registered submodule) holding its router; state-dict keys start with it.
+ROUTER_ATTRIBUTE = "elastic_router"
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,10 @@ class ElasticState:
     routers: dict = field(default_factory=dict)
     soft: bool = False                                   # straight-through training decisions (train/)
     soft_records: list = field(default_factory=list)     # per block call: (block, p_run, probs, hard run, hard bucket)
-    cache: object = None                                 # runtime.cache.FeatureCacheState when the cache is on
+    cache: object = None                                 # cache.FeatureCacheState when the cache is on
     soft_skip_deltas: dict | None = None                 # cache-aware training: block -> {output leaf: update}
     serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
-    device_routing: object = None                        # runtime.device_routing.DeviceRouting while installed
+    device_routing: object = None                        # nn.gate.device.DeviceRouting while installed
     pending_calls: Any = None                            # () -> list[BlockCall]: decisions still on the device
 
     @property
@@ -120,11 +131,18 @@ def describe_inputs(args: tuple, kwargs: dict):
 
 
 def state_of(model: nn.Module) -> ElasticState:
+    """The elastic state of a model returned by ``transform`` / ``load`` (or of anything exposing it, such as an
+    exported runtime); NotElasticError for a plain model."""
     state = getattr(model, STATE_ATTRIBUTE, None)
     if state is None:
         raise NotElasticError("a model returned by elastic_compile.transform or load",
                               f"a plain {type(model).__name__}", "Call elastic_compile.transform(model, ...) first.")
     return state
+
+
+def gate_of(block: nn.Module):
+    """The gate installed on ``block`` (``passes.gate_blocks``): its router, spec, width control and forwards."""
+    return getattr(block, GATE_ATTRIBUTE)
 
 
 @contextlib.contextmanager

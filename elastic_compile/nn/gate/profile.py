@@ -13,9 +13,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from ..errors import FlopProfileError
-from ..runtime.state import ElasticState, ForcedPlan, TensorMeta
-from .flop_counter import flop_counter
+from ...analysis.flop_counter import flop_counter
+from ...errors import FlopProfileError
+from ...state import ElasticState, ForcedPlan, TensorMeta
 
 
 @dataclass

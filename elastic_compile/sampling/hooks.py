@@ -5,7 +5,7 @@ two things from the loop that drives it, exactly what diffusers pipelines provid
 
 1. a reset at the start of every generation, so nothing cached for one batch of images leaks into
    the next (diffusers pipelines reset in ``maybe_free_model_hooks()`` at the *end* of ``__call__``;
-   :func:`~elastic_compile.runtime.sampling.sample` resets at the start *and* at the end, so a
+   :func:`~elastic_compile.sampling.sample` resets at the start *and* at the end, so a
    generation that raised half-way cannot poison the next one);
 2. a named context around every denoiser call, one name per classifier-free-guidance branch, so state
    is kept per branch: ``"cond"`` and ``"uncond"`` when the branches run as two calls, ``"cond_uncond"``
@@ -55,7 +55,7 @@ class StepInfo:
 class SamplerHooks:
     """Callbacks the sampling loop makes into a stateful denoiser. Subclass and override what you need.
 
-    Call order within one :func:`~elastic_compile.runtime.sampling.sample` call::
+    Call order within one :func:`~elastic_compile.sampling.sample` call::
 
         start_generation()
         for each step:  with branch(name, step): denoiser(...)     # once or twice per step

@@ -7,57 +7,22 @@ state-dict keys) and restores the block's output structure exactly.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..analysis.blocks import flatten_output
-from ..analysis.flop_counter import flop_counter
-from ..analysis.spec import BlockSpec
-from ..errors import ConfigError
-from ..capture.record import SignatureBinder
-from ..capture.treespec import loaded_treespec
-from ..runtime.device_routing import run_logit_threshold
-from ..runtime.state import BlockCall, ElasticState
-from .router import Router
-from .rows import per_sample
-from .sliced import WidthControl
-
-
-def run_probability(logit: float) -> float:
-    """sigmoid(logit) on the host, without overflow; a NaN logit (non-finite block inputs) means "run"."""
-    return 1.0 if math.isnan(logit) else 0.5 * (1.0 + math.tanh(0.5 * logit))
-
-
-def best_bucket(logits: list[float]) -> int:
-    """argmax (first maximum, as torch.argmax); any NaN logit means the dense bucket (the last)."""
-    if any(map(math.isnan, logits)):
-        return len(logits) - 1
-    return logits.index(max(logits))
-
-
-def host_decisions(rows: list[list[float]], threshold: float, decide_run: bool, decide_bucket: bool):
-    """``(run, bucket, p_run)`` per row of router logits ``[run logit, width logits...]``: exactly
-    :func:`run_probability` >= ``threshold`` and :func:`best_bucket`, in one pass (this runs between two block
-    graphs, where every extra Python call is paid with cold caches). A list is None where not decided here."""
-    run = bucket = p_run = None
-    if decide_run:
-        p_run = []
-        for row in rows:
-            logit = row[0]
-            p_run.append(1.0 if logit != logit else 0.5 * (1.0 + math.tanh(0.5 * logit)))
-        run = [p >= threshold for p in p_run]
-    if decide_bucket:
-        bucket = []
-        for row in rows:
-            widths = row[1:]
-            total = sum(widths)  # NaN when a logit is NaN (or infinities of both signs: then look closer)
-            nan = total != total and any(w != w for w in widths)
-            bucket.append(len(widths) - 1 if nan else widths.index(max(widths)))
-    return run, bucket, p_run
+from ...analysis.flop_counter import flop_counter
+from ...analysis.spec import BlockSpec
+from ...batch import per_sample
+from ...capture.record import SignatureBinder
+from ...capture.treespec import flatten_output, loaded_treespec
+from ...errors import ConfigError
+from ...state import BlockCall, ElasticState
+from ..router import Router
+from ..sliced import WidthControl
+from .decisions import host_decisions, run_logit_threshold
 
 
 class BlockGate:
@@ -81,6 +46,11 @@ class BlockGate:
     @property
     def index(self) -> int:
         return self.spec.index
+
+    @property
+    def torch_forward(self):
+        """The block's own PyTorch forward, also where an exported runtime put a graph executor in its place."""
+        return getattr(self.original_forward, "torch_forward", self.original_forward)
 
     # decisions -------------------------------------------------------------------------------------------
     def stream_batch(self, arguments: dict) -> int:
@@ -129,7 +99,7 @@ class BlockGate:
         return run, (bucket if routed_bucket is None else routed_bucket), True, p_run
 
     def apply_cache_policy(self, run: list[bool], p_run: list[float] | None, batch: int) -> tuple[list[bool], list[bool]]:
-        """(run, reuse) after the feature cache's rules (see runtime/cache.py)."""
+        """(run, reuse) after the feature cache's rules (see elastic_compile/cache)."""
         cache = self.state.cache
         if cache is None or not self.spec.skippable or self.state.profiling:
             return run, [False] * batch
@@ -214,7 +184,7 @@ class BlockGate:
             self.control.bucket = None
 
     def device_forward(self, args, kwargs, arguments: dict, batch: int):
-        """Routing without a device-to-host copy (``runtime/device_routing.py``); None when ``force`` or the spec
+        """Routing without a device-to-host copy (``nn/gate/device.py``); None when ``force`` or the spec
         fixes every decision (the host path then has nothing to wait for).
 
         Decisions are computed as tensors; the output starts as the residual inputs (the skip output). The block

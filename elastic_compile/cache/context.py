@@ -1,0 +1,74 @@
+"""The feature cache on an elastic model, in the style of diffusers' hooks: ``apply_feature_cache`` turns it on,
+``cache_context`` names the classifier-free-guidance branch of a call, ``reset_cache`` forgets everything, and
+:class:`ElasticCacheHooks` lets the sampling loop do the last two."""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from ..sampling.hooks import SamplerHooks
+from ..state import state_of
+from .store import FeatureCacheConfig, FeatureCacheState
+
+
+def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = None) -> FeatureCacheState:
+    """Turn the feature cache on for an elastic model (replacing any previous cache state).
+
+    Without ``config``: the cache the routers were trained for (``train_routers(..., cache_aware=True)`` records
+    it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``."""
+    state = state_of(model)
+    state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})))
+    return state.cache
+
+
+def serving_cache_hooks(model: nn.Module, mode: str = "auto") -> "ElasticCacheHooks | None":
+    """Turn the cache on and return its sampler hooks when ``mode`` is "on", or "auto" and the routers were trained
+    for it (``train_routers(..., cache_aware=True)``); None (cache left as it is) otherwise."""
+    if mode == "off" or (mode == "auto" and not state_of(model).serving.get("feature_cache")):
+        return None
+    apply_feature_cache(model)
+    return ElasticCacheHooks(model)
+
+
+def remove_feature_cache(model: nn.Module) -> None:
+    state_of(model).cache = None
+
+
+@contextlib.contextmanager
+def cache_context(model: nn.Module, name: str):
+    """Calls inside use the cache rows of branch ``name`` (like diffusers' ``cache_context``)."""
+    cache = state_of(model).cache
+    if cache is None:
+        yield
+        return
+    previous, cache.context = cache.context, name
+    try:
+        yield
+    finally:
+        cache.context = previous
+
+
+def reset_cache(model: nn.Module) -> None:
+    """Forget all cached deltas (call at the start of every generation)."""
+    cache = state_of(model).cache
+    if cache is not None:
+        cache.reset()
+
+
+class ElasticCacheHooks(SamplerHooks):
+    """Sampler hooks for an elastic model with the feature cache: reset per generation, one context per branch."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def start_generation(self) -> None:
+        reset_cache(self.model)
+
+    def end_generation(self) -> None:
+        reset_cache(self.model)
+
+    @contextlib.contextmanager
+    def branch(self, name, step):
+        with cache_context(self.model, name):
+            yield

@@ -1,0 +1,83 @@
+"""How a router's logits become decisions, on the host (Python floats) and on the device (tensors).
+
+A block runs for a sample iff ``sigmoid(run logit) >= threshold``; it runs at the first argmax of its width
+logits. Non-finite logits (non-finite block inputs) mean "run, at the dense width", so a broken input never
+silently drops a block. The host functions decide from one device-to-host copy of the logits; the device
+functions decide without one (``nn/gate/device.py``); the tests hold both to the same answers.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def run_probability(logit: float) -> float:
+    """sigmoid(logit) on the host, without overflow; a NaN logit (non-finite block inputs) means "run"."""
+    return 1.0 if math.isnan(logit) else 0.5 * (1.0 + math.tanh(0.5 * logit))
+
+
+def best_bucket(logits: list[float]) -> int:
+    """argmax (first maximum, as torch.argmax); any NaN logit means the dense bucket (the last)."""
+    if any(map(math.isnan, logits)):
+        return len(logits) - 1
+    return logits.index(max(logits))
+
+
+def host_decisions(rows: list[list[float]], threshold: float, decide_run: bool, decide_bucket: bool):
+    """``(run, bucket, p_run)`` per row of router logits ``[run logit, width logits...]``: exactly
+    :func:`run_probability` >= ``threshold`` and :func:`best_bucket`, in one pass (this runs between two block
+    graphs, where every extra Python call is paid with cold caches). A list is None where not decided here."""
+    run = bucket = p_run = None
+    if decide_run:
+        p_run = []
+        for row in rows:
+            logit = row[0]
+            p_run.append(1.0 if logit != logit else 0.5 * (1.0 + math.tanh(0.5 * logit)))
+        run = [p >= threshold for p in p_run]
+    if decide_bucket:
+        bucket = []
+        for row in rows:
+            widths = row[1:]
+            total = sum(widths)  # NaN when a logit is NaN (or infinities of both signs: then look closer)
+            nan = total != total and any(w != w for w in widths)
+            bucket.append(len(widths) - 1 if nan else widths.index(max(widths)))
+    return run, bucket, p_run
+
+
+def run_logit_threshold(threshold: float) -> float:
+    """``p >= threshold`` with ``p = sigmoid(logit)`` is ``logit >= log(threshold / (1 - threshold))``."""
+    return math.log(threshold / (1.0 - threshold))
+
+
+def device_decisions(logits: torch.Tensor, can_skip: bool, elastic_width: bool, threshold: float,
+                     dense_bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(run (B,) bool, bucket (B,) long)`` from router logits, on their device, as the host gate
+    decides them: run iff sigmoid(run logit) >= threshold (a NaN logit runs); bucket = first argmax of the width
+    logits (any NaN: the dense bucket)."""
+    logits = logits.float()
+    batch = logits.shape[0]
+    if can_skip:  # "not below" rather than ">=": a NaN logit compares False both ways and must run
+        run = (logits[:, 0] < run_logit_threshold(threshold)).logical_not()
+    else:
+        run = torch.ones(batch, dtype=torch.bool, device=logits.device)
+    if elastic_width:
+        widths = logits[:, 1:]
+        bucket = torch.where(torch.isnan(widths).any(dim=-1), dense_bucket, widths.argmax(dim=-1))
+    else:
+        bucket = torch.full((batch,), dense_bucket, dtype=torch.long, device=logits.device)
+    return run, bucket
+
+
+_COMPILED_DECISIONS = None
+
+
+def fused_decisions() -> Callable:
+    """:func:`device_decisions` through ``torch.compile``: its seven tiny element-wise ops and reductions become
+    one or two kernels (on a GPU, inside a captured graph, each kernel node costs a few microseconds). Compiled
+    on first use for each (shape, flags) combination, which must happen outside a capture (the warm-up)."""
+    global _COMPILED_DECISIONS
+    if _COMPILED_DECISIONS is None:
+        _COMPILED_DECISIONS = torch.compile(device_decisions, dynamic=False)
+    return _COMPILED_DECISIONS
