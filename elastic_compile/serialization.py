@@ -25,10 +25,9 @@ from .analysis.spec import BlockSpec
 from .artifact.files import read_manifest_json, staging_directory
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ModelMismatchError
-from .passes.order_neurons import apply_unit_permutation
+from .passes import apply_unit_permutation, install
 from .report import model_fingerprint
 from .state import STATE_ATTRIBUTE, ElasticState, state_of
-from .transform import install
 from .version import __version__
 
 FORMAT = "elastic_compile.artifact/1"

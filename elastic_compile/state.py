@@ -104,8 +104,6 @@ class ElasticState:
             self.pending_calls = self.device_routing.calls
 
     def record(self, call: BlockCall) -> None:
-        if self.profiling:
-            return
         if self.device_routing is not None:
             self.device_routing.log.append((call.block, call.run, call.bucket, call.router_ran, call.reused))
         else:

@@ -18,10 +18,9 @@ from .capture.record import call_model
 from .capture.treespec import flatten_output
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ElasticCompileError
-from .nn.sliced import WidthControl, uninstall_sliced_forward
-from .passes import gate_block, insert_router, install_root_hook, make_mlps_elastic, order_neurons
+from .passes import drop_widths, install, order_neurons
 from .report import model_fingerprint
-from .state import ROUTER_ATTRIBUTE, STATE_ATTRIBUTE, ElasticState, force, gate_of
+from .state import STATE_ATTRIBUTE, ElasticState, force
 
 logger = logging.getLogger("elastic_compile")
 
@@ -68,23 +67,6 @@ def transform(model: nn.Module, config: ElasticConfig | None = None, example_inp
     model.train(was_training)
     _log_summary(state)
     return model
-
-
-def install(model: nn.Module, state: ElasticState, blocks: list[nn.Module], permutations: dict) -> None:
-    """Run the elastic_mlp, insert_routers and gate_blocks passes on already-permuted blocks."""
-    state.permutations = permutations
-    state.controls = {}
-    for spec, block in zip(state.specs, blocks):
-        control = WidthControl()
-        make_mlps_elastic(block, spec, control, state.config.width_buckets)
-        router = insert_router(block, spec, state.config)
-        if router is not None:
-            state.routers[spec.index] = router
-        state.controls[spec.index] = control
-        gate_block(block, spec, router, control, state)
-    state.blocks = blocks
-    state.root_hook = install_root_hook(model, state)
-    setattr(model, STATE_ATTRIBUTE, state)
 
 
 def _calibration_activations(model, analysis: Analysis, config: ElasticConfig, example_inputs, calibration_inputs):
@@ -136,7 +118,7 @@ def _verify(model: nn.Module, state: ElasticState, analysis: Analysis) -> None:
         if spec.group not in checked_groups:
             checked_groups[spec.group] = _width_problem(model, state, analysis.graphs[spec.group], spec, call)
         if checked_groups[spec.group]:
-            _drop_width(block, spec, state, checked_groups[spec.group])
+            drop_widths(block, spec, state, checked_groups[spec.group])
 
 
 def _width_problem(model: nn.Module, state: ElasticState, exported, spec: BlockSpec, call) -> str | None:
@@ -157,21 +139,6 @@ def _width_problem(model: nn.Module, state: ElasticState, exported, spec: BlockS
 
 def _scale(values: list) -> float:
     return max((float(v.abs().max()) for v in values if isinstance(v, torch.Tensor) and v.numel()), default=1.0)
-
-
-def _drop_width(block: nn.Module, spec: BlockSpec, state: ElasticState, reason: str) -> None:
-    for site in spec.sites:
-        for piece in site.all_slices():
-            uninstall_sliced_forward(block.get_submodule(piece.module))
-    spec.notes.append(f"FFN widths disabled: {reason}")
-    spec.sites = []
-    router = insert_router(block, spec, state.config) if (spec.skippable and state.config.allow_skip) else None
-    if router is None and hasattr(block, ROUTER_ATTRIBUTE):
-        delattr(block, ROUTER_ATTRIBUTE)
-    state.routers.pop(spec.index, None)
-    if router is not None:
-        state.routers[spec.index] = router
-    gate_of(block).router = router
 
 
 def _log_summary(state: ElasticState) -> None:

@@ -1,11 +1,13 @@
 """Block-level feature cache (training-free): skipped blocks reuse the residual update of their last run.
 
 :mod:`.store` holds the configuration and the stored updates, :mod:`.context` turns the cache on for a model and
-scopes its calls; the gates (``nn/gate``) apply the cache's rules.
+scopes its calls, :mod:`.rules` states once which samples run, reuse or are left out; the gates (``nn/gate``)
+apply them.
 """
 from .context import (ElasticCacheHooks, apply_feature_cache, cache_context, remove_feature_cache, reset_cache,
                       serving_cache_hooks)
-from .store import CacheContextError, DeviceEntry, FeatureCacheConfig, FeatureCacheState
+from .store import CacheContextError, DeviceEntry, FeatureCacheConfig, FeatureCacheState, HostEntry
 
 __all__ = ["CacheContextError", "DeviceEntry", "ElasticCacheHooks", "FeatureCacheConfig", "FeatureCacheState",
-           "apply_feature_cache", "cache_context", "remove_feature_cache", "reset_cache", "serving_cache_hooks"]
+           "HostEntry", "apply_feature_cache", "cache_context", "remove_feature_cache", "reset_cache",
+           "serving_cache_hooks"]

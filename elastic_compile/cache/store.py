@@ -1,15 +1,16 @@
 """The feature cache's configuration and what it stores: per (context, block), each sample's last update.
 
-Semantics, per block, per cache context (one per classifier-free-guidance branch) and per sample:
-- when the block runs for a sample, ``delta = out - in`` is stored for each residual output;
-- when the router skips the block for that sample, the block returns ``in + delta`` if a delta exists and has
-  been reused fewer than ``max_reuse`` times in a row, else ``in`` (identity);
-- band rule (``band`` set): samples whose run-probability lies in ``[tau, tau + band)`` (run, but barely) reuse the
-  delta instead of running (when one is usable, else they run); samples below ``tau`` skip to identity.
-- ``fallback="run"``: a skip is never identity: a sample that would take identity reuses a usable delta, else runs.
-Contexts keep rows apart: CFG as one batch (one context, cond and uncond rows) and CFG as two calls (contexts
-"cond" and "uncond") see the same deltas per sample. ``reset()`` (or a sampler's ``start_generation``) forgets
-everything; a batch-size change within a context also starts that context afresh.
+Per block, per cache context (one per classifier-free-guidance branch) and per sample: when the block runs,
+``delta = out - in`` is stored for each residual output; when it does not, the cache's rules (:mod:`.rules`) say
+whether a stand-in (the stored delta) is added to its input. Contexts keep rows apart: CFG as one batch (one
+context, cond and uncond rows) and CFG as two calls (contexts "cond" and "uncond") see the same deltas per sample.
+``reset()`` (or a sampler's ``start_generation``) forgets everything; a batch-size change within a context also
+starts that context afresh.
+
+Each (context, block) is a :class:`HostEntry` (Python lists, for the host gate) or a :class:`DeviceEntry`
+(tensors updated in place, for device routing and captured CUDA graphs). Both answer the same three questions:
+which stand-ins are available per sample, what the skip output is for given stand-ins, and what to store after
+the block ran.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from ..batch import per_sample
 from ..errors import ConfigError, ElasticCompileError
+from .rules import DEVICE, HOST, IDENTITY, REUSE, plan
 
 
 class CacheContextError(ElasticCompileError):
@@ -27,10 +29,10 @@ class CacheContextError(ElasticCompileError):
 
 @dataclass(frozen=True)
 class FeatureCacheConfig:
-    """``max_reuse``: K, how many times in a row a delta may stand in for the block. ``band``: see module doc.
-    ``fallback``: what a skip does when no delta is usable (first step, or K reuses in a row): "identity" (the
-    block is left out, what plain routers are trained for) or "run" (the block runs and refreshes its delta, so a
-    skip always means reuse: what cache-aware routers are trained for)."""
+    """``max_reuse``: K, how many times in a row a delta may stand in for the block. ``band``: the band rule of
+    :mod:`.rules` (None: off). ``fallback``: what a skip does when no delta is usable (first step, or K reuses in a
+    row): "identity" (the block is left out, what plain routers are trained for) or "run" (the block runs and
+    refreshes its delta, so a skip always means reuse: what cache-aware routers are trained for)."""
 
     max_reuse: int = 2
     band: float | None = None
@@ -46,18 +48,55 @@ class FeatureCacheConfig:
             raise ConfigError("band in (0, 1) or None", f"{self.band}", "Use e.g. 0.1.")
 
 
-class _Entry:
+class HostEntry:
+    """One (context, block) as Python lists per sample: whether a delta is stored, how often it stood in since."""
+
+    flags = HOST
+
     def __init__(self, batch: int):
         self.batch = batch
         self.deltas: dict[int, torch.Tensor] = {}
         self.valid = [False] * batch
         self.reuse = [0] * batch
 
+    def available(self, max_reuse: int) -> dict[int, list[bool]]:
+        return {REUSE: [v and r < max_reuse for v, r in zip(self.valid, self.reuse)]}
+
+    def skip_values(self, inputs: dict[int, torch.Tensor], stand_in: list[int]) -> dict[int, torch.Tensor]:
+        """``in + delta`` for samples whose stand-in is a reuse, ``in`` for the others; counts the reuses."""
+        reused = [code == REUSE for code in stand_in]
+        if not any(reused):
+            return dict(inputs)
+        out = {}
+        for leaf, x in inputs.items():
+            mask = per_sample(torch.tensor(reused, device=x.device), x)
+            out[leaf] = torch.where(mask, x + self.deltas[leaf].to(x.dtype), x)
+        for s, r in enumerate(reused):
+            if r:
+                self.reuse[s] += 1
+        return out
+
+    def store(self, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor], ran: list[bool]) -> None:
+        """Remember ``out - in`` for the samples that ran (their reuse counts restart)."""
+        if not any(ran):
+            return
+        rows = torch.tensor([s for s, r in enumerate(ran) if r], device=next(iter(inputs.values())).device)
+        for leaf, x in inputs.items():
+            delta = (outputs[leaf] - x).detach().index_select(0, rows)
+            if leaf not in self.deltas:
+                self.deltas[leaf] = torch.zeros_like(x.detach())
+            self.deltas[leaf] = self.deltas[leaf].index_copy(0, rows, delta)
+        for s, r in enumerate(ran):
+            if r:
+                self.valid[s], self.reuse[s] = True, 0
+
 
 class DeviceEntry:
-    """The same state as :class:`_Entry` as device tensors, for gates that route on the device
-    (``nn/gate/device.py``): updated in place, so a captured CUDA graph keeps reading and writing the
-    same memory across replays and ``reset`` reaches it."""
+    """The state of :class:`HostEntry` as device tensors, for gates that route on the device (``nn/gate/device.py``):
+    updated in place, so a captured CUDA graph keeps reading and writing the same memory across replays and
+    ``reset`` reaches it."""
+
+    flags = DEVICE
 
     def __init__(self, inputs: dict[int, torch.Tensor], batch: int):
         device = next(iter(inputs.values())).device
@@ -70,14 +109,32 @@ class DeviceEntry:
         self.valid.zero_()
         self.reuse.zero_()
 
+    def available(self, max_reuse: int) -> dict[int, torch.Tensor]:
+        return {REUSE: self.valid & (self.reuse < max_reuse)}
+
+    def skip_values(self, inputs: dict[int, torch.Tensor], stand_in: torch.Tensor) -> dict[int, torch.Tensor]:
+        """New tensors: ``in + delta`` for rows whose stand-in is a reuse, ``in`` for the others."""
+        reused = stand_in == REUSE
+        return {leaf: torch.where(per_sample(reused, x), x + self.deltas[leaf], x) for leaf, x in inputs.items()}
+
+    def store(self, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor], ran: torch.Tensor,
+              stand_in: torch.Tensor) -> None:
+        """In place: ``delta = out - in`` for rows that ran (their counters restart), one more reuse for rows
+        whose stand-in was a reuse."""
+        for leaf, delta in self.deltas.items():
+            x = inputs[leaf]
+            delta.copy_(torch.where(per_sample(ran, x), outputs[leaf] - x, delta))
+        self.reuse.copy_(torch.where(ran, 0, self.reuse + (stand_in == REUSE).long()))
+        self.valid.logical_or_(ran)
+
 
 class FeatureCacheState:
-    """Deltas and reuse counters per (context, block); ``context`` is the active branch name."""
+    """Entries per (context, block); ``context`` is the active branch name."""
 
     def __init__(self, config: FeatureCacheConfig):
         self.config = config
         self.context: str | None = None
-        self.entries: dict[tuple[str, int], _Entry] = {}
+        self.entries: dict[tuple[str, int], HostEntry] = {}
         self.device_entries: dict[tuple[str, int, int], DeviceEntry] = {}
 
     def reset(self) -> None:
@@ -93,6 +150,13 @@ class FeatureCacheState:
                                     "per CFG branch) or sample with ElasticCacheHooks.")
         return self.context
 
+    def entry(self, block: int, batch: int) -> HostEntry:
+        key = (self._require_context(), block)
+        entry = self.entries.get(key)
+        if entry is None or entry.batch != batch:
+            entry = self.entries[key] = HostEntry(batch)
+        return entry
+
     def device_entry(self, block: int, inputs: dict[int, torch.Tensor], batch: int) -> DeviceEntry:
         """The device-side state of ``block`` for the active context and this batch size (created on first use,
         which must not be inside a CUDA-graph capture: ``capture_cuda_graph`` warms up first)."""
@@ -107,42 +171,7 @@ class FeatureCacheState:
             entry = self.device_entries[key] = DeviceEntry(inputs, batch)
         return entry
 
-    def entry(self, block: int, batch: int) -> _Entry:
-        key = (self._require_context(), block)
-        entry = self.entries.get(key)
-        if entry is None or entry.batch != batch:
-            entry = self.entries[key] = _Entry(batch)
-        return entry
+    def plan(self, entry: HostEntry | DeviceEntry, run, scores, threshold: float):
+        """``(run, stand_in)`` per sample for a block whose decision was ``run`` (:func:`.rules.plan`)."""
+        return plan(entry.flags, self.config, threshold, run, scores, entry.available(self.config.max_reuse))
 
-    def usable(self, block: int, batch: int) -> list[bool]:
-        entry = self.entry(block, batch)
-        return [v and r < self.config.max_reuse for v, r in zip(entry.valid, entry.reuse)]
-
-    def reused_output(self, block: int, inputs: dict[int, torch.Tensor], reuse: list[bool]) -> dict[int, torch.Tensor]:
-        """``in + delta`` for samples in ``reuse``, ``in`` for the others; counts the reuses."""
-        entry = self.entry(block, len(reuse))
-        if not any(reuse):
-            return dict(inputs)
-        out = {}
-        for leaf, x in inputs.items():
-            mask = per_sample(torch.tensor(reuse, device=x.device), x)
-            out[leaf] = torch.where(mask, x + entry.deltas[leaf].to(x.dtype), x)
-        for s, r in enumerate(reuse):
-            if r:
-                entry.reuse[s] += 1
-        return out
-
-    def store(self, block: int, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor], ran: list[bool]) -> None:
-        """Remember ``out - in`` for the samples that ran."""
-        entry = self.entry(block, len(ran))
-        if not any(ran):
-            return
-        rows = torch.tensor([s for s, r in enumerate(ran) if r], device=next(iter(inputs.values())).device)
-        for leaf, x in inputs.items():
-            delta = (outputs[leaf] - x).detach().index_select(0, rows)
-            if leaf not in entry.deltas:
-                entry.deltas[leaf] = torch.zeros_like(x.detach())
-            entry.deltas[leaf] = entry.deltas[leaf].index_copy(0, rows, delta)
-        for s, r in enumerate(ran):
-            if r:
-                entry.valid[s], entry.reuse[s] = True, 0

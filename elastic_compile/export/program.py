@@ -1,7 +1,7 @@
 """The functions that get exported: one block at one width bucket, and one router, over flat tensor inputs.
 
 :class:`BlockProgram` is an ``nn.Module`` whose ``forward(*tensors)`` rebuilds the block's arguments from a
-:class:`~elastic_compile.artifact.layout.CallLayout`, pins the block's :class:`~elastic_compile.nn.sliced.WidthControl` to one bucket
+:class:`~elastic_compile.artifact.layout.CallLayout`, pins the block's :class:`~elastic_compile.nn.width.WidthControl` to one bucket
 and calls the block's *original* forward (the code under its gate), returning the output's tensor leaves.
 Guarantee: in eager mode it returns exactly what the PyTorch elastic model computes for that block at that
 bucket (it runs the same modules with the same sliced weights); torch.export captures that computation with

@@ -1,5 +1,9 @@
 """Pass: replace each block's forward by its gate, and hook the model root to start a record per forward.
 
+Matches: every block of the analysis (skippable or not: a gate also applies ``force`` and records decisions).
+Installs: a :class:`~elastic_compile.nn.gate.BlockGate` as the block's instance-level ``forward`` (read back with
+``elastic_compile.state.gate_of``), and a forward pre-hook on the model that starts each forward's record.
+
 Guarantee: the model keeps its class, forward signature and return type; with every router at full capacity
 (or ``force(skip=False, width=1.0)``) each gate calls the original forward unchanged.
 """
@@ -10,7 +14,7 @@ from torch import nn
 from ..analysis.spec import BlockSpec
 from ..nn.gate import BlockGate
 from ..nn.router import Router
-from ..nn.sliced import WidthControl
+from ..nn.width import WidthControl
 from ..state import GATE_ATTRIBUTE, ElasticState
 
 

@@ -1,4 +1,11 @@
-"""Pass: give a block a router sized to stay within the parameter budget, initialised to full capacity."""
+"""Pass: give a block a router sized to stay within the parameter budget, initialised to full capacity.
+
+Matches: blocks with a decision to make (skippable with ``allow_skip``, or with an elastic FFN).
+Installs: a :class:`~elastic_compile.nn.router.Router` as the block's submodule ``elastic_router`` (so its weights
+live in the model's state dict), reading the inputs the analysis chose (token streams, conditioning).
+Guarantee: at most ``router_param_budget`` of the block's parameters (never below ``router_min_hidden`` units),
+and an untrained router runs every sample at full width, so the model still computes the dense function.
+"""
 from __future__ import annotations
 
 from torch import nn

@@ -4,11 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..nn.gate.profile import FlopTable
-
-
-def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """Value of ``hard``, gradient of ``soft``."""
-    return hard.to(soft.dtype) + soft - soft.detach()
+from ..nn.gate.soft import straight_through
 
 
 def executed_flops_fraction(soft_records: list, table: FlopTable, routers: dict, batch: int,

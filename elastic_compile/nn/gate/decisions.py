@@ -12,43 +12,31 @@ from collections.abc import Callable
 
 import torch
 
+# p >= threshold with p = sigmoid(logit) is logit >= run_logit_threshold(threshold); one definition, shared with
+# the feature cache's band rule (which compares device logits the same way)
+from ...cache.rules import logit_of as run_logit_threshold
+
 
 def run_probability(logit: float) -> float:
     """sigmoid(logit) on the host, without overflow; a NaN logit (non-finite block inputs) means "run"."""
-    return 1.0 if math.isnan(logit) else 0.5 * (1.0 + math.tanh(0.5 * logit))
+    return 1.0 if logit != logit else 0.5 * (1.0 + math.tanh(0.5 * logit))
 
 
 def best_bucket(logits: list[float]) -> int:
     """argmax (first maximum, as torch.argmax); any NaN logit means the dense bucket (the last)."""
-    if any(map(math.isnan, logits)):
+    total = sum(logits)  # NaN when a logit is NaN (or infinities of both signs: then look closer)
+    if total != total and any(w != w for w in logits):
         return len(logits) - 1
     return logits.index(max(logits))
 
 
 def host_decisions(rows: list[list[float]], threshold: float, decide_run: bool, decide_bucket: bool):
-    """``(run, bucket, p_run)`` per row of router logits ``[run logit, width logits...]``: exactly
-    :func:`run_probability` >= ``threshold`` and :func:`best_bucket`, in one pass (this runs between two block
-    graphs, where every extra Python call is paid with cold caches). A list is None where not decided here."""
-    run = bucket = p_run = None
-    if decide_run:
-        p_run = []
-        for row in rows:
-            logit = row[0]
-            p_run.append(1.0 if logit != logit else 0.5 * (1.0 + math.tanh(0.5 * logit)))
-        run = [p >= threshold for p in p_run]
-    if decide_bucket:
-        bucket = []
-        for row in rows:
-            widths = row[1:]
-            total = sum(widths)  # NaN when a logit is NaN (or infinities of both signs: then look closer)
-            nan = total != total and any(w != w for w in widths)
-            bucket.append(len(widths) - 1 if nan else widths.index(max(widths)))
+    """``(run, bucket, p_run)`` per row of router logits ``[run logit, width logits...]``: :func:`run_probability`
+    >= ``threshold`` and :func:`best_bucket`. A list is None where not decided here."""
+    p_run = [run_probability(row[0]) for row in rows] if decide_run else None
+    run = [p >= threshold for p in p_run] if decide_run else None
+    bucket = [best_bucket(row[1:]) for row in rows] if decide_bucket else None
     return run, bucket, p_run
-
-
-def run_logit_threshold(threshold: float) -> float:
-    """``p >= threshold`` with ``p = sigmoid(logit)`` is ``logit >= log(threshold / (1 - threshold))``."""
-    return math.log(threshold / (1.0 - threshold))
 
 
 def device_decisions(logits: torch.Tensor, can_skip: bool, elastic_width: bool, threshold: float,

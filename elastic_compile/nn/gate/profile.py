@@ -1,8 +1,11 @@
-"""FLOPs of an elastic model's forward at every width bucket, measured without computing anything.
+"""FLOP profiling, the gate's mode while :func:`flop_table` measures an elastic model's forward at every width
+bucket without computing anything.
 
-The model runs under ``FakeTensorMode`` (shapes only) and :func:`~.flop_counter.flop_counter` (``FlopCounterMode``
-that also counts CPU attention), so the counts are exactly what it reports on a real run, for any input shapes,
-in well under a second for small models. One table per input signature is cached on the model's state.
+The model runs under ``FakeTensorMode`` (shapes only) and ``analysis.flop_counter`` (``FlopCounterMode`` that
+also counts CPU attention), once per bucket with ``force`` pinning every decision; each gate (:func:`forward`)
+runs its block's plan for the first sample under its own counter and reports the block's FLOPs, without touching
+the feature cache or the decision records. The counts are what a real run reports, for any input shapes. One
+table per input signature is cached on the model's state (``stats`` and the training budget read it).
 """
 from __future__ import annotations
 
@@ -29,6 +32,16 @@ class FlopTable:
     @property
     def non_block(self) -> int:
         return self.dense_total - sum(flops[-1] for _, flops in self.block_calls)
+
+
+def forward(gate, args: tuple, kwargs: dict):
+    """The block's output under the pinned plan, its FLOPs appended to ``state.profile_sink``."""
+    arguments = gate.bind(args, kwargs)
+    run, bucket, _, _ = gate.decide(arguments, gate.stream_batch(arguments))
+    with flop_counter() as counter:
+        out = gate.run_plan((run[0], bucket[0]), args, kwargs, arguments)
+    gate.state.profile_sink.append((gate.index, counter.get_total_flops()))
+    return out
 
 
 def signature_key(inputs) -> tuple:

@@ -1,0 +1,38 @@
+"""Host routing, the gate's mode at inference: decisions on the host, samples that share a plan run together.
+
+Each block copies its router's logits to the host once (one synchronisation per block on an accelerator; see
+:mod:`.device` for the alternative), decides per sample there (:mod:`.decisions`), applies the feature cache's
+rules (``elastic_compile/cache/rules.py``) to Python lists, records the decisions for ``stats`` and runs the
+plan: the whole batch at once when every sample agrees, the skip output when none runs, else one sub-batch per
+width bucket (``BlockGate.execute``). Guarantee: each sample's output is what the block computes for it alone
+under its decisions.
+
+This is the path every block takes between two others, where each Python step runs with cold caches, so when the
+router decides everything (no ``force``, a block that may skip and narrow) it takes no detour through the
+batch-size scan and the static decisions.
+"""
+from __future__ import annotations
+
+from ...cache.rules import IDENTITY
+from ...state import BlockCall
+from .decisions import host_decisions
+
+
+def forward(gate, args: tuple, kwargs: dict):
+    state = gate.state
+    arguments = gate.bind(args, kwargs)
+    if gate.routes_everything():
+        rows = gate.router.logits(arguments).tolist()
+        run, bucket, p_run = host_decisions(rows, state.config.threshold, True, True)
+        batch, router_ran = len(rows), True
+    else:
+        batch = gate.stream_batch(arguments)
+        run, bucket, router_ran, p_run = gate.decide(arguments, batch)
+    cache = state.cache
+    if cache is None or not gate.spec.skippable:
+        stand_in, reused = None, [False] * batch
+    else:
+        run, stand_in = cache.plan(cache.entry(gate.index, batch), run, p_run, state.config.threshold)
+        reused = [code != IDENTITY for code in stand_in]
+    state.record(BlockCall(gate.index, run, bucket, router_ran, reused))
+    return gate.execute(run, bucket, stand_in, args, kwargs, arguments, batch)
