@@ -2,9 +2,8 @@
 
 ``torch.utils.flop_counter`` has formulas for the CUDA attention kernels (flash, memory-efficient, cuDNN) but
 not for ``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel ``F.scaled_dot_product_attention``
-dispatches to on CPU: there, every attention's QK^T and AV matmuls counted zero FLOPs. That made the FLOP
-fraction of a narrow-FFN plan look smaller than it is (DiT-B/2 at 256 tokens: 0.501 instead of 0.526 at FFN
-width 1/4) and the FLOP-ratio limit of the speed benchmark unreachably high. :func:`flop_counter` is
+dispatches to on CPU: there, every attention's QK^T and AV matmuls would count zero FLOPs, making the FLOP
+fraction of a narrow-FFN plan look smaller than it is (attention does not narrow with the FFN). :func:`flop_counter` is
 ``FlopCounterMode`` with the CPU kernel counted by the same formula PyTorch uses for the CUDA ones, so a model
 counts the same FLOPs on CPU and on GPU.
 """

@@ -6,10 +6,8 @@ and a configurable number of intra-op threads (default: ``torch.get_num_threads(
 of a model share the same cores).
 
 Thread pools: by default every session owns its intra-op pool ("per_session"). A runtime calls a dozen or more
-sessions one after another per forward, and each call then wakes its own pool's long-idle threads: measured on
-this project's 2-core machine, a chain of the 12 DiT-S/2 block graphs (batch 1) ran 14-28% slower than the same
-graphs sharing one pool, which was within 3% of the whole model as one graph. ``thread_pool="shared"`` puts
-every session on ONNX Runtime's *global* intra-op pool. That pool is process-wide: once it is on, ONNX Runtime
+sessions one after another per forward, and each call then wakes its own pool's long-idle threads, which costs
+most on small graphs. ``thread_pool="shared"`` puts every session on ONNX Runtime's *global* intra-op pool. That pool is process-wide: once it is on, ONNX Runtime
 refuses sessions created elsewhere in the process with per-session threads (their options must set
 ``use_per_session_threads = False``), so it is opt-in for library use and the default of the command line, whose
 process is the runtime's alone. While the global pool is on (set here or by the application), every session of
@@ -17,13 +15,11 @@ this backend uses it.
 
 Memory: by default every session takes its memory from one CPU arena registered once per process with ONNX
 Runtime's environment ("shared", the ``session.use_env_allocators`` option; sessions created elsewhere in the
-process are unaffected unless they opt in). With an arena per session, each block graph's activations live in
-memory of their own, last touched a whole forward earlier: profiled on DiT-S/2 (batch 1), the block graphs' GEMMs
-took the same time as in the whole model exported as one graph, but their elementwise and normalisation kernels
-30-60% longer; the 14 graphs run back to back were 7-8% slower than the whole graph with an arena each and 1-2%
-faster with the shared one, where every graph's run reuses the chunks the previous one just freed. It also holds
-one set of activation buffers instead of one per graph (DiT-B/2 runtime at batch 4: 1.0 GiB less resident memory).
-``memory_arena="per_session"`` keeps ONNX Runtime's default.
+process are unaffected unless they opt in), so every graph's run reuses the chunks the previous one just freed,
+still in cache, and the runtime holds one set of activation buffers instead of one per graph. With an arena per
+session each block graph's activations live in memory of their own, last touched a whole forward earlier, which
+slows the memory-bound kernels (elementwise ops, normalisations). ``memory_arena="per_session"`` keeps ONNX
+Runtime's default. ``benchmarks/results/speed.md`` has what each setting measured.
 """
 from __future__ import annotations
 
@@ -114,7 +110,7 @@ def session_options(threads: int | None = None, shared_pool: bool = False, share
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # No busy-waiting between ops: the PyTorch parts of the model run on the same cores, and spinning ORT
-    # threads slow them down badly on small, shared machines (measured: 2 threads, 915 -> 628 ms per forward).
+    # threads would take those cores from them.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if shared_arena:
         options.add_session_config_entry("session.use_env_allocators", "1")

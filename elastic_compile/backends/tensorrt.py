@@ -231,8 +231,7 @@ def prebuild_engines(root: Path, manifest: dict, options: dict) -> dict:
     and a GPU are present, else a note that they are built on the target machine at first load."""
     available, detail = tensorrt_available()
     if not available:
-        return {"engines": None, "note": f"TensorRT unavailable at export ({detail}): engines are built on the "
-                "target GPU by runtime.load(dir, 'tensorrt') into the engine cache (default <dir>/engines)"}
+        return {"engines": None, "note": f"TensorRT unavailable at export: {detail}"}
     backend = TensorRTBackend(root, manifest, cache_dir=root / "engines", **options)
     entry = {"engines": "engines", "tensorrt": detail, "gpu": torch.cuda.get_device_name(backend.device),
              "flags": backend.flags, "count": len(backend.graphs)}

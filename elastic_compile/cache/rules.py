@@ -17,8 +17,8 @@ Per sample, from the router's (or ``force``'s) decision and where each stand-in 
 where a tensor op would cost more than the decision) or as tensors (device routing, inside a captured graph where
 a host copy is impossible); :data:`HOST` and :data:`DEVICE` say how flags combine in each. A new kind of stand-in
 (say, a forecast extrapolated from the block's update history) is a new code here with its place in
-:data:`STAND_INS`, and, in ``store.py``, what the entries keep for it (``available``, ``stand_in``, ``store``);
-the gates pass codes along and never look at them.
+:data:`STAND_INS`, and, in ``store.py``, what the entries keep for it (``available``, ``skip_values``, ``store``);
+the gates pass codes along and never ask which stand-in a code is.
 """
 from __future__ import annotations
 
@@ -77,8 +77,7 @@ class DeviceFlags:
 
     @staticmethod
     def filled(like, value):
-        return torch.full(like.shape, value, dtype=torch.long if isinstance(value, int) and not isinstance(
-            value, bool) else torch.bool, device=like.device)
+        return torch.full(like.shape, value, device=like.device)  # bool flags, int64 codes: the value's type
 
     @staticmethod
     def below(run, run_logit, probability):

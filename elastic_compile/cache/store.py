@@ -20,7 +20,7 @@ import torch
 
 from ..batch import per_sample
 from ..errors import ConfigError, ElasticCompileError
-from .rules import DEVICE, HOST, IDENTITY, REUSE, plan
+from .rules import DEVICE, HOST, REUSE, plan
 
 
 class CacheContextError(ElasticCompileError):

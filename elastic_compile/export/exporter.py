@@ -286,21 +286,13 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
                 "elastic": "elastic", "config": state.config.to_dict(), "dtype": dtype, "opset": OPSET,
                 "buckets": [state.config.width_buckets[i] for i in indices], "bucket_indices": indices,
                 "dense_bucket": state.dense_bucket, "batch_sizes": sizes,
-                "padding": "sub-batches are padded (last row repeated) to the next exported batch size, "
-                           "or split into chunks of the largest",
                 "inputs": _describe(example_inputs), "blocks": blocks, "routers": routers,
                 "program": program, "program_note": program_note,
-                "runs_in_torch": {"modules": _runs_in_torch(model, state), "block_parameters_used_outside": shared,
-                                  "routers": "with onnxruntime on the host in NumPy by default (routers='host', "
-                                  "reading the graphs' token summaries, or the logits a block's 'lookahead' computed), else in "
-                                  "torch (routers='torch'); "
-                                  "routers/*.onnx with runtime.load(..., routers='onnx')",
-                                  "note": "everything outside the transformer blocks runs in PyTorch, except with "
-                                          "onnxruntime where 'program' lists graphs for it (outside/*.onnx)"},
+                "runs_in_torch": {"modules": _runs_in_torch(model, state), "block_parameters_used_outside": shared},
                 "backends": {"onnxruntime": {"graphs": True, "verified": exporter.verify_ort},
                              "tensorrt": {"engines": None}},
                 "verification": {"onnxruntime": exporter.verify_ort, "atol": ATOL[dtype],
-                                 "max_abs_diff": exporter.worst, "reference": "PyTorch elastic model, float32",
+                                 "max_abs_diff": exporter.worst,
                                  "note": None if exporter.verify_ort else
                                  f"onnxruntime CPU cannot run {dtype} graphs: files passed onnx.checker only"},
                 "sampling": sampling, "versions": mf.tool_versions(),

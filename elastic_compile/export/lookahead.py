@@ -1,10 +1,9 @@
 """Router lookahead: a block graph that also returns the next block's router logits.
 
 Between two block graphs, a host router costs more than its arithmetic: each of its few small ops runs right
-after a block has streamed its weights through the caches (DiT-B/2, batch 1: ~275 us per router in place against
-~25 us warm). When everything the next block's router reads is a tensor that this block's graph holds anyway
+after a block has streamed its weights through the caches. When everything the next block's router reads is a tensor that this block's graph holds anyway
 (one of its outputs, such as the hidden-state stream, or one of its inputs, such as the conditioning vector that
-every block receives), the graph can evaluate that router too, at no measurable cost, and the runtime only has to
+every block receives), the graph can evaluate that router too, next to data it already holds, and the runtime only has to
 look the logits up (:mod:`elastic_compile.serve.lookahead`).
 
 :func:`find_lookaheads` decides this per block from one real forward: router ``j``'s feature tensors must be the

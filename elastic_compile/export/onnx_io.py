@@ -133,8 +133,8 @@ def export_graph(module: torch.nn.Module, example: Sequence[torch.Tensor], what:
 
 
 def _strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop per-node exporter metadata (Python stack traces, module paths: ~1.3 kB per node, 95% of a graph
-    file once weights are external). Does not change what the graph computes."""
+    """Drop per-node exporter metadata (Python stack traces, module paths: most of a graph file once its weights
+    are external). Does not change what the graph computes."""
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""

@@ -56,8 +56,7 @@ SUMMARY_EPS = 1e-5
 
 def token_mean(stream: torch.Tensor) -> torch.Tensor:
     """``(B, ..., C) -> (B, C)``: the float32 mean over the token dimensions, as a product with a constant ``1/T``
-    row (one MatMul in ONNX): ONNX Runtime's ReduceMean over the token axis took 143 us for a (1, 256, 768) stream
-    against 41 us for the MatMul (warm, one op per session)."""
+    row: one MatMul in ONNX, which ONNX Runtime runs faster than a ReduceMean over the token axis."""
     flat = stream.reshape(stream.shape[0], -1, stream.shape[-1]).float()
     weights = torch.full((1, flat.shape[1]), 1.0 / flat.shape[1], dtype=torch.float32, device=stream.device)
     return torch.matmul(weights, flat).squeeze(1)

@@ -150,8 +150,8 @@ class SingleThreadRouter:
     """Runs a PyTorch router on one intra-op thread, between two ONNX Runtime block calls.
 
     A multi-threaded PyTorch op there wakes PyTorch's thread pool, whose spinning workers then compete with ONNX
-    Runtime's threads for the same cores: measured +12.6% per forward on DiT-B/2 (batch 1, 2 cores) although the
-    routers themselves take 0.8%. A router's few small ops lose nothing on one thread.
+    Runtime's threads for the same cores, slowing the whole forward far more than the routers' own time. A router's
+    few small ops lose nothing on one thread.
     """
 
     def __init__(self, router):

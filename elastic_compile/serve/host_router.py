@@ -1,10 +1,8 @@
 """A router evaluated in NumPy on the host: what CPU runtimes run between two block graphs.
 
 Between two ONNX Runtime calls, a PyTorch router pays for PyTorch's whole dispatch path with cold caches (the
-block just streamed its weights through them) and must be kept off PyTorch's thread pool: measured on
-DiT-B/2 (batch 1, 2 cores, 12 ORT block graphs in a row) about 1000 us per router in place, against about 400 us
-for the same arithmetic in NumPy with the token mean taken from the block graph (see
-:mod:`.summaries`). :class:`HostRouter` computes exactly :meth:`Router.logits <elastic_compile.nn.router.Router.logits>`
+block just streamed its weights through them) and must be kept off PyTorch's thread pool; the same arithmetic in
+NumPy, with the token mean taken from the block graph (see :mod:`.summaries`), costs a fraction of that. :class:`HostRouter` computes exactly :meth:`Router.logits <elastic_compile.nn.router.Router.logits>`
 (float32, from the router's folded weights :meth:`Router.folded <elastic_compile.nn.router.Router.folded>`, so
 results match to rounding) and re-reads them whenever a parameter of the PyTorch router has changed, so
 ``load_state_dict``, training or ``reset_to_full_capacity`` on the PyTorch router are always what runs.
@@ -77,7 +75,7 @@ class HostRouter:
             if summary is not None:
                 return summary
         x = self.feature(feature, value, frequencies)
-        # np.add.reduce, not ndarray.mean: mean's Python-level wrapper alone costs ~80 us right after a block
+        # np.add.reduce, not ndarray.mean: mean's Python-level wrapper is slow right after a block (cold caches)
         scale = np.float32(1 / x.shape[-1])
         centred = x - np.add.reduce(x, axis=-1, keepdims=True) * scale
         normed = centred / np.sqrt(np.add.reduce(centred * centred, axis=-1, keepdims=True) * scale + np.float32(eps))

@@ -127,19 +127,17 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         backend: "onnxruntime" (CPU sessions), "tensorrt" (engines from the engine cache, CUDA) or "torch".
         threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``).
         thread_pool: onnxruntime threads: "per_session" (default: each block graph's session has its own pool)
-            or "shared" (ONNX Runtime's process-wide global pool: 14-28% faster on small models, where a forward
-            wakes a dozen idle pools; other code in the process must then create its sessions with
+            or "shared" (ONNX Runtime's process-wide global pool: faster, most on small models, where a forward
+            would wake a dozen idle pools; other code in the process must then create its sessions with
             ``use_per_session_threads = False``). See :mod:`elastic_compile.backends.onnxruntime`.
         memory_arena: onnxruntime CPU memory: "shared" (default: one arena registered with ONNX Runtime's
             environment for every graph of the process, so each graph's activations reuse the buffers the previous
-            graph just freed: 7-15% faster forwards at batch 1 (DiT-S/2, DiT-B/2, Flux-shaped; paired against
-            an arena per graph in ``benchmarks/results/speed.md``), and the DiT-B/2 runtime holds 1.0 GiB less at
-            batch 4; sessions of other code are unaffected) or "per_session" (ONNX Runtime's default: an arena per
-            graph).
+            graph just freed, still in cache, and the runtime holds one set of them; sessions of other code are
+            unaffected) or "per_session" (ONNX Runtime's default: an arena per graph).
         torch_threads: PyTorch intra-op threads during a call, for the parts outside the block graphs (restored
             after it). "auto" (default): 1 with onnxruntime (ONNX Runtime's threads still spin on the cores when
-            a PyTorch op starts between two graphs; one thread is 5-30% faster end to end, see
-            :mod:`.torch_threads`), PyTorch's setting otherwise; None: PyTorch's setting always.
+            a PyTorch op starts between two graphs, see :mod:`.torch_threads`), PyTorch's setting otherwise;
+            None: PyTorch's setting always.
         routers: how routers run: "host" (default with onnxruntime: NumPy on the host, token means from the
             block graphs), "torch" (the PyTorch routers; default with tensorrt and torch) or "onnx"
             (routers/*.onnx). All three compute the same function (equal up to float32 rounding).

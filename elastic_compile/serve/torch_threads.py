@@ -2,14 +2,11 @@
 
 With ONNX Runtime on the CPU, a forward alternates between block graphs (ONNX Runtime's threads) and PyTorch (the
 parts outside the blocks: embeddings, patchify, final layer; the gates' and routers' few small ops). ONNX
-Runtime's worker threads keep spinning for a while after each graph (the shared global pool always spins, ~29 ms
-of CPU after every run on this project's 2-core machine; there is no Python setting to turn it off), and a
-multi-threaded PyTorch op started then puts PyTorch's OpenMP worker on a core that a spinning ONNX Runtime
-thread already holds. Measured (2 cores, shared pool, dense DiT-B/2 batch 1, interleaved in one process): the
-PyTorch part before the first block took 12.9 ms with 2 PyTorch threads and 5.5 ms with 1, the part after the
-last block 8.1 vs 3.8 ms, and the whole forward 236 vs 214 ms against 204 ms for the model as one ONNX graph.
-These parts are small ops that lose nothing on one thread, so the ONNX Runtime runtime runs them single-threaded
-by default (``ec.runtime.load(..., torch_threads=...)``).
+Runtime's worker threads keep spinning for a while after each graph (the shared global pool always does; there
+is no Python setting to turn it off), and a multi-threaded PyTorch op started then puts PyTorch's OpenMP worker on
+a core that a spinning ONNX Runtime thread already holds, and waits for it. These parts are small ops that lose
+nothing on one thread, so the ONNX Runtime runtime runs them single-threaded by default
+(``ec.runtime.load(..., torch_threads=...)``; ``benchmarks/results/speed.md`` measures the setting).
 """
 from __future__ import annotations
 
