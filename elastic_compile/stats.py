@@ -44,8 +44,15 @@ class ElasticStats:
 
     @property
     def skipped_fraction(self) -> float:
+        """Share of (block, sample) decisions that did not run the block (cache reuses included)."""
         flat = [d for block in self.decisions for d in block]
         return sum(not d.run for d in flat) / max(1, len(flat))
+
+    @property
+    def reused_fraction(self) -> float:
+        """Share of (block, sample) decisions that the feature cache served instead of the block."""
+        flat = [d for block in self.decisions for d in block]
+        return sum(d.reused for d in flat) / max(1, len(flat))
 
     def mean_width(self) -> float:
         widths = [d.width for block in self.decisions for d in block if d.run]
@@ -100,3 +107,32 @@ def stats(model: nn.Module) -> ElasticStats:
         router_flops=int(router_total),
         decided_flops_fraction=decided / table.dense_total,
     )
+
+
+class StepStats:
+    """An ``on_step_end`` callback for :func:`elastic_compile.sampling.sample` that keeps ``stats(model)`` after
+    every denoising step, so that a generation is described by the mean over its steps (what the demo and
+    ``elastic-compile run`` report): the last step alone can be far from it, e.g. with a feature cache that
+    refreshes a block every few steps."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.steps: list[ElasticStats] = []
+
+    def __call__(self, step, latents) -> None:
+        self.steps.append(stats(self.model))
+
+    def mean(self, name: str) -> float:
+        return sum(getattr(s, name) for s in self.steps) / max(1, len(self.steps))
+
+    @property
+    def executed_flops_fraction(self) -> float:
+        return self.mean("executed_flops_fraction")
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.mean("skipped_fraction")
+
+    @property
+    def reused_fraction(self) -> float:
+        return self.mean("reused_fraction")

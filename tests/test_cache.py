@@ -47,6 +47,22 @@ def test_skipped_block_returns_input_plus_delta_of_its_last_run():
     assert all(not d.run for d in ec.stats(model).decisions[1])
 
 
+def test_step_stats_describe_the_whole_generation_not_its_last_step():
+    """Skips forced, a cache that falls back to running (what cache-aware routers are served with): a block runs
+    once every K + 1 steps, so the last step alone can show nothing skipped while the generation skipped most."""
+    from elastic_compile.stats import StepStats
+    model, inputs = _model(max_reuse=2, fallback="run")
+    steps = StepStats(model)
+    for step in range(6):
+        _call(model, inputs, skip=True)
+        steps(step, None)
+    per_step = [s.skipped_fraction for s in steps.steps]
+    assert per_step[0] == 0 and per_step[1] == per_step[2] > 0 and per_step[3] == 0 and per_step[-1] > 0
+    assert steps.skipped_fraction == pytest.approx(sum(per_step) / 6) and steps.skipped_fraction > 0
+    assert steps.reused_fraction == steps.skipped_fraction  # every skip was served from the cache
+    assert steps.executed_flops_fraction < 1.0
+
+
 def test_reuse_limit_then_identity_and_rerun_refreshes():
     model, inputs = _model(max_reuse=2)
     seen = _block_io(model, 0)

@@ -17,17 +17,29 @@ def test_inspect_prints_the_report(capsys, monkeypatch):
     assert "3 blocks" in out and "mlp (128 units, gelu)" in out
 
 
+@pytest.mark.skipif(not (ASSETS_DIR / "transformer").is_dir(), reason="bundled reference model not built")
+def test_inspect_takes_a_factory_returning_the_model_first(capsys):
+    """``load_reference`` returns (model, scheduler, config): the model is the first entry, its example inputs are
+    synthesised (a diffusers DiT)."""
+    assert main(["inspect", "--model", "elastic_compile.reference:load_reference"]) == 0
+    assert "10 blocks" in capsys.readouterr().out
+
+
 def test_bad_model_spec_is_a_typed_error_with_exit_code_2(capsys):
     assert main(["inspect", "--model", "no.such.module:factory"]) == 2
     assert "package.module:factory" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (ASSETS_DIR / "transformer").is_dir(), reason="bundled reference model not built")
-def test_demo_runs_and_writes_grids(tmp_path, capsys):
-    assert main(["demo", "--per-class", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
+def test_demo_runs_and_writes_one_side_by_side_image(tmp_path, capsys):
+    from PIL import Image
+    assert main(["demo", "--per-class", "1", "--rounds", "1", "--out", str(tmp_path), "--cache"]) == 0
     out = capsys.readouterr().out
     assert "FLOP fraction" in out and "speedup" in out and "PSNR vs dense" in out
-    assert (tmp_path / "dense_grid.png").is_file() and (tmp_path / "elastic_grid.png").is_file()
+    assert "--cache: the elastic model already runs with the feature cache" in out  # the bundled routers' cache
+    assert [p.name for p in tmp_path.iterdir()] == ["dense_vs_elastic.png"]
+    width, height = Image.open(tmp_path / "dense_vs_elastic.png").size
+    assert width >= 3 * 33 and height > 10 * 33  # dense | elastic | difference: 10 digits of 8 x 4 + 1 pixels each
 
 
 @pytest.mark.skipif(not (ASSETS_DIR / "transformer").is_dir(), reason="bundled reference model not built")

@@ -36,7 +36,8 @@ ALLOWED = {
     "reference": {"analysis", "errors", "sampling", "state", "stats"},
     ROOT: {"cache", "config", "deploy", "errors", "report", "runtime", "serialization", "state", "stats", "train",
            "transform", "version"},
-    "cli": {ROOT, "artifact", "cache", "config", "errors", "reference", "sampling", "serve", "state", "train"},
+    "cli": {ROOT, "artifact", "cache", "config", "errors", "reference", "sampling", "serve", "state", "stats",
+            "train"},
 }
 
 

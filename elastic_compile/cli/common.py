@@ -14,9 +14,10 @@ from ..errors import ConfigError
 def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.Module, Any]:
     """Load ``--model``: ``package.module:factory`` or a diffusers model directory (``from_pretrained``).
 
-    A factory returns a model or ``(model, example_inputs)``. For a directory, example inputs come from
-    ``--inputs`` (a ``torch.save``'d dict of keyword arguments) or, for class-conditional DiT models, are
-    synthesised from the model config. Returns ``(model in eval mode, example_inputs or None)``.
+    A factory returns a model, ``(model, example_inputs)`` or a tuple starting with the model (such as
+    ``elastic_compile.reference:load_reference``'s ``(model, scheduler, config)``). Example inputs come from
+    ``--inputs`` (a ``torch.save``'d dict of keyword arguments), else from the factory, else, for
+    class-conditional diffusers DiT models, are synthesised from the model config. Returns ``(model in eval mode, example_inputs or None)``.
     """
     inputs = torch.load(inputs_path, weights_only=False) if inputs_path else None
     if ":" in spec and not Path(spec).exists():
@@ -27,8 +28,10 @@ def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.M
             raise ConfigError("--model as package.module:factory or a diffusers model directory", spec,
                               f"Check the import path ({exc}).") from exc
         made = factory()
-        model, made_inputs = made if isinstance(made, tuple) else (made, None)
-        return model.eval(), inputs if inputs is not None else made_inputs
+        model = made[0] if isinstance(made, tuple) else made
+        if inputs is None and isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], (dict, tuple, list)):
+            inputs = made[1]
+        return model.eval(), inputs if inputs is not None else synthesize_dit_inputs(model)
     directory = Path(spec)
     config_file = directory / "config.json"
     if not config_file.is_file():

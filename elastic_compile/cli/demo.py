@@ -8,16 +8,17 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="generate digits with the bundled model, dense vs elastic, and compare")
-    parser.add_argument("--out", default="elastic-demo", help="folder for the sample grids (default ./elastic-demo)")
+    parser.add_argument("--out", default="elastic-demo", help="folder for the side-by-side image (default ./elastic-demo)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (10 classes)")
     parser.add_argument("--cache", action="store_true",
-                        help="also run the elastic model with the feature cache (routers trained without it)")
+                        help="also run the elastic model with the block feature cache (K=2) on top of its routers; "
+                             "routers trained cache-aware (the bundled ones) are always served with their cache")
     parser.add_argument("--rounds", type=int, default=2, help="timed dense/elastic rounds (medians)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.set_defaults(handler=run)
 
 
-def elastic_model_cache(model) -> str:
+def describe_cache(model) -> str:
     from ..state import state_of
     config = state_of(model).cache.config
     return f"K={config.max_reuse}, fallback '{config.fallback}'"
@@ -27,11 +28,12 @@ def run(args) -> int:
     import torch
 
     import elastic_compile as ec
-    from ..reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
+    from ..cache import (ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, remove_feature_cache,
+                         serving_cache_hooks)
+    from ..reference import ASSETS_DIR, load_classifier, load_reference
     from ..reference.data import load_digits_split
     from ..reference.evaluate import generate, score
-    from ..cache import (ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache, remove_feature_cache,
-                                 serving_cache_hooks)
+    from ..sampling.images import difference, save_side_by_side
     from .common import synthesize_dit_inputs
 
     if args.threads:
@@ -48,9 +50,12 @@ def run(args) -> int:
         origin = "untrained routers (no bundled routers found): the elastic model runs dense"
     elastic_hooks = serving_cache_hooks(elastic_model)
     if elastic_hooks is not None:
-        origin += f" (trained cache-aware: served with the block feature cache, {elastic_model_cache(elastic_model)})"
+        origin += f" (trained cache-aware: served with the block feature cache, {describe_cache(elastic_model)})"
     print(f"reference DiT: {sum(p.numel() for p in dense_model.parameters()) / 1e6:.1f}M parameters, "
           f"{len(ec.report(elastic_model).blocks)} elastic blocks, {origin}")
+    if args.cache and elastic_hooks is not None:
+        print("--cache: the elastic model already runs with the feature cache its routers were trained for; "
+              "no separate row")
     labels = [c for c in range(config.num_classes) for _ in range(args.per_class)]
 
     timings = {"dense": [], "elastic": []}
@@ -62,7 +67,6 @@ def run(args) -> int:
             results[name] = generate(model, scheduler, labels, config, progress=True,
                                      hooks=elastic_hooks if name == "elastic" else None)
             timings[name].append(time.perf_counter() - start)
-    rows = {}
     if args.cache and elastic_hooks is None:
         apply_feature_cache(elastic_model, FeatureCacheConfig(max_reuse=2))
         print("elastic + feature cache")
@@ -73,20 +77,19 @@ def run(args) -> int:
     classifier = load_classifier()
     real = load_digits_split().heldout_images
     dense_seconds = statistics.median(timings["dense"])
-    out.mkdir(parents=True, exist_ok=True)
-    for name, result in results.items():
-        quality = score(result.images, labels, classifier, real, None if name == "dense" else results["dense"].images)
-        grid = make_grid_png(result.images, out / f"{name.replace(' + ', '_').replace(' ', '_')}_grid.png",
-                             nrow=args.per_class)
-        rows[name] = (result, quality, dense_seconds / statistics.median(timings[name]), grid)
+    dense_images = results["dense"].images
     print()
     print(f"{'model':<18}{'FLOP fraction':>14}{'speedup':>10}{'accuracy':>10}{'FID':>8}{'PSNR vs dense':>15}")
-    for name, (result, quality, speedup, _) in rows.items():
+    for name, result in results.items():
+        quality = score(result.images, labels, classifier, real, None if name == "dense" else dense_images)
+        speedup = dense_seconds / statistics.median(timings[name])
         fraction = 1.0 if result.executed_fraction is None else result.executed_fraction
         psnr = f"{quality['psnr']:.1f} dB" if "psnr" in quality else "-"
         print(f"{name:<18}{fraction:>14.3f}{speedup:>9.2f}x{quality['accuracy']:>10.3f}{quality['fid']:>8.2f}{psnr:>15}")
     print(f"\nspeedup: median wall-clock of {len(timings['dense'])} interleaved rounds in this run; "
-          "FLOP fraction: executed / dense (elastic_compile.stats, averaged over every denoiser call).")
-    for name, (_, _, _, grid) in rows.items():
-        print(f"{name} samples: {grid}")
+          "FLOP fraction: executed / dense (elastic_compile.stats, averaged over the generation's steps).")
+    panels = {name: result.images for name, result in results.items()}
+    panels["difference"] = difference(results["elastic"].images, dense_images)
+    path = save_side_by_side(panels, out / "dense_vs_elastic.png", nrow=args.per_class)
+    print(f"samples, one row per class ({' | '.join(panels)}): {path}")
     return 0

@@ -68,24 +68,8 @@ def save_images(images: torch.Tensor, path: Path, nrow: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(images.cpu(), path)
         return path
-    channels = images.shape[1]
-    if channels == 1:
-        from ..reference import make_grid_png
-        return make_grid_png(images, path, nrow)
-    if channels != 3:
-        raise ConfigError("1- or 3-channel images for a PNG grid", f"{channels} channels (latents?)",
-                          "Write a tensor instead: --out images.pt")
-    from PIL import Image
-    count, _, height, width = images.shape
-    rows = (count + nrow - 1) // nrow
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    canvas = torch.full((3, rows * height, nrow * width), 128, dtype=torch.uint8)
-    for i in range(count):
-        r, c = divmod(i, nrow)
-        canvas[:, r * height:(r + 1) * height, c * width:(c + 1) * width] = pixels[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas.permute(1, 2, 0).numpy(), mode="RGB").save(path)
-    return path
+    from ..sampling.images import save_grid
+    return save_grid(images, path, nrow)
 
 
 def sample_with_cuda_graph(runtime, labels: list[int], options: dict) -> torch.Tensor:
@@ -107,6 +91,7 @@ def sample_with_cuda_graph(runtime, labels: list[int], options: dict) -> torch.T
 def run(args) -> int:
     import elastic_compile as ec
     from ..cache import serving_cache_hooks
+    from ..stats import StepStats
 
     labels = [int(c) for c in parse_floats(args.classes, "--classes")]
     if args.cuda_graph and args.backend != "torch":
@@ -116,21 +101,22 @@ def run(args) -> int:
                               thread_pool=args.thread_pool, memory_arena=args.memory_arena,
                               torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs)
     hooks = serving_cache_hooks(runtime, args.cache)
+    steps = StepStats(runtime)  # the whole generation's decisions, not only the last step's
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
-                   progress=True, hooks=hooks)
+                   progress=True, hooks=hooks, on_step_end=steps)
     started = time.perf_counter()
     with ec.force(runtime, skip=_skip(args.skip), width=args.width):
         images = sample_with_cuda_graph(runtime, labels, options) if args.cuda_graph else \
             runtime.sample(labels, **options)
     seconds = time.perf_counter() - started
     path = save_images(images, Path(args.out), args.nrow or len(labels))
-    driver = runtime.driver  # counted before ec.stats, whose FLOP profiling runs the Python forward
-    outside = "" if driver is None else \
-        f"; ops outside the blocks as graphs in {driver.calls} of {driver.calls + driver.fallbacks} forwards"
-    stats = ec.stats(runtime)
+    driver = runtime.driver
+    forwards = None if driver is None else driver.calls + driver.fallbacks - driver.profiled  # stats' FLOP profiling
+    outside = "" if driver is None else f"; ops outside the blocks as graphs in {driver.calls} of {forwards} forwards"
     how = args.backend + (", one CUDA graph per forward" if args.cuda_graph else "")
-    print(f"{len(labels)} images in {seconds:.2f} s ({how}) -> {path}; last step executed "
-          f"{100 * stats.executed_flops_fraction:.1f}% of dense FLOPs, {100 * stats.skipped_fraction:.1f}% of "
-          f"block calls skipped" + ("" if hooks is None else " (feature cache on)") + outside)
+    cached = "" if hooks is None else f", {100 * steps.reused_fraction:.1f}% served from the feature cache"
+    print(f"{len(labels)} images in {seconds:.2f} s ({how}) -> {path}; the generation executed "
+          f"{100 * steps.executed_flops_fraction:.1f}% of dense FLOPs, {100 * steps.skipped_fraction:.1f}% of "
+          f"block calls skipped{cached}" + outside)
     runtime.close()
     return 0

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ArtifactError
 from ..sampling import SamplingConfig
+from ..sampling.images import save_grid
 from . import classifier
 
 #: Folder holding the bundled reference assets (inside the installed package).
@@ -61,29 +62,12 @@ def load_classifier(assets_dir: str | Path | None = None, *, device: torch.devic
 
 
 def make_grid_png(images: torch.Tensor, path: str | Path, nrow: int, *, scale: int = 4, pad: int = 1) -> Path:
-    """Save (N, 1, H, W) images in [-1, 1] as one grayscale PNG, ``nrow`` images per row.
-
-    Each pixel becomes a ``scale`` x ``scale`` square (nearest neighbour); images are separated by ``pad``
-    pixels of mid-grey. Returns the path written.
-    """
-    import numpy as np
-    from PIL import Image
-
+    """Save (N, 1, H, W) images in [-1, 1] as one grayscale PNG, ``nrow`` images per row, each pixel a ``scale`` x
+    ``scale`` square, images separated by ``pad`` pixels of mid-grey (:func:`elastic_compile.sampling.images.save_grid`).
+    Returns the path written."""
     if images.ndim != 4 or images.shape[1] != 1:
         raise ArtifactError("images of shape (N, 1, H, W)", f"{tuple(images.shape)}", "Pass single-channel images.")
-    count, _, height, width = images.shape
-    rows = (count + nrow - 1) // nrow
-    cell_h, cell_w = height * scale + pad, width * scale + pad
-    canvas = np.full((rows * cell_h + pad, nrow * cell_w + pad), 128, dtype=np.uint8)
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    for i in range(count):
-        r, c = divmod(i, nrow)
-        tile = np.kron(pixels[i, 0], np.ones((scale, scale), dtype=np.uint8))
-        canvas[pad + r * cell_h: pad + r * cell_h + height * scale, pad + c * cell_w: pad + c * cell_w + width * scale] = tile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas, mode="L").save(path)
-    return path
+    return save_grid(images, path, nrow, scale=scale, pad=pad)
 
 
 __all__ = ["ASSETS_DIR", "load_reference", "load_classifier", "make_grid_png", "SamplingConfig"]

@@ -2,8 +2,8 @@
 
 ``generate`` runs the project's sampler on any denoiser, optionally tracking an elastic model's executed FLOP
 fraction per step and per image; ``measure_flops`` counts the FLOPs of a whole generation with
-``analysis.flop_counter`` (works for every method, caches included); ``timed_speedup`` times a method against
-dense interleaved in the same process (medians); ``score`` gives class accuracy, FID and fidelity to dense.
+``analysis.flop_counter`` (works for every method, caches included); ``score`` gives class accuracy, FID and
+fidelity to dense.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from ..analysis.flop_counter import flop_counter
 from ..sampling import SamplingConfig, sample
 from ..state import STATE_ATTRIBUTE
-from ..stats import stats
+from ..stats import StepStats
 from .metrics import class_accuracy, fid, psnr, ssim
 
 
@@ -36,17 +36,13 @@ def generate(denoiser: Callable, scheduler, labels: list[int], config: SamplingC
     start = time.perf_counter()
     for first in range(0, len(labels), batch_size):
         chunk = labels[first:first + batch_size]
-        rows = []
-
-        def track(step, x):
-            s = stats(denoiser)
-            fractions.append(s.executed_flops_fraction)
-            rows.append(torch.tensor(s.per_sample_flops_fraction))
+        steps = StepStats(denoiser) if elastic else None
         images.append(sample(denoiser, scheduler, chunk, config, seeds=[seed + first + i for i in range(len(chunk))],
-                             hooks=hooks, cfg=cfg, on_step_end=track if elastic else None, progress=progress))
-        if elastic and rows:
-            table = torch.stack(rows)                       # (steps, rows of the call)
-            per_image.append(table.reshape(len(rows), -1, len(chunk)).mean(dim=(0, 1)))
+                             hooks=hooks, cfg=cfg, on_step_end=steps, progress=progress))
+        if elastic and steps.steps:
+            fractions += [s.executed_flops_fraction for s in steps.steps]
+            table = torch.stack([torch.tensor(s.per_sample_flops_fraction) for s in steps.steps])  # (steps, rows)
+            per_image.append(table.reshape(len(steps.steps), -1, len(chunk)).mean(dim=(0, 1)))
     seconds = time.perf_counter() - start
     if not elastic:
         return Generation(torch.cat(images), seconds)

@@ -13,7 +13,8 @@ call leaf's shape then says ``"batch"`` for that dimension; all of them must agr
 the example in any other way (argument names or structure, a tensor's other dimensions, dtype or device, a
 non-tensor value), a call on fake tensors, and the FLOP profiling of ``stats`` run the model's own Python
 forward instead, as without a driver: same results, the PyTorch parts just run in PyTorch; so does every call
-while ``driver.enabled`` is False. ``driver.calls`` / ``driver.fallbacks`` count both kinds.
+while ``driver.enabled`` is False. ``driver.calls`` / ``driver.fallbacks`` count both kinds, and
+``driver.profiled`` the fallbacks that were FLOP profiling.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class ModelDriver:
         self.enabled = True  # False: every call runs the Python forward (e.g. to compare both on one instance)
         self.calls = 0
         self.fallbacks = 0
+        self.profiled = 0
 
     def run_graph(self, step: dict, tensors: list) -> list:
         outputs = run_graph_step(self.backend.graph(self.root / step["graph"]), step, tensors)
@@ -106,9 +108,11 @@ class ModelDriver:
         return values
 
     def __call__(self, *args, **kwargs):
-        values = None if not self.enabled or self.profiling() else self.flat_inputs(args, kwargs)
+        profiling = self.profiling()
+        values = None if not self.enabled or profiling else self.flat_inputs(args, kwargs)
         if values is None:
             self.fallbacks += 1
+            self.profiled += profiling
             return self.fallback(*args, **kwargs)
         self.calls += 1
         env = {leaf["value"]: value for leaf, value in zip(self.leaves, values)
