@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
+#: What a skipped block may return besides nothing, by name -> how many past updates of the block it reads: the
+#: last update ("reuse") or a polynomial extrapolation of the last two or three ("forecast", "forecast2"); see
+#: ``elastic_compile/cache/forecast.py``.
+SKIP_ACTIONS = {"reuse": 1, "forecast": 2, "forecast2": 3}
+
 
 @dataclass(frozen=True)
 class ElasticConfig:
@@ -26,6 +31,9 @@ class ElasticConfig:
             against the masked dense graph) on the recorded inputs; a block failing the width check keeps
             a skip-only router and the report says why.
         verify_atol: absolute tolerance of those checks (float32).
+        skip_actions: what a skipped block may stand in with when the feature cache is on (names of
+            :data:`SKIP_ACTIONS`). With more than one, every router also scores them and picks one per sample
+            (its first one untrained); skips that no router decides (``force``) take the first.
     """
 
     width_buckets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
@@ -37,6 +45,7 @@ class ElasticConfig:
     importance: str = "auto"
     verify: bool = True
     verify_atol: float = 1e-4
+    skip_actions: tuple[str, ...] = ("reuse",)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -58,6 +67,11 @@ class ElasticConfig:
                 "1 <= router_min_hidden <= router_hidden", f"{self.router_min_hidden}, {self.router_hidden}",
                 "Raise router_hidden or lower router_min_hidden.",
             )
+        actions = tuple(str(a) for a in self.skip_actions) if not isinstance(self.skip_actions, str) else ()
+        object.__setattr__(self, "skip_actions", actions)
+        if not actions or len(set(actions)) != len(actions) or any(a not in SKIP_ACTIONS for a in actions):
+            raise ConfigError(f"distinct skip_actions among {sorted(SKIP_ACTIONS)}", f"{self.skip_actions!r}",
+                              "Use e.g. ('reuse',) or ('reuse', 'forecast', 'forecast2').")
         if not 0.0 < self.router_param_budget <= 1.0:
             raise ConfigError("router_param_budget in (0, 1]", f"{self.router_param_budget}", "Use e.g. 0.01.")
 
@@ -73,4 +87,5 @@ class ElasticConfig:
                               "The artifact was written by a newer elastic_compile; upgrade.")
         data = dict(data)
         data["width_buckets"] = tuple(data.get("width_buckets", cls.width_buckets))
+        data["skip_actions"] = tuple(data.get("skip_actions", cls.skip_actions))
         return cls(**data)

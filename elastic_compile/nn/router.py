@@ -24,8 +24,10 @@ class Router(nn.Module):
     """LayerNorm'd features (mean-pooled token streams, conditioning vectors, sinusoidal scalars) -> small MLP.
 
     ``forward(arguments)`` takes the block's arguments by name and returns ``(run_logit (B,), width_logits
-    (B, K))``. Its last layer starts at zero weight with biases that choose "run at full width", so the rewritten
-    model reproduces the dense one until routers are trained.
+    (B, K))``, and with ``num_actions`` skip actions also ``action_logits (B, A)``: which stand-in a skipped
+    sample takes (``ElasticConfig.skip_actions``). Its last layer starts at zero weight with biases that choose
+    "run at full width" (and the first skip action), so the rewritten model reproduces the dense one until
+    routers are trained. ``logits`` returns all of them as one ``(B, 1 + K + A)`` tensor.
 
     On CPU without gradients, ``logits`` runs the same function with fewer operations between two blocks (where
     each one is several times slower than in a warm loop): the LayerNorms' affine parameters folded into ``fc1``
@@ -34,13 +36,14 @@ class Router(nn.Module):
     accelerators: a CUDA graph captured through a memo hit would replay a stale value.
     """
 
-    def __init__(self, features: list[RouterFeature], hidden: int, num_widths: int):
+    def __init__(self, features: list[RouterFeature], hidden: int, num_widths: int, num_actions: int = 0):
         super().__init__()
         self.features = list(features)
         self.num_widths = num_widths
+        self.num_actions = num_actions
         self.norms = nn.ModuleList(nn.LayerNorm(f.dim) for f in self.features)
         self.fc1 = nn.Linear(self.in_features, hidden)
-        self.fc2 = nn.Linear(hidden, 1 + num_widths)
+        self.fc2 = nn.Linear(hidden, 1 + num_widths + num_actions)
         scalar_dims = {f.dim for f in self.features if f.kind == "scalar"}
         freqs = scalar_dims.pop() // 2 if scalar_dims else 16
         self.register_buffer("frequencies", torch.logspace(-3, math.log10(30.0), freqs), persistent=False)
@@ -55,7 +58,7 @@ class Router(nn.Module):
         with torch.no_grad():
             self.fc2.bias.zero_()
             self.fc2.bias[0] = RUN_LOGIT_INIT
-            self.fc2.bias[-1] = FULL_WIDTH_LOGIT_INIT if self.num_widths > 1 else 0.0
+            self.fc2.bias[self.num_widths] = FULL_WIDTH_LOGIT_INIT if self.num_widths > 1 else 0.0
 
     def flops_per_sample(self) -> int:
         """Matmul FLOPs per sample, counted like torch.utils.flop_counter (2 * m * n * k)."""
@@ -70,7 +73,8 @@ class Router(nn.Module):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def logits(self, arguments: dict) -> torch.Tensor:
-        """``(B, 1 + num_widths)``: the run logit, then the width-bucket logits (one tensor, one transfer)."""
+        """``(B, 1 + num_widths + num_actions)``: the run logit, the width-bucket logits, then the skip-action
+        logits (one tensor, one transfer)."""
         if torch.is_grad_enabled():
             return self.plain_logits(arguments)
         folded = self.folded()
@@ -142,16 +146,20 @@ class Router(nn.Module):
             x = value if value.ndim == 2 else value.reshape(value.shape[0], -1)
         return x if x.dtype == dtype else x.to(dtype)
 
-    def forward(self, arguments: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, arguments: dict) -> tuple[torch.Tensor, ...]:
         logits = self.plain_logits(arguments)
-        return logits[:, 0], logits[:, 1:]
+        widths = logits[:, 1:1 + self.num_widths]
+        if self.num_actions:
+            return logits[:, 0], widths, logits[:, 1 + self.num_widths:]
+        return logits[:, 0], widths
 
 
-def router_hidden_size(features: list[RouterFeature], num_widths: int, block_params: int, preferred: int,
+def router_hidden_size(features: list[RouterFeature], num_outputs: int, block_params: int, preferred: int,
                        minimum: int, param_budget: float) -> int:
-    """Largest hidden width <= ``preferred`` whose router stays within ``param_budget`` of the block."""
+    """Largest hidden width <= ``preferred`` whose router stays within ``param_budget`` of the block
+    (``num_outputs``: width buckets plus skip actions, besides the run logit)."""
     in_dim = sum(f.dim for f in features)
-    fixed = 2 * in_dim + 1 + num_widths  # layer norms + output bias
-    per_hidden = in_dim + 1 + 1 + num_widths
+    fixed = 2 * in_dim + 1 + num_outputs  # layer norms + output bias
+    per_hidden = in_dim + 1 + 1 + num_outputs
     fitting = int((param_budget * block_params - fixed) // per_hidden)
     return max(minimum, min(preferred, fitting))

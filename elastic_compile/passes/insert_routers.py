@@ -27,9 +27,11 @@ def insert_router(block: nn.Module, spec: BlockSpec, config: ElasticConfig) -> R
         spec.notes.append("no router: the block can neither be skipped nor narrowed")
         return None
     num_widths = len(config.width_buckets) if spec.elastic_width else 1
-    hidden = router_hidden_size(spec.features, num_widths, block_parameter_count(block), config.router_hidden,
-                                config.router_min_hidden, config.router_param_budget)
+    # a choice among skip actions only where there is more than one and the block can be skipped
+    num_actions = len(config.skip_actions) if can_skip and len(config.skip_actions) > 1 else 0
+    hidden = router_hidden_size(spec.features, num_widths + num_actions, block_parameter_count(block),
+                                config.router_hidden, config.router_min_hidden, config.router_param_budget)
     parameter = next(block.parameters())
-    router = Router(spec.features, hidden, num_widths).to(device=parameter.device)
+    router = Router(spec.features, hidden, num_widths, num_actions).to(device=parameter.device)
     setattr(block, ROUTER_ATTRIBUTE, router)
     return router

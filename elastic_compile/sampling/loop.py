@@ -136,7 +136,6 @@ def _call(denoiser: Callable, x: torch.Tensor, t: torch.Tensor, labels: torch.Te
     return out
 
 
-@torch.no_grad()
 def sample(
     denoiser: Callable,
     scheduler: Any,
@@ -154,6 +153,7 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Generate one image per class label with classifier-free guidance; returns (B, C, H, W) in [-1, 1].
 
@@ -171,75 +171,78 @@ def sample(
         on_step_end: called after every scheduler step with the step and the new latents (B, C, H, W).
         device, dtype: where the loop runs; default: the denoiser's first parameter, else CPU float32.
         progress: show a tqdm bar.
+        differentiable: keep the autograd graph (rollout training backpropagates through whole generations);
+            by default the loop runs without gradients.
 
     Guarantees: identical inputs give bit-identical outputs; ``cfg="batch"`` and ``cfg="separate"`` agree up
     to floating-point batching differences; guidance 1 runs only the conditional branch; outputs are
     clamped to [-1, 1].
     """
-    steps = config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-    scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
-    config = SamplingConfig(**{**config.to_dict(), "num_inference_steps": steps, "guidance_scale": scale})
-    if cfg not in CFG_MODES:
-        raise ConfigError(f"cfg in {CFG_MODES}", repr(cfg), "Use 'batch' (one call per step) or 'separate'.")
-    labels = _as_labels(class_labels, config)
-    batch = labels.numel()
-    model_device, model_dtype = _model_device_dtype(denoiser)
-    device = torch.device(device) if device is not None else model_device
-    dtype = dtype or model_dtype
-    shape = (config.in_channels, config.sample_size, config.sample_size)
+    with torch.set_grad_enabled(bool(differentiable) and torch.is_grad_enabled()):
+        steps = config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        config = SamplingConfig(**{**config.to_dict(), "num_inference_steps": steps, "guidance_scale": scale})
+        if cfg not in CFG_MODES:
+            raise ConfigError(f"cfg in {CFG_MODES}", repr(cfg), "Use 'batch' (one call per step) or 'separate'.")
+        labels = _as_labels(class_labels, config)
+        batch = labels.numel()
+        model_device, model_dtype = _model_device_dtype(denoiser)
+        device = torch.device(device) if device is not None else model_device
+        dtype = dtype or model_dtype
+        shape = (config.in_channels, config.sample_size, config.sample_size)
 
-    if latents is None:
-        if seeds is None:
-            seeds = [seed + i for i in range(batch)]
-        if len(seeds) != batch:
-            raise ConfigError(f"{batch} seeds (one per class label)", f"{len(seeds)}", "Pass one seed per label.")
-        latents = initial_noise(seeds, shape, device=device, dtype=torch.float32)
-    elif tuple(latents.shape) != (batch, *shape):
-        raise ConfigError(f"latents of shape {(batch, *shape)}", f"{tuple(latents.shape)}",
-                          "Pass one noise image per class label, shaped like the model's input.")
+        if latents is None:
+            if seeds is None:
+                seeds = [seed + i for i in range(batch)]
+            if len(seeds) != batch:
+                raise ConfigError(f"{batch} seeds (one per class label)", f"{len(seeds)}", "Pass one seed per label.")
+            latents = initial_noise(seeds, shape, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != (batch, *shape):
+            raise ConfigError(f"latents of shape {(batch, *shape)}", f"{tuple(latents.shape)}",
+                              "Pass one noise image per class label, shaped like the model's input.")
 
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(steps, device=device)
-    x = latents.to(device=device, dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
-    labels = labels.to(device)
-    null = torch.full_like(labels, config.null_class)
-    guided = scale != 1.0
-    hooks = hooks or SamplerHooks()
-    sigmas = getattr(scheduler, "sigmas", None)
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(steps, device=device)
+        x = latents.to(device=device, dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
+        labels = labels.to(device)
+        null = torch.full_like(labels, config.null_class)
+        guided = scale != 1.0
+        hooks = hooks or SamplerHooks()
+        sigmas = getattr(scheduler, "sigmas", None)
 
-    timesteps = scheduler.timesteps
-    iterator = enumerate(timesteps)
-    if progress:
-        from tqdm.auto import tqdm
+        timesteps = scheduler.timesteps
+        iterator = enumerate(timesteps)
+        if progress:
+            from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, total=len(timesteps), desc="sampling")
-    hooks.start_generation()
-    try:
-        for index, t in iterator:
-            step = StepInfo(index, len(timesteps), float(t), float(sigmas[index]) if sigmas is not None else None)
-            model_in = x
-            if hasattr(scheduler, "scale_model_input"):
-                model_in = scheduler.scale_model_input(x, t)
-            model_in = model_in.to(dtype)
-            t_batch = t.to(device=device).expand(batch)
-            if not guided:
-                with hooks.branch(BRANCH_COND, step):
-                    prediction = _call(denoiser, model_in, t_batch, labels).float()
-            elif cfg == "batch":
-                with hooks.branch(BRANCH_COND_UNCOND, step):
-                    both = _call(denoiser, torch.cat([model_in, model_in]), torch.cat([t_batch, t_batch]),
-                                 torch.cat([labels, null])).float()
-                cond, uncond = both.chunk(2)
-                prediction = uncond + scale * (cond - uncond)
-            else:
-                with hooks.branch(BRANCH_COND, step):
-                    cond = _call(denoiser, model_in, t_batch, labels).float()
-                with hooks.branch(BRANCH_UNCOND, step):
-                    uncond = _call(denoiser, model_in, t_batch, null).float()
-                prediction = uncond + scale * (cond - uncond)
-            x = scheduler.step(prediction, t, x, return_dict=False)[0].float()
-            if on_step_end is not None:
-                on_step_end(step, x)
-    finally:
-        hooks.end_generation()
-    return x.clamp(-1.0, 1.0)
+            iterator = tqdm(iterator, total=len(timesteps), desc="sampling")
+        hooks.start_generation()
+        try:
+            for index, t in iterator:
+                step = StepInfo(index, len(timesteps), float(t), float(sigmas[index]) if sigmas is not None else None)
+                model_in = x
+                if hasattr(scheduler, "scale_model_input"):
+                    model_in = scheduler.scale_model_input(x, t)
+                model_in = model_in.to(dtype)
+                t_batch = t.to(device=device).expand(batch)
+                if not guided:
+                    with hooks.branch(BRANCH_COND, step):
+                        prediction = _call(denoiser, model_in, t_batch, labels).float()
+                elif cfg == "batch":
+                    with hooks.branch(BRANCH_COND_UNCOND, step):
+                        both = _call(denoiser, torch.cat([model_in, model_in]), torch.cat([t_batch, t_batch]),
+                                     torch.cat([labels, null])).float()
+                    cond, uncond = both.chunk(2)
+                    prediction = uncond + scale * (cond - uncond)
+                else:
+                    with hooks.branch(BRANCH_COND, step):
+                        cond = _call(denoiser, model_in, t_batch, labels).float()
+                    with hooks.branch(BRANCH_UNCOND, step):
+                        uncond = _call(denoiser, model_in, t_batch, null).float()
+                    prediction = uncond + scale * (cond - uncond)
+                x = scheduler.step(prediction, t, x, return_dict=False)[0].float()
+                if on_step_end is not None:
+                    on_step_end(step, x)
+        finally:
+            hooks.end_generation()
+        return x.clamp(-1.0, 1.0)

@@ -1,0 +1,157 @@
+"""Rollout distillation: train routers on what the sampler will actually do with them.
+
+Per-step distillation (``objective="step"``) scores every denoiser call on its own, from inputs on the dense
+trajectory. It cannot see that an approximated block moves the next step's input, nor that the feature cache's
+stand-ins come from the student's own earlier steps, so errors that accumulate along a trajectory stay invisible.
+Here (``objective="rollout"``) the student generates whole samples with the feature cache in the loop, exactly as
+it will be served, and the loss is the log of the squared distance between its final samples and the dense
+model's from the same noise and conditioning (minimising it maximises PSNR against dense)::
+
+    L = log(mean_i ||x0_student_i - x0_dense_i||^2 + eps) + lambda * F + budget_weight * (F - budget)^2
+
+where ``F`` is the executed FLOP fraction of the whole generation (straight-through, ``train/budget.py``) and
+``lambda`` a Lagrange multiplier raised by dual ascent while ``F`` exceeds the budget. Decisions are hard in the
+forward pass and straight-through in the backward one; gradients flow through the cache's stored updates too
+(a stand-in is a function of the student's own earlier outputs).
+
+Data-free: the targets are the dense model's own samples, generated once for a pool of (conditioning, seed)
+pairs. A :class:`Rollout` says how to generate; :class:`ClassConditionalRollout` is the class-conditional DiT
+sampler of this project (``elastic_compile.sampling.sample``). Any other sampler works through the same
+protocol: ``rollout.pool`` (a list of items), ``rollout(denoiser, items, hooks) -> final samples`` with the
+sampler driving ``hooks`` (reset per generation, one cache context per guidance branch).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..cache import ElasticCacheHooks, FeatureCacheConfig, FeatureCacheState
+from ..errors import ConfigError
+from ..sampling import SamplingConfig, sample
+from ..state import force, state_of
+
+
+class Rollout(Protocol):
+    """How to generate final samples for a list of items (anything: labels and seeds, prompts...)."""
+
+    pool: Sequence[Any]
+
+    def __call__(self, denoiser: Callable, items: Sequence[Any], hooks) -> torch.Tensor: ...
+
+
+@dataclass
+class ClassConditionalRollout:
+    """Whole generations of a class-conditional DiT with :func:`elastic_compile.sampling.sample`.
+
+    The pool holds ``(class label, noise seed)`` pairs: ``per_class`` seeds for each class, starting at
+    ``first_seed`` (keep them apart from the seeds you evaluate on). ``steps`` / ``guidance_scale`` override the
+    sampling config (the routers read the timestep: train on the schedule you will serve)."""
+
+    scheduler: Any
+    config: SamplingConfig
+    per_class: int = 16
+    first_seed: int = 10_000
+    cfg: str = "batch"
+    pool: list = field(init=False)
+
+    def __post_init__(self):
+        classes = range(self.config.num_classes)
+        self.pool = [(c, self.first_seed + c * self.per_class + i) for c in classes for i in range(self.per_class)]
+
+    def __call__(self, denoiser: Callable, items: Sequence[tuple[int, int]], hooks) -> torch.Tensor:
+        labels = [int(label) for label, _ in items]
+        seeds = [int(seed) for _, seed in items]
+        return sample(denoiser, self.scheduler, labels, self.config, seeds=seeds, cfg=self.cfg, hooks=hooks,
+                      differentiable=torch.is_grad_enabled())
+
+
+@torch.no_grad()
+def dense_targets(model: nn.Module, rollout: Rollout, chunk: int = 64) -> torch.Tensor:
+    """The dense model's final samples for every item of ``rollout.pool`` (the model forced dense, no cache)."""
+    state = state_of(model)
+    saved_cache, state.cache = state.cache, None
+    try:
+        outputs = []
+        with force(model, skip=False, width=1.0):
+            for start in range(0, len(rollout.pool), chunk):
+                outputs.append(rollout(model, rollout.pool[start:start + chunk], None).float().cpu())
+    finally:
+        state.cache = saved_cache
+    return torch.cat(outputs)
+
+
+class GenerationBudget:
+    """Wraps the student during one rollout and adds up the executed FLOP fraction of every denoiser call
+    (straight-through, from the gates' soft records), so the budget term covers the whole generation."""
+
+    def __init__(self, model: nn.Module, fraction_of_call: Callable[[nn.Module, dict], torch.Tensor]):
+        self.model = model
+        self.fraction_of_call = fraction_of_call
+        self.fractions: list[torch.Tensor] = []
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        self.fractions.append(self.fraction_of_call(self.model, kwargs).mean())
+        return out
+
+    def parameters(self):  # the sampler reads the device and dtype from here
+        return self.model.parameters()
+
+    @property
+    def fraction(self) -> torch.Tensor:
+        return torch.stack(self.fractions).mean()
+
+
+def serving_cache(model: nn.Module, max_reuse: int) -> FeatureCacheConfig:
+    """The cache rollouts run with and the routers will be served with (recorded in ``state.serving``)."""
+    state = state_of(model)
+    config = FeatureCacheConfig(max_reuse=max_reuse, fallback="run")
+    state.serving["feature_cache"] = {"max_reuse": max_reuse, "fallback": "run"}
+    return config
+
+
+def rollout_step(model: nn.Module, rollout: Rollout, items: Sequence[Any], targets: torch.Tensor,
+                 cache_config: FeatureCacheConfig, fraction_of_call, eps: float = 1e-10):
+    """One student rollout with the cache in the loop: ``(log mse, mse, executed fraction)`` with gradients."""
+    state = state_of(model)
+    saved_cache = state.cache
+    state.cache = FeatureCacheState(cache_config)
+    student = GenerationBudget(model, fraction_of_call)
+    state.soft = True
+    try:
+        final = rollout(student, items, ElasticCacheHooks(model)).float()
+    finally:
+        state.soft = False
+        state.cache = saved_cache
+    mse = (final - targets.to(final.device)).pow(2).mean()
+    return torch.log(mse + eps), mse, student.fraction
+
+
+@dataclass
+class DualBudget:
+    """Lagrange multiplier of the budget constraint, raised while the executed fraction exceeds the budget and
+    lowered (not below 0) while it is under: the routers are pushed to the budget, not past it."""
+
+    budget: float
+    step_size: float = 1.0
+    value: float = 0.0
+
+    def update(self, fraction: float) -> None:
+        self.value = max(0.0, self.value + self.step_size * (fraction - self.budget))
+
+
+def check_rollout(rollout) -> None:
+    if not callable(rollout) or not hasattr(rollout, "pool") or not len(rollout.pool):
+        raise ConfigError("a rollout: a callable with a non-empty .pool (e.g. ClassConditionalRollout)",
+                          f"{type(rollout).__name__}",
+                          "Pass ClassConditionalRollout(scheduler, sampling_config) as data, or your own sampler.")
+
+
+def psnr_of_mse(mse: float, data_range: float = 2.0) -> float:
+    """PSNR in dB of a mean squared error on images in [-1, 1]."""
+    return math.inf if mse <= 0 else 10.0 * math.log10(data_range ** 2 / mse)
