@@ -19,7 +19,7 @@ ALLOWED = {
     "state": {"capture", "config", "errors"},
     "analysis": {"capture", "errors"},
     "sampling": {"errors"},
-    "cache": {"batch", "errors", "sampling", "state"},
+    "cache": {"batch", "config", "errors", "sampling", "state"},
     "nn": {"analysis", "batch", "cache", "capture", "config", "errors", "state"},
     "passes": {"analysis", "config", "errors", "nn", "state"},
     "report": {"passes", "state"},

@@ -20,59 +20,26 @@ global-batch loss above: N processes train the same routers as one process with 
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from torch import distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
 from ..nn.gate.profile import flop_table
 from ..sampling import denoiser_output
-from ..serialization import save
 from ..state import describe_inputs, force, state_of
 from ..stats import stats
 from .budget import executed_flops_fraction
 from .cache_aware import previous_step_updates, require_step_links
+from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum, init_distributed, progress_bar,
+                     restore_flags, trainable)
 from .trajectories import TrajectoryDataset
 
 TEACHER_KEY = "__teacher__"
-
-
-@dataclass
-class TrainLogEntry:
-    step: int
-    loss: float
-    distill_mse: float
-    budget_term: float
-    expected_fraction: float
-    executed_fraction: float
-    seconds: float
-    task_loss: float | None = None
-
-
-@dataclass
-class TrainReport:
-    """What training did: settings, the logged history, and the final executed FLOP fraction / distillation MSE."""
-
-    budget: float
-    steps: int
-    batch_size: int
-    world_size: int
-    seconds: float
-    history: list[TrainLogEntry] = field(default_factory=list)
-
-    @property
-    def final(self) -> TrainLogEntry:
-        return self.history[-1]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *, budget: float = 0.5,
@@ -115,27 +82,12 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         state.serving["feature_cache"] = {"max_reuse": cache_max_reuse, "fallback": "run"}
     else:
         state.serving.pop("feature_cache", None)
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     if batch_size % world:
         raise ConfigError(f"a global batch size divisible by the {world} processes", f"{batch_size}",
                           "Choose batch_size as a multiple of --nproc_per_node.")
     torch.manual_seed(seed)
-    router_params = [p for r in state.routers.values() for p in r.parameters()]
-    if not router_params:
-        raise ConfigError("a model with at least one router", "no routers", "See elastic_compile.report(model).")
-    router_ids = {id(p) for p in router_params}
-    base_params = [p for p in model.parameters() if id(p) not in router_ids]
-    saved_flags = [p.requires_grad for p in model.parameters()]
-    for p in base_params:
-        p.requires_grad_(train_base)
-    for p in router_params:
-        p.requires_grad_(True)
-    groups = [{"params": router_params, "lr": lr}] + ([{"params": base_params, "lr": base_lr}] if train_base else [])
-    optimizer = torch.optim.Adam(groups)
-    if lr_schedule not in ("cosine", "constant"):
-        raise ConfigError("lr_schedule in {'cosine', 'constant'}", repr(lr_schedule), "Use 'cosine'.")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 1.0 if lr_schedule == "constant" else 0.1 + 0.45 * (1 + math.cos(math.pi * i / steps)))
+    optimizer, scheduler, saved_flags = trainable(model, lr, steps, lr_schedule, train_base, base_lr)
     was_training = model.training
     model.eval()  # no dropout / label dropout: the student must see what the teacher sees
     student = model
@@ -145,7 +97,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     teacher = _teacher(model, data, train_base)
     staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
     report = TrainReport(budget, steps, batch_size, world, 0.0)
-    bar = _progress(steps, progress and rank == 0)
+    bar = progress_bar(steps, progress and rank == 0)
     start = time.time()
     try:
         for step in range(1, steps + 1):
@@ -167,7 +119,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             distill = (output - target.float()).pow(2).reshape(local, -1).mean(dim=1)
             table = flop_table(model, state, describe_inputs((), inputs))
             fractions = executed_flops_fraction(state.soft_records, table, state.routers, local, skip_cost)
-            global_fraction = _global_mean(fractions, batch_size)
+            global_fraction = global_mean(fractions, batch_size)
             budget_term = (global_fraction - budget) ** 2
             loss = distill.sum() / batch_size + budget_weight * budget_term / world
             task_value = None
@@ -180,7 +132,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             optimizer.step()
             scheduler.step()
             if step % log_every == 0 or step == steps or step == 1:
-                entry = TrainLogEntry(step, float(_global_sum(loss.detach()) ), _global_sum(distill.detach().sum()) / batch_size,
+                entry = TrainLogEntry(step, float(global_sum(loss.detach()) ), global_sum(distill.detach().sum()) / batch_size,
                                       float(budget_term.detach()), float(global_fraction.detach()),
                                       _executed_fraction(model), time.time() - start, task_value)
                 report.history.append(entry)
@@ -188,43 +140,18 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                     log(entry)
                 bar.set_postfix(mse=f"{entry.distill_mse:.4g}", flops=f"{entry.executed_fraction:.3f}")
             if checkpoint_dir and rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                _checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+                checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
             bar.update(1)
     finally:
         bar.close()
         state.soft = False
         state.soft_skip_deltas = None
-        for p, flag in zip(model.parameters(), saved_flags):
-            p.requires_grad_(flag)
+        restore_flags(model, saved_flags)
         model.train(was_training)
     report.seconds = time.time() - start
     if checkpoint_dir and rank == 0:
-        _checkpoint(model, Path(checkpoint_dir) / "final", train_base)
+        checkpoint(model, Path(checkpoint_dir) / "final", train_base)
     return report
-
-
-def _init_distributed() -> tuple[int, int]:
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _global_sum(value: torch.Tensor) -> float:
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-    return float(value)
-
-
-def _global_mean(per_sample: torch.Tensor, global_batch: int) -> torch.Tensor:
-    """Mean over the global batch whose value is exact and whose gradient reaches this rank's samples."""
-    local = per_sample.sum()
-    total = local.detach().clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    return (local + (total - local.detach())) / global_batch
 
 
 def _batches(data, batch_size: int, seed: int, rank: int, world: int):
@@ -264,27 +191,4 @@ def _teacher(model: nn.Module, data, train_base: bool) -> Callable[[dict], torch
 
 def _executed_fraction(model: nn.Module) -> float:
     return float(stats(model).executed_flops_fraction)
-
-
-def _checkpoint(model: nn.Module, path: Path, with_base: bool) -> None:
-    save(model, path, include_base_weights=with_base)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="training routers")
-
 

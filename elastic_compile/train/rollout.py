@@ -155,3 +155,61 @@ def check_rollout(rollout) -> None:
 def psnr_of_mse(mse: float, data_range: float = 2.0) -> float:
     """PSNR in dB of a mean squared error on images in [-1, 1]."""
     return math.inf if mse <= 0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
+class _FractionMeter:
+    """Wraps an elastic model; after each call adds the executed FLOP fraction ``stats`` reports (hard decisions)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.fractions = model, []
+
+    def __call__(self, *args, **kwargs):
+        from ..stats import stats
+        out = self.model(*args, **kwargs)
+        self.fractions.append(stats(self.model).executed_flops_fraction)
+        return out
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+@torch.no_grad()
+def generation_fraction(model: nn.Module, rollout: Rollout, items: Sequence[Any], cache_config) -> float:
+    """Executed FLOP fraction of generating ``items`` as served (hard decisions, the cache on, no gradients)."""
+    state = state_of(model)
+    saved = state.cache
+    state.cache = FeatureCacheState(cache_config)
+    meter = _FractionMeter(model)
+    try:
+        rollout(meter, items, ElasticCacheHooks(model))
+    finally:
+        state.cache = saved
+    return sum(meter.fractions) / len(meter.fractions)
+
+
+def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache_config,
+                        items: Sequence[Any] | None = None, iterations: int = 12) -> float:
+    """Set the routers' run threshold tau so that whole generations execute ``budget`` of the dense FLOPs (or as
+    close as the decisions allow), by bisection on the run logit; returns tau (also set in the model's config).
+
+    Training pushes the routers to the budget on average over its batches; the threshold puts the served model on
+    it exactly, on generations of ``items`` (default: a class-balanced slice of the rollout's pool), since a
+    higher tau removes the samples and blocks the routers were least sure to run first."""
+    import dataclasses
+
+    state = state_of(model)
+    items = list(items if items is not None else rollout.pool[::max(1, len(rollout.pool) // 20)])
+    low, high = -12.0, 12.0   # run-logit thresholds: fraction falls as the threshold rises
+    best = None
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        state.config = dataclasses.replace(state.config, threshold=1.0 / (1.0 + math.exp(-middle)))
+        fraction = generation_fraction(model, rollout, items, cache_config)
+        if best is None or abs(fraction - budget) < abs(best[1] - budget):
+            best = (middle, fraction)
+        if fraction > budget:
+            low = middle
+        else:
+            high = middle
+    state.config = dataclasses.replace(state.config, threshold=1.0 / (1.0 + math.exp(-best[0])))
+    return state.config.threshold
