@@ -37,9 +37,11 @@ from .budget import executed_flops_fraction
 from .cache_aware import previous_step_updates, require_step_links
 from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum, init_distributed, progress_bar,
                      restore_flags, trainable)
+from .rollout import train_through_rollouts
 from .trajectories import TrajectoryDataset
 
 TEACHER_KEY = "__teacher__"
+OBJECTIVES = ("step", "rollout")
 
 
 def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *, budget: float = 0.5,
@@ -48,7 +50,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                   cache_max_reuse: int = 2, train_base: bool = False, base_lr: float = 1e-5,
                   task_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None, task_weight: float = 1.0,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
-                  progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None) -> TrainReport:
+                  progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None,
+                  objective: str = "step", dual_step: float = 1.0, calibrate: bool = True) -> TrainReport:
     """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
 
     Args:
@@ -68,9 +71,28 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
         checkpoint_dir / checkpoint_every: ``ec.save`` checkpoints every N steps and at the end ("final").
         log: called with every logged entry (rank 0).
+        objective: "step" (the per-call distillation above, on ``data``: a trajectory dataset or batches) or
+            "rollout" (train/rollout.py: whole generations with the feature cache in the loop, loss on the final
+            samples; ``data`` is then a rollout such as ``ClassConditionalRollout(scheduler, sampling_config)``,
+            the cache is the one served, ``cache_max_reuse`` its K; ``dual_step`` is the step of the budget's
+            Lagrange multiplier and ``calibrate`` sets the run threshold so whole generations meet the budget).
+            Rollout training is cache-aware by construction and starts from whatever the routers know (e.g.
+            after a cheaper ``objective="step"`` run).
     """
     if not 0.0 < budget <= 1.0:
         raise ConfigError("budget in (0, 1]", f"{budget}", "Use e.g. 0.5 for half the dense FLOPs.")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective in {OBJECTIVES}", repr(objective),
+                          "Use 'step' (per-call distillation) or 'rollout' (whole generations, cache in the loop).")
+    if objective == "rollout":
+        if train_base or task_loss is not None:
+            raise ConfigError("router-only rollout training", "train_base or task_loss with objective='rollout'",
+                              "Fine-tune the base with objective='step'; rollouts train routers only.")
+        return train_through_rollouts(model, data, budget=budget, steps=steps, lr=lr, batch_size=batch_size,
+                                      seed=seed, budget_weight=budget_weight, dual_step=dual_step,
+                                      lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
+                                      log_every=log_every, checkpoint_dir=checkpoint_dir,
+                                      checkpoint_every=checkpoint_every, progress=progress, log=log)
     state = state_of(model)
     skip_cost = 0.0
     if cache_aware:

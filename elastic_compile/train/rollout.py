@@ -23,17 +23,24 @@ sampler driving ``hooks`` (reset per generation, one cache context per guidance 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import distributed as dist
 from torch import nn
 
 from ..cache import ElasticCacheHooks, FeatureCacheConfig, FeatureCacheState
 from ..errors import ConfigError
+from ..nn.gate.profile import flop_table
 from ..sampling import SamplingConfig, sample
-from ..state import force, state_of
+from ..state import describe_inputs, force, state_of
+from .budget import executed_flops_fraction
+from .common import (TrainLogEntry, TrainReport, checkpoint, global_sum, init_distributed, progress_bar,
+                     restore_flags, trainable)
 
 
 class Rollout(Protocol):
@@ -89,14 +96,14 @@ class GenerationBudget:
     """Wraps the student during one rollout and adds up the executed FLOP fraction of every denoiser call
     (straight-through, from the gates' soft records), so the budget term covers the whole generation."""
 
-    def __init__(self, model: nn.Module, fraction_of_call: Callable[[nn.Module, dict], torch.Tensor]):
+    def __init__(self, model: nn.Module, fraction_of_call: Callable[[nn.Module, tuple, dict], torch.Tensor]):
         self.model = model
         self.fraction_of_call = fraction_of_call
         self.fractions: list[torch.Tensor] = []
 
     def __call__(self, *args, **kwargs):
         out = self.model(*args, **kwargs)
-        self.fractions.append(self.fraction_of_call(self.model, kwargs).mean())
+        self.fractions.append(self.fraction_of_call(self.model, args, kwargs).mean())
         return out
 
     def parameters(self):  # the sampler reads the device and dtype from here
@@ -213,3 +220,78 @@ def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache
             high = middle
     state.config = dataclasses.replace(state.config, threshold=1.0 / (1.0 + math.exp(-best[0])))
     return state.config.threshold
+
+
+def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float, steps: int, lr: float,
+                           batch_size: int, seed: int, budget_weight: float, dual_step: float, lr_schedule: str,
+                           cache_max_reuse: int, calibrate: bool, log_every: int, checkpoint_dir, checkpoint_every: int,
+                           progress: bool, log) -> TrainReport:
+    """The ``objective="rollout"`` loop of :func:`~elastic_compile.train.train_routers` (see the module doc)."""
+    check_rollout(rollout)
+    state = state_of(model)
+    rank, world = init_distributed()
+    if batch_size % world:
+        raise ConfigError(f"a global batch size divisible by the {world} processes", f"{batch_size}",
+                          "Choose batch_size as a multiple of --nproc_per_node.")
+    cache_config = serving_cache(model, cache_max_reuse)
+    torch.manual_seed(seed)
+    optimizer, scheduler, saved_flags = trainable(model, lr, steps, lr_schedule)
+    router_params = [p for r in state.routers.values() for p in r.parameters()]
+    was_training = model.training
+    model.eval()
+    targets = dense_targets(model, rollout)
+    generator = torch.Generator().manual_seed(seed)
+    dual = DualBudget(budget, dual_step)
+    share = batch_size // world
+    report = TrainReport(budget, steps, batch_size, world, 0.0)
+    bar = progress_bar(steps, progress and rank == 0)
+    start = time.time()
+    try:
+        for step in range(1, steps + 1):
+            rows = torch.randint(len(rollout.pool), (batch_size,), generator=generator)[rank * share:(rank + 1) * share]
+            items = [rollout.pool[int(i)] for i in rows]
+            log_mse, mse, fraction = rollout_step(model, rollout, items, targets[rows], cache_config,
+                                                  call_fraction)
+            budget_term = (fraction - budget) ** 2
+            loss = log_mse + dual.value * fraction + budget_weight * budget_term
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # every rank's routers take the mean gradient of the global batch
+                for p in router_params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            optimizer.step()
+            scheduler.step()
+            global_fraction = global_sum(fraction.detach()) / world
+            dual.update(global_fraction)
+            if step % log_every == 0 or step == steps or step == 1:
+                global_mse = global_sum(mse.detach()) / world
+                entry = TrainLogEntry(step, global_sum(loss.detach()) / world, global_mse, float(budget_term),
+                                      global_fraction, global_fraction, time.time() - start)
+                report.history.append(entry)
+                if rank == 0 and log is not None:
+                    log(entry)
+                bar.set_postfix(psnr=f"{psnr_of_mse(global_mse):.1f}", flops=f"{global_fraction:.3f}")
+            if checkpoint_dir and rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", False)
+            bar.update(1)
+    finally:
+        bar.close()
+        state.soft = False
+        restore_flags(model, saved_flags)
+        model.train(was_training)
+    if calibrate:
+        state.serving["threshold_calibrated"] = calibrate_threshold(model, rollout, budget, cache_config)
+    report.seconds = time.time() - start
+    if checkpoint_dir and rank == 0:
+        checkpoint(model, Path(checkpoint_dir) / "final", False)
+    return report
+
+
+def call_fraction(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Per-sample executed FLOP fraction of the model's last call (straight-through, from its soft records)."""
+    state = state_of(model)
+    batch = next(v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim > 0)
+    table = flop_table(model, state, describe_inputs(args, kwargs))
+    return executed_flops_fraction(state.soft_records, table, state.routers, batch)
