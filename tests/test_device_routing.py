@@ -203,17 +203,21 @@ def test_a_captured_forward_serves_the_sampling_loop():
     assert 0.0 < ec.stats(model).executed_flops_fraction < 1.0
 
 
-@pytest.mark.parametrize("cache", [dict(max_reuse=2), dict(max_reuse=1, band=0.3), dict(max_reuse=2, fallback="run")])
+@pytest.mark.parametrize("cache,actions", [(dict(max_reuse=2), ("reuse",)), (dict(max_reuse=1, band=0.3), ("reuse",)),
+                                           (dict(max_reuse=2, fallback="run"), ("reuse",)),
+                                           (dict(max_reuse=3, fallback="run"), ("reuse", "forecast", "forecast2"))])
 @pytest.mark.parametrize("cfg", ["batch", "separate"])
-def test_feature_cache_on_the_device_follows_the_host_rules(cache, cfg):
-    """A whole generation with the feature cache: device-side reuse counters, band and fallback give the host
-    gate's images and per-step decisions (run, width, reuse), per CFG branch; ``reset_cache`` reaches them."""
+def test_feature_cache_on_the_device_follows_the_host_rules(cache, actions, cfg):
+    """A whole generation with the feature cache: device-side update histories, stand-in streaks, band,
+    fallback and per-sample skip actions (reuse, first- and second-order forecasts) give the host gate's images
+    and per-step decisions (run, width, stand-in), per CFG branch; ``reset_cache`` reaches them."""
     from elastic_compile.reference import load_reference
     from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
     from elastic_compile.sampling import sample
     model, scheduler, config = load_reference()
-    ec.transform(model, example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
-                                            class_labels=torch.tensor([1, 2]), return_dict=False))
+    ec.transform(model, ec.ElasticConfig(skip_actions=actions),
+                 example_inputs=dict(hidden_states=torch.randn(2, 1, 8, 8), timestep=torch.tensor([1.0, 2.0]),
+                                     class_labels=torch.tensor([1, 2]), return_dict=False))
     randomize_routers(model, seed=11, scale=1.0)
     apply_feature_cache(model, FeatureCacheConfig(**cache))
     hooks = ElasticCacheHooks(model)
@@ -235,7 +239,7 @@ def test_feature_cache_on_the_device_follows_the_host_rules(cache, cfg):
     flat = [d for step in runs[False] for block in step for d in block]
     assert any(reused for _, _, reused in flat) and any(run for run, _, _ in flat)
     entries = state_of(model).cache.device_entries
-    assert entries and not any(bool(e.valid.any()) for e in entries.values())  # reset when the generation ended
+    assert entries and not any(bool(e.count.any()) for e in entries.values())  # reset when the generation ended
 
 
 def test_captured_forwards_serve_the_cache_per_context():

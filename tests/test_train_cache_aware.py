@@ -9,7 +9,7 @@ from elastic_compile.cache import FeatureCacheConfig, apply_feature_cache, cache
 from elastic_compile.sampling import SamplingConfig, denoiser_output, sample
 from elastic_compile.state import state_of
 from elastic_compile.train import record_class_conditional_trajectories, record_trajectories, train_routers
-from elastic_compile.train.cache_aware import previous_step_updates, steps_back
+from elastic_compile.train.cache_aware import dense_stand_ins, exactly_steps_back
 from train_fixtures import TRAIN_ARGS, tiny_dataset, tiny_elastic_model
 from zoo import ARCHITECTURES
 
@@ -62,10 +62,10 @@ def test_recording_without_hooks_has_no_links_and_cache_aware_training_says_what
     assert int((linked.previous >= 0).sum()) == (STEPS - 1) * 4
 
 
-def test_previous_step_updates_are_the_dense_block_updates_and_zero_at_first_steps(linked):
+def test_reuse_stand_ins_are_the_previous_dense_block_updates_and_zero_at_first_steps(linked):
     model, data = linked
     rows = torch.tensor([0, 1, len(data) - 1, len(data) - 2])
-    updates = previous_step_updates(model, data, rows)
+    updates = dense_stand_ins(model, data, rows, max_reuse=1)
     previous = data.previous[rows]
     inputs = data.batch(previous.clamp(min=0))
     seen = {}
@@ -84,7 +84,8 @@ def test_previous_step_updates_are_the_dense_block_updates_and_zero_at_first_ste
     for block, leaves in updates.items():
         x, out = seen[block]
         expected = (out - x) * (previous >= 0).float().reshape(-1, 1, 1)
-        torch.testing.assert_close(leaves[0], expected)
+        assert leaves[0].shape[0] == 1  # one skip action: reuse
+        torch.testing.assert_close(leaves[0][0], expected)
     assert bool((previous < 0).any()) and bool((previous >= 0).any())
 
 
@@ -96,12 +97,12 @@ def test_training_skip_equals_the_feature_cache_skip_at_inference(linked):
         for router in state_of(model).routers.values():
             router.fc2.bias[0] = -5.0  # skip every skippable block
         state = state_of(model)
-        state.soft_skip_deltas = previous_step_updates(model, data, rows)
+        state.soft_stand_ins = dense_stand_ins(model, data, rows, max_reuse=1)
         state.soft = True
         try:
             trained_view = denoiser_output(model(**data.batch(rows)))
         finally:
-            state.soft, state.soft_skip_deltas = False, None
+            state.soft, state.soft_stand_ins = False, None
         apply_feature_cache(model, FeatureCacheConfig(max_reuse=1))
         try:
             with cache_context(model, "c"):
@@ -119,7 +120,7 @@ def test_training_skip_equals_the_feature_cache_skip_at_inference(linked):
     assert (served - identity_skip).abs().max() > 1e-3  # the reuse is not the identity skip
 
 
-def test_steps_back_walks_the_links_and_stops_at_the_first_step(linked):
+def test_exactly_steps_back_walks_the_links_and_says_where_a_trajectory_ends(linked):
     _, data = linked
     last = int((data.previous >= 0).nonzero().flatten()[-1])
     chain = [last]
@@ -127,8 +128,45 @@ def test_steps_back_walks_the_links_and_stops_at_the_first_step(linked):
         chain.append(int(data.previous[chain[-1]]))
     assert len(chain) == STEPS
     rows = torch.tensor([last] * 6 + [chain[-1]])
-    back = steps_back(data, rows, torch.tensor([1, 2, 3, 4, STEPS - 1, STEPS + 3, 2]))
-    assert back.tolist() == [chain[1], chain[2], chain[3], chain[4], chain[STEPS - 1], chain[STEPS - 1], -1]
+    back = exactly_steps_back(data, rows, torch.tensor([1, 2, 3, 4, STEPS - 1, STEPS + 3, 2]))
+    assert back.tolist() == [chain[1], chain[2], chain[3], chain[4], chain[STEPS - 1], -1, -1]
+
+
+@pytest.mark.parametrize("action", ["forecast", "forecast2"])
+def test_training_forecast_equals_the_feature_cache_forecast_at_inference(action):
+    """A forecasting skip in per-step training (from dense updates 1..3 steps back) is what the cache serves after
+    the dense model ran those steps: the same extrapolation of the same updates."""
+    model = ec.transform(ARCHITECTURES["dit"](batch=4)[0], ec.ElasticConfig(skip_actions=(action,)),
+                         example_inputs=ARCHITECTURES["dit"](batch=4)[1])
+    data = record_class_conditional_trajectories(model, FlowMatchEulerDiscreteScheduler(), CONFIG,
+                                                 samples_per_class=1, batch_size=4)
+    # rows at the last step: the three steps before exist
+    rows = torch.tensor([r for r in range(len(data)) if int(exactly_steps_back(data, torch.tensor([r]),
+                                                                               torch.tensor([3]))[0]) >= 0][:4])
+    with torch.no_grad():
+        for router in state_of(model).routers.values():
+            router.fc2.bias[0] = -5.0  # skip every skippable block
+        state = state_of(model)
+        ones = torch.ones(len(rows), dtype=torch.long)
+        state.soft_stand_ins = dense_stand_ins(model, data, rows, ages=ones, spacings=ones)
+        state.soft = True
+        try:
+            trained_view = denoiser_output(model(**data.batch(rows)))
+        finally:
+            state.soft, state.soft_stand_ins = False, None
+        apply_feature_cache(model, FeatureCacheConfig(max_reuse=1, fallback="run"))
+        try:
+            with cache_context(model, "c"):
+                with ec.force(model, skip=False, width=1.0):
+                    for back in (3, 2, 1):
+                        model(**data.batch(exactly_steps_back(data, rows, torch.full((len(rows),), back))))
+                served = denoiser_output(model(**data.batch(rows)))
+            skippable = [spec.index for spec in state.specs if spec.skippable]
+            decisions = ec.stats(model).decisions
+            assert skippable and all(d.reused for b in skippable for d in decisions[b])
+        finally:
+            remove_feature_cache(model)
+    torch.testing.assert_close(trained_view, served, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_aware_training_reaches_the_budget_it_charges(linked, tmp_path):
@@ -141,7 +179,7 @@ def test_cache_aware_training_reaches_the_budget_it_charges(linked, tmp_path):
     assert abs(final.expected_fraction - 0.5) < 0.15
     # a skip is charged a third of its block (one refresh run in K + 1 = 3 steps), so fewer FLOPs execute per call
     assert final.executed_fraction < final.expected_fraction
-    assert state_of(fresh).soft_skip_deltas is None
+    assert state_of(fresh).soft_stand_ins is None
     # the routers remember how they must be served, across save/load
     ec.save(fresh, tmp_path / "routers")
     base, _ = ARCHITECTURES["dit"](batch=4)

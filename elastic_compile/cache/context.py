@@ -18,7 +18,8 @@ def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = No
     Without ``config``: the cache the routers were trained for (``train_routers(..., cache_aware=True)`` records
     it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``."""
     state = state_of(model)
-    state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})))
+    state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})),
+                                    state.config.skip_actions)
     return state.cache
 
 

@@ -2,23 +2,25 @@
 
 A sample the block does not run for gets its residual input plus a *stand-in* for the block's update, by code:
 
-* ``IDENTITY``: nothing, the block is left out;
-* ``REUSE``: the block's update from the last step it ran for this sample, while that update has stood in fewer
-  than ``max_reuse`` times in a row.
+* ``IDENTITY`` (0): nothing, the block is left out;
+* one code per skip action of ``ElasticConfig.skip_actions`` (:data:`CODES`): the block's update extrapolated
+  from its own history (``forecast.py``): "reuse" the last update, "forecast" / "forecast2" a first / second
+  order extrapolation. Every action is available where the block has any stored update for the sample and
+  stand-ins took its place fewer than ``max_reuse`` times in a row (an action that wants more points than are
+  stored uses those there are).
 
-Per sample, from the router's (or ``force``'s) decision and where each stand-in is available:
+Per sample, from the router's (or ``force``'s) decision, the action it chose (routers with an action head; else
+the first skip action) and whether a stand-in is available:
 
-* a skipped sample takes the first available stand-in of :data:`STAND_INS`, else identity;
+* a skipped sample takes its action's stand-in where available, else identity;
 * band rule (``band`` set): a sample the router runs only barely (its run probability in ``[tau, tau + band)``)
   takes a stand-in instead of running where one is available; then only those do, a skip stays identity;
 * ``fallback="run"``: nothing is left out: a sample that would get identity runs instead (refreshing the cache).
 
 :func:`plan` is those rules, for per-sample flags held either as Python lists (the host gate between two blocks,
 where a tensor op would cost more than the decision) or as tensors (device routing, inside a captured graph where
-a host copy is impossible); :data:`HOST` and :data:`DEVICE` say how flags combine in each. A new kind of stand-in
-(say, a forecast extrapolated from the block's update history) is a new code here with its place in
-:data:`STAND_INS`, and, in ``store.py``, what the entries keep for it (``available``, ``skip_values``, ``store``);
-the gates pass codes along and never ask which stand-in a code is.
+a host copy is impossible); :data:`HOST` and :data:`DEVICE` say how flags combine in each. The gates pass codes
+along and never look at them; the cache's entries (``store.py``) turn codes into values.
 """
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ import math
 
 import torch
 
+from ..config import SKIP_ACTIONS
+
 IDENTITY = 0
-REUSE = 1
-#: Stand-ins by preference: a skipped sample takes the first one available for it.
-STAND_INS = (REUSE,)
+#: Stand-in code of each skip action.
+CODES = {name: code for code, name in enumerate(SKIP_ACTIONS, start=1)}
+#: How many stored updates each stand-in code reads.
+POINTS = {code: SKIP_ACTIONS[name] for name, code in CODES.items()}
 
 
 def logit_of(probability: float) -> float:
@@ -88,18 +93,14 @@ HOST = HostFlags()
 DEVICE = DeviceFlags()
 
 
-def plan(flags, config, threshold: float, run, scores, available: dict):
+def plan(flags, config, threshold: float, run, scores, usable, choice):
     """``(run, stand_in)`` per sample after the cache's rules (module docstring).
 
     ``run``: the decision before the cache; ``scores``: what the router decided ``run`` from (host: run
     probabilities, device: run logits), None where it did not decide (``force``, or a block that cannot skip):
-    the band rule then leaves ``run`` alone; ``available``: per code of :data:`STAND_INS`, where that stand-in can
-    be served (``Entry.available``). ``config``: a ``FeatureCacheConfig``; ``threshold``: tau."""
-    choice = flags.filled(run, IDENTITY)
-    usable = None
-    for code in reversed(STAND_INS):  # the most preferred is written last, so it wins
-        choice = flags.select(available[code], flags.filled(run, code), choice)
-        usable = available[code] if usable is None else flags.either(usable, available[code])
+    the band rule then leaves ``run`` alone; ``usable``: where a stand-in can be served (``Entry.usable``);
+    ``choice``: per sample, the stand-in code of its skip action. ``config``: a ``FeatureCacheConfig``;
+    ``threshold``: tau."""
     if config.band is None:
         takes = flags.both(flags.negated(run), usable)
     else:

@@ -1,15 +1,16 @@
-"""The feature cache's configuration and what it stores: per (context, block), each sample's last update.
+"""The feature cache's configuration and state: per (context, block), each sample's last updates.
 
 Per block, per cache context (one per classifier-free-guidance branch) and per sample: when the block runs,
-``delta = out - in`` is stored for each residual output; when it does not, the cache's rules (:mod:`.rules`) say
-whether a stand-in (the stored delta) is added to its input. Contexts keep rows apart: CFG as one batch (one
+``delta = out - in`` is stored for each residual output (as many past updates as the model's skip actions read);
+when it does not, the cache's rules (:mod:`.rules`) say whether a stand-in (the last update, or a forecast from
+the last ones: :mod:`.forecast`) is added to its input. Contexts keep rows apart: CFG as one batch (one
 context, cond and uncond rows) and CFG as two calls (contexts "cond" and "uncond") see the same deltas per sample.
 ``reset()`` (or a sampler's ``start_generation``) forgets everything; a batch-size change within a context also
 starts that context afresh.
 
 Each (context, block) is a :class:`HostEntry` (Python lists, for the host gate) or a :class:`DeviceEntry`
 (tensors updated in place, for device routing and captured CUDA graphs). Both answer the same three questions:
-which stand-ins are available per sample, what the skip output is for given stand-ins, and what to store after
+where a stand-in can serve each sample, what the skip output is for given stand-ins, and what to store after
 the block ran.
 """
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batch import per_sample
+from ..config import SKIP_ACTIONS
 from ..errors import ConfigError, ElasticCompileError
-from .rules import DEVICE, HOST, REUSE, plan
+from .device_entry import DeviceEntry
+from .host_entry import HostEntry
+from .rules import CODES, plan
 
 
 class CacheContextError(ElasticCompileError):
@@ -29,7 +32,7 @@ class CacheContextError(ElasticCompileError):
 
 @dataclass(frozen=True)
 class FeatureCacheConfig:
-    """``max_reuse``: K, how many times in a row a delta may stand in for the block. ``band``: the band rule of
+    """``max_reuse``: K, how many times in a row a stand-in may take the block's place. ``band``: the band rule of
     :mod:`.rules` (None: off). ``fallback``: what a skip does when no delta is usable (first step, or K reuses in a
     row): "identity" (the block is left out, what plain routers are trained for) or "run" (the block runs and
     refreshes its delta, so a skip always means reuse: what cache-aware routers are trained for)."""
@@ -48,91 +51,16 @@ class FeatureCacheConfig:
             raise ConfigError("band in (0, 1) or None", f"{self.band}", "Use e.g. 0.1.")
 
 
-class HostEntry:
-    """One (context, block) as Python lists per sample: whether a delta is stored, how often it stood in since."""
-
-    flags = HOST
-
-    def __init__(self, batch: int):
-        self.batch = batch
-        self.deltas: dict[int, torch.Tensor] = {}
-        self.valid = [False] * batch
-        self.reuse = [0] * batch
-
-    def available(self, max_reuse: int) -> dict[int, list[bool]]:
-        return {REUSE: [v and r < max_reuse for v, r in zip(self.valid, self.reuse)]}
-
-    def skip_values(self, inputs: dict[int, torch.Tensor], stand_in: list[int]) -> dict[int, torch.Tensor]:
-        """``in + delta`` for samples whose stand-in is a reuse, ``in`` for the others; counts the reuses."""
-        reused = [code == REUSE for code in stand_in]
-        if not any(reused):
-            return dict(inputs)
-        out = {}
-        for leaf, x in inputs.items():
-            mask = per_sample(torch.tensor(reused, device=x.device), x)
-            out[leaf] = torch.where(mask, x + self.deltas[leaf].to(x.dtype), x)
-        for s, r in enumerate(reused):
-            if r:
-                self.reuse[s] += 1
-        return out
-
-    def store(self, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor], ran: list[bool]) -> None:
-        """Remember ``out - in`` for the samples that ran (their reuse counts restart)."""
-        if not any(ran):
-            return
-        rows = torch.tensor([s for s, r in enumerate(ran) if r], device=next(iter(inputs.values())).device)
-        for leaf, x in inputs.items():
-            delta = (outputs[leaf] - x).detach().index_select(0, rows)
-            if leaf not in self.deltas:
-                self.deltas[leaf] = torch.zeros_like(x.detach())
-            self.deltas[leaf] = self.deltas[leaf].index_copy(0, rows, delta)
-        for s, r in enumerate(ran):
-            if r:
-                self.valid[s], self.reuse[s] = True, 0
-
-
-class DeviceEntry:
-    """The state of :class:`HostEntry` as device tensors, for gates that route on the device (``nn/gate/device.py``):
-    updated in place, so a captured CUDA graph keeps reading and writing the same memory across replays and
-    ``reset`` reaches it."""
-
-    flags = DEVICE
-
-    def __init__(self, inputs: dict[int, torch.Tensor], batch: int):
-        device = next(iter(inputs.values())).device
-        self.batch = batch
-        self.valid = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.reuse = torch.zeros(batch, dtype=torch.long, device=device)
-        self.deltas = {leaf: torch.zeros_like(x) for leaf, x in inputs.items()}
-
-    def reset(self) -> None:
-        self.valid.zero_()
-        self.reuse.zero_()
-
-    def available(self, max_reuse: int) -> dict[int, torch.Tensor]:
-        return {REUSE: self.valid & (self.reuse < max_reuse)}
-
-    def skip_values(self, inputs: dict[int, torch.Tensor], stand_in: torch.Tensor) -> dict[int, torch.Tensor]:
-        """New tensors: ``in + delta`` for rows whose stand-in is a reuse, ``in`` for the others."""
-        reused = stand_in == REUSE
-        return {leaf: torch.where(per_sample(reused, x), x + self.deltas[leaf], x) for leaf, x in inputs.items()}
-
-    def store(self, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor], ran: torch.Tensor,
-              stand_in: torch.Tensor) -> None:
-        """In place: ``delta = out - in`` for rows that ran (their counters restart), one more reuse for rows
-        whose stand-in was a reuse."""
-        for leaf, delta in self.deltas.items():
-            x = inputs[leaf]
-            delta.copy_(torch.where(per_sample(ran, x), outputs[leaf] - x, delta))
-        self.reuse.copy_(torch.where(ran, 0, self.reuse + (stand_in == REUSE).long()))
-        self.valid.logical_or_(ran)
-
-
 class FeatureCacheState:
-    """Entries per (context, block); ``context`` is the active branch name."""
+    """Entries per (context, block); ``context`` is the active branch name. ``skip_actions``: the model's
+    (``ElasticConfig.skip_actions``): how many past updates to keep, and the stand-in of a skip no router chose
+    an action for (the first)."""
 
-    def __init__(self, config: FeatureCacheConfig):
+    def __init__(self, config: FeatureCacheConfig, skip_actions: tuple[str, ...] = ("reuse",)):
         self.config = config
+        self.skip_actions = tuple(skip_actions)
+        self.depth = max(SKIP_ACTIONS[a] for a in self.skip_actions)
+        self.codes = [CODES[a] for a in self.skip_actions]
         self.context: str | None = None
         self.entries: dict[tuple[str, int], HostEntry] = {}
         self.device_entries: dict[tuple[str, int, int], DeviceEntry] = {}
@@ -154,7 +82,7 @@ class FeatureCacheState:
         key = (self._require_context(), block)
         entry = self.entries.get(key)
         if entry is None or entry.batch != batch:
-            entry = self.entries[key] = HostEntry(batch)
+            entry = self.entries[key] = HostEntry(batch, self.depth)
         return entry
 
     def device_entry(self, block: int, inputs: dict[int, torch.Tensor], batch: int) -> DeviceEntry:
@@ -168,10 +96,24 @@ class FeatureCacheState:
                                         f"a capture in context {key[0]!r} that no warm-up ran",
                                         "Capture with elastic_compile.serve.capture_cuda_graph (it warms up each "
                                         "context first), inside the cache context the graph will serve.")
-            entry = self.device_entries[key] = DeviceEntry(inputs, batch)
+            entry = self.device_entries[key] = DeviceEntry(inputs, batch, self.depth)
         return entry
 
-    def plan(self, entry: HostEntry | DeviceEntry, run, scores, threshold: float):
-        """``(run, stand_in)`` per sample for a block whose decision was ``run`` (:func:`.rules.plan`)."""
-        return plan(entry.flags, self.config, threshold, run, scores, entry.available(self.config.max_reuse))
+    def plan(self, entry: HostEntry | DeviceEntry, run, scores, threshold: float, actions=None):
+        """``(run, stand_in)`` per sample for a block whose decision was ``run`` (:func:`.rules.plan`).
+        ``actions``: per sample, the index into ``skip_actions`` its router chose (None: the first action)."""
+        flags = entry.flags
+        if actions is None:
+            choice = flags.filled(run, self.codes[0])
+        elif isinstance(actions, list):
+            choice = [self.codes[a] for a in actions]
+        else:
+            choice = self.code_table(actions.device).index_select(0, actions)
+        return plan(flags, self.config, threshold, run, scores, entry.usable(self.config.max_reuse), choice)
 
+    def code_table(self, device) -> torch.Tensor:
+        """The stand-in code of each skip action as a device tensor (indexed by the router's action)."""
+        table = self.__dict__.get("_code_table")
+        if table is None or table.device != torch.device(device):
+            table = self._code_table = torch.tensor(self.codes, device=device)
+        return table

@@ -185,7 +185,7 @@ class _Exporter:
             arguments = bind_to_signature(gate.signature, call.args, call.kwargs)
             example = [arguments[f.name] for f in router.features]
             program = RouterProgram(router)
-            key = (repr(router.features), router.fc1.out_features, router.num_widths,
+            key = (repr(router.features), router.fc1.out_features, router.num_widths, router.num_actions,
                    tuple((tuple(t.shape), t.dtype) for t in example))
             relative = f"routers/router_{call.index:03d}.onnx"
             for attempt in range(2):

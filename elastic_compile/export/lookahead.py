@@ -92,7 +92,8 @@ class LookaheadProgram(nn.Module):
     def signature(self) -> tuple:
         """What two lookaheads must share for one template graph to serve both."""
         router = self.router
-        return (repr(router.features), router.fc1.out_features, router.num_widths, tuple(self.sources))
+        return (repr(router.features), router.fc1.out_features, router.num_widths, router.num_actions,
+                tuple(self.sources))
 
 
 class SegmentWithLookahead(nn.Module):

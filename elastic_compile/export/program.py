@@ -88,7 +88,7 @@ class RouterProgram(nn.Module):
         self.router = router
         self.names = [f.name for f in router.features]
 
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.router(dict(zip(self.names, tensors)))
 
 

@@ -147,11 +147,14 @@ class Router(nn.Module):
         return x if x.dtype == dtype else x.to(dtype)
 
     def forward(self, arguments: dict) -> tuple[torch.Tensor, ...]:
-        logits = self.plain_logits(arguments)
-        widths = logits[:, 1:1 + self.num_widths]
-        if self.num_actions:
-            return logits[:, 0], widths, logits[:, 1 + self.num_widths:]
-        return logits[:, 0], widths
+        return split_logits(self.plain_logits(arguments), self.num_widths, self.num_actions)
+
+
+def split_logits(logits: torch.Tensor, num_widths: int, num_actions: int) -> tuple[torch.Tensor, ...]:
+    """``(run (B,), widths (B, K))`` of a router's ``(B, 1 + K + A)`` logits, and ``actions (B, A)`` when the
+    router has an action head (A > 0): what :meth:`Router.forward` returns (and an exported router graph)."""
+    run, widths = logits[:, 0], logits[:, 1:1 + num_widths]
+    return (run, widths, logits[:, 1 + num_widths:]) if num_actions else (run, widths)
 
 
 def router_hidden_size(features: list[RouterFeature], num_outputs: int, block_params: int, preferred: int,

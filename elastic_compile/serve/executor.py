@@ -128,22 +128,24 @@ class BlockExecutor:
 
 
 class GraphRouter:
-    """A router run from its ONNX graph: ``(arguments by name) -> (run_logit, width_logits)``."""
+    """A router run from its ONNX graph: ``(arguments by name) -> (run_logit, width_logits[, action_logits])``, as
+    the PyTorch router it was exported from (whose output counts it keeps)."""
 
-    def __init__(self, graph: Callable, names: list[str]):
+    def __init__(self, graph: Callable, names: list[str], num_widths: int, num_actions: int = 0):
         self.graph = graph
         self.names = names
+        self.num_widths = num_widths
+        self.num_actions = num_actions
 
     def __call__(self, arguments: dict):
         tensors = [arguments[name] for name in self.names]
         device = tensors[0].device
-        run_logit, width_logits = self.graph([t.contiguous() for t in tensors])
-        return run_logit.to(device), width_logits.to(device)
+        return tuple(out.to(device) for out in self.graph([t.contiguous() for t in tensors]))
 
     def logits(self, arguments: dict) -> torch.Tensor:
-        """``(B, 1 + num_widths)``, as :meth:`Router.logits`."""
-        run_logit, width_logits = self(arguments)
-        return torch.cat([run_logit[:, None], width_logits], dim=1)
+        """``(B, 1 + num_widths + num_actions)``, as :meth:`Router.logits`."""
+        run_logit, *rest = self(arguments)
+        return torch.cat([run_logit[:, None], *rest], dim=1)
 
 
 class SingleThreadRouter:
@@ -156,6 +158,8 @@ class SingleThreadRouter:
 
     def __init__(self, router):
         self.router = router
+        self.num_widths = router.num_widths
+        self.num_actions = router.num_actions
 
     def __call__(self, arguments: dict):
         return self._single_threaded(self.router, arguments)

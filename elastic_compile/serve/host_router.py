@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..nn.router import Router
+from ..nn.router import Router, split_logits
 from .lookahead import ExportedWeights, LookaheadLogits
 from .summaries import PooledSummaries
 
@@ -24,7 +24,8 @@ NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.
 
 
 class HostRouter:
-    """``logits(arguments) -> (B, 1 + K)`` float32 tensor (and ``__call__`` -> ``(run, widths)``), on CPU."""
+    """``logits(arguments) -> (B, 1 + K + A)`` float32 tensor (and ``__call__`` -> ``(run, widths[, actions])``, as
+    the router's forward), on CPU."""
 
     def __init__(self, router: Router, summaries: PooledSummaries | None = None,
                  lookahead: LookaheadLogits | None = None, block: int | None = None):
@@ -99,9 +100,16 @@ class HostRouter:
         out += weights["fc2_bias"]
         return torch.from_numpy(out)
 
-    def __call__(self, arguments: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.logits(arguments)
-        return logits[:, 0], logits[:, 1:]
+    @property
+    def num_widths(self) -> int:
+        return self.router.num_widths
+
+    @property
+    def num_actions(self) -> int:
+        return self.router.num_actions
+
+    def __call__(self, arguments: dict) -> tuple[torch.Tensor, ...]:
+        return split_logits(self.logits(arguments), self.router.num_widths, self.router.num_actions)
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:

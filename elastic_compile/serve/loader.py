@@ -198,7 +198,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     if routers == "onnx":
         for entry in manifest["routers"]:
             gate = gate_of(state.blocks[entry["block"]])
-            gate.router = GraphRouter(engine.router_graph(root / entry["file"]), entry["inputs"])
+            gate.router = GraphRouter(engine.router_graph(root / entry["file"]), entry["inputs"],
+                                      gate.router.num_widths, gate.router.num_actions)
     elif routers == "host":
         for entry in manifest["routers"]:
             gate = gate_of(state.blocks[entry["block"]])

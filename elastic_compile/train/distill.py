@@ -34,7 +34,7 @@ from ..sampling import denoiser_output
 from ..state import describe_inputs, force, state_of
 from ..stats import stats
 from .budget import executed_flops_fraction
-from .cache_aware import previous_step_updates, require_step_links
+from .cache_aware import dense_stand_ins, require_step_links
 from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum, init_distributed, progress_bar,
                      restore_flags, trainable)
 from .rollout import train_through_rollouts
@@ -126,8 +126,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             inputs, rows = next(batches)
             target = inputs.pop(TEACHER_KEY, None)
             if cache_aware:
-                state.soft_skip_deltas = previous_step_updates(model, data, rows, (TEACHER_KEY,), cache_max_reuse,
-                                                               staleness_generator)
+                state.soft_stand_ins = dense_stand_ins(model, data, rows, (TEACHER_KEY,), cache_max_reuse,
+                                                       staleness_generator)
             if target is None:
                 with torch.no_grad():
                     target = teacher(inputs)
@@ -136,7 +136,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                 output = denoiser_output(student(**inputs)).float()
             finally:
                 state.soft = False
-                state.soft_skip_deltas = None
+                state.soft_stand_ins = None
             local = output.shape[0]
             distill = (output - target.float()).pow(2).reshape(local, -1).mean(dim=1)
             table = flop_table(model, state, describe_inputs((), inputs))
@@ -167,7 +167,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     finally:
         bar.close()
         state.soft = False
-        state.soft_skip_deltas = None
+        state.soft_stand_ins = None
         restore_flags(model, saved_flags)
         model.train(was_training)
     report.seconds = time.time() - start

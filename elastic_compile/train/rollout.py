@@ -127,7 +127,7 @@ def rollout_step(model: nn.Module, rollout: Rollout, items: Sequence[Any], targe
     """One student rollout with the cache in the loop: ``(log mse, mse, executed fraction)`` with gradients."""
     state = state_of(model)
     saved_cache = state.cache
-    state.cache = FeatureCacheState(cache_config)
+    state.cache = FeatureCacheState(cache_config, state.config.skip_actions)
     student = GenerationBudget(model, fraction_of_call)
     state.soft = True
     try:
@@ -185,7 +185,7 @@ def generation_fraction(model: nn.Module, rollout: Rollout, items: Sequence[Any]
     """Executed FLOP fraction of generating ``items`` as served (hard decisions, the cache on, no gradients)."""
     state = state_of(model)
     saved = state.cache
-    state.cache = FeatureCacheState(cache_config)
+    state.cache = FeatureCacheState(cache_config, state.config.skip_actions)
     meter = _FractionMeter(model)
     try:
         rollout(meter, items, ElasticCacheHooks(model))

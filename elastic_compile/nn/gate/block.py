@@ -28,7 +28,7 @@ from ...state import ElasticState
 from ..router import Router
 from ..width import WidthControl
 from . import device, host, profile, soft
-from .decisions import host_decisions
+from .decisions import host_actions, host_decisions
 
 
 def mode_of(state: ElasticState):
@@ -109,18 +109,21 @@ class BlockGate:
             bucket = [dense] * batch
         return run, bucket
 
-    def decide(self, arguments: dict, batch: int) -> tuple[list[bool], list[int], bool, list[float] | None]:
-        """Per-sample (run, bucket) from ``force`` or the router; also whether the router ran and its p_run."""
+    def decide(self, arguments: dict, batch: int):
+        """Per-sample ``(run, bucket, router_ran, p_run, actions)`` from ``force`` or the router; ``actions`` (the
+        skip action each sample's router chose) is None where the router has no action head or did not run."""
         run, bucket = self.static_decisions(batch)
         if run is not None and bucket is not None:
-            return run, bucket, False, None
+            return run, bucket, False, None, None
         # One device-to-host copy per block (each is a synchronisation that drains an accelerator's queue), and
         # the decisions are made on the host: a handful of floats, no further tensor ops between two blocks.
-        rows = self.router.logits(arguments).tolist()
+        router = self.router
+        rows = router.logits(arguments).tolist()
         routed_run, routed_bucket, p_run = host_decisions(rows, self.state.config.threshold, run is None,
-                                                          bucket is None)
+                                                          bucket is None, router.num_widths)
+        actions = host_actions(rows, router.num_widths) if router.num_actions and run is None else None
         run = run if routed_run is None else routed_run
-        return run, (bucket if routed_bucket is None else routed_bucket), True, p_run
+        return run, (bucket if routed_bucket is None else routed_bucket), True, p_run, actions
 
     # execution of a host-side plan -----------------------------------------------------------------------
     def execute(self, run: list[bool], bucket: list[int], stand_in: list[int] | None, args, kwargs,

@@ -43,7 +43,7 @@ from ...capture.treespec import flatten_output
 from ...errors import BackendUnavailableError, ConfigError
 from ...state import BlockCall, ElasticState, state_of
 from . import host
-from .decisions import device_decisions, fused_decisions
+from .decisions import device_actions, device_decisions, fused_decisions
 
 BRANCH_MODES = ("graph", "host", "every")
 
@@ -163,13 +163,16 @@ def forward(gate, args: tuple, kwargs: dict):
                           "Route this model on the host (the default), whose skip returns None for them.")
     device = device_of((args, kwargs))
     router_ran = run is None or bucket is None
-    run_logit = None
+    run_logit = actions = None
     if router_ran:
-        logits = gate.router.logits(arguments).float()
+        router = gate.router
+        logits = router.logits(arguments).float()
         routed_run, routed_bucket = state.device_routing.decide(
             logits, gate.spec.skippable and state.config.allow_skip and run is None,
-            gate.spec.elastic_width and bucket is None, state.config.threshold, dense)
+            gate.spec.elastic_width and bucket is None, state.config.threshold, dense, router.num_widths)
         run_logit = logits[:, 0] if run is None else None
+        if router.num_actions and run is None:
+            actions = device_actions(logits, router.num_widths)
     # pinned values are the same for every sample: filled on the device (a host copy would break a capture)
     run_t = routed_run if run is None else torch.full((batch,), run[0], device=device)
     bucket_t = routed_bucket if bucket is None else torch.full((batch,), bucket[0], device=device)
@@ -177,7 +180,8 @@ def forward(gate, args: tuple, kwargs: dict):
     stand_in = entry = None
     if cache is not None:
         entry = cache.device_entry(gate.index, inputs, batch)
-        run_t, stand_in = cache.plan(entry, run_t, run_logit, state.config.threshold)
+        entry.tick()
+        run_t, stand_in = cache.plan(entry, run_t, run_logit, state.config.threshold, actions)
     state.record(BlockCall(gate.index, run if run is not None and stand_in is None else run_t,
                            bucket if bucket is not None else bucket_t, router_ran,
                            stand_in if stand_in is not None else []))

@@ -15,24 +15,30 @@ from __future__ import annotations
 
 from ...cache.rules import IDENTITY
 from ...state import BlockCall
-from .decisions import host_decisions
+from .decisions import host_actions, host_decisions
 
 
 def forward(gate, args: tuple, kwargs: dict):
     state = gate.state
     arguments = gate.bind(args, kwargs)
+    actions = None
     if gate.routes_everything():
-        rows = gate.router.logits(arguments).tolist()
-        run, bucket, p_run = host_decisions(rows, state.config.threshold, True, True)
+        router = gate.router
+        rows = router.logits(arguments).tolist()
+        run, bucket, p_run = host_decisions(rows, state.config.threshold, True, True, router.num_widths)
+        if router.num_actions:
+            actions = host_actions(rows, router.num_widths)
         batch, router_ran = len(rows), True
     else:
         batch = gate.stream_batch(arguments)
-        run, bucket, router_ran, p_run = gate.decide(arguments, batch)
+        run, bucket, router_ran, p_run, actions = gate.decide(arguments, batch)
     cache = state.cache
     if cache is None or not gate.spec.skippable:
         stand_in, reused = None, [False] * batch
     else:
-        run, stand_in = cache.plan(cache.entry(gate.index, batch), run, p_run, state.config.threshold)
+        entry = cache.entry(gate.index, batch)
+        entry.tick()
+        run, stand_in = cache.plan(entry, run, p_run, state.config.threshold, actions)
         reused = [code != IDENTITY for code in stand_in]
     state.record(BlockCall(gate.index, run, bucket, router_ran, reused))
     return gate.execute(run, bucket, stand_in, args, kwargs, arguments, batch)

@@ -37,7 +37,7 @@ class FlopTable:
 def forward(gate, args: tuple, kwargs: dict):
     """The block's output under the pinned plan, its FLOPs appended to ``state.profile_sink``."""
     arguments = gate.bind(args, kwargs)
-    run, bucket, _, _ = gate.decide(arguments, gate.stream_batch(arguments))
+    run, bucket, *_ = gate.decide(arguments, gate.stream_batch(arguments))
     with flop_counter() as counter:
         out = gate.run_plan((run[0], bucket[0]), args, kwargs, arguments)
     gate.state.profile_sink.append((gate.index, counter.get_total_flops()))
