@@ -15,7 +15,7 @@ from ..analysis.spec import BlockSpec
 from ..nn.gate import BlockGate
 from ..nn.router import Router
 from ..nn.width import WidthControl
-from ..state import GATE_ATTRIBUTE, ElasticState
+from ..state import GATE_ATTRIBUTE, ElasticState, state_of
 
 
 def gate_block(block: nn.Module, spec: BlockSpec, router: Router | None, control: WidthControl,
@@ -27,6 +27,10 @@ def gate_block(block: nn.Module, spec: BlockSpec, router: Router | None, control
 
 
 def install_root_hook(model: nn.Module, state: ElasticState):
-    def begin(module, args, kwargs):
-        state.begin_forward(args, kwargs)
-    return model.register_forward_pre_hook(begin, with_kwargs=True)
+    return model.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+
+
+def _begin_forward(module, args, kwargs):
+    # the state is looked up on the module called, not captured: a deep copy of the model (which shares hook
+    # functions with the original) must start forwards on its own state
+    state_of(module).begin_forward(args, kwargs)
