@@ -31,13 +31,25 @@ from elastic_compile.cli.common import synthesize_dit_inputs
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
 from elastic_compile.reference.data import load_digits_split
 from elastic_compile.reference.evaluate import measure_flops, score
-from elastic_compile.reference.metrics import psnr
+from elastic_compile.reference.metrics import classifier_features, psnr
+from frontier import best_dominating, paired_fid_difference, row_key  # benchmarks/frontier.py
 from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
 from elastic_compile.sampling.hooks import DiffusersCacheHooks
 from elastic_compile.sampling import sample
 from timing import timed_speedup  # benchmarks/timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OUT = RESULTS  # where this run writes (--out); router sets are read from RESULTS/routers
+#: The toolkit's best elastic mode: routers choosing run / skip and a skip action (reuse, first- or second-order
+#: forecast) per block, step and sample, trained through rollouts with the feature cache in the loop.
+ELASTIC = "E-DiT forecast routers"
+#: Training-free methods the elastic mode must dominate (quality.md's dominance table).
+PEERS = ("FirstBlockCache", "TaylorSeer", "MagCache", "static skip", "static width", "block cache (no routers)",
+         "block forecast (no routers)")
+
+
+def budget_of(path: Path) -> float:
+    return float(path.name.rsplit("_", 1)[1])
 
 
 class Forced:
@@ -61,9 +73,9 @@ class Setting:
     build: callable  # () -> (denoiser, hooks)
 
 
-def elastic_base(assets):
+def elastic_base(assets, config: ec.ElasticConfig | None = None):
     model, _, _ = load_reference(assets)
-    return ec.transform(model, example_inputs=synthesize_dit_inputs(model))
+    return ec.transform(model, config, example_inputs=synthesize_dit_inputs(model))
 
 
 def diffusers_cache(assets, kind: str, **options):
@@ -148,7 +160,17 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
                            lambda w=width: (Forced(elastic_base(assets), skip=False, width=w), None)))
     for reuse in (1, 2, 3):
         out.append(Setting("block cache (no routers)", f"K={reuse}", lambda k=reuse: block_cache(assets, k)))
-    routers_root = RESULTS / "routers"
+    for reuse in (1, 2, 3, 4):
+        out.append(Setting("block forecast (no routers)", f"K={reuse}",
+                           lambda k=reuse: block_cache(assets, k, action="forecast")))
+    routers_root = Path(args.routers)
+    for path in sorted(routers_root.glob("forecast_budget_*"), key=budget_of):
+        out.append(Setting(ELASTIC, f"budget {budget_of(path)}", lambda p=path: trained(assets, p, "serving")))
+        out.append(Setting(ELASTIC + " (per-step schedule)", f"budget {budget_of(path)}",
+                           lambda p=path: per_step_schedule(assets, p, scheduler, config, calibration_labels)))
+    for path in sorted(routers_root.glob("forecast_step_budget_*"), key=budget_of):
+        out.append(Setting("E-DiT forecast routers (per-step objective only)", f"budget {budget_of(path)}",
+                           lambda p=path: trained(assets, p, "serving")))
     for path in sorted(routers_root.glob("budget_*")):
         budget = path.name.rsplit("_", 1)[1]
         out.append(Setting("E-DiT", f"budget {budget}", lambda p=path: trained(assets, p)))
@@ -179,10 +201,19 @@ def trained(assets, path, cache=None, pin_widths: bool = False):
     return (Forced(model, width=1.0) if pin_widths else model), hooks
 
 
-def block_cache(assets, max_reuse: int):
-    """Training-free block cache of this toolkit: every block asks to skip, so each reuses its last update up to
-    ``max_reuse`` steps in a row and then runs (fallback "run")."""
-    model = elastic_base(assets)
+def per_step_schedule(assets, path, scheduler, config, labels):
+    """The routers at ``path`` replaced by their decisions averaged per step over samples (schedule_ablation.py)."""
+    from schedule_ablation import ScheduledModel, averaged_schedule
+    model, hooks = trained(assets, path, "serving")
+    scheduled = ScheduledModel(model, averaged_schedule(model, hooks, scheduler, config, labels), hooks)
+    return scheduled, scheduled.hooks
+
+
+def block_cache(assets, max_reuse: int, action: str = "reuse"):
+    """Training-free block cache of this toolkit: every block asks to skip, so each stands in with its last update
+    ("reuse") or a first-order forecast from its last two ("forecast") up to ``max_reuse`` steps in a row and then
+    runs (fallback "run")."""
+    model = elastic_base(assets, ec.ElasticConfig(skip_actions=(action,)))
     apply_feature_cache(model, FeatureCacheConfig(max_reuse=max_reuse, fallback="run"))
     return Forced(model, skip=True, width=1.0), ElasticCacheHooks(model)
 
@@ -196,7 +227,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--assets", default=str(ASSETS_DIR))
     parser.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
+    parser.add_argument("--out", default=str(RESULTS), help="where the tables, plots and grids go")
+    parser.add_argument("--routers", default=str(RESULTS / "routers"), help="folder of the trained router sets")
     args = parser.parse_args(argv)
+    global OUT
+    OUT = Path(args.out)
     torch.set_num_threads(args.threads)
     dense_model, scheduler, config = load_reference(args.assets)
     labels = [c for c in range(config.num_classes) for _ in range(args.eval_per_class)]
@@ -208,6 +243,7 @@ def main(argv=None) -> int:
     rows = [dict(method="dense", setting="-", fraction=1.0, speedup=1.0,
                  **score(dense_images, labels, classifier, real, dense_images))]
     grids = {}
+    features = {row_key(rows[0]): classifier_features(classifier, dense_images)}
     only = {m.strip() for m in args.only.split(",") if m.strip()}
     for setting in settings(args, scheduler, config, calibration_labels):
         if only and setting.method not in only:
@@ -221,34 +257,56 @@ def main(argv=None) -> int:
         row = dict(method=setting.method, setting=setting.label, fraction=flops / dense_flops, speedup=speedup,
                    **score(images, labels, classifier, real, dense_images))
         rows.append(row)
+        features[row_key(row)] = classifier_features(classifier, images)
         print(json.dumps(row), flush=True)
         best = grids.get(setting.method)
         if best is None or abs(row["speedup"] - 2.0) < abs(best[0] - 2.0):
             grids[setting.method] = (row["speedup"], setting.label, images)
     if only:  # a partial run replaces its methods' rows and grids in the previous results, keeps the others
         rows, grids = merge_previous(rows, grids, only)
-    write(rows, grids, labels, args)
+    dominance = dominance_table(rows, features, classifier_features(classifier, real))
+    write(rows, grids, labels, args, dominance)
     return 0
+
+
+def dominance_table(rows, features, real_features) -> list[dict]:
+    """Per peer setting (``PEERS``), the elastic row that dominates it (``frontier.best_dominating``), with a
+    paired FID interval where only FID separates them (images of both rows from this run)."""
+    candidates = [r for r in rows if r["method"] == ELASTIC]
+    table = []
+    for peer in (r for r in rows if r["method"] in PEERS):
+        intervals = {}
+        for candidate in candidates:
+            keys = row_key(candidate), row_key(peer)
+            if (candidate["speedup"] >= peer["speedup"] and candidate["psnr"] >= peer["psnr"]
+                    and candidate["fid"] > peer["fid"] and all(k in features for k in keys)):
+                intervals[keys] = paired_fid_difference(features[keys[0]], features[keys[1]], real_features)
+        found = best_dominating(peer, candidates, intervals)
+        entry = dict(peer=peer, by=found[0] if found else None, kind=found[1] if found else None)
+        if found:
+            entry["fid_interval"] = intervals.get((row_key(found[0]), row_key(peer)))
+        table.append(entry)
+    return table
 
 
 def merge_previous(rows, grids, only):
     """Rows of methods not re-run (and their grids) from the last full results, in their original order."""
-    previous_rows = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").is_file() else []
-    previous_grids = (json.loads((RESULTS / "quality_grids.json").read_text())
-                      if (RESULTS / "quality_grids.json").is_file() else {})
+    previous_rows = json.loads((OUT / "quality.json").read_text()) if (OUT / "quality.json").is_file() else []
+    previous_grids = (json.loads((OUT / "quality_grids.json").read_text())
+                      if (OUT / "quality_grids.json").is_file() else {})
     kept = [r for r in previous_rows if r["method"] not in only and r["method"] != "dense"]
     merged_grids = {m: tuple(g) for m, g in previous_grids.items() if m not in only}
     merged_grids.update(grids)
     return rows[:1] + kept + rows[1:], merged_grids
 
 
-def write(rows, grids, labels, args) -> None:
+def write(rows, grids, labels, args, dominance=()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(rows, indent=1))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "quality.json").write_text(json.dumps(rows, indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["speedup"])
@@ -261,7 +319,7 @@ def write(rows, grids, labels, args) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "frontier.png", dpi=110)
+    fig.savefig(OUT / "frontier.png", dpi=110)
     lines = ["# Speed-fidelity frontier on the reference model", "",
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` ({args.threads} CPU threads). "
              f"{len(labels)} images ({args.eval_per_class} per class), default steps and guidance, CFG as one batch; "
@@ -273,16 +331,32 @@ def write(rows, grids, labels, args) -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['fraction']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['accuracy']:.3f} | {r['fid']:.2f} |")
+    lines += ["", f"## Does the elastic mode dominate every training-free setting?", "",
+              f"Candidates: the `{ELASTIC}` rows. A candidate dominates a peer when it is at least as fast, at least "
+              "as faithful (PSNR) and no worse in FID: strictly (FID <= the peer's) or within noise (the 95% paired "
+              "bootstrap interval of FID(candidate) - FID(peer), same images resampled for both, reaches 0).", "",
+              "| peer | setting | speedup | PSNR | FID | dominated by | speedup | PSNR | FID | how |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in dominance:
+        peer, by = entry["peer"], entry["by"]
+        head = f"| {peer['method']} | {peer['setting']} | {peer['speedup']:.2f}x | {peer['psnr']:.2f} | {peer['fid']:.2f} |"
+        if by is None:
+            lines.append(head + " **not dominated** | | | | |")
+            continue
+        how = entry["kind"]
+        if entry.get("fid_interval"):
+            how += " (FID difference [{:+.2f}, {:+.2f}])".format(*entry["fid_interval"])
+        lines.append(head + f" {by['setting']} | {by['speedup']:.2f}x | {by['psnr']:.2f} | {by['fid']:.2f} | {how} |")
     lines += ["", "![frontier](frontier.png)", "", "Sample grids at the setting closest to 2x measured speedup:", ""]
     grid_files = {}
     for method, (speedup, label, images) in grids.items():
         name = "grid_" + re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_") + ".png"
         if isinstance(images, torch.Tensor):  # else: kept from a previous run, the PNG is already there
-            make_grid_png(images, RESULTS / name, nrow=args.eval_per_class)
+            make_grid_png(images, OUT / name, nrow=args.eval_per_class)
         grid_files[method] = (speedup, label, name)
         lines.append(f"- {method} ({label}, {speedup:.2f}x): ![{method}]({name})")
-    (RESULTS / "quality_grids.json").write_text(json.dumps(grid_files, indent=1))
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    (OUT / "quality_grids.json").write_text(json.dumps(grid_files, indent=1))
+    (OUT / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
