@@ -43,7 +43,10 @@ def test_demo_runs_and_writes_one_side_by_side_image(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not (ASSETS_DIR / "transformer").is_dir(), reason="bundled reference model not built")
-@pytest.mark.parametrize("extra", [[], ["--cache-aware", "--max-reuse", "1"]], ids=["plain", "cache-aware"])
+@pytest.mark.parametrize("extra", [[], ["--cache-aware", "--max-reuse", "1"],
+                                   ["--objective", "rollout", "--start-from-cache", "--skip-actions", "reuse,forecast",
+                                    "--widths", "1.0", "--rollout-steps", "1", "--rollout-batch", "2",
+                                    "--rollout-per-class", "1"]], ids=["plain", "cache-aware", "rollout"])
 def test_train_cli_saves_a_loadable_artifact(tmp_path, capsys, extra):
     import elastic_compile as ec
     from elastic_compile.reference import load_reference

@@ -25,6 +25,19 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-aware", action="store_true",
                         help="train skips as feature-cache reuse (serve with FeatureCacheConfig(fallback='run'))")
     parser.add_argument("--max-reuse", type=int, default=2, help="with --cache-aware: the cache's K at serving time")
+    parser.add_argument("--objective", choices=("step", "rollout", "step+rollout"), default="step",
+                        help="per-call distillation on recorded trajectories ('step'), whole generations with the "
+                             "feature cache in the loop ('rollout', implies the cache), or the first then the second")
+    parser.add_argument("--rollout-steps", type=int, default=60, help="rollout objective: training steps")
+    parser.add_argument("--rollout-batch", type=int, default=8, help="rollout objective: generations per step")
+    parser.add_argument("--rollout-per-class", type=int, default=8, help="rollout objective: noise seeds per class")
+    parser.add_argument("--skip-actions", default="reuse",
+                        help="comma-separated stand-ins a skipped block may take with the cache: reuse, forecast, "
+                             "forecast2 (more than one: the routers choose per sample); new routers only")
+    parser.add_argument("--widths", default="0.25,0.5,0.75,1.0", help="MLP width buckets (new routers only)")
+    parser.add_argument("--start-from-cache", action="store_true",
+                        help="rollout objective without a step stage: start the routers as the training-free block "
+                             "cache (every block asks to skip) instead of 'run everything'")
     parser.add_argument("--train-base", action="store_true", help="fine-tune the base weights too")
     parser.add_argument("--base-lr", type=float, default=1e-5)
     parser.add_argument("--log-every", type=int, default=25)
@@ -40,6 +53,7 @@ def run(args) -> int:
     from ..reference import ASSETS_DIR
     from ..sampling import SamplingConfig
     from ..train import record_class_conditional_trajectories, train_routers
+    from ..train.rollout import ClassConditionalRollout, start_from_block_cache
     from .common import resolve_model
 
     model_spec = args.model or str(ASSETS_DIR / "transformer")
@@ -47,28 +61,41 @@ def run(args) -> int:
     if args.routers:
         ec.load(model, args.routers)
     else:
-        ec.transform(model, example_inputs=inputs)
-    if args.data:
-        data = torch.load(args.data, weights_only=False)
-    else:
-        import diffusers
-        sampling_dir = Path(args.sampling) if args.sampling else ASSETS_DIR
-        config = SamplingConfig.load(sampling_dir / "sampling.json")
-        scheduler = getattr(diffusers, config.scheduler).from_pretrained(sampling_dir / "scheduler")
-        print(f"recording {args.samples_per_class} dense generations per class ...")
-        data = record_class_conditional_trajectories(model, scheduler, config, samples_per_class=args.samples_per_class,
-                                                     seed=args.seed)
+        config = ec.ElasticConfig(width_buckets=tuple(float(w) for w in args.widths.split(",")),
+                                  skip_actions=tuple(a.strip() for a in args.skip_actions.split(",") if a.strip()))
+        ec.transform(model, config, example_inputs=inputs)
+    import diffusers
+    sampling_dir = Path(args.sampling) if args.sampling else ASSETS_DIR
+    sampling = SamplingConfig.load(sampling_dir / "sampling.json")
+    scheduler = getattr(diffusers, sampling.scheduler).from_pretrained(sampling_dir / "scheduler")
     out = Path(args.out)
+    stages = args.objective.split("+")
 
     def log(entry):
-        tqdm.write(f"step {entry.step:>5}  loss {entry.loss:.5f}  mse {entry.distill_mse:.5f}  "
+        tqdm.write(f"step {entry.step:>5}  loss {entry.loss:.5f}  mse {entry.distill_mse:.5g}  "
                    f"budget term {entry.budget_term:.5f}  executed FLOPs {entry.executed_fraction:.3f}")
-    report = train_routers(model, data, budget=args.budget, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, budget_weight=args.budget_weight, cache_aware=args.cache_aware,
-                           cache_max_reuse=args.max_reuse, train_base=args.train_base,
-                           base_lr=args.base_lr, log_every=args.log_every, checkpoint_dir=out,
-                           checkpoint_every=args.checkpoint_every, log=log)
-    (out / "train_report.json").write_text(json.dumps(report.to_dict(), indent=1))
-    print(f"done in {report.seconds:.0f} s: executed FLOP fraction {report.final.executed_fraction:.3f}, "
-          f"distillation MSE {report.final.distill_mse:.5f}; routers saved to {out / 'final'}")
+    common = dict(budget=args.budget, lr=args.lr, seed=args.seed, budget_weight=args.budget_weight,
+                  cache_max_reuse=args.max_reuse, log_every=args.log_every, checkpoint_dir=out,
+                  checkpoint_every=args.checkpoint_every, log=log)
+    reports = []
+    if "step" in stages:
+        if args.data:
+            data = torch.load(args.data, weights_only=False)
+        else:
+            print(f"recording {args.samples_per_class} dense generations per class ...")
+            data = record_class_conditional_trajectories(model, scheduler, sampling,
+                                                         samples_per_class=args.samples_per_class, seed=args.seed)
+        reports.append(train_routers(model, data, steps=args.steps, batch_size=args.batch_size,
+                                     cache_aware=args.cache_aware or "rollout" in stages, train_base=args.train_base,
+                                     base_lr=args.base_lr, **common))
+    if "rollout" in stages:
+        if args.start_from_cache and "step" not in stages:
+            start_from_block_cache(model)
+        rollout = ClassConditionalRollout(scheduler, sampling, per_class=args.rollout_per_class)
+        reports.append(train_routers(model, rollout, objective="rollout", steps=args.rollout_steps,
+                                     batch_size=args.rollout_batch, lr_schedule="constant", **common))
+    (out / "train_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+    final = reports[-1].final
+    print(f"done in {sum(r.seconds for r in reports):.0f} s: executed FLOP fraction {final.executed_fraction:.3f}, "
+          f"distillation MSE {final.distill_mse:.5g}; routers saved to {out / 'final'}")
     return 0

@@ -51,7 +51,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                   task_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None, task_weight: float = 1.0,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None,
-                  objective: str = "step", dual_step: float = 1.0, calibrate: bool = True) -> TrainReport:
+                  objective: str = "step", dual_step: float = 2.0, dual_init: float = 10.0,
+                  calibrate: bool = True) -> TrainReport:
     """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
 
     Args:
@@ -74,8 +75,10 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         objective: "step" (the per-call distillation above, on ``data``: a trajectory dataset or batches) or
             "rollout" (train/rollout.py: whole generations with the feature cache in the loop, loss on the final
             samples; ``data`` is then a rollout such as ``ClassConditionalRollout(scheduler, sampling_config)``,
-            the cache is the one served, ``cache_max_reuse`` its K; ``dual_step`` is the step of the budget's
-            Lagrange multiplier and ``calibrate`` sets the run threshold so whole generations meet the budget).
+            the cache is the one served, ``cache_max_reuse`` its K; the budget's Lagrange multiplier starts at
+            ``dual_init`` (the log-MSE a unit of FLOP fraction buys near the budget: ~10 on the reference model)
+            and moves by ``dual_step`` times the overshoot per step; ``calibrate`` then sets the run threshold so
+            whole generations meet the budget).
             Rollout training is cache-aware by construction and starts from whatever the routers know (e.g.
             after a cheaper ``objective="step"`` run).
     """
@@ -89,7 +92,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             raise ConfigError("router-only rollout training", "train_base or task_loss with objective='rollout'",
                               "Fine-tune the base with objective='step'; rollouts train routers only.")
         return train_through_rollouts(model, data, budget=budget, steps=steps, lr=lr, batch_size=batch_size,
-                                      seed=seed, budget_weight=budget_weight, dual_step=dual_step,
+                                      seed=seed, budget_weight=budget_weight, dual_step=dual_step, dual_init=dual_init,
                                       lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
                                       log_every=log_every, checkpoint_dir=checkpoint_dir,
                                       checkpoint_every=checkpoint_every, progress=progress, log=log)

@@ -223,7 +223,8 @@ def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache
 
 
 def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float, steps: int, lr: float,
-                           batch_size: int, seed: int, budget_weight: float, dual_step: float, lr_schedule: str,
+                           batch_size: int, seed: int, budget_weight: float, dual_step: float, dual_init: float,
+                           lr_schedule: str,
                            cache_max_reuse: int, calibrate: bool, log_every: int, checkpoint_dir, checkpoint_every: int,
                            progress: bool, log) -> TrainReport:
     """The ``objective="rollout"`` loop of :func:`~elastic_compile.train.train_routers` (see the module doc)."""
@@ -241,7 +242,7 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
     model.eval()
     targets = dense_targets(model, rollout)
     generator = torch.Generator().manual_seed(seed)
-    dual = DualBudget(budget, dual_step)
+    dual = DualBudget(budget, dual_step, dual_init)
     share = batch_size // world
     report = TrainReport(budget, steps, batch_size, world, 0.0)
     bar = progress_bar(steps, progress and rank == 0)
@@ -267,7 +268,7 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
             dual.update(global_fraction)
             if step % log_every == 0 or step == steps or step == 1:
                 global_mse = global_sum(mse.detach()) / world
-                entry = TrainLogEntry(step, global_sum(loss.detach()) / world, global_mse, float(budget_term),
+                entry = TrainLogEntry(step, global_sum(loss.detach()) / world, global_mse, float(budget_term.detach()),
                                       global_fraction, global_fraction, time.time() - start)
                 report.history.append(entry)
                 if rank == 0 and log is not None:
@@ -295,3 +296,24 @@ def call_fraction(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     batch = next(v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim > 0)
     table = flop_table(model, state, describe_inputs(args, kwargs))
     return executed_flops_fraction(state.soft_records, table, state.routers, batch)
+
+
+def start_from_block_cache(model: nn.Module, action: str | None = None, run_logit: float = -2.0) -> None:
+    """Set every router to ask for a skip (run logit ``run_logit``) with skip action ``action`` (default: the
+    model's last, the highest-order one), whatever it reads: served with the feature cache (fallback "run"), the
+    model is then the training-free block cache (each block stands in up to ``max_reuse`` steps in a row, then
+    runs). Rollout training started from here learns where running more pays and which stand-in to take, from a
+    point that already generates well, instead of from "run everything" where the final-sample loss has no
+    gradient yet."""
+    state = state_of(model)
+    actions = state.config.skip_actions
+    action = action or actions[-1]
+    if action not in actions:
+        raise ConfigError(f"one of the model's skip actions {actions}", repr(action),
+                          "Transform with ElasticConfig(skip_actions=...) including it.")
+    with torch.no_grad():
+        for router in state.routers.values():
+            router.reset_to_full_capacity()
+            router.fc2.bias[0] = run_logit
+            if router.num_actions:
+                router.fc2.bias[1 + router.num_widths + actions.index(action)] = 1.0
