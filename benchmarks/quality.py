@@ -45,7 +45,7 @@ OUT = RESULTS  # where this run writes (--out); router sets are read from RESULT
 ELASTIC = "E-DiT forecast routers"
 #: Training-free methods the elastic mode must dominate (quality.md's dominance table).
 PEERS = ("FirstBlockCache", "TaylorSeer", "MagCache", "static skip", "static width", "block cache (no routers)",
-         "block forecast (no routers)")
+         "block forecast (no routers)", "block forecast 2nd order (no routers)")
 
 
 def budget_of(path: Path) -> float:
@@ -163,6 +163,9 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
     for reuse in (1, 2, 3, 4):
         out.append(Setting("block forecast (no routers)", f"K={reuse}",
                            lambda k=reuse: block_cache(assets, k, action="forecast")))
+    for reuse in (1, 2):
+        out.append(Setting("block forecast 2nd order (no routers)", f"K={reuse}",
+                           lambda k=reuse: block_cache(assets, k, action="forecast2")))
     routers_root = Path(args.routers)
     for path in sorted(routers_root.glob("forecast_budget_*"), key=budget_of):
         out.append(Setting(ELASTIC, f"budget {budget_of(path)}", lambda p=path: trained(assets, p, "serving")))
@@ -211,7 +214,7 @@ def per_step_schedule(assets, path, scheduler, config, labels):
 
 def block_cache(assets, max_reuse: int, action: str = "reuse"):
     """Training-free block cache of this toolkit: every block asks to skip, so each stands in with its last update
-    ("reuse") or a first-order forecast from its last two ("forecast") up to ``max_reuse`` steps in a row and then
+    ("reuse") or a first- or second-order forecast from its last two or three ("forecast", "forecast2") up to ``max_reuse`` steps in a row and then
     runs (fallback "run")."""
     model = elastic_base(assets, ec.ElasticConfig(skip_actions=(action,)))
     apply_feature_cache(model, FeatureCacheConfig(max_reuse=max_reuse, fallback="run"))
