@@ -178,7 +178,7 @@ def build_dense(model_name: str, base, inputs, backend: str, workdir: Path, thre
               router_summaries=False)
     calls = []
     for _ in range(instances):
-        runtime = ec.runtime.load(out, backend=backend, thread_pool=thread_pool)
+        runtime = ec.runtime.load(out, backend=backend, thread_pool=thread_pool, base_factory=FACTORIES.get(model_name))
 
         def dense(runtime=runtime):
             with ec.force(runtime, skip=False, width=1.0):
@@ -314,7 +314,7 @@ def memory_arena_row(model_name: str, inputs, dense_call, args) -> dict:
     (``memory_arena="per_session"``): what the shared arena is worth. Two instances (an arena cannot be swapped
     under a loaded session), so the A/A row's placement floor is in it."""
     runtime = ec.runtime.load(dense_call.runtime.root, backend="onnxruntime", thread_pool=args.thread_pool,
-                              memory_arena="per_session")
+                              memory_arena="per_session", base_factory=FACTORIES.get(model_name))
 
     def per_session():
         with ec.force(runtime, skip=False, width=1.0):
@@ -372,7 +372,8 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, ro
     that an earlier call wrote again (another instance of the same runtime)."""
     out = workdir / f"{model_name.replace('/', '_')}-b{batch_of(inputs)}"
     if load_only:
-        return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool)
+        return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool,
+                               base_factory=FACTORIES.get(model_name))
     elastic = copy.deepcopy(base)
     if model_name == "reference":
         from elastic_compile.reference import ASSETS_DIR
@@ -386,7 +387,8 @@ def build_elastic(model_name: str, base, inputs, backend: str, workdir: Path, ro
     if backend == "torch":
         return elastic
     ec.export(elastic, inputs, out, backend=backend, base_factory=FACTORIES.get(model_name))
-    return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool)
+    return ec.runtime.load(out, backend=backend, routers=routers_in, thread_pool=thread_pool,
+                           base_factory=FACTORIES.get(model_name))
 
 
 def host_cpu() -> str:

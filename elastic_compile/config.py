@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -10,6 +12,10 @@ from .errors import ConfigError
 #: last update ("reuse") or a polynomial extrapolation of the last two or three ("forecast", "forecast2"); see
 #: ``elastic_compile/cache/forecast.py``.
 SKIP_ACTIONS = {"reuse": 1, "forecast": 2, "forecast2": 3}
+
+
+#: A router is a small MLP; a hidden width beyond this is a typo that would allocate gigabytes.
+MAX_ROUTER_HIDDEN = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class ElasticConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        _check_types(self)
         buckets = tuple(float(b) for b in self.width_buckets)
         object.__setattr__(self, "width_buckets", buckets)
         if not buckets or any(not 0.0 < b <= 1.0 for b in buckets):
@@ -62,9 +69,10 @@ class ElasticConfig:
             raise ConfigError("threshold in (0, 1)", f"{self.threshold}", "Use e.g. 0.5.")
         if self.importance not in ("auto", "weight", "activation"):
             raise ConfigError("importance in {'auto', 'weight', 'activation'}", repr(self.importance), "Pick one of those.")
-        if self.router_hidden < 1 or self.router_min_hidden < 1 or self.router_min_hidden > self.router_hidden:
+        if not 1 <= self.router_min_hidden <= self.router_hidden <= MAX_ROUTER_HIDDEN:
             raise ConfigError(
-                "1 <= router_min_hidden <= router_hidden", f"{self.router_min_hidden}, {self.router_hidden}",
+                f"1 <= router_min_hidden <= router_hidden <= {MAX_ROUTER_HIDDEN}",
+                f"{self.router_min_hidden}, {self.router_hidden}",
                 "Raise router_hidden or lower router_min_hidden.",
             )
         actions = tuple(str(a) for a in self.skip_actions) if not isinstance(self.skip_actions, str) else ()
@@ -74,18 +82,43 @@ class ElasticConfig:
                               "Use e.g. ('reuse',) or ('reuse', 'forecast', 'forecast2').")
         if not 0.0 < self.router_param_budget <= 1.0:
             raise ConfigError("router_param_budget in (0, 1]", f"{self.router_param_budget}", "Use e.g. 0.01.")
+        if not 0.0 <= self.verify_atol < math.inf:  # NaN would turn every check into a pass
+            raise ConfigError("verify_atol: a finite number >= 0", f"{self.verify_atol}", "Use e.g. 1e-4.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ElasticConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("an ElasticConfig as a dict of fields", type(data).__name__, "Pass a dict.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"ElasticConfig fields {sorted(known)}", f"unknown fields {sorted(unknown)}",
                               "The artifact was written by a newer elastic_compile; upgrade.")
         data = dict(data)
-        data["width_buckets"] = tuple(data.get("width_buckets", cls.width_buckets))
-        data["skip_actions"] = tuple(data.get("skip_actions", cls.skip_actions))
+        buckets = data.get("width_buckets", cls.width_buckets)
+        data["width_buckets"] = tuple(buckets) if isinstance(buckets, (list, tuple)) else buckets
+        actions = data.get("skip_actions", cls.skip_actions)
+        data["skip_actions"] = tuple(actions) if isinstance(actions, (list, tuple)) else actions
         return cls(**data)
+
+
+_TYPES = {"threshold": numbers.Real, "allow_skip": bool, "router_hidden": numbers.Integral,
+          "router_min_hidden": numbers.Integral, "router_param_budget": numbers.Real, "importance": str,
+          "verify": bool, "verify_atol": numbers.Real, "extra": dict}
+_NAMES = {numbers.Real: "number", numbers.Integral: "integer", bool: "bool", str: "string", dict: "dict"}
+
+
+def _check_types(config: ElasticConfig) -> None:
+    """Each field of the type it means: ``allow_skip="no"`` is truthy and ``router_hidden=True`` an int, and
+    both would be taken silently otherwise."""
+    for name, kind in _TYPES.items():
+        value = getattr(config, name)
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            raise ConfigError(f"{name} as a {_NAMES[kind]}", f"{value!r}", f"Give {name} a {_NAMES[kind]} value.")
+    buckets = config.width_buckets
+    if not isinstance(buckets, (list, tuple)) or any(isinstance(b, bool) or not isinstance(b, numbers.Real)
+                                                     for b in buckets):
+        raise ConfigError("width_buckets as a sequence of numbers", f"{buckets!r}", "E.g. (0.25, 0.5, 0.75, 1.0).")

@@ -63,7 +63,8 @@ class UnsupportedComplexOpError(ExportError):
 
 
 class InputMismatchError(ElasticCompileError):
-    """A block of an exported runtime was called with inputs its static-shape graphs were not exported for."""
+    """A block (of an exported runtime, or its router) was called with inputs it cannot take: shapes its
+    static-shape graphs were not exported for, or rows that match neither the batch nor 1."""
 
 
 class BucketNotExportedError(ElasticCompileError):
@@ -72,3 +73,8 @@ class BucketNotExportedError(ElasticCompileError):
 
 class EngineCacheError(ElasticCompileError):
     """A cached TensorRT engine is missing, corrupt or was built for another key (it is rebuilt, never run)."""
+
+
+class DestinationError(ElasticCompileError):
+    """An output path holds something that ``save`` / ``export`` will not replace: a regular file, a link, or a
+    non-empty directory that is not a previous artifact of elastic_compile (unless ``overwrite=True``)."""

@@ -7,8 +7,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .passes.insert_routers import block_parameter_count
 from .state import ROUTER_ATTRIBUTE, state_of
+
+
+def check_materialized(model: nn.Module) -> None:
+    """ConfigError when a parameter or buffer has no data (the meta device): nothing could run or be hashed."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise ConfigError("a model whose weights are loaded", f"{name} on the meta device",
+                              "Load the weights first (e.g. from_pretrained, or to_empty() and load_state_dict()).")
 
 
 def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
@@ -16,8 +25,10 @@ def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
 
     Router parameters are excluded. ``transform`` records the fingerprint of the base weights *before* neuron
     ordering and ``load`` compares it with the fresh base model's (also unpermuted); the fingerprint of a
-    permuted model generally differs (strided samples of large tensors see other units).
+    permuted model generally differs (strided samples of large tensors see other units). A model without data
+    (the meta device) is a ConfigError: ``transform`` and ``load`` both start here.
     """
+    check_materialized(model)
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         if f"{ROUTER_ATTRIBUTE}." in name:

@@ -17,7 +17,7 @@ from .analysis.verify import masked_reference, max_abs_difference
 from .capture.record import call_model
 from .capture.treespec import flatten_output
 from .config import ElasticConfig
-from .errors import AlreadyElasticError, ElasticCompileError
+from .errors import AlreadyElasticError, ConfigError, ElasticCompileError
 from .passes import drop_widths, install, order_neurons
 from .report import model_fingerprint
 from .state import STATE_ATTRIBUTE, ElasticState, force
@@ -44,6 +44,11 @@ def transform(model: nn.Module, config: ElasticConfig | None = None, example_inp
     reproduces the dense model. Use :func:`elastic_compile.force`, :func:`stats`, :func:`report`, :func:`save`.
     """
     config = config or ElasticConfig()
+    if not isinstance(config, ElasticConfig):
+        raise ConfigError("config as an elastic_compile.ElasticConfig", type(config).__name__,
+                          "Pass ElasticConfig(...) (ElasticConfig.from_dict for a dict).")
+    if not isinstance(model, nn.Module):
+        raise ConfigError("a torch.nn.Module", type(model).__name__, "Pass the model itself (e.g. pipe.transformer).")
     if hasattr(model, STATE_ATTRIBUTE):
         raise AlreadyElasticError("an unmodified model", "a model that transform() already rewrote",
                                   "Transform a fresh copy of the base model, or use it as it is.")

@@ -10,7 +10,7 @@ import elastic_compile as ec
 from elastic_compile.cli import main
 from elastic_compile.errors import ArtifactError, BucketNotExportedError, ConfigError
 from elastic_compile.export import exporter
-from elastic_compile.artifact.files import staging_directory
+from elastic_compile.artifact.commit import staging_directory
 from elastic_compile.artifact.manifest import FORMAT, read_manifest, sha256_file
 from elastic_compile.state import state_of
 from zoo import ARCHITECTURES, first_output
@@ -185,7 +185,9 @@ def test_cli_export_of_a_factory_model_rebuilds_the_base_from_the_factory(tmp_pa
                                           "class": "DiT"}
     model, inputs = ARCHITECTURES["reference_dit"]()
     ec.transform(model, ec.ElasticConfig(width_buckets=(0.5, 1.0)), example_inputs=inputs)
-    runtime = ec.runtime.load(out, threads=1)
+    with pytest.raises(ConfigError, match="zoo:reference_dit"):  # the factory is the user's to name, never the file's
+        ec.runtime.load(out, threads=1)
+    runtime = ec.runtime.load(out, threads=1, base_factory="zoo:reference_dit")
     assert type(runtime.model).__name__ == "DiT"
     for width in (0.5, 1.0):
         with torch.no_grad(), ec.force(model, skip={1}, width=width):
@@ -202,7 +204,7 @@ def test_export_from_a_single_sample_keeps_routers_batch_dynamic(tmp_path):
     ec.transform(model, ec.ElasticConfig(width_buckets=(0.5, 1.0)), example_inputs=inputs)
     out = tmp_path / "b1"
     ec.export(model, inputs, out, batch_sizes=(1, 3), base_factory="zoo:reference_dit", threads=1)
-    runtime = ec.runtime.load(out, threads=1, routers="onnx")
+    runtime = ec.runtime.load(out, threads=1, routers="onnx", base_factory="zoo:reference_dit")
     _, batch3 = ARCHITECTURES["reference_dit"](batch=3)
     with torch.no_grad():
         expected = model(**batch3)

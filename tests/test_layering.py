@@ -22,7 +22,7 @@ ALLOWED = {
     "cache": {"batch", "config", "errors", "sampling", "state"},
     "nn": {"analysis", "batch", "cache", "capture", "config", "errors", "state"},
     "passes": {"analysis", "config", "errors", "nn", "state"},
-    "report": {"passes", "state"},
+    "report": {"errors", "passes", "state"},
     "transform": {"analysis", "capture", "config", "errors", "passes", "report", "state"},
     "stats": {"errors", "nn", "state"},
     "artifact": {"capture", "errors", "state", "version"},

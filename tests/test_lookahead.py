@@ -92,7 +92,7 @@ def test_skips_mixed_plans_and_glue_code_are_misses(tmp_path):
     # the glue code's graph computes block 1's router (taking the conditioning vector as an extra input), the
     # first graph block 0's
     assert _outside_lookaheads(out) == [0, 1]
-    runtime = ec.runtime.load(out, threads=1)
+    runtime = ec.runtime.load(out, threads=1, base_factory="zoo:glue_dit")
     memo = _memo(runtime)
     _same_as_pytorch(model, runtime, inputs)
     assert (memo.hits, memo.misses) == (3, 0)

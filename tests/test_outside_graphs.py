@@ -202,7 +202,7 @@ def test_a_forward_that_specialises_on_its_batch_gets_static_outside_graphs(tmp_
     program = manifest["program"]
     assert program["batch"]["dynamic"] is False and "torch.export" in program["batch"]["note"]
     assert [leaf["shape"][0] for leaf in program["call"]["leaves"]] == [2, 2, 2]
-    runtime = ec.runtime.load(out, threads=1)
+    runtime = ec.runtime.load(out, threads=1, base_factory="test_outside_graphs:paired_dit")
     four = resize_batch(inputs, 2, 4)
     for call in (inputs, four):
         with torch.no_grad():
@@ -244,7 +244,7 @@ def test_a_forward_that_does_not_capture_keeps_its_outside_in_pytorch(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["program"] is None and "torch.export" in manifest["program_note"]
     assert not (out / "outside").exists() and not any(name.startswith("outside/") for name in manifest["files"])
-    runtime = ec.runtime.load(out, threads=1)
+    runtime = ec.runtime.load(out, threads=1, base_factory="test_outside_graphs:branchy_dit")
     assert runtime.driver is None
     with torch.no_grad():
         expected = model(**inputs)

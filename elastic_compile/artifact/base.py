@@ -8,6 +8,11 @@ permutations undone and router parameters left out, so that ``elastic_compile.lo
   ``diffusion_pytorch_model*.safetensors``), loadable with ``<Class>.from_pretrained("base")`` by anyone;
 * other models: ``model*.safetensors`` plus ``factory.json`` naming a ``package.module:factory`` that builds
   the architecture (its own weights are then replaced by the saved ones).
+
+Nothing in an artifact is ever imported or run: the factory a manifest names is only shown to the user, who
+passes the architecture to :func:`load_base` (``base=``: a model, a callable, or the factory's name, which is
+then code the user chose to run); a diffusers class is looked up among diffusers' own model classes only; all
+weights are read from safetensors files.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, ModelMismatchError
 from ..state import ROUTER_ATTRIBUTE, ElasticState
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
@@ -66,16 +71,51 @@ def save_base(model: nn.Module, state: ElasticState, directory: Path, factory: s
     return {"kind": "factory", "path": directory.name, "factory": factory, "class": type(model).__name__}
 
 
-def call_factory(spec: str) -> nn.Module:
-    """Build a model from ``package.module:factory`` (a factory may return ``(model, example_inputs)``)."""
+def import_factory(spec: str):
+    """The function ``package.module:factory`` names. Only for names the user gave (command line, Python): never
+    for a name read from a file."""
     module_name, _, attribute = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ArtifactError(f"an importable base factory {spec!r}", f"{type(exc).__name__}: {exc}",
-                            "Make the factory importable (PYTHONPATH) on this machine.") from exc
-    made = factory()
-    return made[0] if isinstance(made, tuple) else made
+        raise ConfigError(f"an importable factory {spec!r} (package.module:factory)", f"{type(exc).__name__}: {exc}",
+                          "Make the factory importable (PYTHONPATH) on this machine.") from exc
+    if not callable(factory):
+        raise ConfigError(f"{spec} naming a function that builds the model", f"a {type(factory).__name__}",
+                          "Name a function returning an nn.Module (or (module, example_inputs)).")
+    return factory
+
+
+def call_factory(spec: str) -> nn.Module:
+    """Build a model from ``package.module:factory`` (a factory may return ``(model, example_inputs)``)."""
+    return built_model(import_factory(spec), spec)
+
+
+def built_model(factory, name: str) -> nn.Module:
+    """The model ``factory()`` returns (alone, or first of ``(model, example_inputs)``), checked to be a module."""
+    return checked_model(factory() if callable(factory) else factory, name)
+
+
+def checked_model(made, name: str) -> nn.Module:
+    """``made`` (a model or ``(model, example_inputs)``)'s model; ConfigError when it is not an nn.Module."""
+    model = made[0] if isinstance(made, tuple) and made else made
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{name}() to return a torch.nn.Module (or (module, example_inputs))",
+                          f"a {type(model).__name__}", "Name a function that builds the model.")
+    return model
+
+
+def diffusers_class(name, kind: str = "ModelMixin", where: str = "the artifact"):
+    """The class ``diffusers.<name>`` when it is one of diffusers' ``kind`` classes (models or schedulers), else
+    ArtifactError: a name read from a file only ever selects among them."""
+    import diffusers
+
+    base = getattr(diffusers, kind)
+    value = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(value, type) and issubclass(value, base)):
+        raise ArtifactError(f"a diffusers {kind} class name in {where}", repr(name),
+                            "Install the diffusers version it was written with, or write it again.")
+    return value
 
 
 def load_diffusers_model(model_class, directory) -> nn.Module:
@@ -89,26 +129,40 @@ def load_diffusers_model(model_class, directory) -> nn.Module:
         from huggingface_hub import load_torch_model
 
         model = model_class.from_config(model_class.load_config(str(directory)))
-        load_torch_model(model, str(directory), strict=True, filename_pattern=DIFFUSERS_WEIGHTS)
+        load_torch_model(model, str(directory), strict=True, safe=True, filename_pattern=DIFFUSERS_WEIGHTS)
         return model.eval()
-    return model_class.from_pretrained(str(directory)).eval()
+    return model_class.from_pretrained(str(directory), use_safetensors=True).eval()
 
 
-def load_base(root: Path, entry: dict) -> nn.Module:
-    """Rebuild the base model recorded by :func:`save_base` (eval mode)."""
+def load_base(root: Path, entry: dict, base=None) -> nn.Module:
+    """Rebuild the base model recorded by :func:`save_base` (eval mode).
+
+    ``base``: the user's architecture for it: an ``nn.Module`` (its weights are replaced), a function building
+    one, or a ``package.module:factory`` name. Needed for a "factory" base (the factory named in the artifact
+    is never imported from there); optional for a diffusers base."""
+    from huggingface_hub import load_torch_model
+
     directory = root / entry["path"]
-    if entry["kind"] == "diffusers":
-        import diffusers
-
-        model_class = getattr(diffusers, entry["class"], None)
-        if model_class is None:
-            raise ArtifactError(f"diffusers class {entry['class']}", "not in this diffusers version",
-                                "Install the diffusers version the artifact was exported with.")
-        return load_diffusers_model(model_class, directory)
-    if entry["kind"] == "factory":
-        from huggingface_hub import load_torch_model
-
-        model = call_factory(entry["factory"])
-        load_torch_model(model, str(directory), strict=True)
-        return model.eval()
-    raise ArtifactError("base kind 'diffusers' or 'factory'", repr(entry.get("kind")), "Export again.")
+    if base is None and entry["kind"] == "factory":
+        factory = entry.get("factory")
+        raise ConfigError(f"the architecture of {root}'s base model, from you: it was exported from the factory "
+                          f"{factory!r}, which elastic_compile does not import on an artifact's word",
+                          "none given",
+                          f"If you trust that code, pass base_factory={factory!r} (ec.runtime.load) or --model "
+                          f"{factory} (elastic-compile run); or pass base_model=<a model of that class>.")
+    if base is None:
+        try:
+            return load_diffusers_model(diffusers_class(entry["class"], where=str(root / "manifest.json")), directory)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ArtifactError(f"a diffusers model folder at {directory}", f"{type(exc).__name__}: {str(exc)[:200]}",
+                                "The artifact is incomplete or corrupt; export again.") from exc
+    model = call_factory(base) if isinstance(base, str) else base if isinstance(base, nn.Module) else \
+        built_model(base, getattr(base, "__name__", "base_factory"))
+    try:
+        load_torch_model(model, str(directory), strict=True, safe=True,
+                         filename_pattern=DIFFUSERS_WEIGHTS if entry["kind"] == "diffusers" else None)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelMismatchError(f"a model whose parameters match the base weights in {directory}",
+                                 f"a {type(model).__name__}: {str(exc).splitlines()[0][:200]}",
+                                 "Pass the architecture the export was made from.") from exc
+    return model.eval()

@@ -1,14 +1,53 @@
-"""Shared CLI helpers: resolving ``--model`` and its example inputs, parsing lists."""
+"""Shared CLI helpers: resolving ``--model`` and its example inputs, reading data files, checking option values.
+
+No file read here can run code: tensors come from safetensors or ``torch.load(weights_only=True)`` (which
+refuses pickled objects), and a ``package.module:factory`` is imported only because the user named it on the
+command line.
+"""
 from __future__ import annotations
 
-import importlib
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..artifact.base import checked_model, diffusers_class, import_factory, load_diffusers_model
+from ..errors import ArtifactError, ConfigError
+
+#: safetensors metadata key holding a file's non-tensor keyword arguments as JSON (e.g. ``{"return_dict": false}``)
+CONSTANTS_KEY = "elastic_compile.constants"
+
+
+def load_tensor_file(path: str, what: str) -> Any:
+    """What a ``.safetensors`` file or a ``torch.save`` file of plain values holds, loaded without unpickling
+    objects. A safetensors file gives a dict of its tensors plus the JSON constants in its metadata."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} as an existing file", f"{path} (no such file)", "Check the path.")
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                values = {key: handle.get_tensor(key) for key in handle.keys()}
+                constants = json.loads((handle.metadata() or {}).get(CONSTANTS_KEY, "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"{what} as a readable safetensors file", f"{path}: {type(exc).__name__}: {exc}",
+                              "The file is truncated or corrupt; write it again.") from exc
+        if not isinstance(constants, dict):
+            raise ConfigError(f"{CONSTANTS_KEY} metadata of {path} as a JSON object", repr(constants), "Write it again.")
+        return {**constants, **values}
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ... for what it refuses
+        raise ConfigError(f"{what} as tensors: a .safetensors file, or torch.save of dicts / lists of tensors and "
+                          "plain values (loaded with weights_only=True, which never runs code)",
+                          f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                          "Save the tensors with safetensors (or torch.save of a plain dict); elastic_compile does "
+                          "not unpickle objects, which could run any code.") from exc
 
 
 def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.Module, Any]:
@@ -19,16 +58,13 @@ def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.M
     ``--inputs`` (a ``torch.save``'d dict of keyword arguments), else from the factory, else, for
     class-conditional diffusers DiT models, are synthesised from the model config. Returns ``(model in eval mode, example_inputs or None)``.
     """
-    inputs = torch.load(inputs_path, weights_only=False) if inputs_path else None
+    inputs = load_tensor_file(inputs_path, "--inputs") if inputs_path else None
+    if inputs is not None and not isinstance(inputs, (dict, list, tuple)):
+        raise ConfigError("--inputs holding the model's keyword arguments (a dict) or positional ones (a list)",
+                          f"a {type(inputs).__name__}", "Save a dict of keyword arguments.")
     if ":" in spec and not Path(spec).exists():
-        module_name, _, attribute = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError("--model as package.module:factory or a diffusers model directory", spec,
-                              f"Check the import path ({exc}).") from exc
-        made = factory()
-        model = made[0] if isinstance(made, tuple) else made
+        made = import_factory(spec)()
+        model = checked_model(made, spec)
         if inputs is None and isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], (dict, tuple, list)):
             inputs = made[1]
         return model.eval(), inputs if inputs is not None else synthesize_dit_inputs(model)
@@ -37,14 +73,13 @@ def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.M
     if not config_file.is_file():
         raise ConfigError("--model as package.module:factory or a diffusers model directory with config.json",
                           spec, "Pass e.g. elastic_compile/assets/reference/transformer.")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    import diffusers
-    model_class = getattr(diffusers, class_name or "", None)
-    if model_class is None:
-        raise ConfigError("a diffusers model class in config.json", f"_class_name={class_name!r}",
-                          "Use a package.module:factory spec for non-diffusers models.")
-    from ..artifact.base import load_diffusers_model
-    model = load_diffusers_model(model_class, directory)
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+        model = load_diffusers_model(diffusers_class(class_name, where=str(config_file)), directory)
+    except (ValueError, OSError, AttributeError, ArtifactError) as exc:
+        raise ConfigError(f"--model {spec}: a diffusers model folder (config.json naming a diffusers model class, "
+                          "safetensors weights)", f"{type(exc).__name__}: {str(exc)[:300]}",
+                          "Use a package.module:factory spec for non-diffusers models.") from exc
     if inputs is None:
         inputs = synthesize_dit_inputs(model)
     return model, inputs
@@ -62,6 +97,44 @@ def synthesize_dit_inputs(model: torch.nn.Module, batch: int = 2) -> dict | None
 
 def parse_floats(text: str, name: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as exc:
         raise ConfigError(f"{name} as comma-separated numbers", text, "E.g. 0.25,0.5,0.75,1") from exc
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{name} as finite numbers", text, "E.g. 0.25,0.5,0.75,1")
+    return values
+
+
+def parse_ints(text: str, name: str, low: int | None = None) -> tuple[int, ...]:
+    """Comma-separated whole numbers (``1.7`` is an error, not 1), each >= ``low`` when given."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name} as comma-separated whole numbers", text, "E.g. 0,1,2") from exc
+    if not values or (low is not None and min(values) < low):
+        raise ConfigError(f"{name} as whole numbers" + (f" >= {low}" if low is not None else ""), text, "E.g. 0,1,2")
+    return values
+
+
+def require(value, name: str, low: float | None = None, high: float | None = None, *, allow_none: bool = True):
+    """``value`` of an option when it is finite and within [low, high] (None passes when ``allow_none``)."""
+    if value is None and allow_none:
+        return value
+    if value is None or not math.isfinite(value) or (low is not None and value < low) or \
+            (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{name} in {bounds}", f"{value}", f"Pass a {name} within those bounds.")
+    return value
+
+
+def writable_output(path: str | os.PathLike, name: str) -> Path:
+    """``path`` when its folder exists (or can be made) and is writable and it is not a directory: checked
+    before any work, so a long run does not fail at its last step."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{name} in a folder that can be created", f"{path.parent}: {exc}", "Choose another path.") from exc
+    if path.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} as a file path in a writable folder", f"{path}", "Choose another path.")
+    return path

@@ -34,8 +34,11 @@ def run(args) -> int:
     from ..reference.data import load_digits_split
     from ..reference.evaluate import generate, score
     from ..sampling.images import difference, save_side_by_side
-    from .common import synthesize_dit_inputs
+    from .common import require, synthesize_dit_inputs
 
+    require(args.per_class, "--per-class", 1)
+    require(args.rounds, "--rounds", 1)
+    require(args.threads, "--threads", 0)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

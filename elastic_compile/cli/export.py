@@ -6,16 +6,20 @@ from pathlib import Path
 
 from ..config import ElasticConfig
 from ..errors import ConfigError
-from .common import parse_floats, resolve_model
+from .common import parse_floats, parse_ints, require, resolve_model
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="export an elastic model (per block and width bucket ONNX graphs)")
     parser.add_argument("--model", required=True, help="package.module:factory or a diffusers model directory")
-    parser.add_argument("--inputs", help="torch.save'd dict of example keyword arguments (fixes the static shapes)")
+    parser.add_argument("--inputs", help="example keyword arguments (fix the static shapes): a .safetensors file, or a "
+                                         "torch.save'd dict of tensors and plain values (read with weights_only=True)")
     parser.add_argument("--routers", help="an elastic_compile.save artifact to load onto the model (default: "
                                           "transform it, untrained routers)")
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--out", required=True, help="output directory (a previous export there is replaced atomically)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even when it is a non-empty directory that is not a previous export "
+                             "(deletes what it holds)")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
     parser.add_argument("--buckets", default=None, help="width buckets to export, e.g. 0.25,0.5,0.75,1 (default: all)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -54,23 +58,26 @@ def _sampling_assets(args):
 def run(args) -> int:
     import elastic_compile as ec
 
+    require(args.threads, "--threads", 1)
+    require(args.trt_optimization_level, "--trt-optimization-level", 0, 5)
+    batch_sizes = list(parse_ints(args.batch_sizes, "--batch-sizes", low=1)) if args.batch_sizes else None
     model, inputs = resolve_model(args.model, args.inputs)
     if inputs is None:
-        raise ConfigError("example inputs for this model", "none", "Pass --inputs FILE (torch.save of a kwargs dict).")
+        raise ConfigError("example inputs for this model", "none",
+                          "Pass --inputs FILE (a .safetensors file, or torch.save of a dict of keyword arguments).")
     buckets = parse_floats(args.buckets, "--buckets") if args.buckets else None
     if args.routers:
         ec.load(model, args.routers)
     else:
         config = ElasticConfig(width_buckets=buckets) if buckets else ElasticConfig()
         ec.transform(model, config, example_inputs=inputs)
-    batch_sizes = [int(float(n)) for n in parse_floats(args.batch_sizes, "--batch-sizes")] if args.batch_sizes else None
     factory = args.model if ":" in args.model and not Path(args.model).exists() else None
     scheduler, sampling = _sampling_assets(args)
     out = ec.export(model, inputs, args.out, buckets=buckets, dtype=args.dtype, backend=args.backend,
                     batch_sizes=batch_sizes, base_factory=factory, scheduler=scheduler, sampling_config=sampling,
                     threads=args.threads, verify_runtime=not args.no_verify_runtime, progress=True,
                     trt_options={"optimization_level": args.trt_optimization_level},
-                    outside_graphs=args.outside_graphs)
+                    outside_graphs=args.outside_graphs, overwrite=args.overwrite)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     print(f"exported {len(manifest['blocks'])} blocks x buckets {manifest['buckets']} x batch sizes "
           f"{manifest['batch_sizes']} ({manifest['dtype']}) to {out} in {manifest['export_seconds']} s; "

@@ -9,7 +9,8 @@ from .common import parse_floats, resolve_model
 def register(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="transform a model and print its blocks, FFN sites and routers")
     parser.add_argument("--model", required=True, help="package.module:factory or a diffusers model directory")
-    parser.add_argument("--inputs", help="torch.save'd dict of example keyword arguments (optional)")
+    parser.add_argument("--inputs", help="example keyword arguments: .safetensors, or a torch.save'd dict of tensors "
+                                         "and plain values (optional)")
     parser.add_argument("--buckets", default="0.25,0.5,0.75,1", help="width buckets (default 0.25,0.5,0.75,1)")
     parser.set_defaults(handler=run)
 
@@ -18,7 +19,7 @@ def run(args) -> int:
     import elastic_compile as ec
     model, inputs = resolve_model(args.model, args.inputs)
     if inputs is None:
-        raise ConfigError("example inputs for this model", "none", "Pass --inputs FILE (torch.save of a kwargs dict).")
+        raise ConfigError("example inputs for this model", "none", "Pass --inputs FILE (.safetensors, or torch.save of a dict).")
     ec.transform(model, ElasticConfig(width_buckets=parse_floats(args.buckets, "--buckets")), example_inputs=inputs)
     print(ec.report(model))
     return 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
-from .common import parse_floats
+from ..errors import BackendUnavailableError, ConfigError
+from .common import parse_ints, require, writable_output
 
 
 def register(subparsers) -> None:
@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                         help="block feature cache: auto = on when the routers were trained cache-aware")
     parser.add_argument("--device", default=None, help="where the PyTorch parts run, e.g. cuda (default: CPU; "
                         "CUDA for TensorRT)")
+    parser.add_argument("--model", default=None,
+                        help="package.module:factory building the base model's architecture: needed for exports of "
+                             "models that are not diffusers models (an artifact's own factory name is never imported)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="torch backend on a GPU: each forward replays one CUDA graph in which the routers "
                         "decide on the GPU (elastic_compile.serve.capture_cuda_graph)")
@@ -59,7 +62,30 @@ def _skip(text: str | None):
         return None
     if text in ("all", "none"):
         return text == "all"
-    return {int(i) for i in parse_floats(text, "--skip")}
+    return set(parse_ints(text, "--skip", low=0))
+
+
+def _check_options(args) -> None:
+    """Values argparse's types let through that would fail late or silently (NaN guidance: all-NaN images)."""
+    require(args.nrow, "--nrow", 1)
+    require(args.steps, "--steps", 1)
+    require(args.guidance, "--guidance", 0)
+    require(args.threads, "--threads", 1)
+    require(args.torch_threads, "--torch-threads", 0)
+    require(args.width, "--width", 0, 1)
+    if args.device is not None:
+        check_device(args.device)
+
+
+def check_device(name: str) -> None:
+    """``--device``: a device name torch knows, and one this machine has."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError("--device as a torch device name (cpu, cuda, cuda:1, ...)", repr(name), "Fix the name.") from exc
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise BackendUnavailableError(f"a CUDA device for --device {name}", "none on this machine",
+                                      "Run on a machine with a GPU, or leave --device out (CPU).")
 
 
 def save_images(images: torch.Tensor, path: Path, nrow: int) -> Path:
@@ -93,13 +119,16 @@ def run(args) -> int:
     from ..cache import serving_cache_hooks
     from ..stats import StepStats
 
-    labels = [int(c) for c in parse_floats(args.classes, "--classes")]
+    labels = list(parse_ints(args.classes, "--classes", low=0))
     if args.cuda_graph and args.backend != "torch":
         raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
                           "CUDA graphs are captured from the PyTorch model: add --backend torch --device cuda.")
+    _check_options(args)
+    path = writable_output(args.out, "--out")
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
                               thread_pool=args.thread_pool, memory_arena=args.memory_arena,
-                              torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs)
+                              torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs,
+                              base_factory=args.model)
     hooks = serving_cache_hooks(runtime, args.cache)
     steps = StepStats(runtime)  # the whole generation's decisions, not only the last step's
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
@@ -109,7 +138,7 @@ def run(args) -> int:
         images = sample_with_cuda_graph(runtime, labels, options) if args.cuda_graph else \
             runtime.sample(labels, **options)
     seconds = time.perf_counter() - started
-    path = save_images(images, Path(args.out), args.nrow or len(labels))
+    path = save_images(images, path, args.nrow or len(labels))
     driver = runtime.driver
     forwards = None if driver is None else driver.calls + driver.fallbacks - driver.profiled  # stats' FLOP profiling
     outside = "" if driver is None else f"; ops outside the blocks as graphs in {driver.calls} of {forwards} forwards"

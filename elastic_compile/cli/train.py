@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+from ..errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     parser.add_argument("--routers", help="start from this elastic artifact (ec.save) instead of untrained routers")
     parser.add_argument("--sampling", default=None, help="dir with scheduler/ and sampling.json for data-free "
                                                          "trajectories (default: the bundled reference assets)")
-    parser.add_argument("--data", help="torch.save'd TrajectoryDataset or list of keyword-argument batches")
+    parser.add_argument("--data", help="a TrajectoryDataset.save file (.safetensors), or torch.save of a list of "
+                                       "keyword-argument batches of tensors (read with weights_only=True)")
     parser.add_argument("--samples-per-class", type=int, default=24, help="data-free: generations per class")
     parser.add_argument("--budget", type=float, default=0.5, help="target executed FLOP fraction")
     parser.add_argument("--steps", type=int, default=400)
@@ -53,9 +54,19 @@ def run(args) -> int:
     from ..reference import ASSETS_DIR
     from ..sampling import SamplingConfig
     from ..train import record_class_conditional_trajectories, train_routers
+    from ..train.distill import check_train_options
     from ..train.rollout import ClassConditionalRollout, start_from_block_cache
-    from .common import resolve_model
+    from .common import resolve_model, writable_output
 
+    # Every option is checked before the minutes of recording and training that would end in an error.
+    check_train_options(budget=args.budget, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                        budget_weight=args.budget_weight, cache_max_reuse=args.max_reuse, base_lr=args.base_lr,
+                        log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    if args.samples_per_class < 1:
+        raise ConfigError("--samples-per-class >= 1", f"{args.samples_per_class}", "Use e.g. 24.")
+    out = Path(args.out)
+    writable_output(out / "train_report.json", "--out")
+    data = _load_data(args.data) if args.data else None
     model_spec = args.model or str(ASSETS_DIR / "transformer")
     model, inputs = resolve_model(model_spec)
     if args.routers:
@@ -68,7 +79,6 @@ def run(args) -> int:
     sampling_dir = Path(args.sampling) if args.sampling else ASSETS_DIR
     sampling = SamplingConfig.load(sampling_dir / "sampling.json")
     scheduler = getattr(diffusers, sampling.scheduler).from_pretrained(sampling_dir / "scheduler")
-    out = Path(args.out)
     stages = args.objective.split("+")
 
     def log(entry):
@@ -79,9 +89,7 @@ def run(args) -> int:
                   checkpoint_every=args.checkpoint_every, log=log)
     reports = []
     if "step" in stages:
-        if args.data:
-            data = torch.load(args.data, weights_only=False)
-        else:
+        if data is None:
             print(f"recording {args.samples_per_class} dense generations per class ...")
             data = record_class_conditional_trajectories(model, scheduler, sampling,
                                                          samples_per_class=args.samples_per_class, seed=args.seed)
@@ -99,3 +107,17 @@ def run(args) -> int:
     print(f"done in {sum(r.seconds for r in reports):.0f} s: executed FLOP fraction {final.executed_fraction:.3f}, "
           f"distillation MSE {final.distill_mse:.5g}; routers saved to {out / 'final'}")
     return 0
+
+
+def _load_data(path: str):
+    """``--data``: a TrajectoryDataset file, or a list of keyword-argument batches (no pickled objects)."""
+    from ..train import TrajectoryDataset
+    from .common import load_tensor_file
+
+    if path.endswith(".safetensors"):
+        return TrajectoryDataset.load(path)
+    data = load_tensor_file(path, "--data")
+    if not isinstance(data, (list, tuple)) or not data or not all(isinstance(batch, dict) for batch in data):
+        raise ConfigError("--data as a non-empty list of keyword-argument dicts (or a TrajectoryDataset.save file)",
+                          f"a {type(data).__name__}", "Save the dataset with TrajectoryDataset.save(path.safetensors).")
+    return data

@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ..artifact import manifest as mf
 from ..artifact.base import is_diffusers_model, save_base
-from ..artifact.files import staging_directory
+from ..artifact.commit import staging_directory
 from ..artifact.graphs import DTYPES
 from ..artifact.layout import dtype_name
 from ..artifact.tolerance import ATOL, max_abs_diff, within
@@ -220,7 +220,8 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
            dtype: str = "fp32", backend: str = "onnxruntime", batch_sizes: Sequence[int] | None = None, *,
            base_factory: str | None = None, scheduler: Any = None, sampling_config: Any = None,
            threads: int | None = None, runtime_check: Callable | None = None, progress: bool = False,
-           trt_options: dict | None = None, router_summaries: bool = True, outside_graphs: bool = True) -> Path:
+           trt_options: dict | None = None, router_summaries: bool = True, outside_graphs: bool = True,
+           overwrite: bool = False) -> Path:
     """Export an elastic model (from ``transform`` or ``load``) to ``out_dir`` (see the module docstring).
 
     Args:
@@ -247,8 +248,11 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
             like the example, at any batch size where the model allows a dynamic batch. A model that cannot be captured that way is exported without them
             (``program_note`` says why).
 
+        overwrite: replace ``out_dir`` even when it is a non-empty directory that is not a previous export
+            (deleting what it holds); a previous export is replaced without it, a regular file never.
+
     Returns the output directory. Nothing is left at ``out_dir`` (or its previous content is kept) when any
-    step fails. Raises ExportError / ConfigError.
+    step fails. Raises ExportError / ConfigError / DestinationError.
     """
     state = state_of(model)
     out_dir = Path(out_dir)
@@ -269,7 +273,7 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
                                    base_factory)
         from tqdm.auto import tqdm
         total = sum(len(indices) if s.elastic_width else 1 for s in state.specs) * len(sizes) + len(state.routers)
-        with staging_directory(out_dir) as root, tqdm(total=total, desc="export", disable=not progress) as bar:
+        with staging_directory(out_dir, overwrite=overwrite, previous=mf.is_export) as root, tqdm(total=total, desc="export", disable=not progress) as bar:
             exporter = _Exporter(model, example_inputs, root, indices, sizes, dtype, threads, bar)
             blocks = exporter.block_graphs(calls)
             routers = exporter.router_graphs(calls)

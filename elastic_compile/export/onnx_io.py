@@ -28,11 +28,11 @@ from typing import Sequence
 import onnx
 import torch
 
+from ..artifact.validate import OPSET  # the opset of the format: what runtimes of this version accept
 from ..errors import ExportError
 from .passes.complex_to_real import export_without_complex
 from .passes.fold_constants import fold_constants
 
-OPSET = 20
 ALIGNMENT = 64
 
 _ONNX_TYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,

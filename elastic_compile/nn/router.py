@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..analysis.spec import RouterFeature
+from ..errors import InputMismatchError
 from .memo import TensorMemo
 
 # "Full capacity" initialisation: an untrained router runs every block at full width with margin.
@@ -70,7 +71,10 @@ class Router(nn.Module):
         parts = [F.layer_norm(self._raw_feature(feature, arguments[feature.name]), norm.normalized_shape,
                               norm.weight, norm.bias, norm.eps)
                  for feature, norm in zip(self.features, self.norms)]
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        if len(parts) == 1:
+            return parts[0]
+        batch = max(part.shape[0] for part in parts)
+        return torch.cat([_broadcast_rows(part, batch) for part in parts], dim=-1)
 
     def logits(self, arguments: dict) -> torch.Tensor:
         """``(B, 1 + num_widths + num_actions)``: the run logit, the width-bucket logits, then the skip-action
@@ -90,7 +94,11 @@ class Router(nn.Module):
                 normed = F.layer_norm(value.sum(1), (feature.dim,), None, None, eps * tokens * tokens)
             else:
                 normed = self.normalized(feature, value, eps, dtype)
-            hidden = torch.addmm(hidden, normed, weight)
+            if hidden.ndim == 1 or hidden.shape[0] == normed.shape[0]:
+                hidden = torch.addmm(hidden, normed, weight)
+            else:  # one row for the whole batch (a (1,) timestep): broadcast, as the dense model does
+                batch = max(hidden.shape[0], normed.shape[0])
+                hidden = _broadcast_rows(hidden, batch) + _broadcast_rows(normed, batch) @ weight
         return torch.addmm(folded["fc2_bias"], F.silu(hidden), folded["fc2"])
 
     def plain_logits(self, arguments: dict) -> torch.Tensor:
@@ -155,6 +163,16 @@ def split_logits(logits: torch.Tensor, num_widths: int, num_actions: int) -> tup
     router has an action head (A > 0): what :meth:`Router.forward` returns (and an exported router graph)."""
     run, widths = logits[:, 0], logits[:, 1:1 + num_widths]
     return (run, widths, logits[:, 1 + num_widths:]) if num_actions else (run, widths)
+
+
+def _broadcast_rows(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """``rows`` with ``batch`` rows: as it is, or its single row repeated (a per-batch feature)."""
+    if rows.shape[0] == batch:
+        return rows
+    if rows.shape[0] != 1:
+        raise InputMismatchError(f"router inputs with {batch} rows (the batch) or 1", f"{rows.shape[0]} rows",
+                                 "Give every batched argument of the model the same batch size.")
+    return rows.expand(batch, -1)
 
 
 def router_hidden_size(features: list[RouterFeature], num_outputs: int, block_params: int, preferred: int,

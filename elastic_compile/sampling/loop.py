@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,6 +27,7 @@ from ..errors import ArtifactError, ConfigError, DenoiserError
 from .hooks import BRANCH_COND, BRANCH_COND_UNCOND, BRANCH_UNCOND, SamplerHooks, StepInfo
 
 CFG_MODES = ("batch", "separate")
+MAX_STEPS = 10_000  # beyond this a step count is a typo that would run for days
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,18 @@ class SamplingConfig:
     prediction: str = "flow_velocity"
 
     def __post_init__(self):
-        if self.num_inference_steps < 1:
-            raise ConfigError("num_inference_steps >= 1", f"{self.num_inference_steps}", "Use e.g. 25.")
-        if self.guidance_scale < 0:
-            raise ConfigError("guidance_scale >= 0", f"{self.guidance_scale}", "Use 1.0 for no guidance.")
+        for name in ("num_inference_steps", "sample_size", "in_channels", "num_classes", "null_class"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"{name} as an integer", repr(getattr(self, name)), "Fix sampling.json or the option.")
+        if not isinstance(self.scheduler, str) or not isinstance(self.prediction, str):
+            raise ConfigError("scheduler and prediction as strings", f"{self.scheduler!r}, {self.prediction!r}",
+                              "Fix sampling.json.")
+        if not 1 <= self.num_inference_steps <= MAX_STEPS:
+            raise ConfigError(f"num_inference_steps in 1..{MAX_STEPS}", f"{self.num_inference_steps}", "Use e.g. 25.")
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 <= scale < math.inf:
+            raise ConfigError("guidance_scale: a finite number >= 0", f"{scale!r}",
+                              "Use 1.0 for no guidance (NaN or infinity would make every image NaN).")
         if self.sample_size < 1 or self.in_channels < 1 or self.num_classes < 1:
             raise ConfigError("positive sample_size, in_channels, num_classes",
                               f"{self.sample_size}, {self.in_channels}, {self.num_classes}", "Fix sampling.json.")
@@ -66,6 +77,8 @@ class SamplingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamplingConfig":
+        if not isinstance(data, dict):
+            raise ArtifactError("a sampling config as a JSON object", type(data).__name__, "Fix sampling.json.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -81,7 +94,11 @@ class SamplingConfig:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"a sampling config at {path}", "no such file", "Pass the folder holding sampling.json.")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, OSError) as exc:
+            raise ArtifactError(f"JSON in {path}", f"{type(exc).__name__}: {exc}", "Fix or replace the file.") from exc
+        return cls.from_dict(data)
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], *, device: torch.device | str = "cpu",
@@ -117,7 +134,16 @@ def _model_device_dtype(denoiser: Callable) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _as_labels(class_labels: Sequence[int] | torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    integral = (class_labels.dtype not in (torch.bool,) and not class_labels.is_floating_point()
+                and not class_labels.is_complex()) if isinstance(class_labels, torch.Tensor) else \
+        all(_is_int(c) for c in class_labels)
+    if not integral:  # a cast to long would turn 1.7 into class 1 without a word
+        raise ConfigError("integer class labels", f"{class_labels!r}"[:200], "Pass whole class numbers, e.g. 0,1,2.")
     labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
     if labels.numel() == 0:
         raise ConfigError("at least one class label", "none", "Pass one class label per image to generate.")
@@ -179,8 +205,8 @@ def sample(
     clamped to [-1, 1].
     """
     with torch.set_grad_enabled(bool(differentiable) and torch.is_grad_enabled()):
-        steps = config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        scale = config.guidance_scale if guidance_scale is None else guidance_scale  # both checked by SamplingConfig
         config = SamplingConfig(**{**config.to_dict(), "num_inference_steps": steps, "guidance_scale": scale})
         if cfg not in CFG_MODES:
             raise ConfigError(f"cfg in {CFG_MODES}", repr(cfg), "Use 'batch' (one call per step) or 'separate'.")

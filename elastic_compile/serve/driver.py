@@ -30,7 +30,20 @@ from ..artifact.graphs import BlockCalls, attribute_at, plan_releases, run_graph
 from ..artifact.layout import CallLayout, OutputLayout, dtype_name
 from ..capture.record import SignatureBinder
 from ..capture.treespec import PLAIN_LEAVES, loaded_treespec
+from ..errors import ArtifactError
 from ..state import state_of
+
+
+def _tensor_at(model: torch.nn.Module, path: str) -> torch.Tensor:
+    """The parameter or buffer a program names; ArtifactError for anything else (a manifest names tensors only)."""
+    try:
+        value = attribute_at(model, path)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.Tensor):
+        raise ArtifactError(f"program.parameters to name tensors of the {type(model).__name__}", repr(path),
+                            "Export again.")
+    return value
 
 
 class ModelDriver:
@@ -53,7 +66,7 @@ class ModelDriver:
         self.output_values = list(entry["outputs"]["values"])
         self.output_constants = {int(k): v for k, v in entry["outputs"].get("constants", {}).items()}
         self.steps = plan_releases(entry["steps"], [v for v in entry["outputs"]["values"] if v is not None])
-        self.parameters = {name: attribute_at(model, path) for name, path in entry.get("parameters", {}).items()}
+        self.parameters = {name: _tensor_at(model, path) for name, path in entry.get("parameters", {}).items()}
         state = state_of(model)
         by_path = {block_entry["path"]: block_entry for block_entry in blocks_entries}
         blocks = {spec.index: block for spec, block in zip(state.specs, state.blocks)}

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..artifact.base import load_base
-from ..artifact.manifest import read_manifest
+from ..artifact.base import diffusers_class, load_base
+from ..artifact.manifest import MANIFEST, read_manifest
 from ..backends.onnxruntime import OnnxRuntimeBackend
 from ..backends.tensorrt import TensorRTBackend, tensorrt_available
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import ArtifactError, BackendUnavailableError, ConfigError
 from ..sampling import SamplingConfig, sample
 from ..serialization import load as load_elastic
 from ..state import ROUTER_ATTRIBUTE, STATE_ATTRIBUTE, gate_of, state_of
@@ -85,8 +85,8 @@ class Runtime:
         """The diffusers scheduler stored with the export (None when none was)."""
         entry = (self.manifest.get("sampling") or {}).get("scheduler")
         if self._scheduler is None and entry:
-            import diffusers
-            self._scheduler = getattr(diffusers, entry["class"]).from_pretrained(str(self.root / entry["path"]))
+            scheduler_class = diffusers_class(entry["class"], "SchedulerMixin", str(self.root / MANIFEST))
+            self._scheduler = scheduler_class.from_pretrained(str(self.root / entry["path"]))
         return self._scheduler
 
     @property
@@ -120,10 +120,18 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
          device: str | torch.device | None = None, providers: Sequence[str] | None = None,
          engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None,
          thread_pool: str = "per_session", memory_arena: str = "shared",
-         torch_threads: int | str | None = AUTO, outside_graphs: bool = True) -> Runtime:
+         torch_threads: int | str | None = AUTO, outside_graphs: bool = True, base_model: nn.Module | None = None,
+         base_factory: str | Callable[[], nn.Module] | None = None) -> Runtime:
     """Load an export directory written by :func:`elastic_compile.export`.
 
+    Nothing the directory holds is imported or run as code; its files are checked against the manifest's hashes
+    (``check_hashes``) and its manifest's values before use (errors: ArtifactError naming the file).
+
     Args:
+        base_model, base_factory: the architecture of the base model, from you: a model (its weights are replaced
+            by the export's), or a function / ``package.module:factory`` name building one. Required for exports of
+            models that are not diffusers models (the manifest names the factory they were exported with, but
+            elastic_compile never imports a name it read from a file); optional otherwise.
         backend: "onnxruntime" (CPU sessions), "tensorrt" (engines from the engine cache, CUDA) or "torch".
         threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``).
         thread_pool: onnxruntime threads: "per_session" (default: each block graph's session has its own pool)
@@ -153,6 +161,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime, tensorrt or torch.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError("threads: None or an integer >= 1", repr(threads), "Use e.g. threads=2.")
     pinned_threads = resolve_torch_threads(torch_threads, backend)
     if routers is None:
         routers = "host" if backend == "onnxruntime" else "torch"
@@ -168,8 +178,12 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
                                           "Install TensorRT on a CUDA machine, or use backend='onnxruntime'.")
     root = Path(path)
     manifest = read_manifest(root, check_hashes=check_hashes)
+    if base_model is not None and base_factory is not None:
+        raise ConfigError("base_model or base_factory", "both", "Pass one of them.")
+    base = load_base(root, manifest["source"]["base"], base_model if base_model is not None else base_factory)
     # Base files are hash-checked against the manifest; strict=False accepts a base fine-tuned before export.
-    model = load_elastic(load_base(root, manifest["source"]["base"]), root / manifest["elastic"], strict=False)
+    model = load_elastic(base, root / manifest["elastic"], strict=False)
+    check_blocks(manifest, state_of(model), root / MANIFEST)
     model.eval().requires_grad_(False)
     if device is None and backend == "tensorrt":
         device = "cuda"
@@ -215,6 +229,29 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     if free_torch_weights:
         free_block_weights(model, keep=manifest["runs_in_torch"]["block_parameters_used_outside"])
     return Runtime(model, manifest, root, backend, engine, pinned_threads)
+
+
+def check_blocks(manifest: dict, state, file: Path) -> None:
+    """The manifest's block and router entries name blocks of the elastic model it holds (same paths)."""
+    specs = state.specs
+    for k, entry in enumerate(manifest["blocks"]):
+        index = entry["index"]
+        if index >= len(specs) or specs[index].path != entry["path"]:
+            raise ArtifactError(f"blocks[{k}] in {file} to name block {index} of its elastic model",
+                                f"{entry['path']!r} (the model has {len(specs)} blocks)", "Export again.")
+        ahead = entry.get("lookahead")
+        if ahead and ahead["block"] not in state.routers:
+            raise ArtifactError(f"blocks[{k}].lookahead in {file} to name a block with a router",
+                                f"block {ahead['block']}", "Export again.")
+    for k, entry in enumerate(manifest["routers"]):
+        if entry["block"] not in state.routers:
+            raise ArtifactError(f"routers[{k}] in {file} to name a block with a router", f"block {entry['block']}",
+                                "Export again.")
+    for k, step in enumerate((manifest.get("program") or {}).get("steps", ())):
+        ahead = step.get("lookahead")
+        if ahead and ahead["block"] not in state.routers:
+            raise ArtifactError(f"program.steps[{k}].lookahead in {file} to name a block with a router",
+                                f"block {ahead['block']}", "Export again.")
 
 
 def free_block_weights(model: nn.Module, keep: Sequence[str] = ()) -> int:

@@ -20,6 +20,7 @@ global-batch loss above: N processes train the same routers as one process with 
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -38,9 +39,8 @@ from .cache_aware import dense_stand_ins, require_step_links
 from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum, init_distributed, progress_bar,
                      restore_flags, trainable)
 from .rollout import train_through_rollouts
-from .trajectories import TrajectoryDataset
+from .trajectories import TEACHER_KEY, TrajectoryDataset
 
-TEACHER_KEY = "__teacher__"
 OBJECTIVES = ("step", "rollout")
 
 
@@ -82,8 +82,9 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             Rollout training is cache-aware by construction and starts from whatever the routers know (e.g.
             after a cheaper ``objective="step"`` run).
     """
-    if not 0.0 < budget <= 1.0:
-        raise ConfigError("budget in (0, 1]", f"{budget}", "Use e.g. 0.5 for half the dense FLOPs.")
+    check_train_options(budget=budget, steps=steps, lr=lr, batch_size=batch_size, budget_weight=budget_weight,
+                        cache_max_reuse=cache_max_reuse, base_lr=base_lr, log_every=log_every,
+                        checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, task_weight=task_weight)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective in {OBJECTIVES}", repr(objective),
                           "Use 'step' (per-call distillation) or 'rollout' (whole generations, cache in the loop).")
@@ -100,8 +101,6 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     skip_cost = 0.0
     if cache_aware:
         require_step_links(data)
-        if cache_max_reuse < 1:
-            raise ConfigError("cache_max_reuse >= 1", f"{cache_max_reuse}", "Use the max_reuse the cache will serve.")
         skip_cost = 1.0 / (cache_max_reuse + 1)
         # saved with the routers: apply_feature_cache(model) then serves what was trained
         state.serving["feature_cache"] = {"max_reuse": cache_max_reuse, "fallback": "run"}
@@ -177,6 +176,32 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     if checkpoint_dir and rank == 0:
         checkpoint(model, Path(checkpoint_dir) / "final", train_base)
     return report
+
+
+#: Per option of :func:`train_routers`: (kind, lowest, highest, whether the lowest is allowed).
+_OPTIONS = {"budget": (float, 0.0, 1.0, False), "steps": (int, 1, None, True), "lr": (float, 0.0, None, False),
+            "batch_size": (int, 1, None, True), "budget_weight": (float, 0.0, None, True),
+            "cache_max_reuse": (int, 1, None, True), "base_lr": (float, 0.0, None, False),
+            "log_every": (int, 1, None, True), "checkpoint_every": (int, 0, None, True),
+            "task_weight": (float, 0.0, None, True)}
+
+
+def check_train_options(**options) -> None:
+    """ConfigError for an option of :func:`train_routers` of the wrong type or out of range (NaN included);
+    the command line calls it before recording trajectories, so a bad value costs nothing."""
+    for name, value in options.items():
+        if name == "lr_schedule":
+            if value not in ("cosine", "constant"):
+                raise ConfigError("lr_schedule in {'cosine', 'constant'}", repr(value), "Use 'cosine'.")
+            continue
+        kind, low, high, closed = _OPTIONS[name]
+        typed = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+        within = typed and math.isfinite(value) and (value >= low if closed else value > low) and \
+            (high is None or value <= high)
+        if not within:
+            bounds = f"{'[' if closed else '('}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+            raise ConfigError(f"{name}: {'an integer' if kind is int else 'a number'} in {bounds}", repr(value),
+                              "Fix the option (e.g. budget=0.5, steps=300).")
 
 
 def _batches(data, batch_size: int, seed: int, rank: int, world: int):

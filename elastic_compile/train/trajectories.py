@@ -12,6 +12,8 @@ router training needs to reproduce the feature cache's "reuse the last step's bl
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +24,8 @@ from ..errors import ConfigError
 from ..sampling import SamplerHooks, sample
 from ..state import force
 
+DATASET_FORMAT = "elastic_compile.trajectories/1"
+TEACHER_KEY = "__teacher__"  # train_routers' cached teacher outputs: recomputed, never saved
 _GENERATION = "__generation__"
 _BRANCH = "__branch__"
 
@@ -44,6 +48,45 @@ class TrajectoryDataset:
 
     def to(self, device) -> "TrajectoryDataset":
         return TrajectoryDataset({k: v.to(device) for k, v in self.rows.items()}, self.shared, self.previous)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the dataset as one safetensors file (what ``elastic-compile train --data`` reads): rows and
+        tensor arguments as tensors, the other shared arguments as JSON in its metadata."""
+        from safetensors.torch import save_file
+
+        constants = {k: v for k, v in self.shared.items() if not isinstance(v, torch.Tensor)}
+        if not all(isinstance(v, (type(None), bool, int, float, str)) for v in constants.values()):
+            raise ConfigError("shared arguments that are tensors or plain values (None, bool, numbers, strings)",
+                              f"{sorted(k for k, v in constants.items())}", "Pass such arguments only.")
+        tensors = {f"rows.{k}": v.contiguous() for k, v in self.rows.items() if k != TEACHER_KEY}
+        tensors.update({f"shared.{k}": v.contiguous() for k, v in self.shared.items() if isinstance(v, torch.Tensor)})
+        if self.previous is not None:
+            tensors["previous"] = self.previous.contiguous()
+        save_file(tensors, str(path), metadata={"constants": json.dumps(constants), "format": DATASET_FORMAT})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrajectoryDataset":
+        """Read a file written by :meth:`save` (safetensors and JSON: nothing in it can run code)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            constants = json.loads(metadata.get("constants", "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"a trajectory dataset file (TrajectoryDataset.save) at {path}",
+                              f"{type(exc).__name__}: {exc}", "Record the dataset again.") from exc
+        rows = {k[len("rows."):]: v for k, v in tensors.items() if k.startswith("rows.")}
+        lengths = {v.shape[0] if v.ndim else -1 for v in rows.values()}
+        previous = tensors.get("previous")
+        if (metadata.get("format") != DATASET_FORMAT or not isinstance(constants, dict) or len(lengths) != 1
+                or min(lengths) < 1 or (previous is not None and previous.shape != (min(lengths),))):
+            raise ConfigError(f"a trajectory dataset written by TrajectoryDataset.save at {path}",
+                              f"format {metadata.get('format')!r}, row counts {sorted(lengths)}",
+                              "Record the dataset again.")
+        shared = {**constants, **{k[len("shared."):]: v for k, v in tensors.items() if k.startswith("shared.")}}
+        return cls(rows, shared, previous)
 
     @classmethod
     def from_calls(cls, calls: list[dict[str, Any]]) -> "TrajectoryDataset":

@@ -1,0 +1,257 @@
+"""Checks of an export manifest's values, before any of them is used.
+
+The manifest's own hash (:mod:`.integrity`) catches edits; these checks catch a manifest that is intact but
+makes no sense for this reader: a newer writer, an opset or dtype this runtime cannot run, batch sizes or width
+buckets without graphs, indices out of range, shapes that are not shapes, paths leaving the artifact. Each
+failure is an ArtifactError naming the manifest, the entry, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ..capture.treespec import loaded_treespec
+from ..errors import ArtifactError
+from ..version import __version__
+from .graphs import DTYPES
+from .integrity import inside
+
+#: The ONNX opsets a runtime of this version runs (the exporter writes the last one).
+OPSETS = (19, 20)
+OPSET = OPSETS[-1]
+MAX_BATCH = 1 << 16
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def version_tuple(text: str) -> tuple[int, ...] | None:
+    """``"1.2.3rc1"`` -> ``(1, 2, 3)``; None when it does not start with a number."""
+    parts = []
+    for piece in text.split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts) or None
+
+
+class Checker:
+    """Typed checks of one manifest's entries; ``where`` names the entry in every message."""
+
+    def __init__(self, file: Path):
+        self.file = file
+
+    def fail(self, where: str, expected: str, found: Any):
+        shown = repr(found)
+        raise ArtifactError(f"{where} in {self.file} to be {expected}", shown if len(shown) < 200 else shown[:200] + "...",
+                            "The manifest does not match what this elastic_compile writes: export again (with this "
+                            "version), or load it with the version that wrote it.")
+
+    def get(self, entry: Any, key: str, kind, where: str):
+        if not isinstance(entry, dict) or key not in entry:
+            self.fail(f"{where}.{key}", "present", "missing")
+        value = entry[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            self.fail(f"{where}.{key}", "an integer", value)
+        if kind is not int and kind is not None and not isinstance(value, kind):
+            self.fail(f"{where}.{key}", f"a {getattr(kind, '__name__', kind)}", value)
+        return value
+
+    def index(self, value: Any, size: int, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+            self.fail(where, f"an index in [0, {size})", value)
+        return value
+
+    def ints(self, values: Any, where: str, low: int = 0, high: int | None = None) -> list[int]:
+        if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            self.fail(where, "a list of integers", values)
+        if any(v < low or (high is not None and v > high) for v in values):
+            self.fail(where, f"integers in [{low}, {high if high is not None else 'inf'}]", values)
+        return values
+
+    def path(self, root: Path, value: Any, where: str) -> Path:
+        return inside(root, value, where, self.file)
+
+    def treespec(self, value: Any, where: str) -> None:
+        try:
+            loaded_treespec(value)
+        except Exception:  # any parse failure of the structure string: torch raises several kinds
+            self.fail(where, "a pytree structure written by torch.utils._pytree.treespec_dumps", value)
+
+    def dtype(self, value: Any, where: str) -> None:
+        import torch
+
+        if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+            self.fail(where, "a torch dtype name (e.g. 'float32')", value)
+
+
+def validate_export(manifest: dict, file: Path) -> None:
+    """Raise ArtifactError (naming ``file`` and the entry) unless the export manifest's values are usable."""
+    c, root = Checker(file), file.parent
+    versions = c.get(manifest, "versions", dict, "versions")
+    writer = versions.get("elastic_compile")
+    if not isinstance(writer, str) or version_tuple(writer) is None:
+        c.fail("versions.elastic_compile", "the elastic_compile version that wrote it", writer)
+    if version_tuple(writer) > version_tuple(__version__):
+        raise ArtifactError(f"an export written by elastic_compile <= {__version__} ({file})", f"version {writer}",
+                            f"Upgrade elastic_compile to {writer} or later to load it.")
+    if c.get(manifest, "opset", int, "opset") not in OPSETS:
+        c.fail("opset", f"one of {OPSETS}", manifest["opset"])
+    if c.get(manifest, "dtype", str, "dtype") not in DTYPES:
+        c.fail("dtype", f"one of {sorted(DTYPES)}", manifest["dtype"])
+    widths = c.get(c.get(manifest, "config", dict, "config"), "width_buckets", list, "config")
+    if not widths or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in widths):
+        c.fail("config.width_buckets", "a list of numbers", widths)
+    indices = c.ints(c.get(manifest, "bucket_indices", list, "bucket_indices"), "bucket_indices", 0, len(widths) - 1)
+    dense = c.get(manifest, "dense_bucket", int, "dense_bucket")
+    if dense != len(widths) - 1 or dense not in indices or indices != sorted(set(indices)):
+        c.fail("bucket_indices / dense_bucket", f"increasing bucket indices including the dense one ({len(widths) - 1})",
+               (indices, dense))
+    if c.get(manifest, "buckets", list, "buckets") != [widths[i] for i in indices]:
+        c.fail("buckets", f"the widths of bucket_indices {[widths[i] for i in indices]}", manifest["buckets"])
+    sizes = c.ints(c.get(manifest, "batch_sizes", list, "batch_sizes"), "batch_sizes", 1, MAX_BATCH)
+    if not sizes or sizes != sorted(set(sizes)):
+        c.fail("batch_sizes", "a non-empty increasing list of batch sizes", sizes)
+    source = c.get(manifest, "source", dict, "source")
+    c.get(source, "fingerprint", str, "source")
+    base = c.get(source, "base", dict, "source")
+    if c.get(base, "kind", str, "source.base") not in ("diffusers", "factory"):
+        c.fail("source.base.kind", "'diffusers' or 'factory'", base["kind"])
+    c.path(root, c.get(base, "path", str, "source.base"), "source.base.path")
+    if not _IDENTIFIER.fullmatch(c.get(base, "class", str, "source.base")):
+        c.fail("source.base.class", "a class name", base["class"])
+    c.path(root, c.get(manifest, "elastic", str, "elastic"), "elastic")
+    blocks = c.get(manifest, "blocks", list, "blocks")
+    seen = set()
+    for k, entry in enumerate(blocks):
+        seen.add(_block(c, root, entry, f"blocks[{k}]", indices, dense, sizes))
+    if len(seen) != len(blocks):
+        c.fail("blocks[*].index", "distinct block indices", [b.get("index") for b in blocks])
+    for k, entry in enumerate(c.get(manifest, "routers", list, "routers")):
+        if c.get(entry, "block", int, f"routers[{k}]") not in seen:
+            c.fail(f"routers[{k}].block", f"one of the exported blocks {sorted(seen)}", entry["block"])
+        c.path(root, c.get(entry, "file", str, f"routers[{k}]"), f"routers[{k}].file")
+        names = c.get(entry, "inputs", list, f"routers[{k}]")
+        if not all(isinstance(n, str) for n in names):
+            c.fail(f"routers[{k}].inputs", "argument names", names)
+    used = c.get(c.get(manifest, "runs_in_torch", dict, "runs_in_torch"), "block_parameters_used_outside", list,
+                 "runs_in_torch")
+    if not all(isinstance(n, str) for n in used):
+        c.fail("runs_in_torch.block_parameters_used_outside", "parameter names", used)
+    c.get(manifest, "backends", dict, "backends")
+    if manifest.get("program") is not None:
+        _program(c, root, c.get(manifest, "program", dict, "program"), seen)
+    sampling = manifest.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        c.fail("sampling", "an object or null", sampling)
+    if sampling.get("scheduler") is not None:
+        scheduler = c.get(sampling, "scheduler", dict, "sampling")
+        c.path(root, c.get(scheduler, "path", str, "sampling.scheduler"), "sampling.scheduler.path")
+        if not _IDENTIFIER.fullmatch(c.get(scheduler, "class", str, "sampling.scheduler")):
+            c.fail("sampling.scheduler.class", "a class name", scheduler["class"])
+    if sampling.get("config") is not None:
+        c.path(root, sampling["config"], "sampling.config")
+
+
+def _block(c: Checker, root: Path, entry: Any, where: str, indices: list[int], dense: int, sizes: list[int]) -> int:
+    index = c.get(entry, "index", int, where)
+    if index < 0:
+        c.fail(f"{where}.index", "a block index >= 0", index)
+    c.get(entry, "path", str, where)
+    c.path(root, c.get(entry, "weights", str, where), f"{where}.weights")
+    layout = c.get(entry, "layout", dict, where)
+    c.treespec(c.get(layout, "spec", str, f"{where}.layout"), f"{where}.layout.spec")
+    if c.get(layout, "batch", int, f"{where}.layout") < 1:
+        c.fail(f"{where}.layout.batch", "a batch size >= 1", layout["batch"])
+    inputs = 0
+    for k, leaf in enumerate(c.get(layout, "leaves", list, f"{where}.layout")):
+        at = f"{where}.layout.leaves[{k}]"
+        kind = c.get(leaf, "kind", str, at)
+        if kind == "tensor":
+            if c.get(leaf, "input", int, at) != inputs:
+                c.fail(f"{at}.input", f"graph input {inputs} (tensor leaves in order)", leaf["input"])
+            inputs += 1
+            c.ints(c.get(leaf, "shape", list, at), f"{at}.shape", 0, 1 << 31)
+            c.dtype(leaf.get("dtype"), f"{at}.dtype")
+            for flag in ("batched", "complex"):
+                c.get(leaf, flag, bool, at)
+        elif kind == "const":
+            if isinstance(leaf.get("value"), (list, dict)):
+                c.fail(f"{at}.value", "a JSON scalar", leaf.get("value"))
+        else:
+            c.fail(f"{at}.kind", "'tensor' or 'const'", kind)
+    outputs = c.get(entry, "outputs", dict, where)
+    c.treespec(c.get(outputs, "spec", str, f"{where}.outputs"), f"{where}.outputs.spec")
+    count = 0
+    for k, leaf in enumerate(c.get(outputs, "leaves", list, f"{where}.outputs")):
+        at = f"{where}.outputs.leaves[{k}]"
+        kind = c.get(leaf, "kind", str, at)
+        if kind == "tensor":
+            if c.get(leaf, "output", int, at) != count:
+                c.fail(f"{at}.output", f"graph output {count}", leaf["output"])
+            c.dtype(leaf.get("dtype"), f"{at}.dtype")
+            count += 1
+        elif kind != "none":
+            c.fail(f"{at}.kind", "'tensor' or 'none'", kind)
+    c.ints(entry.get("complex_inputs", []), f"{where}.complex_inputs", 0, inputs - 1)
+    c.ints(entry.get("pooled_outputs", []), f"{where}.pooled_outputs", 0, count - 1)
+    eps = entry.get("summary_eps", 0.0)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        c.fail(f"{where}.summary_eps", "a finite number >= 0", eps)
+    ahead = entry.get("lookahead")
+    if ahead is not None:
+        _lookahead(c, ahead, f"{where}.lookahead", inputs, count)
+    graphs = c.get(entry, "graphs", dict, where)
+    buckets = sorted(int(b) for b in graphs if isinstance(b, str) and b.isdigit())
+    if len(buckets) != len(graphs) or dense not in buckets or not set(buckets) <= set(indices):
+        c.fail(f"{where}.graphs", f"graphs for the dense bucket {dense} and only exported buckets {indices}",
+               sorted(graphs))
+    for bucket, files in graphs.items():
+        if not isinstance(files, dict) or sorted(files) != sorted(str(n) for n in sizes):
+            c.fail(f"{where}.graphs[{bucket}]", f"one graph per batch size {sizes}", files)
+        for size, name in files.items():
+            c.path(root, name, f"{where}.graphs[{bucket}][{size}]")
+    return index
+
+
+def _lookahead(c: Checker, ahead: Any, where: str, inputs: int, outputs: int) -> None:
+    if c.get(ahead, "block", int, where) < 0:
+        c.fail(f"{where}.block", "a block index", ahead["block"])
+    for k, source in enumerate(c.get(ahead, "sources", list, where)):
+        if (not isinstance(source, list) or len(source) != 2 or source[0] not in ("in", "out")
+                or isinstance(source[1], bool) or not isinstance(source[1], int)
+                or not 0 <= source[1] < (inputs if source[0] == "in" else outputs)):
+            c.fail(f"{where}.sources[{k}]", f"['in', k < {inputs}] or ['out', k < {outputs}]", source)
+
+
+def _program(c: Checker, root: Path, program: dict, blocks: set[int]) -> None:
+    call = c.get(program, "call", dict, "program")
+    c.treespec(c.get(call, "spec", str, "program.call"), "program.call.spec")
+    if not all(isinstance(n, str) for n in c.get(call, "names", list, "program.call")):
+        c.fail("program.call.names", "argument names", call["names"])
+    for k, leaf in enumerate(c.get(call, "leaves", list, "program.call")):
+        at = f"program.call.leaves[{k}]"
+        if c.get(leaf, "kind", str, at) == "tensor":
+            shape = c.get(leaf, "shape", list, at)
+            if any(s != "batch" and (isinstance(s, bool) or not isinstance(s, int) or s < 0) for s in shape):
+                c.fail(f"{at}.shape", "sizes or 'batch'", shape)
+            c.dtype(leaf.get("dtype"), f"{at}.dtype")
+    outputs = c.get(program, "outputs", dict, "program")
+    c.treespec(c.get(outputs, "spec", str, "program.outputs"), "program.outputs.spec")
+    c.get(outputs, "values", list, "program.outputs")
+    for name, path in c.get(program, "parameters", dict, "program").items():
+        if not isinstance(path, str) or not all(_IDENTIFIER.fullmatch(p) or p.isdigit() for p in path.split(".")):
+            c.fail(f"program.parameters[{name!r}]", "a dotted parameter name", path)
+    for k, step in enumerate(c.get(program, "steps", list, "program")):
+        at = f"program.steps[{k}]"
+        names = c.get(step, "inputs", list, at) + c.get(step, "outputs", list, at)
+        if not all(isinstance(n, str) or n is None for n in names):
+            c.fail(at, "inputs and outputs named by strings", names)
+        if "block" in step:
+            if c.get(step, "block", int, at) not in blocks:
+                c.fail(f"{at}.block", f"one of the exported blocks {sorted(blocks)}", step["block"])
+        else:
+            c.path(root, c.get(step, "graph", str, at), f"{at}.graph")
+            if step.get("lookahead") is not None:
+                _lookahead(c, step["lookahead"], f"{at}.lookahead", len(step["inputs"]), len(step["outputs"]))
