@@ -28,9 +28,9 @@ from .artifact.commit import staging_directory
 from .artifact.files import read_manifest_json, write_json_atomic
 from .artifact.integrity import check_files, load_tensors
 from .artifact.manifest import hash_tree
-from .artifact.saved import (BASE_WEIGHTS, FORMAT, MANIFEST, PERMUTATIONS, REMEDY, ROUTERS, check_finite,
-                             check_model_fits, check_permutation, check_site, check_spec, is_saved_artifact,
-                             spec_error, structure_fingerprint, validate_saved)
+from .artifact.saved import (BASE_WEIGHTS, FORMAT, MANIFEST, PERMUTATIONS, REMEDY, ROUTERS, check_block_entry,
+                             check_finite, check_model_fits, check_permutation, check_site, check_spec,
+                             check_spec_fits, is_saved_artifact, spec_error, structure_fingerprint, validate_saved)
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ConfigError, ModelMismatchError
 from .passes import apply_unit_permutation, install
@@ -105,13 +105,17 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
         config = ElasticConfig.from_dict(manifest["config"])
     except (ConfigError, TypeError) as exc:
         raise ArtifactError(f"a valid config in {file}", str(exc), f"The artifact is corrupt; {REMEDY}.") from exc
+    for position, entry in enumerate(manifest["blocks"]):
+        check_block_entry(entry, position, file)
     try:
         specs = [BlockSpec.from_dict(b) for b in manifest["blocks"]]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. an unknown field
         raise spec_error(file, exc) from exc
     for position, spec in enumerate(specs):
         check_spec(spec, position, file)
     blocks = [_block_for(base_model, spec) for spec in specs]
+    for spec, block in zip(specs, blocks):
+        check_spec_fits(block, spec, file)
     orders = _checked_permutations(path, specs, blocks)
     routers = load_tensors(path / ROUTERS)
     check_finite(routers, path / ROUTERS)

@@ -188,9 +188,9 @@ def commit(staging: Path, target: Path) -> None:
     """Steps 2-5 of the module docstring: ``staging`` (complete) becomes ``target``."""
     ready = staging.with_name(staging.name.replace(".staging-", ".ready-", 1))
     os.rename(staging, ready)
-    _step("ready")
     old = None
     try:
+        _step("ready")
         if target.exists() or target.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=_prefix(target, "old"), dir=target.parent))
             os.rmdir(old)
@@ -202,7 +202,9 @@ def commit(staging: Path, target: Path) -> None:
             os.rename(old, target)
         _remove(ready)
         raise
-    _step("swapped")
-    if old is not None:
-        _remove(old)
+    try:
+        _step("swapped")
+    finally:  # the new artifact is in place: the previous one goes, whatever happens next
+        if old is not None:
+            _remove(old)
     _step("cleaned")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture.treespec import loaded_treespec
 from ..errors import ArtifactError, ModelMismatchError
 from ..state import ROUTER_ATTRIBUTE
 from ..version import __version__
@@ -48,12 +49,12 @@ def structure_fingerprint(model: nn.Module) -> str:
 def validate_saved(manifest: dict, file: Path) -> None:
     """The JSON-level checks of ``elastic.json`` (types, versions, serving options)."""
     c = Checker(file)
-    c.get(manifest, "fingerprint", str, "fingerprint")
-    c.get(manifest, "config", dict, "config")
-    c.get(manifest, "blocks", list, "blocks")
+    c.get(manifest, "fingerprint", str)
+    c.get(manifest, "config", dict)
+    c.get(manifest, "blocks", list)
     if not isinstance(manifest.get("base_weights", False), bool):
         c.fail("base_weights", "true or false", manifest["base_weights"])
-    writer = c.get(manifest, "versions", dict, "versions").get("elastic_compile", __version__)
+    writer = c.get(manifest, "versions", dict).get("elastic_compile", __version__)
     if not isinstance(writer, str) or version_tuple(writer) is None:
         c.fail("versions.elastic_compile", "a version number", writer)
     if version_tuple(writer) > version_tuple(__version__):
@@ -135,26 +136,72 @@ def spec_error(file: Path, exc: Exception) -> ArtifactError:
                          text if len(text) < 200 else text[:200] + "...", f"The artifact is corrupt; {REMEDY}.")
 
 
+_SLICE = {"param": str, "dim": int, "unit_starts": list, "keep": list}
+_SITE = {"name": str, "hidden": int, "in_projections": list, "out_projection": dict, "activation": str, "kind": str}
+_BLOCK = {"index": int, "path": str, "class_name": str, "residual_of": dict, "output_spec": str,
+          "num_output_leaves": int, "features": list, "sites": list, "skippable": bool, "notes": list, "group": int}
+
+
+def check_block_entry(entry: Any, position: int, file: Path) -> None:
+    """The JSON types of one ``blocks`` entry, all the way down, before a BlockSpec is built from it."""
+    c = Checker(file)
+    where = f"blocks[{position}]"
+    if not isinstance(entry, dict):
+        c.fail(where, "an object", entry)
+    for name, kind in _BLOCK.items():
+        c.get(entry, name, kind, where)
+    for leaf, argument in entry["residual_of"].items():
+        if not leaf.isdigit() or not isinstance(argument, str):
+            c.fail(f"{where}.residual_of", "output leaf numbers -> argument names", entry["residual_of"])
+    for k, feature in enumerate(entry["features"]):
+        for name, kind in (("name", str), ("kind", str), ("dim", int)):
+            c.get(feature, name, kind, f"{where}.features[{k}]")
+    for k, site in enumerate(entry["sites"]):
+        at = f"{where}.sites[{k}]"
+        for name, kind in _SITE.items():
+            c.get(site, name, kind, at)
+        for j, piece in enumerate(site["in_projections"] + [site["out_projection"]]):
+            for name, kind in _SLICE.items():
+                c.get(piece, name, kind, f"{at}.slices[{j}]")
+            c.ints(piece["unit_starts"], f"{at}.slices[{j}].unit_starts")
+            for pair in piece["keep"]:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    c.fail(f"{at}.slices[{j}].keep", "[start, end] pairs", piece["keep"])
+                c.ints(pair, f"{at}.slices[{j}].keep")
+
+
 def check_spec(spec: Any, position: int, file: Path) -> None:
     """Values of one block entry that nothing else checks before a router or a gate is built from them."""
     c = Checker(file)
     where = f"blocks[{position}]"
     if spec.index != position:
         c.fail(f"{where}.index", f"{position} (blocks in run order)", spec.index)
-    for name, kind in (("path", str), ("class_name", str), ("skippable", bool), ("group", int),
-                       ("num_output_leaves", int), ("output_spec", str)):
-        c.get(vars(spec), name, kind, where)
-    for leaf, argument in spec.residual_of.items():
-        if not isinstance(argument, str) or not 0 <= leaf < spec.num_output_leaves:
-            c.fail(f"{where}.residual_of", f"output leaves < {spec.num_output_leaves} -> argument names",
-                   spec.residual_of)
+    for leaf in spec.residual_of:
+        if not 0 <= leaf < spec.num_output_leaves:
+            c.fail(f"{where}.residual_of", f"output leaves < {spec.num_output_leaves}", spec.residual_of)
     for k, feature in enumerate(spec.features):
-        dim = feature.dim
-        if (feature.kind not in ("pooled", "vector", "scalar") or not isinstance(feature.name, str)
-                or isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 1 << 20
-                or (feature.kind == "scalar" and dim % 2)):
+        if (feature.kind not in ("pooled", "vector", "scalar") or not 0 < feature.dim <= 1 << 20
+                or (feature.kind == "scalar" and feature.dim % 2)):
             c.fail(f"{where}.features[{k}]", "a router feature (kind pooled/vector/scalar, a positive width, even "
                    "for a scalar)", vars(feature))
     names = [site.name for site in spec.sites]
     if len(set(names)) != len(names):
         c.fail(f"{where}.sites", "distinct FFN site names", names)
+    c.treespec(spec.output_spec, f"{where}.output_spec")
+    if loaded_treespec(spec.output_spec).num_leaves != spec.num_output_leaves:
+        c.fail(f"{where}.num_output_leaves", "the leaf count of output_spec", spec.num_output_leaves)
+    if spec.skippable and not spec.residual_of:
+        c.fail(f"{where}.skippable", "false for a block without residual outputs", spec.skippable)
+
+
+def check_spec_fits(block: nn.Module, spec: Any, file: Path) -> None:
+    """The arguments a block entry names (residual inputs, router features) are parameters of the block's
+    forward: a gate or router reading another name would find nothing there."""
+    import inspect
+
+    parameters = inspect.signature(block.forward).parameters
+    named = list(spec.residual_of.values()) + [f.name for f in spec.features]
+    missing = sorted({name for name in named if name not in parameters})
+    if missing:
+        raise ModelMismatchError(f"{spec.path}.forward to take the arguments {file} names ({', '.join(missing)})",
+                                 f"parameters {list(parameters)}", "Load the artifact into the model it was made for.")

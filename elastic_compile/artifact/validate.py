@@ -48,14 +48,16 @@ class Checker:
                             "The manifest does not match what this elastic_compile writes: export again (with this "
                             "version), or load it with the version that wrote it.")
 
-    def get(self, entry: Any, key: str, kind, where: str):
+    def get(self, entry: Any, key: str, kind, where: str = ""):
+        """``entry[key]`` when present and of ``kind`` (``where``: the entry's own name, "" at the top)."""
+        name = f"{where}.{key}" if where else key
         if not isinstance(entry, dict) or key not in entry:
-            self.fail(f"{where}.{key}", "present", "missing")
+            self.fail(name, "present", "missing")
         value = entry[key]
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            self.fail(f"{where}.{key}", "an integer", value)
+            self.fail(name, "an integer", value)
         if kind is not int and kind is not None and not isinstance(value, kind):
-            self.fail(f"{where}.{key}", f"a {getattr(kind, '__name__', kind)}", value)
+            self.fail(name, f"a {getattr(kind, '__name__', kind)}", value)
         return value
 
     def index(self, value: Any, size: int, where: str) -> int:
@@ -89,31 +91,31 @@ class Checker:
 def validate_export(manifest: dict, file: Path) -> None:
     """Raise ArtifactError (naming ``file`` and the entry) unless the export manifest's values are usable."""
     c, root = Checker(file), file.parent
-    versions = c.get(manifest, "versions", dict, "versions")
+    versions = c.get(manifest, "versions", dict)
     writer = versions.get("elastic_compile")
     if not isinstance(writer, str) or version_tuple(writer) is None:
         c.fail("versions.elastic_compile", "the elastic_compile version that wrote it", writer)
     if version_tuple(writer) > version_tuple(__version__):
         raise ArtifactError(f"an export written by elastic_compile <= {__version__} ({file})", f"version {writer}",
                             f"Upgrade elastic_compile to {writer} or later to load it.")
-    if c.get(manifest, "opset", int, "opset") not in OPSETS:
+    if c.get(manifest, "opset", int) not in OPSETS:
         c.fail("opset", f"one of {OPSETS}", manifest["opset"])
-    if c.get(manifest, "dtype", str, "dtype") not in DTYPES:
+    if c.get(manifest, "dtype", str) not in DTYPES:
         c.fail("dtype", f"one of {sorted(DTYPES)}", manifest["dtype"])
-    widths = c.get(c.get(manifest, "config", dict, "config"), "width_buckets", list, "config")
+    widths = c.get(c.get(manifest, "config", dict), "width_buckets", list, "config")
     if not widths or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in widths):
         c.fail("config.width_buckets", "a list of numbers", widths)
-    indices = c.ints(c.get(manifest, "bucket_indices", list, "bucket_indices"), "bucket_indices", 0, len(widths) - 1)
-    dense = c.get(manifest, "dense_bucket", int, "dense_bucket")
+    indices = c.ints(c.get(manifest, "bucket_indices", list), "bucket_indices", 0, len(widths) - 1)
+    dense = c.get(manifest, "dense_bucket", int)
     if dense != len(widths) - 1 or dense not in indices or indices != sorted(set(indices)):
         c.fail("bucket_indices / dense_bucket", f"increasing bucket indices including the dense one ({len(widths) - 1})",
                (indices, dense))
-    if c.get(manifest, "buckets", list, "buckets") != [widths[i] for i in indices]:
+    if c.get(manifest, "buckets", list) != [widths[i] for i in indices]:
         c.fail("buckets", f"the widths of bucket_indices {[widths[i] for i in indices]}", manifest["buckets"])
-    sizes = c.ints(c.get(manifest, "batch_sizes", list, "batch_sizes"), "batch_sizes", 1, MAX_BATCH)
+    sizes = c.ints(c.get(manifest, "batch_sizes", list), "batch_sizes", 1, MAX_BATCH)
     if not sizes or sizes != sorted(set(sizes)):
         c.fail("batch_sizes", "a non-empty increasing list of batch sizes", sizes)
-    source = c.get(manifest, "source", dict, "source")
+    source = c.get(manifest, "source", dict)
     c.get(source, "fingerprint", str, "source")
     base = c.get(source, "base", dict, "source")
     if c.get(base, "kind", str, "source.base") not in ("diffusers", "factory"):
@@ -121,27 +123,27 @@ def validate_export(manifest: dict, file: Path) -> None:
     c.path(root, c.get(base, "path", str, "source.base"), "source.base.path")
     if not _IDENTIFIER.fullmatch(c.get(base, "class", str, "source.base")):
         c.fail("source.base.class", "a class name", base["class"])
-    c.path(root, c.get(manifest, "elastic", str, "elastic"), "elastic")
-    blocks = c.get(manifest, "blocks", list, "blocks")
-    seen = set()
+    c.path(root, c.get(manifest, "elastic", str), "elastic")
+    blocks = c.get(manifest, "blocks", list)
+    seen = {}  # block index -> tensor inputs of its graphs
     for k, entry in enumerate(blocks):
-        seen.add(_block(c, root, entry, f"blocks[{k}]", indices, dense, sizes))
+        seen.update([_block(c, root, entry, f"blocks[{k}]", indices, dense, sizes)])
     if len(seen) != len(blocks):
         c.fail("blocks[*].index", "distinct block indices", [b.get("index") for b in blocks])
-    for k, entry in enumerate(c.get(manifest, "routers", list, "routers")):
+    for k, entry in enumerate(c.get(manifest, "routers", list)):
         if c.get(entry, "block", int, f"routers[{k}]") not in seen:
             c.fail(f"routers[{k}].block", f"one of the exported blocks {sorted(seen)}", entry["block"])
         c.path(root, c.get(entry, "file", str, f"routers[{k}]"), f"routers[{k}].file")
         names = c.get(entry, "inputs", list, f"routers[{k}]")
         if not all(isinstance(n, str) for n in names):
             c.fail(f"routers[{k}].inputs", "argument names", names)
-    used = c.get(c.get(manifest, "runs_in_torch", dict, "runs_in_torch"), "block_parameters_used_outside", list,
+    used = c.get(c.get(manifest, "runs_in_torch", dict), "block_parameters_used_outside", list,
                  "runs_in_torch")
     if not all(isinstance(n, str) for n in used):
         c.fail("runs_in_torch.block_parameters_used_outside", "parameter names", used)
-    c.get(manifest, "backends", dict, "backends")
+    c.get(manifest, "backends", dict)
     if manifest.get("program") is not None:
-        _program(c, root, c.get(manifest, "program", dict, "program"), seen)
+        _program(c, root, c.get(manifest, "program", dict), seen)
     sampling = manifest.get("sampling") or {}
     if not isinstance(sampling, dict):
         c.fail("sampling", "an object or null", sampling)
@@ -154,7 +156,9 @@ def validate_export(manifest: dict, file: Path) -> None:
         c.path(root, sampling["config"], "sampling.config")
 
 
-def _block(c: Checker, root: Path, entry: Any, where: str, indices: list[int], dense: int, sizes: list[int]) -> int:
+def _block(c: Checker, root: Path, entry: Any, where: str, indices: list[int], dense: int,
+           sizes: list[int]) -> tuple[int, int]:
+    """Checks one block entry; returns its index and how many tensors its graphs take."""
     index = c.get(entry, "index", int, where)
     if index < 0:
         c.fail(f"{where}.index", "a block index >= 0", index)
@@ -212,7 +216,7 @@ def _block(c: Checker, root: Path, entry: Any, where: str, indices: list[int], d
             c.fail(f"{where}.graphs[{bucket}]", f"one graph per batch size {sizes}", files)
         for size, name in files.items():
             c.path(root, name, f"{where}.graphs[{bucket}][{size}]")
-    return index
+    return index, inputs
 
 
 def _lookahead(c: Checker, ahead: Any, where: str, inputs: int, outputs: int) -> None:
@@ -225,33 +229,59 @@ def _lookahead(c: Checker, ahead: Any, where: str, inputs: int, outputs: int) ->
             c.fail(f"{where}.sources[{k}]", f"['in', k < {inputs}] or ['out', k < {outputs}]", source)
 
 
-def _program(c: Checker, root: Path, program: dict, blocks: set[int]) -> None:
+def _program(c: Checker, root: Path, program: dict, blocks: dict[int, int]) -> None:
+    """The forward as steps (see ``export/outside.py``): types, and that every value a step or the result reads is
+    an argument, a parameter or an earlier step's output."""
     call = c.get(program, "call", dict, "program")
     c.treespec(c.get(call, "spec", str, "program.call"), "program.call.spec")
     if not all(isinstance(n, str) for n in c.get(call, "names", list, "program.call")):
         c.fail("program.call.names", "argument names", call["names"])
-    for k, leaf in enumerate(c.get(call, "leaves", list, "program.call")):
+    leaves = c.get(call, "leaves", list, "program.call")
+    if len(leaves) != loaded_treespec(call["spec"]).num_leaves:
+        c.fail("program.call.leaves", "one entry per leaf of program.call.spec", len(leaves))
+    available = set()
+    for k, leaf in enumerate(leaves):
         at = f"program.call.leaves[{k}]"
-        if c.get(leaf, "kind", str, at) == "tensor":
+        kind = c.get(leaf, "kind", str, at)
+        if kind == "tensor":
             shape = c.get(leaf, "shape", list, at)
             if any(s != "batch" and (isinstance(s, bool) or not isinstance(s, int) or s < 0) for s in shape):
                 c.fail(f"{at}.shape", "sizes or 'batch'", shape)
             c.dtype(leaf.get("dtype"), f"{at}.dtype")
-    outputs = c.get(program, "outputs", dict, "program")
-    c.treespec(c.get(outputs, "spec", str, "program.outputs"), "program.outputs.spec")
-    c.get(outputs, "values", list, "program.outputs")
+            if not isinstance(leaf.get("value"), (str, type(None))):
+                c.fail(f"{at}.value", "the name of the value (or null)", leaf.get("value"))
+            available.add(leaf.get("value"))
+        elif kind != "const" or isinstance(leaf.get("value"), (list, dict)):
+            c.fail(at, "a tensor leaf or a constant (a JSON scalar)", leaf)
     for name, path in c.get(program, "parameters", dict, "program").items():
         if not isinstance(path, str) or not all(_IDENTIFIER.fullmatch(p) or p.isdigit() for p in path.split(".")):
             c.fail(f"program.parameters[{name!r}]", "a dotted parameter name", path)
+        available.add(name)
     for k, step in enumerate(c.get(program, "steps", list, "program")):
         at = f"program.steps[{k}]"
-        names = c.get(step, "inputs", list, at) + c.get(step, "outputs", list, at)
-        if not all(isinstance(n, str) or n is None for n in names):
-            c.fail(at, "inputs and outputs named by strings", names)
+        inputs, outputs = c.get(step, "inputs", list, at), c.get(step, "outputs", list, at)
+        if not all(isinstance(n, str) for n in inputs) or not all(isinstance(n, (str, type(None))) for n in outputs):
+            c.fail(at, "inputs and outputs named by strings", inputs + outputs)
+        if not set(inputs) <= available:
+            c.fail(f"{at}.inputs", "values computed before this step", sorted(set(inputs) - available))
         if "block" in step:
-            if c.get(step, "block", int, at) not in blocks:
-                c.fail(f"{at}.block", f"one of the exported blocks {sorted(blocks)}", step["block"])
+            block = c.get(step, "block", int, at)
+            if block not in blocks or len(inputs) != blocks[block]:
+                c.fail(f"{at}.block", f"an exported block taking as many tensors as the step gives ({len(inputs)})",
+                       block)
         else:
             c.path(root, c.get(step, "graph", str, at), f"{at}.graph")
+            for key in ("complex_inputs", "complex_outputs"):
+                c.ints(step.get(key, []), f"{at}.{key}", 0, len(inputs if key == "complex_inputs" else outputs) - 1)
             if step.get("lookahead") is not None:
-                _lookahead(c, step["lookahead"], f"{at}.lookahead", len(step["inputs"]), len(step["outputs"]))
+                _lookahead(c, step["lookahead"], f"{at}.lookahead", len(inputs), len(outputs))
+        available.update(n for n in outputs if n is not None)
+    results = c.get(program, "outputs", dict, "program")
+    c.treespec(c.get(results, "spec", str, "program.outputs"), "program.outputs.spec")
+    values = c.get(results, "values", list, "program.outputs")
+    constants = results.get("constants", {})
+    if not isinstance(constants, dict) or len(values) != loaded_treespec(results["spec"]).num_leaves:
+        c.fail("program.outputs", "one value per leaf of its spec, and constants by leaf number", results)
+    for k, name in enumerate(values):
+        if name is None and str(k) not in constants or name is not None and name not in available:
+            c.fail(f"program.outputs.values[{k}]", "a computed value (or null with a constant)", name)

@@ -235,7 +235,7 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
         scheduler, sampling_config: stored for ``Runtime.sample`` / ``elastic-compile run`` (optional).
         threads: onnxruntime intra-op threads for verification.
         runtime_check: called as ``runtime_check(model, example_inputs, staged_dir, dtype, bucket_indices,
-            threads, backend)`` once the staged artifact is complete, before it replaces ``out_dir`` (raising
+            threads, backend, base_factory)`` once the staged artifact is complete, before it replaces ``out_dir`` (raising
             aborts the export); ``elastic_compile.export`` passes the runtime's own check
             (``serve/check.py``), so this package never imports the runtime that reads what it writes.
         router_summaries: block graphs also return the token summaries the next router reads and, for fp32
@@ -306,9 +306,9 @@ def export(model: nn.Module, example_inputs: Any, out_dir, buckets: Sequence[flo
             manifest["export_seconds"] = round(time.perf_counter() - started, 2)
             manifest = mf.finalize(root, manifest)
             if runtime_check is not None and exporter.verify_ort:
-                runtime_check(model, example_inputs, root, dtype, indices, threads, "onnxruntime")
+                runtime_check(model, example_inputs, root, dtype, indices, threads, "onnxruntime", base_factory)
             if runtime_check is not None and manifest["backends"]["tensorrt"].get("engines"):
-                runtime_check(model, example_inputs, root, dtype, indices, threads, "tensorrt")
+                runtime_check(model, example_inputs, root, dtype, indices, threads, "tensorrt", base_factory)
     finally:
         model.train(was_training)
         state.cache = feature_cache
