@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import elastic_compile as ec
+from elastic_compile.artifact.integrity import seal
 from elastic_compile.cli import main
 from elastic_compile.errors import BackendUnavailableError, ConfigError, InputMismatchError
 from elastic_compile.backends.tensorrt import tensorrt_available
@@ -201,7 +202,7 @@ def test_block_graphs_summarise_streams_for_the_host_routers(tmp_path_factory, t
             manifest = json.loads((root / "manifest.json").read_text())
             for entry in manifest["blocks"]:
                 del entry["pooled_outputs"], entry["summary_eps"]
-            (root / "manifest.json").write_text(json.dumps(manifest))
+            (root / "manifest.json").write_text(json.dumps(seal(manifest)))  # sealed: edits are refused otherwise
         runtime = ec.runtime.load(root, threads=1, routers="torch" if variant == "torch" else None)
         got = first_output(runtime(**exported.inputs))
         assert ec.stats(runtime).decisions == decisions, variant

@@ -86,7 +86,8 @@ def check_site(block: nn.Module, spec: Any, site: Any, file: Path) -> None:
     """The FFN ``site`` of ``spec``'s block names parameters of the block whose unit dimension it covers exactly."""
     where = f"block {spec.index} ({spec.path}) FFN site {site.name!r}"
     if isinstance(site.hidden, bool) or not isinstance(site.hidden, int) or site.hidden < 1:
-        raise ArtifactError(f"{where} in {file} with a positive unit count", repr(site.hidden), f"{REMEDY.capitalize()}.")
+        raise ArtifactError(f"{where} in {file} with a positive unit count", repr(site.hidden),
+                            f"{REMEDY.capitalize()}.")
     for piece in site.all_slices():
         try:
             param = block.get_parameter(piece.param)
