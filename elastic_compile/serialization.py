@@ -29,7 +29,7 @@ from .artifact.files import read_manifest_json, write_json_atomic
 from .artifact.integrity import check_files, load_tensors
 from .artifact.manifest import hash_tree
 from .artifact.saved import (BASE_WEIGHTS, FORMAT, MANIFEST, PERMUTATIONS, REMEDY, ROUTERS, check_block_entry,
-                             check_finite, check_model_fits, check_permutation, check_site, check_spec,
+                             check_finite, check_model_fits, check_permutation, check_site, check_site_modules, check_spec,
                              check_spec_fits, is_saved_artifact, spec_error, structure_fingerprint, validate_saved)
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ConfigError, ModelMismatchError
@@ -149,6 +149,7 @@ def _checked_permutations(path: Path, specs: list[BlockSpec], blocks: list[nn.Mo
     for spec, block in zip(specs, blocks):
         for site in spec.sites:
             check_site(block, spec, site, path / MANIFEST)
+            check_site_modules(block, spec, site, path / MANIFEST)
             key = f"{spec.index}.{site.name}"
             if key not in saved:
                 raise ArtifactError(f"a permutation for {key} in {file}", "none", "The artifact is incomplete; save it again.")

@@ -130,19 +130,24 @@ def _load_and_run(base, root, inputs):
         return model(**inputs)
 
 
-@settings(max_examples=300, **SETTINGS)
-@given(st.data())
-def test_any_edit_of_a_save_manifest_loads_or_raises_a_typed_error(saved, data):
-    root, base, inputs, pristine, paths = saved
+def _edited_case(data, root, name, paths, call):
+    """One random edit of manifest ``root/name`` (hashes and seal recomputed), then ``call``; restored after."""
     path = data.draw(st.sampled_from(paths))
     action = data.draw(st.sampled_from(["delete", "replace", "extend"]))
     value = data.draw(json_values)
-    original = (root / "elastic.json").read_text()
+    original = (root / name).read_text()
     try:
-        rewrite_manifest(root, "elastic.json", lambda m: mutate(m, path, action, value))
-        _typed_or_working(lambda: _load_and_run(base, root, inputs))
+        rewrite_manifest(root, name, lambda m: mutate(m, path, action, value))
+        _typed_or_working(call)
     finally:
-        (root / "elastic.json").write_text(original)
+        (root / name).write_text(original)
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(st.data())
+def test_any_edit_of_a_save_manifest_loads_or_raises_a_typed_error(saved, data):
+    root, base, inputs, _, paths = saved
+    _edited_case(data, root, "elastic.json", paths, lambda: _load_and_run(base, root, inputs))
 
 
 corruptions = st.one_of(st.tuples(st.just("flip"), st.integers(0, 10 ** 9), st.integers(1, 255)),
@@ -216,15 +221,7 @@ def _runtime_and_call(root, inputs):
 @given(st.data())
 def test_any_edit_of_an_export_manifest_loads_or_raises_a_typed_error(export_copy, data):
     root, inputs, paths, _ = export_copy
-    path = data.draw(st.sampled_from(paths))
-    action = data.draw(st.sampled_from(["delete", "replace", "extend"]))
-    value = data.draw(json_values)
-    original = (root / "manifest.json").read_text()
-    try:
-        rewrite_manifest(root, "manifest.json", lambda m: mutate(m, path, action, value))
-        _typed_or_working(lambda: _runtime_and_call(root, inputs))
-    finally:
-        (root / "manifest.json").write_text(original)
+    _edited_case(data, root, "manifest.json", paths, lambda: _runtime_and_call(root, inputs))
 
 
 @settings(max_examples=80, **SETTINGS)

@@ -106,6 +106,19 @@ def check_site(block: nn.Module, spec: Any, site: Any, file: Path) -> None:
                                      f"size {size}", "Load the artifact into the model (width) it was made for.")
 
 
+def check_site_modules(block: nn.Module, spec: Any, site: Any, file: Path) -> None:
+    """Every parameter of a module holding the site's units by rows (an in-projection, a per-unit op) is sliced
+    with them: a bias left out would keep the dense width and break the narrow ones."""
+    listed = {piece.param for piece in site.in_projections}
+    for name in {piece.module for piece in site.in_projections}:
+        module = block.get_submodule(name) if name else block
+        prefix = f"{name}." if name else ""
+        left = sorted(f"{prefix}{p}" for p, _ in module.named_parameters(recurse=False) if f"{prefix}{p}" not in listed)
+        if left:
+            raise ArtifactError(f"block {spec.index} FFN site {site.name!r} in {file} to slice every parameter of "
+                                f"{name or 'the block'}", f"{', '.join(left)} left out", f"{REMEDY.capitalize()}.")
+
+
 def _int_in(value: Any, low: int, high: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
 

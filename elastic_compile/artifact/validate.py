@@ -81,6 +81,12 @@ class Checker:
         except Exception:  # any parse failure of the structure string: torch raises several kinds
             self.fail(where, "a pytree structure written by torch.utils._pytree.treespec_dumps", value)
 
+    def leaf_count(self, leaves: list, spec: str, where: str) -> None:
+        """One entry in ``leaves`` per leaf of the (already checked) structure ``spec``."""
+        if len(leaves) != loaded_treespec(spec).num_leaves:
+            self.fail(f"{where}.leaves", f"one entry per leaf of {where}.spec ({loaded_treespec(spec).num_leaves})",
+                      len(leaves))
+
     def dtype(self, value: Any, where: str) -> None:
         import torch
 
@@ -168,36 +174,20 @@ def _block(c: Checker, root: Path, entry: Any, where: str, indices: list[int], d
     c.treespec(c.get(layout, "spec", str, f"{where}.layout"), f"{where}.layout.spec")
     if c.get(layout, "batch", int, f"{where}.layout") < 1:
         c.fail(f"{where}.layout.batch", "a batch size >= 1", layout["batch"])
-    inputs = 0
-    for k, leaf in enumerate(c.get(layout, "leaves", list, f"{where}.layout")):
-        at = f"{where}.layout.leaves[{k}]"
-        kind = c.get(leaf, "kind", str, at)
-        if kind == "tensor":
-            if c.get(leaf, "input", int, at) != inputs:
-                c.fail(f"{at}.input", f"graph input {inputs} (tensor leaves in order)", leaf["input"])
-            inputs += 1
-            c.ints(c.get(leaf, "shape", list, at), f"{at}.shape", 0, 1 << 31)
-            c.dtype(leaf.get("dtype"), f"{at}.dtype")
-            for flag in ("batched", "complex"):
-                c.get(leaf, flag, bool, at)
-        elif kind == "const":
-            if isinstance(leaf.get("value"), (list, dict)):
-                c.fail(f"{at}.value", "a JSON scalar", leaf.get("value"))
-        else:
-            c.fail(f"{at}.kind", "'tensor' or 'const'", kind)
+    leaves = c.get(layout, "leaves", list, f"{where}.layout")
+    c.leaf_count(leaves, layout["spec"], f"{where}.layout")
+    tensors = _numbered(c, leaves, f"{where}.layout.leaves", "input", "const")
+    for leaf in tensors:
+        c.ints(c.get(leaf, "shape", list, where), f"{where}.layout.leaves[*].shape", 0, 1 << 31)
+        for flag in ("batched", "complex"):
+            c.get(leaf, flag, bool, f"{where}.layout.leaves[*]")
+    if any(isinstance(leaf.get("value"), (list, dict)) for leaf in leaves if leaf["kind"] == "const"):
+        c.fail(f"{where}.layout.leaves[*].value", "JSON scalars for constants", leaves)
+    inputs = len(tensors)
     outputs = c.get(entry, "outputs", dict, where)
     c.treespec(c.get(outputs, "spec", str, f"{where}.outputs"), f"{where}.outputs.spec")
-    count = 0
-    for k, leaf in enumerate(c.get(outputs, "leaves", list, f"{where}.outputs")):
-        at = f"{where}.outputs.leaves[{k}]"
-        kind = c.get(leaf, "kind", str, at)
-        if kind == "tensor":
-            if c.get(leaf, "output", int, at) != count:
-                c.fail(f"{at}.output", f"graph output {count}", leaf["output"])
-            c.dtype(leaf.get("dtype"), f"{at}.dtype")
-            count += 1
-        elif kind != "none":
-            c.fail(f"{at}.kind", "'tensor' or 'none'", kind)
+    c.leaf_count(c.get(outputs, "leaves", list, f"{where}.outputs"), outputs["spec"], f"{where}.outputs")
+    count = len(_numbered(c, outputs["leaves"], f"{where}.outputs.leaves", "output", "none"))
     c.ints(entry.get("complex_inputs", []), f"{where}.complex_inputs", 0, inputs - 1)
     c.ints(entry.get("pooled_outputs", []), f"{where}.pooled_outputs", 0, count - 1)
     eps = entry.get("summary_eps", 0.0)
@@ -219,6 +209,22 @@ def _block(c: Checker, root: Path, entry: Any, where: str, indices: list[int], d
     return index, inputs
 
 
+def _numbered(c: Checker, leaves: list, where: str, number: str, other: str) -> list[dict]:
+    """The "tensor" leaves, checked to carry a dtype and ``number`` 0, 1, ... in order; every other leaf must be
+    of kind ``other``."""
+    tensors = []
+    for k, leaf in enumerate(leaves):
+        kind = c.get(leaf, "kind", str, f"{where}[{k}]")
+        if kind == "tensor":
+            if c.get(leaf, number, int, f"{where}[{k}]") != len(tensors):
+                c.fail(f"{where}[{k}].{number}", f"{number} {len(tensors)} (tensor leaves in order)", leaf[number])
+            c.dtype(leaf.get("dtype"), f"{where}[{k}].dtype")
+            tensors.append(leaf)
+        elif kind != other:
+            c.fail(f"{where}[{k}].kind", f"'tensor' or '{other}'", kind)
+    return tensors
+
+
 def _lookahead(c: Checker, ahead: Any, where: str, inputs: int, outputs: int) -> None:
     if c.get(ahead, "block", int, where) < 0:
         c.fail(f"{where}.block", "a block index", ahead["block"])
@@ -237,8 +243,7 @@ def _program(c: Checker, root: Path, program: dict, blocks: dict[int, int]) -> N
     if not all(isinstance(n, str) for n in c.get(call, "names", list, "program.call")):
         c.fail("program.call.names", "argument names", call["names"])
     leaves = c.get(call, "leaves", list, "program.call")
-    if len(leaves) != loaded_treespec(call["spec"]).num_leaves:
-        c.fail("program.call.leaves", "one entry per leaf of program.call.spec", len(leaves))
+    c.leaf_count(leaves, call["spec"], "program.call")
     available = set()
     for k, leaf in enumerate(leaves):
         at = f"program.call.leaves[{k}]"
