@@ -362,7 +362,7 @@ def test_onnxruntime_runtime_runs_its_pytorch_parts_on_one_thread_and_restores_i
         with pytest.raises(ConfigError, match="torch_threads"):
             ec.runtime.load(exported.dir, torch_threads="one")
         assert main(["run", str(exported.dir), "--classes", "0", "--torch-threads", "-1"]) == 2
-        assert "torch_threads" in capsys.readouterr().err
+        assert "--torch-threads" in capsys.readouterr().err  # refused by the command line, before loading
     finally:
         torch.set_num_threads(before)
 
