@@ -85,6 +85,18 @@ def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.M
     return model, inputs
 
 
+def load_scheduler(directory: Path, class_name: str | None = None):
+    """A diffusers scheduler folder; its class (``class_name``, else the folder's ``_class_name``) is looked up
+    among diffusers' schedulers only."""
+    config_file = directory / "scheduler_config.json"
+    try:
+        name = class_name or json.loads(config_file.read_text()).get("_class_name")
+        return diffusers_class(name, "SchedulerMixin", str(config_file)).from_pretrained(str(directory))
+    except (ValueError, OSError, AttributeError, ArtifactError) as exc:
+        raise ConfigError(f"a diffusers scheduler folder at {directory}", f"{type(exc).__name__}: {str(exc)[:300]}",
+                          "Pass a scheduler folder (--scheduler / --sampling DIR).") from exc
+
+
 def synthesize_dit_inputs(model: torch.nn.Module, batch: int = 2) -> dict | None:
     """Example inputs for class-conditional diffusers DiT models (DiTTransformer2DModel); None for others."""
     config = getattr(model, "config", None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import ElasticConfig
 from ..errors import ConfigError
-from .common import parse_floats, parse_ints, require, resolve_model
+from .common import load_scheduler, parse_floats, parse_ints, require, resolve_model
 
 
 def register(subparsers) -> None:
@@ -44,12 +44,7 @@ def _sampling_assets(args):
     sampling_file = Path(args.sampling) if args.sampling else model_dir.parent / "sampling.json"
     scheduler = config = None
     if (scheduler_dir / "scheduler_config.json").is_file() and (args.scheduler or model_dir.is_dir()):
-        import diffusers
-        name = json.loads((scheduler_dir / "scheduler_config.json").read_text()).get("_class_name", "")
-        scheduler_class = getattr(diffusers, name, None)
-        if scheduler_class is None:
-            raise ConfigError("a diffusers scheduler folder", f"_class_name={name!r}", "Pass --scheduler DIR.")
-        scheduler = scheduler_class.from_pretrained(str(scheduler_dir))
+        scheduler = load_scheduler(scheduler_dir)
     if sampling_file.is_file() and (args.sampling or model_dir.is_dir()):
         config = SamplingConfig.load(sampling_file)
     return scheduler, config

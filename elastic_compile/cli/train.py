@@ -56,7 +56,7 @@ def run(args) -> int:
     from ..train import record_class_conditional_trajectories, train_routers
     from ..train.distill import check_train_options
     from ..train.rollout import ClassConditionalRollout, start_from_block_cache
-    from .common import resolve_model, writable_output
+    from .common import load_scheduler, resolve_model, writable_output
 
     # Every option is checked before the minutes of recording and training that would end in an error.
     check_train_options(budget=args.budget, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -75,10 +75,9 @@ def run(args) -> int:
         config = ec.ElasticConfig(width_buckets=tuple(float(w) for w in args.widths.split(",")),
                                   skip_actions=tuple(a.strip() for a in args.skip_actions.split(",") if a.strip()))
         ec.transform(model, config, example_inputs=inputs)
-    import diffusers
     sampling_dir = Path(args.sampling) if args.sampling else ASSETS_DIR
     sampling = SamplingConfig.load(sampling_dir / "sampling.json")
-    scheduler = getattr(diffusers, sampling.scheduler).from_pretrained(sampling_dir / "scheduler")
+    scheduler = load_scheduler(sampling_dir / "scheduler", sampling.scheduler)
     stages = args.objective.split("+")
 
     def log(entry):

@@ -48,7 +48,8 @@ def load_reference(assets_dir: str | Path | None = None, *, device: torch.device
 
     root = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
     model = DiTTransformer2DModel.from_pretrained(_require(root / "transformer", "reference transformer"),
-                                                  low_cpu_mem_usage=False)  # no `accelerate` needed
+                                                  low_cpu_mem_usage=False,  # no `accelerate` needed
+                                                  use_safetensors=True)  # never a pickle
     model = model.to(device).eval().requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_require(root / "scheduler", "reference scheduler"))
     config = SamplingConfig.load(_require(root / "sampling.json", "sampling config"))
