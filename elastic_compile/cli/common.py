@@ -78,7 +78,7 @@ def resolve_model(spec: str, inputs_path: str | None = None) -> tuple[torch.nn.M
         model = load_diffusers_model(diffusers_class(class_name, where=str(config_file)), directory)
     except (ValueError, OSError, AttributeError, ArtifactError) as exc:
         raise ConfigError(f"--model {spec}: a diffusers model folder (config.json naming a diffusers model class, "
-                          "safetensors weights)", f"{type(exc).__name__}: {str(exc)[:300]}",
+                          "safetensors weights)", f"{type(exc).__name__}: {str(exc)[:300].rstrip('.')}",
                           "Use a package.module:factory spec for non-diffusers models.") from exc
     if inputs is None:
         inputs = synthesize_dit_inputs(model)
@@ -93,7 +93,8 @@ def load_scheduler(directory: Path, class_name: str | None = None):
         name = class_name or json.loads(config_file.read_text()).get("_class_name")
         return diffusers_class(name, "SchedulerMixin", str(config_file)).from_pretrained(str(directory))
     except (ValueError, OSError, AttributeError, ArtifactError) as exc:
-        raise ConfigError(f"a diffusers scheduler folder at {directory}", f"{type(exc).__name__}: {str(exc)[:300]}",
+        raise ConfigError(f"a diffusers scheduler folder at {directory}",
+                          f"{type(exc).__name__}: {str(exc)[:300].rstrip('.')}",
                           "Pass a scheduler folder (--scheduler / --sampling DIR).") from exc
 
 
