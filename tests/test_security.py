@@ -280,6 +280,19 @@ def test_a_single_timestep_for_a_batch_broadcasts_like_the_dense_model():
         router.logits(arguments)
 
 
+@pytest.mark.parametrize("routers", ["host", "onnx"])
+def test_a_single_timestep_for_a_batch_on_a_runtime_works_or_is_a_typed_error(tiny_export, routers):
+    out, model, inputs = tiny_export
+    one = dict(inputs, timestep=inputs["timestep"][:1])
+    runtime = ec.runtime.load(out, threads=1, routers=routers)
+    try:
+        got = runtime(**one)[0]
+    except InputMismatchError:
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(**one)[0], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["run", "A", "--classes", "1", "--nrow", "-1"], "--nrow"),
     (["run", "A", "--classes", "1.7"], "--classes"),

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError, ExportError
+from ..errors import BackendUnavailableError, ConfigError, ExportError, InputMismatchError
 
 THREAD_POOLS = ("per_session", "shared")
 MEMORY_ARENAS = ("shared", "per_session")
@@ -157,7 +157,13 @@ class OrtGraph:
     def __call__(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors[k]`` feeds graph input ``in_<k>`` (inputs a graph does not use may be absent from it)."""
         feed = {name: _to_numpy(tensors[k]) for name, k in self.feeds}
-        return [torch.from_numpy(out) for out in self.session.run(self.output_names, feed)]
+        try:
+            outputs = self.session.run(self.output_names, feed)
+        except Exception as exc:  # onnxruntime's own exception types, e.g. a batch that differs between inputs
+            raise InputMismatchError(f"inputs that {self.path.name} runs on",
+                                     f"{[tuple(v.shape) for v in feed.values()]}: {str(exc).splitlines()[0][:300]}",
+                                     "Call the model with one batch size for every batched input.") from exc
+        return [torch.from_numpy(out) for out in outputs]
 
 
 class OnnxRuntimeBackend:
