@@ -10,6 +10,7 @@ wider model fails here, not on its first call), the model must have the architec
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,11 @@ def validate_saved(manifest: dict, file: Path) -> None:
         raise ArtifactError(f"an artifact written by elastic_compile <= {__version__} ({file})", f"version {writer}",
                             f"Upgrade elastic_compile to {writer} or later to load it.")
     serving = manifest.get("serving", {})
-    if not isinstance(serving, dict) or set(serving) - {"feature_cache"}:
-        c.fail("serving", "an object with at most 'feature_cache'", serving)
+    if not isinstance(serving, dict) or set(serving) - {"feature_cache", "threshold_calibrated"}:
+        c.fail("serving", "an object with at most 'feature_cache' and 'threshold_calibrated'", serving)
+    calibrated = serving.get("threshold_calibrated", 0.5)
+    if isinstance(calibrated, bool) or not isinstance(calibrated, (int, float)) or not math.isfinite(calibrated):
+        c.fail("serving.threshold_calibrated", "a finite number (the run threshold calibration found)", calibrated)
     cache = serving.get("feature_cache")
     if cache is not None:
         if not isinstance(cache, dict) or set(cache) - set(CACHE_FIELDS):
