@@ -36,6 +36,7 @@ from frontier import best_dominating, paired_fid_difference, row_key  # benchmar
 from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
 from elastic_compile.sampling.hooks import DiffusersCacheHooks
 from elastic_compile.sampling import sample
+from elastic_compile.state import state_of
 from timing import timed_speedup  # benchmarks/timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -334,7 +335,7 @@ def write(rows, grids, labels, args, dominance=()) -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['fraction']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['accuracy']:.3f} | {r['fid']:.2f} |")
-    lines += ["", f"## Does the elastic mode dominate every training-free setting?", "",
+    lines += ["", "## Does the elastic mode dominate every training-free setting?", "",
               f"Candidates: the `{ELASTIC}` rows. A candidate dominates a peer when it is at least as fast, at least "
               "as faithful (PSNR) and no worse in FID: strictly (FID <= the peer's) or within noise (the 95% paired "
               "bootstrap interval of FID(candidate) - FID(peer), same images resampled for both, reaches 0).", "",

@@ -27,7 +27,7 @@ ALLOWED = {
     "stats": {"errors", "nn", "state"},
     "artifact": {"capture", "errors", "state", "version"},
     "serialization": {"analysis", "artifact", "config", "errors", "passes", "report", "state", "version"},
-    "train": {"batch", "cache", "errors", "nn", "sampling", "serialization", "state", "stats"},
+    "train": {"batch", "cache", "config", "errors", "nn", "sampling", "serialization", "state", "stats"},
     "backends": {"artifact", "errors"},
     "export": {"artifact", "backends", "capture", "errors", "serialization", "state"},
     "serve": {"artifact", "backends", "cache", "capture", "errors", "nn", "sampling", "serialization", "state"},

@@ -29,9 +29,13 @@ def register(subparsers) -> None:
     parser.add_argument("--objective", choices=("step", "rollout", "step+rollout"), default="step",
                         help="per-call distillation on recorded trajectories ('step'), whole generations with the "
                              "feature cache in the loop ('rollout', implies the cache), or the first then the second")
-    parser.add_argument("--rollout-steps", type=int, default=60, help="rollout objective: training steps")
+    parser.add_argument("--rollout-steps", type=int, default=40, help="rollout objective: training steps")
     parser.add_argument("--rollout-batch", type=int, default=8, help="rollout objective: generations per step")
     parser.add_argument("--rollout-per-class", type=int, default=8, help="rollout objective: noise seeds per class")
+    parser.add_argument("--rollout-lr", type=float, default=5e-3, help="rollout objective: learning rate")
+    parser.add_argument("--dual-init", type=float, default=12.0,
+                        help="rollout objective: the budget multiplier's start (log-MSE per unit of FLOP fraction)")
+    parser.add_argument("--dual-step", type=float, default=5.0, help="rollout objective: the multiplier's step")
     parser.add_argument("--skip-actions", default="reuse",
                         help="comma-separated stand-ins a skipped block may take with the cache: reuse, forecast, "
                              "forecast2 (more than one: the routers choose per sample); new routers only")
@@ -97,10 +101,12 @@ def run(args) -> int:
                                      base_lr=args.base_lr, **common))
     if "rollout" in stages:
         if args.start_from_cache and "step" not in stages:
-            start_from_block_cache(model)
+            start_from_block_cache(model, run_logit=-0.5)  # just below tau 0.5: training moves it either way
         rollout = ClassConditionalRollout(scheduler, sampling, per_class=args.rollout_per_class)
+        rollout_options = {**common, "lr": args.rollout_lr}
         reports.append(train_routers(model, rollout, objective="rollout", steps=args.rollout_steps,
-                                     batch_size=args.rollout_batch, lr_schedule="constant", **common))
+                                     batch_size=args.rollout_batch, lr_schedule="constant", dual_init=args.dual_init,
+                                     dual_step=args.dual_step, **rollout_options))
     (out / "train_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
     final = reports[-1].final
     print(f"done in {sum(r.seconds for r in reports):.0f} s: executed FLOP fraction {final.executed_fraction:.3f}, "
