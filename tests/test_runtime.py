@@ -306,11 +306,15 @@ def test_single_thread_router_runs_on_one_thread_and_restores_the_pool():
     from elastic_compile.serve.executor import SingleThreadRouter
     seen = []
 
-    def router(arguments):
-        seen.append(torch.get_num_threads())
-        if arguments.get("fail"):
-            raise ValueError("router failed")
-        return "decisions"
+    class Router:
+        num_widths, num_actions = 2, 1
+
+        def __call__(self, arguments):
+            seen.append(torch.get_num_threads())
+            if arguments.get("fail"):
+                raise ValueError("router failed")
+            return "decisions"
+    router = Router()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
