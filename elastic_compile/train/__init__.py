@@ -1,7 +1,10 @@
-"""Router training: distillation from the dense model under a compute budget (E-DiT)."""
+"""Router training: distillation from the dense model under a compute budget (E-DiT), per step or through
+whole sampler rollouts with the feature cache in the loop."""
 from .common import TrainLogEntry, TrainReport
 from .distill import train_routers
+from .rollout import ClassConditionalRollout, Rollout, calibrate_threshold, start_from_block_cache
 from .trajectories import TrajectoryDataset, record_class_conditional_trajectories, record_trajectories
 
-__all__ = ["TrainLogEntry", "TrainReport", "TrajectoryDataset", "record_class_conditional_trajectories",
-           "record_trajectories", "train_routers"]
+__all__ = ["ClassConditionalRollout", "Rollout", "TrainLogEntry", "TrainReport", "TrajectoryDataset",
+           "calibrate_threshold", "record_class_conditional_trajectories", "record_trajectories",
+           "start_from_block_cache", "train_routers"]
