@@ -37,13 +37,16 @@ from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_f
 from elastic_compile.sampling.hooks import DiffusersCacheHooks
 from elastic_compile.sampling import sample
 from elastic_compile.state import state_of
-from timing import timed_speedup  # benchmarks/timing.py
+from timing import paired_overhead  # benchmarks/timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS  # where this run writes (--out); router sets are read from RESULTS/routers
 #: The toolkit's best elastic mode: routers choosing run / skip and a skip action (reuse, first- or second-order
 #: forecast) per block, step and sample, trained through rollouts with the feature cache in the loop.
 ELASTIC = "E-DiT forecast routers"
+#: Elastic configurations that may dominate a peer: the routers as trained, and their decisions averaged per step
+#: over samples (one learned schedule for every sample; the per-sample ablation of the issue's premise).
+CANDIDATES = (ELASTIC, ELASTIC + " (per-step schedule)")
 #: Training-free methods the elastic mode must dominate (quality.md's dominance table).
 PEERS = ("FirstBlockCache", "TaylorSeer", "MagCache", "static skip", "static width", "block cache (no routers)",
          "block forecast (no routers)", "block forecast 2nd order (no routers)")
@@ -226,7 +229,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-per-class", type=int, default=10)
     parser.add_argument("--timing-images", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=8,
+                        help="timed dense/method pairs per setting (ABBA order, median of the pair ratios)")
     parser.add_argument("--max-static-skip", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--assets", default=str(ASSETS_DIR))
@@ -255,10 +259,14 @@ def main(argv=None) -> int:
         denoiser, hooks = setting.build()
         flops = measure_flops(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
         images = sample(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
-        _, _, speedup = timed_speedup(lambda: sample(dense_model, scheduler, timing_labels, config),
-                                      lambda: sample(denoiser, scheduler, timing_labels, config, hooks=hooks),
-                                      repeats=args.repeats)
+        timing = paired_overhead(lambda: sample(dense_model, scheduler, timing_labels, config),
+                                 lambda: sample(denoiser, scheduler, timing_labels, config, hooks=hooks),
+                                 pairs=args.pairs, warmup=1)
+        # pair ratios are method / dense time: the speedup and its interval are their reciprocals
+        speedup = 1 / (1 + timing["overhead"])
+        low, high = (1 / (1 + o) for o in reversed(timing["interval"]))
         row = dict(method=setting.method, setting=setting.label, fraction=flops / dense_flops, speedup=speedup,
+                   speedup_interval=[low, high],
                    **score(images, labels, classifier, real, dense_images))
         rows.append(row)
         features[row_key(row)] = classifier_features(classifier, images)
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
 def dominance_table(rows, features, real_features) -> list[dict]:
     """Per peer setting (``PEERS``), the elastic row that dominates it (``frontier.best_dominating``), with a
     paired FID interval where only FID separates them (images of both rows from this run)."""
-    candidates = [r for r in rows if r["method"] == ELASTIC]
+    candidates = [r for r in rows if r["method"] in CANDIDATES]
     table = []
     for peer in (r for r in rows if r["method"] in PEERS):
         intervals = {}
@@ -327,16 +335,18 @@ def write(rows, grids, labels, args, dominance=()) -> None:
     lines = ["# Speed-fidelity frontier on the reference model", "",
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` ({args.threads} CPU threads). "
              f"{len(labels)} images ({args.eval_per_class} per class), default steps and guidance, CFG as one batch; "
-             f"speedup = median of {args.repeats} interleaved dense/method runs on {args.timing_images} images."
+             f"speedup = dense / method time, the median of {args.pairs} back-to-back pairs on {args.timing_images} images "
+             "(ABBA order), with its 95% bootstrap interval."
              + (" Rows of the methods not named in --only are kept from the previous results file." if args.only
                 else ""), "",
              "| method | setting | executed FLOP fraction | speedup (wall-clock) | PSNR vs dense (dB) | SSIM | "
              "class accuracy | FID |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['setting']} | {r['fraction']:.3f} | {r['speedup']:.2f}x | "
+        spread = " [{:.2f}, {:.2f}]".format(*r["speedup_interval"]) if r.get("speedup_interval") else ""
+        lines.append(f"| {r['method']} | {r['setting']} | {r['fraction']:.3f} | {r['speedup']:.2f}x{spread} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['accuracy']:.3f} | {r['fid']:.2f} |")
     lines += ["", "## Does the elastic mode dominate every training-free setting?", "",
-              f"Candidates: the `{ELASTIC}` rows. A candidate dominates a peer when it is at least as fast, at least "
+              f"Candidates: the rows of {' and '.join(f'`{c}`' for c in CANDIDATES)}. A candidate dominates a peer when it is at least as fast, at least "
               "as faithful (PSNR) and no worse in FID: strictly (FID <= the peer's) or within noise (the 95% paired "
               "bootstrap interval of FID(candidate) - FID(peer), same images resampled for both, reaches 0).", "",
               "| peer | setting | speedup | PSNR | FID | dominated by | speedup | PSNR | FID | how |",
@@ -350,7 +360,7 @@ def write(rows, grids, labels, args, dominance=()) -> None:
         how = entry["kind"]
         if entry.get("fid_interval"):
             how += " (FID difference [{:+.2f}, {:+.2f}])".format(*entry["fid_interval"])
-        lines.append(head + f" {by['setting']} | {by['speedup']:.2f}x | {by['psnr']:.2f} | {by['fid']:.2f} | {how} |")
+        lines.append(head + f" {by['method']}, {by['setting']} | {by['speedup']:.2f}x | {by['psnr']:.2f} | {by['fid']:.2f} | {how} |")
     lines += ["", "![frontier](frontier.png)", "", "Sample grids at the setting closest to 2x measured speedup:", ""]
     grid_files = {}
     for method, (speedup, label, images) in grids.items():
