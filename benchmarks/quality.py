@@ -11,8 +11,10 @@ dense images from the same noise; realism = class accuracy and classifier-featur
 Methods: diffusers FirstBlockCache, TaylorSeer and MagCache (calibrated on this model) through diffusers' hook
 API; static block skipping (the same blocks every step, set chosen greedily on a calibration set); static width
 pruning (every FFN at one bucket); this toolkit's block cache with no routers (every block reuses its last update
-up to K steps in a row, then runs); E-DiT (trained routers, benchmarks/results/routers/budget_*) with and without
-the block feature cache; E-DiT routers trained cache-aware (routers/cache_budget_*) served with the cache.
+up to K steps in a row, then runs) and its block forecast (first- or second-order extrapolation instead of
+reuse); the toolkit's best elastic mode, forecast routers trained through rollouts (routers/forecast_budget_*), as
+trained and with their decisions averaged per step (the per-sample ablation), the same routers trained with the
+per-step objective only (routers/forecast_step_budget_*), and one setting of each earlier router family.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -30,7 +33,8 @@ import elastic_compile as ec
 from elastic_compile.cli.common import synthesize_dit_inputs
 from elastic_compile.reference import ASSETS_DIR, load_classifier, load_reference, make_grid_png
 from elastic_compile.reference.data import load_digits_split
-from elastic_compile.reference.evaluate import measure_flops, score
+from elastic_compile.analysis.flop_counter import flop_counter
+from elastic_compile.reference.evaluate import score
 from elastic_compile.reference.metrics import classifier_features, psnr
 from frontier import best_dominating, paired_fid_difference, row_key  # benchmarks/frontier.py
 from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
@@ -134,7 +138,7 @@ def greedy_skip_order(assets, scheduler, config, labels, dense_images, blocks_ne
     return chosen
 
 
-def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
+def settings(args, scheduler, config, calibration_labels) -> Iterator[Setting]:
     assets = args.assets
     wanted = {m.strip() for m in args.only.split(",") if m.strip()}
     mag_ratios = order = None
@@ -170,30 +174,24 @@ def settings(args, scheduler, config, calibration_labels) -> list[Setting]:
     for reuse in (1, 2):
         out.append(Setting("block forecast 2nd order (no routers)", f"K={reuse}",
                            lambda k=reuse: block_cache(assets, k, action="forecast2")))
+    yield from out
+    # Router sets are looked up only now, after the training-free rows: a set saved while those ran is included.
     routers_root = Path(args.routers)
     for path in sorted(routers_root.glob("forecast_budget_*"), key=budget_of):
-        out.append(Setting(ELASTIC, f"budget {budget_of(path)}", lambda p=path: trained(assets, p, "serving")))
-        out.append(Setting(ELASTIC + " (per-step schedule)", f"budget {budget_of(path)}",
-                           lambda p=path: per_step_schedule(assets, p, scheduler, config, calibration_labels)))
+        yield Setting(ELASTIC, f"budget {budget_of(path)}", lambda p=path: trained(assets, p, "serving"))
+        yield Setting(ELASTIC + " (per-step schedule)", f"budget {budget_of(path)}",
+                      lambda p=path: per_step_schedule(assets, p, scheduler, config, calibration_labels))
     for path in sorted(routers_root.glob("forecast_step_budget_*"), key=budget_of):
-        out.append(Setting("E-DiT forecast routers (per-step objective only)", f"budget {budget_of(path)}",
-                           lambda p=path: trained(assets, p, "serving")))
-    for path in sorted(routers_root.glob("budget_*")):
-        budget = path.name.rsplit("_", 1)[1]
-        out.append(Setting("E-DiT", f"budget {budget}", lambda p=path: trained(assets, p)))
-        out.append(Setting("E-DiT + cache", f"budget {budget}, K=2",
-                           lambda p=path: trained(assets, p, FeatureCacheConfig(max_reuse=2))))
-    for path in sorted(routers_root.glob("cache_skip_budget_*")):
-        budget = path.name.rsplit("_", 1)[1]
-        out.append(Setting("E-DiT cache-aware skip-only + cache", f"budget {budget}, K=2",
-                           lambda p=path: trained(assets, p, "serving")))
-    for path in sorted(routers_root.glob("cache_budget_*")):
-        budget = path.name.rsplit("_", 1)[1]
-        out.append(Setting("E-DiT cache-aware + cache", f"budget {budget}, K=2",
-                           lambda p=path: trained(assets, p, "serving")))
-        out.append(Setting("E-DiT cache-aware + cache (widths pinned to 1)", f"budget {budget}, K=2",
-                           lambda p=path: trained(assets, p, "serving", pin_widths=True)))
-    return out
+        yield Setting("E-DiT forecast routers (per-step objective only)", f"budget {budget_of(path)}",
+                      lambda p=path: trained(assets, p, "serving"))
+    # Earlier router families, one setting each (their own results files have the rest): plain routers (identity
+    # skips and widths, no cache) and the previous bundled default (cache-aware, skip-only, reuse).
+    for family, cache in (("budget_0.5", None), ("cache_skip_budget_0.4", "serving")):
+        path = routers_root / family
+        if path.is_dir():
+            yield Setting("E-DiT" if cache is None else "E-DiT cache-aware skip-only + cache",
+                          "budget 0.5" if cache is None else "budget 0.4, K=2",
+                          lambda p=path, c=cache: trained(assets, p, c))
 
 
 def trained(assets, path, cache=None, pin_widths: bool = False):
@@ -228,11 +226,11 @@ def block_cache(assets, max_reuse: int, action: str = "reuse"):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-per-class", type=int, default=10)
-    parser.add_argument("--timing-images", type=int, default=20)
-    parser.add_argument("--pairs", type=int, default=8,
+    parser.add_argument("--timing-images", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=6,
                         help="timed dense/method pairs per setting (ABBA order, median of the pair ratios)")
     parser.add_argument("--max-static-skip", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--assets", default=str(ASSETS_DIR))
     parser.add_argument("--only", default="", help="comma-separated method names to run (default: all)")
     parser.add_argument("--out", default=str(RESULTS), help="where the tables, plots and grids go")
@@ -246,8 +244,9 @@ def main(argv=None) -> int:
     calibration_labels = [c for c in range(config.num_classes) for _ in range(2)]
     timing_labels = labels[::max(1, len(labels) // args.timing_images)]
     classifier, real = load_classifier(args.assets), load_digits_split().heldout_images
-    dense_images = sample(dense_model, scheduler, labels, config, seed=0)
-    dense_flops = measure_flops(dense_model, scheduler, labels, config, seed=0)
+    with flop_counter() as counter:  # every method's images are sampled under the counter alike
+        dense_images = sample(dense_model, scheduler, labels, config, seed=0)
+    dense_flops = counter.get_total_flops()
     rows = [dict(method="dense", setting="-", fraction=1.0, speedup=1.0,
                  **score(dense_images, labels, classifier, real, dense_images))]
     grids = {}
@@ -257,8 +256,9 @@ def main(argv=None) -> int:
         if only and setting.method not in only:
             continue
         denoiser, hooks = setting.build()
-        flops = measure_flops(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
-        images = sample(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
+        with flop_counter() as counter:  # counting does not change the computation: one pass gives both
+            images = sample(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
+        flops = counter.get_total_flops()
         timing = paired_overhead(lambda: sample(dense_model, scheduler, timing_labels, config),
                                  lambda: sample(denoiser, scheduler, timing_labels, config, hooks=hooks),
                                  pairs=args.pairs, warmup=1)
