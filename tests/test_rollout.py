@@ -126,3 +126,18 @@ def test_rollout_objective_says_what_it_needs():
         train_routers(model, rollout, objective="rollout", train_base=True, steps=1, progress=False)
     with pytest.raises(ConfigError, match="objective"):
         train_routers(model, rollout, objective="trajectory", steps=1, progress=False)
+
+
+def test_a_budget_below_what_the_cache_allows_trains_for_the_floor_with_a_warning():
+    """max_reuse 1 with fallback "run": a block runs at least every other call, so every-block-skips is the floor."""
+    model = elastic(width_buckets=(1.0,))
+    rollout = ClassConditionalRollout(FlowMatchEulerDiscreteScheduler(), CONFIG, per_class=1)
+    cache = FeatureCacheConfig(max_reuse=1, fallback="run")
+    with ec.force(model, skip=True):
+        floor = generation_fraction(model, rollout, rollout.pool, cache)
+    assert 0.3 < floor < 0.9
+    with pytest.warns(UserWarning, match="below the lowest executed fraction"):
+        report = train_routers(model, rollout, objective="rollout", budget=0.05, cache_max_reuse=1, steps=1,
+                               batch_size=2, progress=False)
+    assert report.budget == pytest.approx(floor, abs=0.05)
+    assert generation_fraction(model, rollout, rollout.pool, cache) >= floor - 1e-3

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,24 @@ def generation_fraction(model: nn.Module, rollout: Rollout, items: Sequence[Any]
     return sum(meter.fractions) / len(meter.fractions)
 
 
+def reachable_budget(model: nn.Module, rollout: Rollout, budget: float, cache_config) -> float:
+    """``budget``, or the lowest fraction the cache allows when the budget is below it (with a warning).
+
+    With fallback "run" a block stands in for at most ``max_reuse`` calls in a row, so even a model that asks to
+    skip every block everywhere executes a floor fraction (about 1 / (max_reuse + 1) of the blocks, plus what is
+    not a block). A budget under that floor cannot be met: the budget multiplier would keep growing and trade
+    fidelity for nothing, so training aims at the floor instead."""
+    items = list(rollout.pool[::max(1, len(rollout.pool) // 10)])
+    with force(model, skip=True):
+        floor = generation_fraction(model, rollout, items, cache_config)
+    if budget >= floor - 1e-3:
+        return budget
+    warnings.warn(f"budget {budget:g} is below the lowest executed fraction this cache allows ({floor:.3f} with "
+                  f"max_reuse {cache_config.max_reuse}): training for {floor:.3f}. Raise cache_max_reuse (the "
+                  "serving cache's K) to go lower.", stacklevel=3)
+    return floor
+
+
 def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache_config,
                         items: Sequence[Any] | None = None, iterations: int = 12) -> float:
     """Set the routers' run threshold tau so that whole generations execute ``budget`` of the dense FLOPs (or as
@@ -235,6 +254,7 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
         raise ConfigError(f"a global batch size divisible by the {world} processes", f"{batch_size}",
                           "Choose batch_size as a multiple of --nproc_per_node.")
     cache_config = serving_cache(model, cache_max_reuse)
+    budget = reachable_budget(model, rollout, budget, cache_config)
     torch.manual_seed(seed)
     optimizer, scheduler, saved_flags = trainable(model, lr, steps, lr_schedule)
     router_params = [p for r in state.routers.values() for p in r.parameters()]
