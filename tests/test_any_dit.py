@@ -189,3 +189,21 @@ def test_flattened_captions_with_disagreeing_routers_match_each_sample_alone(nam
         finally:
             for gate in gates.values():
                 del gate.routes_everything, gate.decide
+
+
+def test_an_unexpected_failure_is_typed_never_raw(monkeypatch):
+    """The last line of the rule: an exception no block-level fallback covers surfaces as TransformError (an
+    ElasticCompileError naming the original), and the model's train/eval mode is restored."""
+    import sys
+    from elastic_compile.errors import ElasticCompileError
+    transform_module = sys.modules["elastic_compile.transform"]  # the package exports a function of that name
+
+    def broken(*args, **kwargs):
+        raise IndexError("simulated pass bug")
+    torch.manual_seed(0)
+    model, inputs = STYLES["dit"]()
+    model.train()
+    monkeypatch.setattr(transform_module, "install", broken)
+    with pytest.raises(ElasticCompileError, match="simulated pass bug") as info:
+        ec.transform(model, example_inputs=inputs)
+    assert isinstance(info.value, transform_module.TransformError) and model.training
