@@ -224,6 +224,12 @@ def hunyuan_image(batch):
                        return_dict=False)
 
 
+#: classes whose builders are zoo.py's (test_transform.py checks them on every run)
+ZOO_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+               "QwenImageTransformer2DModel", "HunyuanDiT2DModel", "SanaTransformer2DModel", "WanTransformer3DModel",
+               "CogVideoXTransformer3DModel")
+
+
 def _from_zoo(name):
     def build(batch):
         return zoo.ARCHITECTURES[name](seed=0, batch=batch)
