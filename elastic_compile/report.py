@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -62,6 +62,8 @@ class BlockReport:
 class TransformReport:
     blocks: list[BlockReport]
     width_buckets: tuple[float, ...]
+    #: modules that look like transformer blocks but were left dense (not in ``blocks``), and why
+    left_dense: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{len(self.blocks)} blocks, width buckets {list(self.width_buckets)}",
@@ -71,6 +73,7 @@ class TransformReport:
             router = f"{b.router_params} params ({100 * b.router_param_fraction:.2f}%)" if b.router_params else "none"
             lines.append(f"{b.index:>3}  {b.path:<34} {'yes' if b.skippable else 'no':<5} {sites:<40} {router}")
             lines.extend(f"       note: {note}" for note in b.notes)
+        lines.extend(f"  -  {path}: {reason}" for path, reason in sorted(self.left_dense.items()))
         return "\n".join(lines)
 
 
@@ -86,7 +89,7 @@ def report(model: nn.Module) -> TransformReport:
             router_hidden=router.fc1.out_features if router is not None else 0,
             router_params=sum(p.numel() for p in router.parameters()) if router is not None else 0,
             block_params=block_parameter_count(block), notes=list(spec.notes)))
-    return TransformReport(blocks, state.config.width_buckets)
+    return TransformReport(blocks, state.config.width_buckets, dict(getattr(state, "left_dense", {}) or {}))
 
 
 def router_parameters(model: nn.Module) -> list[torch.nn.Parameter]:

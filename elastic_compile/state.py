@@ -8,6 +8,7 @@ typed as ``object`` here and owned by their own modules).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ class ElasticState:
     forced: ForcedPlan | None = None
     calls: list[BlockCall] = field(default_factory=list)
     last_inputs: Any = None
+    last_tensors: Any = None                             # the last forward's (args, kwargs), tensors as weak refs
     profiling: bool = False
     profile_sink: list | None = None
     flop_tables: dict = field(default_factory=dict)
@@ -80,6 +82,7 @@ class ElasticState:
     serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
     device_routing: object = None                        # nn.gate.device.DeviceRouting while installed
     pending_calls: Any = None                            # () -> list[BlockCall]: decisions still on the device
+    left_dense: dict = field(default_factory=dict)       # block-like modules the transform left dense -> why
 
     @property
     def dense_bucket(self) -> int:
@@ -98,6 +101,7 @@ class ElasticState:
         self.calls = []
         self.soft_records = []
         self.last_inputs = describe_inputs(args, kwargs)
+        self.last_tensors = weak_inputs(args, kwargs)
         self.pending_calls = None
         if self.device_routing is not None:
             self.device_routing.log = []
@@ -126,6 +130,28 @@ def describe_inputs(args: tuple, kwargs: dict):
             and all(isinstance(v, PLAIN_LEAVES) for v in kwargs.values())):
         return tuple(map(_described, args)), {k: _described(v) for k, v in kwargs.items()}  # no pytree walk
     return pytree.tree_map(_described, (args, kwargs))
+
+
+def _weak(value):
+    return weakref.ref(value) if isinstance(value, torch.Tensor) else value
+
+
+def weak_inputs(args: tuple, kwargs: dict):
+    """``(args, kwargs)`` with every tensor held by a weak reference: FLOP profiling of a forward that reads
+    tensor values runs on the real inputs while the caller still holds them, and keeps nothing alive."""
+    if (type(args) is tuple and type(kwargs) is dict and all(isinstance(v, PLAIN_LEAVES) for v in args)
+            and all(isinstance(v, PLAIN_LEAVES) for v in kwargs.values())):
+        return tuple(map(_weak, args)), {k: _weak(v) for k, v in kwargs.items()}
+    return pytree.tree_map(_weak, (args, kwargs))
+
+
+def strong_inputs(weak):
+    """The tensors behind :func:`weak_inputs` (None when one of them is gone)."""
+    leaves, spec = pytree.tree_flatten(weak)
+    values = [leaf() if isinstance(leaf, weakref.ref) else leaf for leaf in leaves]
+    if any(isinstance(leaf, weakref.ref) and value is None for leaf, value in zip(leaves, values)):
+        return None
+    return pytree.tree_unflatten(values, spec)
 
 
 def state_of(model: nn.Module) -> ElasticState:

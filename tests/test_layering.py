@@ -17,7 +17,7 @@ ALLOWED = {
     "config": {"errors"},
     "capture": {"errors"},
     "state": {"capture", "config", "errors"},
-    "analysis": {"capture", "errors"},
+    "analysis": {"batch", "capture", "errors"},
     "sampling": {"errors"},
     "cache": {"batch", "config", "errors", "sampling", "state"},
     "nn": {"analysis", "batch", "cache", "capture", "config", "errors", "state"},

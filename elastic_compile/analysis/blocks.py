@@ -1,10 +1,15 @@
 """Find the transformer blocks of an unmodified model and analyse each kind of block once.
 
 A *transformer block* is a module that (1) is one of a sequence of layers (a child of a ModuleList /
-Sequential, or one of several sibling modules of the same class), (2) was called during the example forward,
-(3) mixes tokens (attention or an activation-activation matmul) and (4) has at least one output that is a
-residual update of an input, or at least an output shaped like an input (e.g. long-skip fusion blocks, which
-then cannot be skipped). Among nested matches the innermost modules win.
+Sequential, one of several sibling modules of the same class, or a lone module of a class that occurs in such a
+sequence: U-ViT's mid block), (2) was called during the example forward, (3) mixes tokens (attention or an
+activation-activation matmul) and (4) has at least one output that is a residual update of an input, or at
+least an output shaped like an input and an elastic FFN (long-skip fusion blocks such as U-ViT's out-blocks:
+they get width-only routers). Among nested matches the innermost modules win.
+
+No stage aborts the discovery on a block it cannot handle: a block whose capture fails is left dense, one whose
+residual or FFN analysis fails loses only that capability; the reasons are kept (``Analysis.degraded`` and the
+spec's notes) for ``ec.report``.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from ..capture.export import ExportedBlock, export_block
 from ..capture.record import ModuleCall, record_calls
 from ..capture.treespec import flatten_output
 from ..errors import CaptureError, NoTransformerBlocksError
+from .batching import splits_by_rows
 from .conditioning import router_features
 from .ffn import find_ffn_sites
 from .residual import find_residual_pairs, has_token_mixing
@@ -38,11 +44,14 @@ class Analysis:
     graphs: dict[int, ExportedBlock]
     model_output: Any
     rejected: dict[str, str] = field(default_factory=dict)
+    #: modules that look like blocks but lost capabilities or were left dense, and why
+    degraded: dict[str, str] = field(default_factory=dict)
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Non-leaf submodules that sit in a layer sequence."""
+    """Non-leaf submodules that sit in a layer sequence, and lone modules of a class that does."""
     found: dict[str, nn.Module] = {}
+    lone: dict[str, nn.Module] = {}
     for parent_name, parent in model.named_modules():
         children = list(parent.named_children())
         classes = [type(c) for _, c in children]
@@ -50,8 +59,13 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
         for child_name, child in children:
             if not any(True for _ in child.children()):
                 continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
             if sequence or classes.count(type(child)) >= 2:
-                found[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+                found[name] = child
+            else:
+                lone[name] = child
+    sequenced = {type(m) for m in found.values()}
+    found.update({n: m for n, m in lone.items() if type(m) in sequenced})
     return found
 
 
@@ -84,6 +98,7 @@ def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
     candidates = candidate_modules(model)
     calls, model_output = record_calls(model, example_inputs, candidates)
     rejected: dict[str, str] = {n: "not called in the forward" for n in candidates if n not in calls}
+    degraded: dict[str, str] = {}
     viable = []
     for name, call in calls.items():
         if _shaped_like_an_input(call):
@@ -94,6 +109,7 @@ def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
     viable.sort(key=lambda n: -n.count("."))
     groups: dict[tuple, int] = {}
     group_info: dict[int, tuple[ExportedBlock, dict[int, str]] | None] = {}
+    representative: dict[int, str] = {}
     accepted: dict[str, int] = {}
     without_residual: list[str] = []
     for name in viable:
@@ -104,23 +120,34 @@ def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
         key = _signature(call)
         if key not in groups:
             groups[key] = len(groups)
-            group_info[groups[key]] = _analyse_representative(call, rejected)
+            representative[groups[key]] = name
+            group_info[groups[key]] = _analyse_representative(call, rejected, degraded)
         gid = groups[key]
         if group_info[gid] is None:
             rejected.setdefault(name, "not a transformer block (same kind as a rejected module)")
+            if representative[gid] in degraded:
+                degraded.setdefault(name, degraded[representative[gid]])
         elif not group_info[gid][1]:
             without_residual.append(name)
         else:
             accepted[name] = gid
-    # A block without a residual output (e.g. one that first fuses a long skip connection) still counts when it
-    # sits beside residual blocks of the same class: it gets a width-only router.
+    # A block without a residual output (e.g. one that first fuses a long skip connection) still gets a
+    # width-only router when it sits beside residual blocks of its class, or when an elastic FFN is found in it.
+    done_groups: dict[int, tuple] = {}
     siblings = {(n.rsplit(".", 1)[0], type(calls[n].module)) for n in accepted}
-    for name in without_residual:
+    for name in sorted(without_residual, key=lambda n: n.count(".")):
         nested = any(a.startswith(name + ".") or name.startswith(a + ".") for a in accepted)
-        if not nested and (name.rsplit(".", 1)[0], type(calls[name].module)) in siblings:
-            accepted[name] = groups[_signature(calls[name])]
-        else:
+        gid = groups[_signature(calls[name])]
+        if nested:
             rejected[name] = "no output is a residual update of an input"
+            continue
+        if (name.rsplit(".", 1)[0], type(calls[name].module)) not in siblings:
+            if gid not in done_groups:
+                done_groups[gid] = _analyse_group(group_info[gid][0], calls[name], group_info[gid][1])
+            if not done_groups[gid][0]:
+                rejected[name] = "no output is a residual update of an input, and no elastic FFN"
+                continue
+        accepted[name] = gid
     if not accepted:
         details = "; ".join(f"{n}: {r}" for n, r in sorted(rejected.items())[:12]) or "no candidate modules"
         raise NoTransformerBlocksError(
@@ -128,7 +155,7 @@ def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
             "elastic_compile rewrites transformer blocks; pass the DiT backbone itself (e.g. pipe.transformer).",
         )
     blocks, block_calls, graphs = [], [], {}
-    done_groups: dict[int, tuple] = {}
+    row_checks: dict[int, tuple[bool, str]] = {}
     for index, name in enumerate(sorted(accepted, key=lambda n: calls[n].order)):
         call, gid = calls[name], accepted[name]
         exported, pairs = group_info[gid]
@@ -137,31 +164,60 @@ def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
             done_groups[gid] = _analyse_group(exported, call, pairs)
         sites, notes, streams = done_groups[gid]
         arguments = call.bound_arguments()
-        features = router_features(arguments, streams, _batch_size(call, streams))
+        batch = _batch_size(call, streams)
+        features = router_features(arguments, streams, batch)
         leaves, spec = flatten_output(call.output)
         skippable = bool(pairs) and all(i in pairs for i, leaf in enumerate(leaves) if leaf is not None)
         block_notes = list(notes)
+        if representative[gid] in degraded:
+            block_notes.append(degraded[representative[gid]])
+        if exported.method != "export":
+            block_notes.append("captured by draft_export (the forward reads tensor values; the graph is "
+                               "specialised to the example's sizes)")
         if not skippable:
             block_notes.append("cannot be skipped: not every output is a residual update of an input")
+        if gid not in row_checks:
+            row_checks[gid] = splits_by_rows(call.module, call.args, call.kwargs, call.output, batch)
+        rows_split, why = row_checks[gid]
+        if not rows_split:
+            block_notes.append(f"inputs not split by rows ({why}): samples with different plans run the whole "
+                               "batch together, at the widest width a running sample chose")
         blocks.append(BlockSpec(index=index, path=name, class_name=type(call.module).__name__, residual_of=dict(pairs),
                                 output_spec=pytree.treespec_dumps(spec), num_output_leaves=len(leaves),
                                 features=features, sites=list(sites), skippable=skippable, notes=block_notes,
-                                group=gid))
+                                group=gid, rows_split=rows_split))
         block_calls.append(call)
-    return Analysis(blocks, block_calls, graphs, model_output, rejected)
+    return Analysis(blocks, block_calls, graphs, model_output, rejected, degraded)
 
 
-def _analyse_representative(call: ModuleCall, rejected: dict[str, str]):
+def _analyse_representative(call: ModuleCall, rejected: dict[str, str], degraded: dict[str, str]):
+    """(graph, residual pairs) of a block kind, or None when it is not a block (or cannot be captured)."""
     try:
         exported = export_block(call.module, call.args, call.kwargs, call.bound_arguments())
     except CaptureError as exc:
         rejected[call.name] = f"torch.export failed ({exc.found})"
+        if _looks_like_a_block(call):
+            degraded[call.name] = f"left dense: capture failed ({exc.found})"
         return None
-    if not has_token_mixing(exported):
+    try:
+        mixing = has_token_mixing(exported)
+    except Exception as exc:  # an analysis bug must not abort the transform
+        rejected[call.name] = f"token mixing analysis failed ({type(exc).__name__}: {exc})"
+        return None
+    if not mixing:
         rejected[call.name] = "no token mixing (attention) in its graph"
         return None
-    pairs = find_residual_pairs(exported, exported.flat_inputs(call.args, call.kwargs), call.module)
+    try:
+        pairs = find_residual_pairs(exported, exported.flat_inputs(call.args, call.kwargs), call.module)
+    except Exception as exc:
+        pairs = {}
+        degraded[call.name] = f"not skippable: residual analysis failed ({type(exc).__name__}: {exc})"
     return exported, pairs
+
+
+def _looks_like_a_block(call: ModuleCall) -> bool:
+    """A block we could not capture, as far as its modules tell: it holds attention-like and linear layers."""
+    return any(isinstance(m, (nn.MultiheadAttention, nn.Linear)) for m in call.module.modules())
 
 
 def _analyse_group(exported: ExportedBlock, call: ModuleCall, pairs: dict[int, str]):
@@ -173,7 +229,10 @@ def _analyse_group(exported: ExportedBlock, call: ModuleCall, pairs: dict[int, s
         streams = [n for n, v in call.bound_arguments().items()
                    if isinstance(v, torch.Tensor) and v.is_floating_point() and tuple(v.shape) in out_shapes]
         out_indices = set(range(len(out_shapes)))
-    sites, rejected_sites = find_ffn_sites(exported, set(streams), out_indices)
+    try:
+        sites, rejected_sites = find_ffn_sites(exported, set(streams), out_indices)
+    except Exception as exc:  # an analysis that cannot follow this graph: the block keeps dense FFNs
+        sites, rejected_sites = [], [f"FFN analysis failed ({type(exc).__name__}: {exc})"]
     notes = [f"FFN not elastic: {r}" for r in rejected_sites]
     if not sites:
         notes.append("no elastic FFN found: the router can only skip this block")

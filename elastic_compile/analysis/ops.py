@@ -51,9 +51,13 @@ def node_value(node) -> object:
 
 
 def node_shape(node) -> tuple[int, ...] | None:
+    """The node's shape, or None when it is not a tensor or has a data-dependent size (a draft-export graph)."""
     val = node_value(node)
     if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape)
+        try:
+            return tuple(int(s) for s in val.shape)
+        except Exception:
+            return None
     return None
 
 

@@ -13,31 +13,40 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..capture.export import ExportedBlock, GraphEvaluator
-from .ops import LAYOUT_OPS, NO_VALUE_OPS, SPLIT_OPS, IDENTITY_OPS, op_name, node_value
+from .ops import LAYOUT_OPS, NO_VALUE_OPS, SPLIT_OPS, IDENTITY_OPS, op_name
 
 _SKIP_PATH_OPS = LAYOUT_OPS | SPLIT_OPS | IDENTITY_OPS | {"add", "sub", "cat", "slice", "select", "getitem", "clamp",
                                                           "narrow", "index_select"}
 
 
 def _zeros_like_value(val):
+    """Zeros with the value's shape *and strides*: a later ``view`` that is legal on the real value (after a
+    ``transpose`` of an attention output laid out token-major) stays legal on the skip path."""
     if isinstance(val, torch.Tensor):
-        return torch.zeros(val.shape, dtype=val.dtype)
+        return torch.zeros_like(val) if val.is_floating_point() or val.is_complex() else val
     if isinstance(val, (tuple, list)):
         return type(val)(_zeros_like_value(v) for v in val)
     return val
+
+
+def _reads_float(args, kwargs) -> bool:
+    return any(isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())
+               for a in pytree.tree_leaves((list(args), kwargs)))
 
 
 def _skip_path_override(node: fx.Node, args, kwargs, compute):
     name = op_name(node)
     if name in NO_VALUE_OPS:
         return None
+    if not _reads_float(args, kwargs):
+        return compute()  # index, mask and size arithmetic (lengths read with .item()) keeps its real values
     if name in _SKIP_PATH_OPS:
         if name == "index_select" or name == "clamp":
             return compute() if name == "index_select" else args[0]
         return compute()
     if name == "mul" and not all(isinstance(a, torch.Tensor) for a in args[:2]):
         return compute()  # scaling by a Python number keeps the path (and the scale shows in the result)
-    return _zeros_like_value(node_value(node))
+    return _zeros_like_value(compute())  # the real op's layout, zeroed
 
 
 def find_residual_pairs(exported: ExportedBlock, flat_inputs: list, module) -> dict[int, str]:
@@ -54,7 +63,7 @@ def find_residual_pairs(exported: ExportedBlock, flat_inputs: list, module) -> d
             probes.append(probe)
             probe_names.append(name)
         elif isinstance(value, torch.Tensor):
-            probes.append(torch.zeros_like(value, device="cpu"))
+            probes.append(value.detach().cpu())  # masks, ids, lengths: their real values
             probe_names.append(None)
         else:
             probes.append(value)

@@ -80,6 +80,7 @@ class BlockSpec:
     skippable: bool
     notes: list[str] = field(default_factory=list)
     group: int = 0                          # blocks of one group share one analysis
+    rows_split: bool = True                 # one row of the call run alone computes that row (analysis/batching.py)
 
     @property
     def elastic_width(self) -> bool:

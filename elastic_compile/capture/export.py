@@ -1,7 +1,18 @@
-"""Export one block with torch.export and evaluate its graph against the live module's weights."""
+"""Export one block with torch.export and evaluate its graph against the live module's weights.
+
+Capture falls back before it gives up on a block: plain ``torch.export`` (non-strict) first; for forwards that
+read tensor values (``.item()``, ``.tolist()`` of mask lengths: data-dependent sizes that export cannot guard on)
+``torch.export.draft_export``, which answers those questions from the real example values, so the graph is
+specialised to the example's sizes (the analyses only evaluate it on that example). Modules handed to a block as
+call arguments (a rotary-embedding module passed to every block) are bound to a wrapper before export, so the
+graph reads their buffers as attributes instead of expecting them as inputs.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -11,22 +22,33 @@ from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError
 
+#: prefix of the wrapper attribute holding the block itself (stripped from the graph's attribute names)
+_INNER = "inner"
+#: prefix of the wrapper attributes holding module-valued call arguments
+_ARG = "call_argument_"
+
 
 @dataclass
 class ExportedBlock:
     """A block's graph (ATen ops, ``get_attr`` nodes named by parameter FQN) and how to feed it.
 
     ``input_names[i]`` is the block argument (a name of ``forward``'s parameters) that flat placeholder ``i``
-    belongs to; ``output_spec`` is the pytree structure of the block's output.
+    belongs to; ``output_spec`` is the pytree structure of the block's output. ``argument_modules``: modules the
+    block got as call arguments (by wrapper attribute name; ``get_attr`` targets starting with that name read
+    them), left out of the flat inputs. ``method``: how the graph was captured ("export" or "draft_export").
     """
 
     graph_module: fx.GraphModule
     placeholders: list[fx.Node]
     input_names: list[str | None]
     output_spec: pytree.TreeSpec
+    in_spec: pytree.TreeSpec = None
+    argument_modules: dict[str, nn.Module] = field(default_factory=dict)
+    method: str = "export"
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list:
-        return list(fx_pytree.tree_flatten_spec((args, kwargs), self.graph_module._in_spec))
+        args, kwargs = _without_modules(args, kwargs)
+        return list(fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec))
 
     def output_node(self) -> fx.Node:
         return next(n for n in self.graph_module.graph.nodes if n.op == "output")
@@ -34,29 +56,112 @@ class ExportedBlock:
     def output_leaves(self) -> list[fx.Node]:
         return list(pytree.tree_leaves(self.output_node().args[0]))
 
+    def attribute(self, module, target: str):
+        """The live value a ``get_attr`` target names: on ``module`` or on a module-valued call argument."""
+        head, _, rest = target.partition(".")
+        if head in self.argument_modules:
+            obj, path = self.argument_modules[head], rest
+        else:
+            obj, path = module, target
+        try:
+            for part in path.split(".") if path else ():
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:  # a constant the exporter lifted out of the forward (torch.tensor(lengths))
+            obj = self.graph_module
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            return obj
+
+
+def _without_modules(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call without its module-valued arguments (those are bound to the export wrapper instead)."""
+    return (tuple(a for a in args if not isinstance(a, nn.Module)),
+            {k: v for k, v in kwargs.items() if not isinstance(v, nn.Module)})
+
+
+class _BoundModules(nn.Module):
+    """Calls ``inner`` with module-valued arguments put back in their places (positions / keywords)."""
+
+    def __init__(self, block: nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.add_module(_INNER, block)
+        self.positions = {i: f"{_ARG}{i}" for i, a in enumerate(args) if isinstance(a, nn.Module)}
+        self.keywords = {k: f"{_ARG}{k}" for k, v in kwargs.items() if isinstance(v, nn.Module)}
+        for i, name in self.positions.items():
+            self.add_module(name, args[i])
+        for k, name in self.keywords.items():
+            self.add_module(name, kwargs[k])
+        self.count = len(args)
+
+    def forward(self, *args, **kwargs):
+        rest = iter(args)
+        full = [getattr(self, self.positions[i]) if i in self.positions else next(rest) for i in range(self.count)]
+        kwargs.update({k: getattr(self, name) for k, name in self.keywords.items()})
+        return getattr(self, _INNER)(*full, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters log pages (graphs, data-dependent questions) when they fail or fall back; the block's notes
+    say what happened instead, so logging is off while they run (restored after)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
 
 def export_block(block: nn.Module, args: tuple, kwargs: dict, bound_names: dict[str, Any]) -> ExportedBlock:
-    """torch.export ``block`` on one recorded call. Raises CaptureError with the exporter's message."""
-    try:
-        program = torch.export.export(block, tuple(args), dict(kwargs), strict=False)
-    except Exception as exc:
-        raise CaptureError(
-            f"a block ({type(block).__name__}) that torch.export can capture",
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            "Report the model; as a workaround exclude this block class from the transform.",
-        ) from exc
+    """Capture ``block`` on one recorded call: torch.export, else draft_export (module docstring). Raises
+    CaptureError with both exporters' messages when neither captures it."""
+    module_arguments = any(isinstance(a, nn.Module) for a in (*args, *kwargs.values()))
+    root = _BoundModules(block, args, kwargs) if module_arguments else block
+    flat_args, flat_kwargs = _without_modules(args, kwargs)
+    errors = []
+    program, method = None, "export"
+    with _quiet_exporter():
+        try:
+            program = torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
+        except Exception as exc:
+            errors.append(f"torch.export: {_first_line(exc)}")
+            try:
+                program, method = torch.export.draft_export(root, tuple(flat_args), dict(flat_kwargs)), "draft_export"
+            except Exception as exc2:
+                errors.append(f"draft_export: {_first_line(exc2)}")
+    if program is None:
+        raise CaptureError(f"a block ({type(block).__name__}) that torch.export can capture", "; ".join(errors),
+                           "The block is left dense; report the model.")
     gm = program.module()
+    argument_modules = {}
+    if module_arguments:
+        argument_modules = {name: getattr(root, name) for name in (*root.positions.values(), *root.keywords.values())}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and str(node.target).startswith(_INNER + "."):
+                node.target = str(node.target)[len(_INNER) + 1:]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # Tag every leaf of each argument with the argument's name, then flatten exactly as the graph does.
     name_of = {id(v): k for k, v in bound_names.items()}
-    tagged_args = tuple(_tag(a, name_of.get(id(a))) for a in args)
-    tagged_kwargs = {k: _tag(v, k) for k, v in kwargs.items()}
-    names = list(fx_pytree.tree_flatten_spec((tagged_args, tagged_kwargs), gm._in_spec))
+    tagged_args = tuple(_tag(a, name_of.get(id(a))) for a in flat_args)
+    tagged_kwargs = {k: _tag(v, k) for k, v in flat_kwargs.items()}
+    try:
+        names = list(fx_pytree.tree_flatten_spec((tagged_args, tagged_kwargs), gm._in_spec))
+    except Exception as exc:
+        raise CaptureError("graph inputs that follow the block's arguments", _first_line(exc),
+                           "The block is left dense; report the model.") from exc
     names = [n if isinstance(n, _Tag) else None for n in names]
     if len(names) != len(placeholders):
         raise CaptureError("one graph input per flattened argument", f"{len(placeholders)} vs {len(names)}",
-                           "Report the model: its exported graph's inputs are not its arguments.")
-    return ExportedBlock(gm, placeholders, [n.name if n is not None else None for n in names], gm._out_spec)
+                           "The block is left dense; report the model.")
+    return ExportedBlock(gm, placeholders, [n.name if n is not None else None for n in names], gm._out_spec,
+                         gm._in_spec, argument_modules, method)
 
 
 class _Tag:
@@ -85,10 +190,7 @@ class GraphEvaluator(fx.Interpreter):
         self.override = override
 
     def get_attr(self, target, args, kwargs):
-        obj = self.live
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return self.exported.attribute(self.live, target)
 
     def call_module(self, target, args, kwargs):
         if target.startswith("_guards"):

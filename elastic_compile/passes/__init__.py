@@ -4,7 +4,7 @@ from .elastic_mlp import make_mlps_elastic, remove_elastic_mlps
 from .gate_blocks import gate_block, install_root_hook
 from .insert_routers import insert_router
 from .order_neurons import apply_unit_permutation, order_neurons, unit_importance
-from .pipeline import drop_widths, install
+from .pipeline import drop_widths, install, leave_dense
 
 __all__ = ["apply_unit_permutation", "drop_widths", "gate_block", "insert_router", "install", "install_root_hook",
-           "make_mlps_elastic", "order_neurons", "remove_elastic_mlps", "unit_importance"]
+           "leave_dense", "make_mlps_elastic", "order_neurons", "remove_elastic_mlps", "unit_importance"]

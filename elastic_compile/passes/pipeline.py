@@ -1,6 +1,6 @@
 """The passes in order on blocks whose FFN units are already ordered (``order_neurons``, or the permutations an
 artifact stores): what ``transform`` and ``load`` run, and how ``transform`` takes back the widths of a block that
-fails verification.
+fails verification (``drop_widths``), or all capabilities of one (``leave_dense``).
 
 Per block: elastic_mlp (sliced projections reading a fresh ``WidthControl``), insert_routers (a router when the
 block has a decision to make), gate_blocks (the gate as its forward); then the model's root hook and state.
@@ -46,3 +46,16 @@ def drop_widths(block: nn.Module, spec: BlockSpec, state: ElasticState, reason: 
     if router is not None:
         state.routers[spec.index] = router
     gate_of(block).router = router
+
+
+def leave_dense(block: nn.Module, spec: BlockSpec, state: ElasticState, reason: str) -> None:
+    """Take every capability from ``block``: dense FFNs, no router, never skipped (its gate then always calls the
+    block's own forward), with ``reason`` in its notes."""
+    if spec.sites:
+        remove_elastic_mlps(block, spec, reason)
+    spec.skippable = False
+    spec.notes.append(f"left dense: {reason}")
+    if hasattr(block, ROUTER_ATTRIBUTE):
+        delattr(block, ROUTER_ATTRIBUTE)
+    state.routers.pop(spec.index, None)
+    gate_of(block).router = None

@@ -4,8 +4,10 @@ Each block copies its router's logits to the host once (one synchronisation per 
 :mod:`.device` for the alternative), decides per sample there (:mod:`.decisions`), applies the feature cache's
 rules (``elastic_compile/cache/rules.py``) to Python lists, records the decisions for ``stats`` and runs the
 plan: the whole batch at once when every sample agrees, the skip output when none runs, else one sub-batch per
-width bucket (``BlockGate.execute``). Guarantee: each sample's output is what the block computes for it alone
-under its decisions.
+width bucket (``BlockGate.execute``). A block whose inputs cannot be cut by rows (``spec.rows_split`` false: text
+flattened across the batch) never runs sub-batches: when its samples disagree, every sample runs at the widest
+width any running sample chose, and that is what is recorded. Guarantee: each sample's output is what the block
+computes for it alone under its recorded decisions.
 
 This is the path every block takes between two others, where each Python step runs with cold caches, so when the
 router decides everything (no ``force``, a block that may skip and narrow) it takes no detour through the
@@ -40,5 +42,15 @@ def forward(gate, args: tuple, kwargs: dict):
         entry.tick()
         run, stand_in = cache.plan(entry, run, p_run, state.config.threshold, actions)
         reused = [code != IDENTITY for code in stand_in]
+    if not gate.spec.rows_split and (len(set(run)) > 1 or len(set(b for r, b in zip(run, bucket) if r)) > 1):
+        run, bucket, stand_in, reused = whole_batch_plan(run, bucket, stand_in, reused)
     state.record(BlockCall(gate.index, run, bucket, router_ran, reused))
     return gate.execute(run, bucket, stand_in, args, kwargs, arguments, batch)
+
+
+def whole_batch_plan(run: list[bool], bucket: list[int], stand_in, reused):
+    """One plan for the whole batch from disagreeing per-sample ones: run every sample (at the widest bucket a
+    running sample chose) when any runs; no sample reuses the cache then."""
+    widest = max(b for r, b in zip(run, bucket) if r)
+    batch = len(run)
+    return [True] * batch, [widest] * batch, (None if stand_in is None else [IDENTITY] * batch), [False] * batch

@@ -1,5 +1,5 @@
 """FLOP profiling, the gate's mode while :func:`flop_table` measures an elastic model's forward at every width
-bucket without computing anything.
+bucket without computing anything (or, for a forward that reads tensor values, on its real inputs).
 
 The model runs under ``FakeTensorMode`` (shapes only) and ``analysis.flop_counter`` (``FlopCounterMode`` that
 also counts CPU attention), once per bucket with ``force`` pinning every decision; each gate (:func:`forward`)
@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ...analysis.flop_counter import flop_counter
 from ...errors import FlopProfileError
-from ...state import ElasticState, ForcedPlan, TensorMeta
+from ...state import ElasticState, ForcedPlan, TensorMeta, describe_inputs, strong_inputs
 
 
 @dataclass
@@ -58,30 +58,45 @@ def flop_table(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
 
 
 def profile_flops(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
-    """Measure a FlopTable for the (meta-described) ``inputs`` = ``(args, kwargs)`` of a forward."""
+    """Measure a FlopTable for the (meta-described) ``inputs`` = ``(args, kwargs)`` of a forward: on shape-only
+    tensors, else (a forward that reads tensor values: mask lengths by ``.item()`` / ``.tolist()``) on the real
+    inputs of the last forward when they have this signature and are still alive."""
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            args, kwargs = pytree.tree_map(
+                lambda x: torch.zeros(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, TensorMeta) else x,
+                inputs)
+            return _profile(model, state, args, kwargs)
+    except Exception as exc:
+        fake_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    real = strong_inputs(state.last_tensors) if state.last_tensors is not None else None
+    if real is None or signature_key(describe_inputs(*real)) != signature_key(inputs):
+        raise FlopProfileError(
+            "a forward that runs on shape-only (fake) tensors, or the real inputs of the last forward",
+            f"{fake_error}; the last forward's inputs are {'gone' if real is None else 'of another signature'}",
+            "The model reads tensor values: keep the inputs of the forward alive until stats() has run.")
+    try:
+        return _profile(model, state, *real)
+    except Exception as exc:
+        raise FlopProfileError(
+            "a forward that runs under FLOP counting", f"{fake_error}; on real tensors: {type(exc).__name__}: {exc}",
+            "Report the model.") from exc
+
+
+def _profile(model: nn.Module, state: ElasticState, args, kwargs) -> FlopTable:
     buckets = state.config.width_buckets
     per_bucket_calls: list[list[tuple[int, int]]] = []
     dense_total = 0
     previous = state.forced
     state.profiling = True
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            args, kwargs = pytree.tree_map(
-                lambda x: torch.zeros(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, TensorMeta) else x,
-                inputs)
-            for width in buckets:
-                state.forced = ForcedPlan(skip=False, width=width)
-                state.profile_sink = []
-                with flop_counter() as counter, torch.no_grad():
-                    model(*args, **kwargs)
-                per_bucket_calls.append(state.profile_sink)
-                dense_total = counter.get_total_flops()
-    except Exception as exc:
-        raise FlopProfileError(
-            "a forward that runs on shape-only (fake) tensors",
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            "The model branches on tensor values; stats() cannot count FLOPs for it. Report the model.",
-        ) from exc
+        for width in buckets:
+            state.forced = ForcedPlan(skip=False, width=width)
+            state.profile_sink = []
+            with flop_counter() as counter, torch.no_grad():
+                model(*args, **kwargs)
+            per_bucket_calls.append(state.profile_sink)
+            dense_total = counter.get_total_flops()
     finally:
         state.profiling = False
         state.profile_sink = None
