@@ -4,8 +4,8 @@ skipped and at width 1/4. Classes not swept are listed with the reason; docs/cov
 same measurements (``benchmarks/coverage.py``).
 
 The nine classes of ``zoo.py`` get the same checks (and more) in test_transform.py, so by default this file sweeps
-the others: one torch.export per kind of block dominates each case (5-25 s per class measured on the shared
-2-core machine under load). ``EC_FULL_SWEEP=1`` sweeps all of them here too.
+the others (one torch.export per kind of block dominates each case). ``EC_FULL_SWEEP=1`` sweeps all of them
+here too.
 """
 import os
 
