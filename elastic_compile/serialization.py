@@ -35,6 +35,7 @@ from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ConfigError, ModelMismatchError
 from .passes import apply_unit_permutation, install
 from .report import model_fingerprint
+from .serving import restore_serving
 from .state import STATE_ATTRIBUTE, ElasticState, state_of
 from .version import __version__
 
@@ -77,8 +78,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
     return path
 
 
-def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True, cache: str = "auto") -> nn.Module:
     """Make ``base_model`` (unmodified, same weights as at transform time) elastic from an artifact.
+
+    ``cache``: "auto" (default) serves the model as its routers were trained: an artifact recording a feature
+    cache (routers trained cache-aware) comes back with that cache on, usable from a plain sampling loop (see
+    :mod:`elastic_compile.serving`); "off" leaves the cache off (``apply_feature_cache`` turns it on later).
 
     ``strict=False`` accepts base weights whose fingerprint differs (e.g. a fine-tuned copy): neuron ordering
     stays function-preserving, but the routers were trained for the original weights. The architecture
@@ -87,6 +92,9 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
     (the model). Everything but the router weights' shapes is checked before the model is rewritten, so those
     errors leave it unmodified.
     """
+    if cache not in ("auto", "off"):
+        raise ConfigError("cache in ('auto', 'off')", repr(cache),
+                          "Use 'auto' (serve as trained) or 'off' (no feature cache).")
     path = Path(path)
     file = path / MANIFEST
     manifest = read_manifest_json(file, FORMAT, "elastic_compile.save", REMEDY)
@@ -138,6 +146,8 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
         if unexpected or [m for m in missing if ".elastic_router." not in f".{m}"]:
             raise ArtifactError("base weights matching the model", f"{len(missing)} missing, {len(unexpected)} unexpected",
                                 "Load the artifact into the model class it was made from.")
+    if cache == "auto":
+        restore_serving(base_model)
     return base_model
 
 

@@ -116,7 +116,7 @@ def sample_with_cuda_graph(runtime, labels: list[int], options: dict) -> torch.T
 
 def run(args) -> int:
     import elastic_compile as ec
-    from ..cache import serving_cache_hooks
+    from ..cache import remove_feature_cache, serving_cache_hooks
     from ..stats import StepStats
 
     labels = list(parse_ints(args.classes, "--classes", low=0))
@@ -130,6 +130,8 @@ def run(args) -> int:
                               torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs,
                               base_factory=args.model)
     hooks = serving_cache_hooks(runtime, args.cache)
+    if args.cache == "off":
+        remove_feature_cache(runtime)  # loading turned on the cache the routers were trained for
     steps = StepStats(runtime)  # the whole generation's decisions, not only the last step's
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
                    progress=True, hooks=hooks, on_step_end=steps)

@@ -121,7 +121,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
          engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None,
          thread_pool: str = "per_session", memory_arena: str = "shared",
          torch_threads: int | str | None = AUTO, outside_graphs: bool = True, base_model: nn.Module | None = None,
-         base_factory: str | Callable[[], nn.Module] | None = None) -> Runtime:
+         base_factory: str | Callable[[], nn.Module] | None = None, cache: str = "auto") -> Runtime:
     """Load an export directory written by :func:`elastic_compile.export`.
 
     Nothing the directory holds is imported or run as code; its files are checked against the manifest's hashes
@@ -158,6 +158,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
             graphs (a :class:`~.driver.ModelDriver` becomes the model's forward) where the export has them;
             calls not shaped like the export's example (other than in batch size, where the graphs' batch is
             dynamic), and False, run them in PyTorch.
+        cache: "auto" (default) serves the model with the feature cache its routers were trained for, as
+            ``elastic_compile.load`` does (a plain sampling loop or ``runtime.sample`` uses it); "off" leaves it off.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime, tensorrt or torch.")
@@ -182,7 +184,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         raise ConfigError("base_model or base_factory", "both", "Pass one of them.")
     base = load_base(root, manifest["source"]["base"], base_model if base_model is not None else base_factory)
     # Base files are hash-checked against the manifest; strict=False accepts a base fine-tuned before export.
-    model = load_elastic(base, root / manifest["elastic"], strict=False)
+    model = load_elastic(base, root / manifest["elastic"], strict=False, cache=cache)
     check_blocks(manifest, state_of(model), root / MANIFEST)
     model.eval().requires_grad_(False)
     if device is None and backend == "tensorrt":
