@@ -34,6 +34,7 @@ from .artifact.saved import (BASE_WEIGHTS, FORMAT, MANIFEST, PERMUTATIONS, REMED
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ConfigError, ModelMismatchError
 from .passes import apply_unit_permutation, install
+from .pretrained import ELASTIC_SUBFOLDER, install_save_pretrained
 from .report import model_fingerprint
 from .serving import restore_serving
 from .state import STATE_ATTRIBUTE, ElasticState, state_of
@@ -55,6 +56,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
         "format": FORMAT,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "fingerprint": state.fingerprint,
+        "fingerprint_order": "ordered",  # the fingerprints see the order of values (report.model_fingerprint)
+        "permuted_fingerprint": model_fingerprint(model),  # the base weights as reordered here
         "structure": structure_fingerprint(model),
         "config": state.config.to_dict(),
         "blocks": [spec.to_dict() for spec in state.specs],
@@ -104,8 +107,13 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
         raise AlreadyElasticError("an unmodified base model", "a model that is already elastic",
                                   "Load into a fresh instance of the base model.")
     check_model_fits(base_model, manifest, file)
-    fingerprint = model_fingerprint(base_model)
-    if strict and fingerprint != manifest["fingerprint"]:
+    ordered = manifest.get("fingerprint_order") == "ordered"  # else: written before fingerprints saw order
+    fingerprint = model_fingerprint(base_model, ordered=ordered)
+    # a base already in the artifact's order (e.g. an elastic model's weights written by a plain state-dict
+    # save and loaded back) is used as it is: reordering it again would scramble its FFNs
+    already_ordered = ordered and fingerprint == manifest.get("permuted_fingerprint") != manifest["fingerprint"]
+    original = fingerprint if ordered else model_fingerprint(base_model)
+    if strict and fingerprint != manifest["fingerprint"] and not already_ordered:
         raise ModelMismatchError(f"the base weights the artifact was made from ({manifest['fingerprint'][:12]}...)",
                                  f"weights with fingerprint {fingerprint[:12]}...",
                                  "Load the same checkpoint, or pass strict=False to accept other weights.")
@@ -135,9 +143,10 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
     # Every check passed: from here on the model is rewritten.
     for spec, block in zip(specs, blocks):
         for site in spec.sites:
-            apply_unit_permutation(block, site, orders[(spec.index, site.name)])
+            if not already_ordered:
+                apply_unit_permutation(block, site, orders[(spec.index, site.name)])
     state = ElasticState(config=config, specs=specs)
-    state.fingerprint = manifest["fingerprint"]
+    state.fingerprint = manifest["fingerprint"] if ordered else original  # what the next save records
     state.serving = dict(manifest.get("serving", {}))
     install(base_model, state, blocks, orders)
     _load_routers(state, routers, path / ROUTERS)
@@ -148,7 +157,21 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
                                 "Load the artifact into the model class it was made from.")
     if cache == "auto":
         restore_serving(base_model)
+    install_save_pretrained(base_model, save)
     return base_model
+
+
+def from_pretrained(model_class, path: str | os.PathLike, *, strict: bool = True, cache: str = "auto", **kwargs):
+    """``model_class.from_pretrained(path, **kwargs)`` (e.g. a diffusers ``DiTTransformer2DModel``), made elastic
+    from the artifact an elastic model's ``save_pretrained`` wrote into ``path/elastic`` (see
+    :mod:`elastic_compile.pretrained`). ArtifactError when ``path`` holds no such artifact."""
+    path = Path(path)
+    if not (path / ELASTIC_SUBFOLDER / MANIFEST).is_file():
+        raise ArtifactError(f"an elastic artifact at {path / ELASTIC_SUBFOLDER}", "none",
+                            "Save with the elastic model's save_pretrained (or elastic_compile.save), or load the "
+                            "plain model with model_class.from_pretrained.")
+    model = model_class.from_pretrained(path, **kwargs)
+    return load(model, path / ELASTIC_SUBFOLDER, strict=strict, cache=cache)
 
 
 def _checked_permutations(path: Path, specs: list[BlockSpec], blocks: list[nn.Module]) -> dict:

@@ -19,7 +19,9 @@ from .capture.treespec import flatten_output
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ConfigError, ElasticCompileError
 from .passes import drop_widths, install, order_neurons
+from .pretrained import install_save_pretrained
 from .report import model_fingerprint
+from .serialization import save
 from .state import STATE_ATTRIBUTE, ElasticState, force
 
 logger = logging.getLogger("elastic_compile")
@@ -67,6 +69,7 @@ def transform(model: nn.Module, config: ElasticConfig | None = None, example_inp
         for site_index, site in enumerate(spec.sites):
             permutations[(spec.index, site.name)] = order_neurons(call.module, site, activations.get((spec.index, site_index)))
     install(model, state, [call.module for call in analysis.calls], permutations)
+    install_save_pretrained(model, save)
     if config.verify:
         _verify(model, state, analysis)
     model.train(was_training)
