@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"),
                         help="what runs the block graphs")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--providers", default=None,
+                        help="onnxruntime execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider "
+                             "(default: CPUExecutionProvider); with CUDA the graphs take and return GPU tensors")
     parser.add_argument("--thread-pool", default="shared", choices=("shared", "per_session"),
                         help="onnxruntime thread pools: one shared by every block graph (default: this process runs "
                              "nothing else) or one per graph")
@@ -59,6 +62,20 @@ def _torch_threads(value: int | None):
     if value is None:
         return "auto"
     return None if value == 0 else value
+
+
+def _providers(args) -> list[str] | None:
+    """``--providers``: a comma-separated list, onnxruntime only."""
+    if args.providers is None:
+        return None
+    if args.backend != "onnxruntime":
+        raise ConfigError("--providers with --backend onnxruntime", f"--backend {args.backend}",
+                          "Leave --providers out, or use --backend onnxruntime.")
+    names = [name.strip() for name in args.providers.split(",") if name.strip()]
+    if not names:
+        raise ConfigError("--providers as names separated by commas", repr(args.providers),
+                          "E.g. --providers CUDAExecutionProvider,CPUExecutionProvider.")
+    return names
 
 
 def _skip(text: str | None):
@@ -132,7 +149,7 @@ def run(args) -> int:
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
                               thread_pool=args.thread_pool, memory_arena=args.memory_arena,
                               torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs,
-                              base_factory=args.model)
+                              base_factory=args.model, providers=_providers(args))
     hooks = serving_cache_hooks(runtime, args.cache)
     if args.cache == "off":
         remove_feature_cache(runtime)  # loading turned on the cache the routers were trained for

@@ -121,7 +121,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
          engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None,
          thread_pool: str = "per_session", memory_arena: str = "shared",
          torch_threads: int | str | None = AUTO, outside_graphs: bool = True, base_model: nn.Module | None = None,
-         base_factory: str | Callable[[], nn.Module] | None = None, cache: str = "auto") -> Runtime:
+         base_factory: str | Callable[[], nn.Module] | None = None, cache: str = "auto",
+         io_binding: str = "auto") -> Runtime:
     """Load an export directory written by :func:`elastic_compile.export`.
 
     Nothing the directory holds is imported or run as code; its files are checked against the manifest's hashes
@@ -158,6 +159,11 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
             graphs (a :class:`~.driver.ModelDriver` becomes the model's forward) where the export has them;
             calls not shaped like the export's example (other than in batch size, where the graphs' batch is
             dynamic), and False, run them in PyTorch.
+        providers: onnxruntime execution providers, in order (names or ``(name, options)`` pairs; default
+            ``["CPUExecutionProvider"]``); with ``CUDAExecutionProvider`` (onnxruntime-gpu) the block graphs take
+            and return CUDA tensors (pass ``device="cuda"`` for the PyTorch parts too).
+        io_binding: onnxruntime inputs and outputs through IOBinding: "auto" (default: for tensors that are not
+            on the CPU), "on" or "off" (NumPy views; CPU only). See :class:`~elastic_compile.backends.onnxruntime.OrtGraph`.
         cache: "auto" (default) serves the model with the feature cache its routers were trained for, as
             ``elastic_compile.load`` does (a plain sampling loop or ``runtime.sample`` uses it); "off" leaves it off.
     """
@@ -194,7 +200,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     if backend == "torch":
         return Runtime(model, manifest, root, backend, None, pinned_threads)
     if backend == "onnxruntime":
-        engine = OnnxRuntimeBackend(threads, providers, thread_pool, memory_arena)
+        engine = OnnxRuntimeBackend(threads, providers, thread_pool, memory_arena, io_binding)
     else:
         built_with = (manifest["backends"].get("tensorrt") or {}).get("flags") or {}
         options = {k: built_with[k] for k in ("optimization_level", "workspace_bytes") if built_with.get(k) is not None}
