@@ -44,7 +44,9 @@ class Runtime:
     """An exported elastic model, callable with the model's own inputs (same arguments, same return value).
 
     ``runtime.model`` is the underlying PyTorch elastic model (blocks dispatched to the backend);
-    ``runtime.sample(...)`` runs the class-conditional sampling loop on it. A call runs the model with PyTorch
+    ``runtime.sample(...)`` runs the class-conditional sampling loop on it. ``config``, ``dtype`` and ``device``
+    are the model's, so a runtime can stand in for ``pipe.transformer`` in a diffusers pipeline (for the shapes it
+    was exported for). A call runs the model with PyTorch
     at ``torch_threads`` intra-op threads (restored after the call; see :mod:`.torch_threads`); calling
     ``runtime.model`` directly skips that.
     """
@@ -74,6 +76,19 @@ class Runtime:
         for param in self.model.parameters():
             return param.device
         return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The PyTorch model's dtype (what a diffusers pipeline casts its latents to)."""
+        for param in self.model.parameters():
+            return param.dtype
+        return torch.float32
+
+    @property
+    def config(self):
+        """The model's config (diffusers models: ``sample_size``, ``in_channels``, ...), so that the runtime can be a
+        pipeline's ``transformer``; AttributeError for models without one."""
+        return self.model.config
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad(), using_torch_threads(self.torch_threads):
