@@ -384,3 +384,18 @@ def test_onnxruntime_runtime_outputs_do_not_depend_on_its_pytorch_threads(tmp_pa
         torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_iobinding_runtime_equals_the_numpy_path(tmp_path_factory):
+    """``io_binding="on"`` (what CUDAExecutionProvider uses) on the CPU provider: the same outputs and decisions."""
+    exported = _get("dit", tmp_path_factory)
+    bound = ec.runtime.load(exported.dir, threads=1, io_binding="on", providers=["CPUExecutionProvider"])
+    randomize_routers(bound.model, seed=1000)
+    for skip, width in ((False, 1.0), (None, None), (False, 0.5)):
+        with ec.force(exported.runtime, skip=skip, width=width):
+            expected = first_output(exported.runtime(**exported.inputs))
+        with ec.force(bound, skip=skip, width=width):
+            got = first_output(bound(**exported.inputs))
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert state_of(bound).calls == state_of(exported.runtime).calls
+    bound.close()
