@@ -12,6 +12,7 @@ Public API::
 """
 from . import runtime
 from .cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
+from .capture.pipeline_inputs import capture_inputs
 from .config import ElasticConfig
 from .deploy import export
 from .errors import ElasticCompileError
@@ -24,5 +25,5 @@ from .transform import transform
 from .version import __version__
 
 __all__ = ["Decision", "ElasticCompileError", "ElasticConfig", "ElasticStats", "FeatureCacheConfig", "__version__",
-           "apply_feature_cache", "cache_context", "export", "force", "from_pretrained", "load", "report", "reset_cache",
-           "runtime", "save", "stats", "train_routers", "transform"]
+           "apply_feature_cache", "cache_context", "capture_inputs", "export", "force", "from_pretrained", "load",
+           "report", "reset_cache", "runtime", "save", "stats", "train_routers", "transform"]

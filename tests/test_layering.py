@@ -38,8 +38,8 @@ ALLOWED = {
     "deploy": {"export", "serve"},
     "runtime": {"serve"},
     "reference": {"analysis", "errors", "sampling", "state", "stats"},
-    ROOT: {"cache", "config", "deploy", "errors", "report", "runtime", "serialization", "state", "stats", "train",
-           "transform", "version"},
+    ROOT: {"cache", "capture", "config", "deploy", "errors", "report", "runtime", "serialization", "state", "stats",
+           "train", "transform", "version"},
     "cli": {ROOT, "artifact", "cache", "config", "errors", "reference", "sampling", "serve", "state", "stats",
             "train"},
 }
