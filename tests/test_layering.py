@@ -41,7 +41,7 @@ ALLOWED = {
     ROOT: {"cache", "capture", "config", "deploy", "errors", "report", "runtime", "serialization", "state", "stats",
            "train", "transform", "version"},
     "cli": {ROOT, "artifact", "cache", "config", "errors", "reference", "sampling", "serve", "state", "stats",
-            "train"},
+            "train", "version"},
 }
 
 
