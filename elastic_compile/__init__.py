@@ -12,11 +12,12 @@ Public API::
 """
 from . import runtime
 from .cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
+from .capture.pipeline_inputs import capture_inputs
 from .config import ElasticConfig
 from .deploy import export
 from .errors import ElasticCompileError
 from .report import report
-from .serialization import load, save
+from .serialization import from_pretrained, load, save
 from .state import force
 from .stats import Decision, ElasticStats, stats
 from .train import train_routers
@@ -24,5 +25,5 @@ from .transform import transform
 from .version import __version__
 
 __all__ = ["Decision", "ElasticCompileError", "ElasticConfig", "ElasticStats", "FeatureCacheConfig", "__version__",
-           "apply_feature_cache", "cache_context", "export", "force", "load", "report", "reset_cache", "runtime",
-           "save", "stats", "train_routers", "transform"]
+           "apply_feature_cache", "cache_context", "capture_inputs", "export", "force", "from_pretrained", "load",
+           "report", "reset_cache", "runtime", "save", "stats", "train_routers", "transform"]

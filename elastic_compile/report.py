@@ -20,12 +20,14 @@ def check_materialized(model: nn.Module) -> None:
                               "Load the weights first (e.g. from_pretrained, or to_empty() and load_state_dict()).")
 
 
-def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+def model_fingerprint(model: nn.Module, samples: int = 4096, *, ordered: bool = True) -> str:
     """A cheap, stable hash of a model's parameter names, shapes, dtypes and a strided sample of values.
 
     Router parameters are excluded. ``transform`` records the fingerprint of the base weights *before* neuron
-    ordering and ``load`` compares it with the fresh base model's (also unpermuted); the fingerprint of a
-    permuted model generally differs (strided samples of large tensors see other units). A model without data
+    ordering and ``load`` compares it with the fresh base model's (also unpermuted). The values are hashed in
+    their order, so a model whose FFN units were reordered has another fingerprint (``load`` tells a base that
+    is already in an artifact's order from one that is not). ``ordered=False``: the fingerprint artifacts
+    written before that recorded (sorted values, blind to the order of small tensors). A model without data
     (the meta device) is a ConfigError: ``transform`` and ``load`` both start here.
     """
     check_materialized(model)
@@ -35,7 +37,9 @@ def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
             continue
         flat = param.detach().reshape(-1)
         stride = max(1, flat.numel() // samples)
-        values = flat[::stride][:samples].float().sort().values.cpu()
+        values = flat[::stride][:samples].float().cpu()
+        if not ordered:
+            values = values.sort().values
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()

@@ -34,7 +34,9 @@ from .artifact.saved import (BASE_WEIGHTS, FORMAT, MANIFEST, PERMUTATIONS, REMED
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ConfigError, ModelMismatchError
 from .passes import apply_unit_permutation, install
+from .pretrained import ELASTIC_SUBFOLDER, install_save_pretrained
 from .report import model_fingerprint
+from .serving import restore_serving
 from .state import STATE_ATTRIBUTE, ElasticState, state_of
 from .version import __version__
 
@@ -54,6 +56,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
         "format": FORMAT,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "fingerprint": state.fingerprint,
+        "fingerprint_order": "ordered",  # the fingerprints see the order of values (report.model_fingerprint)
+        "permuted_fingerprint": model_fingerprint(model),  # the base weights as reordered here
         "structure": structure_fingerprint(model),
         "config": state.config.to_dict(),
         "blocks": [spec.to_dict() for spec in state.specs],
@@ -77,8 +81,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, include_base_weights: boo
     return path
 
 
-def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True, cache: str = "auto") -> nn.Module:
     """Make ``base_model`` (unmodified, same weights as at transform time) elastic from an artifact.
+
+    ``cache``: "auto" (default) serves the model as its routers were trained: an artifact recording a feature
+    cache (routers trained cache-aware) comes back with that cache on, usable from a plain sampling loop (see
+    :mod:`elastic_compile.serving`); "off" leaves the cache off (``apply_feature_cache`` turns it on later).
 
     ``strict=False`` accepts base weights whose fingerprint differs (e.g. a fine-tuned copy): neuron ordering
     stays function-preserving, but the routers were trained for the original weights. The architecture
@@ -87,6 +95,9 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
     (the model). Everything but the router weights' shapes is checked before the model is rewritten, so those
     errors leave it unmodified.
     """
+    if cache not in ("auto", "off"):
+        raise ConfigError("cache in ('auto', 'off')", repr(cache),
+                          "Use 'auto' (serve as trained) or 'off' (no feature cache).")
     path = Path(path)
     file = path / MANIFEST
     manifest = read_manifest_json(file, FORMAT, "elastic_compile.save", REMEDY)
@@ -96,8 +107,13 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
         raise AlreadyElasticError("an unmodified base model", "a model that is already elastic",
                                   "Load into a fresh instance of the base model.")
     check_model_fits(base_model, manifest, file)
-    fingerprint = model_fingerprint(base_model)
-    if strict and fingerprint != manifest["fingerprint"]:
+    ordered = manifest.get("fingerprint_order") == "ordered"  # else: written before fingerprints saw order
+    fingerprint = model_fingerprint(base_model, ordered=ordered)
+    # a base already in the artifact's order (e.g. an elastic model's weights written by a plain state-dict
+    # save and loaded back) is used as it is: reordering it again would scramble its FFNs
+    already_ordered = ordered and fingerprint == manifest.get("permuted_fingerprint") != manifest["fingerprint"]
+    original = fingerprint if ordered else model_fingerprint(base_model)
+    if strict and fingerprint != manifest["fingerprint"] and not already_ordered:
         raise ModelMismatchError(f"the base weights the artifact was made from ({manifest['fingerprint'][:12]}...)",
                                  f"weights with fingerprint {fingerprint[:12]}...",
                                  "Load the same checkpoint, or pass strict=False to accept other weights.")
@@ -127,9 +143,10 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
     # Every check passed: from here on the model is rewritten.
     for spec, block in zip(specs, blocks):
         for site in spec.sites:
-            apply_unit_permutation(block, site, orders[(spec.index, site.name)])
+            if not already_ordered:
+                apply_unit_permutation(block, site, orders[(spec.index, site.name)])
     state = ElasticState(config=config, specs=specs)
-    state.fingerprint = manifest["fingerprint"]
+    state.fingerprint = manifest["fingerprint"] if ordered else original  # what the next save records
     state.serving = dict(manifest.get("serving", {}))
     install(base_model, state, blocks, orders)
     _load_routers(state, routers, path / ROUTERS)
@@ -138,7 +155,23 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
         if unexpected or [m for m in missing if ".elastic_router." not in f".{m}"]:
             raise ArtifactError("base weights matching the model", f"{len(missing)} missing, {len(unexpected)} unexpected",
                                 "Load the artifact into the model class it was made from.")
+    if cache == "auto":
+        restore_serving(base_model)
+    install_save_pretrained(base_model, save)
     return base_model
+
+
+def from_pretrained(model_class, path: str | os.PathLike, *, strict: bool = True, cache: str = "auto", **kwargs):
+    """``model_class.from_pretrained(path, **kwargs)`` (e.g. a diffusers ``DiTTransformer2DModel``), made elastic
+    from the artifact an elastic model's ``save_pretrained`` wrote into ``path/elastic`` (see
+    :mod:`elastic_compile.pretrained`). ArtifactError when ``path`` holds no such artifact."""
+    path = Path(path)
+    if not (path / ELASTIC_SUBFOLDER / MANIFEST).is_file():
+        raise ArtifactError(f"an elastic artifact at {path / ELASTIC_SUBFOLDER}", "none",
+                            "Save with the elastic model's save_pretrained (or elastic_compile.save), or load the "
+                            "plain model with model_class.from_pretrained.")
+    model = model_class.from_pretrained(path, **kwargs)
+    return load(model, path / ELASTIC_SUBFOLDER, strict=strict, cache=cache)
 
 
 def _checked_permutations(path: Path, specs: list[BlockSpec], blocks: list[nn.Module]) -> dict:

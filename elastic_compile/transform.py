@@ -24,7 +24,9 @@ from .capture.treespec import flatten_output
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ConfigError, ElasticCompileError
 from .passes import drop_widths, install, leave_dense, order_neurons
+from .pretrained import install_save_pretrained
 from .report import model_fingerprint
+from .serialization import save
 from .state import STATE_ATTRIBUTE, ElasticState, force, state_of
 
 logger = logging.getLogger("elastic_compile")
@@ -101,6 +103,7 @@ def _rewrite(model: nn.Module, config: ElasticConfig, example_inputs, calibratio
                 kept.append(site)
         spec.sites = kept
     install(model, state, [call.module for call in analysis.calls], permutations)
+    install_save_pretrained(model, save)
     if config.verify:
         _verify(model, state, analysis)
 

@@ -25,8 +25,8 @@ def test_inspect_takes_a_factory_returning_the_model_first(capsys):
     assert "10 blocks" in capsys.readouterr().out
 
 
-def test_bad_model_spec_is_a_typed_error_with_exit_code_2(capsys):
-    assert main(["inspect", "--model", "no.such.module:factory"]) == 2
+def test_bad_model_spec_is_a_typed_error_with_exit_code_1(capsys):
+    assert main(["inspect", "--model", "no.such.module:factory"]) == 1
     assert "package.module:factory" in capsys.readouterr().err
 
 

@@ -288,10 +288,10 @@ def test_run_cli_with_cuda_graphs(tmp_path_factory, tmp_path, capsys, monkeypatc
     from helpers import stand_in_capture
     exported = _get("reference", tmp_path_factory)
     common = ["run", str(exported.dir), "--classes", "0,3", "--steps", "3", "--threads", "1", "--cache", "on"]
-    assert main(common + ["--cuda-graph", "--out", str(tmp_path / "x.pt")]) == 2
+    assert main(common + ["--cuda-graph", "--out", str(tmp_path / "x.pt")]) == 1
     assert "--backend torch" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(common + ["--backend", "torch", "--cuda-graph", "--out", str(tmp_path / "x.pt")]) == 2
+        assert main(common + ["--backend", "torch", "--cuda-graph", "--out", str(tmp_path / "x.pt")]) == 1
         assert "CUDA" in capsys.readouterr().err
     monkeypatch.setattr(cuda_graph, "capture_cuda_graph", lambda model, inputs, cache_contexts=None, **options:
                         stand_in_capture(model, inputs, clone_outputs=False, contexts=cache_contexts or (None,)))
@@ -365,7 +365,7 @@ def test_onnxruntime_runtime_runs_its_pytorch_parts_on_one_thread_and_restores_i
             ec.runtime.load(exported.dir, torch_threads=0)
         with pytest.raises(ConfigError, match="torch_threads"):
             ec.runtime.load(exported.dir, torch_threads="one")
-        assert main(["run", str(exported.dir), "--classes", "0", "--torch-threads", "-1"]) == 2
+        assert main(["run", str(exported.dir), "--classes", "0", "--torch-threads", "-1"]) == 1
         assert "--torch-threads" in capsys.readouterr().err  # refused by the command line, before loading
     finally:
         torch.set_num_threads(before)
@@ -384,3 +384,18 @@ def test_onnxruntime_runtime_outputs_do_not_depend_on_its_pytorch_threads(tmp_pa
         torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_iobinding_runtime_equals_the_numpy_path(tmp_path_factory):
+    """``io_binding="on"`` (what CUDAExecutionProvider uses) on the CPU provider: the same outputs and decisions."""
+    exported = _get("dit", tmp_path_factory)
+    bound = ec.runtime.load(exported.dir, threads=1, io_binding="on", providers=["CPUExecutionProvider"])
+    randomize_routers(bound.model, seed=1000)
+    for skip, width in ((False, 1.0), (None, None), (False, 0.5)):
+        with ec.force(exported.runtime, skip=skip, width=width):
+            expected = first_output(exported.runtime(**exported.inputs))
+        with ec.force(bound, skip=skip, width=width):
+            got = first_output(bound(**exported.inputs))
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert state_of(bound).calls == state_of(exported.runtime).calls
+    bound.close()

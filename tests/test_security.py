@@ -46,8 +46,8 @@ def crafted(tmp_path):
 def test_pickled_inputs_and_datasets_are_refused_without_running_them(crafted, capsys, monkeypatch):
     path, marker = crafted
     monkeypatch.syspath_prepend(HERE)
-    assert main(["inspect", "--model", "fixtures.factories:tiny_dit", "--inputs", str(path)]) == 2
-    assert main(["train", "--data", str(path), "--out", str(path.parent / "run")]) == 2
+    assert main(["inspect", "--model", "fixtures.factories:tiny_dit", "--inputs", str(path)]) == 1
+    assert main(["train", "--data", str(path), "--out", str(path.parent / "run")]) == 1
     assert not marker.exists()
     err = capsys.readouterr().err
     assert "weights_only" in err and str(path) in err and "unpickle" in err
@@ -87,7 +87,7 @@ def test_a_factory_named_by_an_artifact_is_never_imported(tiny_export, tmp_path,
     rewrite_manifest(copy, "manifest.json", lambda m: m["source"].update(base=base))
     with pytest.raises(ConfigError, match="fixtures.marker_factory:build"):
         ec.runtime.load(copy)
-    assert main(["run", str(copy), "--classes", "1", "--out", str(tmp_path / "g.png")]) == 2
+    assert main(["run", str(copy), "--classes", "1", "--out", str(tmp_path / "g.png")]) == 1
     assert "--model fixtures.marker_factory:build" in capsys.readouterr().err
     assert "fixtures.marker_factory" not in sys.modules
 
@@ -143,7 +143,7 @@ def test_export_and_its_cli_refuse_a_users_directory(tiny_export, tmp_path, caps
         ec.export(model, inputs, mine, buckets=[1.0], batch_sizes=[2])
     code = main(["export", "--model", "fixtures.factories:tiny_dit", "--out", str(mine), "--buckets", "1",
                  "--no-verify-runtime", "--no-outside-graphs"])
-    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert code == 1 and "--overwrite" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["important.txt"] and sorted(os.listdir(tmp_path)) == ["mine"]
 
 
@@ -306,16 +306,16 @@ def test_a_single_timestep_for_a_batch_on_a_runtime_works_or_is_a_typed_error(ti
     (["inspect", "--model", "os:getcwd"], "torch.nn.Module"),
     (["export", "--model", "fixtures.factories:tiny_dit", "--out", "{tmp}/e", "--batch-sizes", "1.7"], "batch-sizes"),
 ])
-def test_bad_cli_values_fail_fast_with_exit_code_2(argv, match, tmp_path, capsys, monkeypatch):
+def test_bad_cli_values_fail_fast_with_exit_code_1(argv, match, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(HERE)
     (tmp_path / "file").write_text("a file, not a folder")
-    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
     assert match in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_typed_error(capsys):
-    assert main(["run", "A", "--classes", "1", "--device", "cuda"]) == 2
+    assert main(["run", "A", "--classes", "1", "--device", "cuda"]) == 1
     assert "CUDA" in capsys.readouterr().err
 
 

@@ -51,6 +51,11 @@ def validate_saved(manifest: dict, file: Path) -> None:
     """The JSON-level checks of ``elastic.json`` (types, versions, serving options)."""
     c = Checker(file)
     c.get(manifest, "fingerprint", str)
+    if manifest.get("fingerprint_order", "ordered") != "ordered":
+        c.fail("fingerprint_order", "'ordered' (or absent: an artifact of an earlier version)",
+               manifest["fingerprint_order"])
+    if not isinstance(manifest.get("permuted_fingerprint", ""), str):
+        c.fail("permuted_fingerprint", "a fingerprint string", manifest["permuted_fingerprint"])
     c.get(manifest, "config", dict)
     c.get(manifest, "blocks", list)
     if not isinstance(manifest.get("base_weights", False), bool):

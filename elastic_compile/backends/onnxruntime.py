@@ -1,4 +1,6 @@
-"""ONNX Runtime backend: one CPU ``InferenceSession`` per graph file, created on first use.
+"""ONNX Runtime backend: one ``InferenceSession`` per graph file, created on first use, on the execution providers
+named (default the CPU one; ``CUDAExecutionProvider`` with onnxruntime-gpu: inputs and outputs then stay on the
+GPU, bound by IOBinding, see :class:`OrtGraph`).
 
 Sessions use full graph optimisations (constant folding, fusions: the exported graphs keep their weights as
 plain initializers on purpose, see :mod:`elastic_compile.export.onnx_io`), sequential execution, no spin-waiting,
@@ -136,6 +138,41 @@ def create_session(path: str | Path, threads: int | None = None, providers: Sequ
                           "Check the dtype (onnxruntime CPU has no bfloat16 kernels) or export again.") from exc
 
 
+#: torch dtypes ONNX Runtime binds directly, as the NumPy element types IOBinding names them by.
+BINDABLE = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+            torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
+#: ONNX type strings of graph outputs and the torch dtype each becomes.
+ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+              "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(int8)": torch.int8,
+              "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool}
+IO_BINDING = ("auto", "on", "off")
+
+
+def check_providers(providers: Sequence | None) -> list:
+    """``providers`` (names, or ``(name, options)`` pairs, as ONNX Runtime takes them; default the CPU one), each
+    one this onnxruntime build has; BackendUnavailableError naming the ones it has otherwise."""
+    import onnxruntime as ort
+
+    providers = list(providers or ["CPUExecutionProvider"])
+    available = ort.get_available_providers()
+    for provider in providers:
+        name = provider[0] if isinstance(provider, (tuple, list)) else provider
+        if not isinstance(name, str) or name not in available:
+            raise BackendUnavailableError(f"an onnxruntime execution provider among {available}", repr(name),
+                                          "Install the onnxruntime build that has it (e.g. onnxruntime-gpu for "
+                                          "CUDAExecutionProvider), or name one of those.")
+    return providers
+
+
+def provider_device(providers: Sequence | None) -> torch.device:
+    """Where the first provider computes: CUDA for CUDAExecutionProvider (its ``device_id`` option), else CPU."""
+    first = (providers or ["CPUExecutionProvider"])[0]
+    name, options = (first[0], first[1]) if isinstance(first, (tuple, list)) else (first, {})
+    if name == "CUDAExecutionProvider":
+        return torch.device("cuda", int(dict(options).get("device_id", 0)))
+    return torch.device("cpu")
+
+
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor; a copy only when it needs one (grad, another device, strided)."""
     if tensor.requires_grad or not tensor.is_cpu or not tensor.is_contiguous():
@@ -144,36 +181,94 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class OrtGraph:
-    """Callable: a list of torch tensors in, a list of torch tensors out (CPU)."""
+    """Callable: a list of torch tensors in, a list of torch tensors out, on the inputs' device.
+
+    Two ways in and out. NumPy (CPU inputs, the default there): inputs are NumPy views of the tensors and outputs
+    wrap the arrays ONNX Runtime returns, no copy either way. IOBinding (``io_binding="on"``, and "auto" for
+    inputs on another device, e.g. CUDA with CUDAExecutionProvider): each input is bound where it lies by its
+    data pointer and each output is written into a torch tensor allocated on that device (output shapes come
+    from the graph, symbolic dimensions from the inputs that share their name), so nothing passes through host
+    memory; an output whose shape cannot be known first is allocated by ONNX Runtime and copied once.
+    """
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
-                 thread_pool: str = "per_session", memory_arena: str = "shared"):
+                 thread_pool: str = "per_session", memory_arena: str = "shared", io_binding: str = "auto"):
+        if io_binding not in IO_BINDING:
+            raise ConfigError(f"io_binding in {IO_BINDING}", repr(io_binding), "Use 'auto', 'on' or 'off'.")
         self.path = Path(path)
+        self.io_binding = io_binding
         self.session = create_session(path, threads, providers, thread_pool, memory_arena)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_names = [i.name for i in inputs]
+        self.output_names = [o.name for o in outputs]
         self.feeds = [(name, int(name.rsplit("_", 1)[1])) for name in self.input_names]
+        self.input_shapes = [list(i.shape) for i in inputs]
+        self.output_meta = [(list(o.shape), ONNX_TYPES.get(o.type)) for o in outputs]
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors[k]`` feeds graph input ``in_<k>`` (inputs a graph does not use may be absent from it)."""
+        fed = [tensors[k] for _, k in self.feeds]
+        if self.io_binding == "on" or (self.io_binding == "auto" and any(not t.is_cpu for t in fed)):
+            return self._run_bound(fed)
         feed = {name: _to_numpy(tensors[k]) for name, k in self.feeds}
         try:
             outputs = self.session.run(self.output_names, feed)
         except Exception as exc:  # onnxruntime's own exception types, e.g. a batch that differs between inputs
-            raise InputMismatchError(f"inputs that {self.path.name} runs on",
-                                     f"{[tuple(v.shape) for v in feed.values()]}: {str(exc).splitlines()[0][:300]}",
-                                     "Call the model with one batch size for every batched input.") from exc
+            raise self._mismatch([v.shape for v in feed.values()], exc) from exc
         return [torch.from_numpy(out) for out in outputs]
+
+    def _mismatch(self, shapes, exc: Exception) -> InputMismatchError:
+        return InputMismatchError(f"inputs that {self.path.name} runs on",
+                                  f"{[tuple(s) for s in shapes]}: {str(exc).splitlines()[0][:300]}",
+                                  "Call the model with one batch size for every batched input.")
+
+    def _run_bound(self, fed: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = fed[0].device if fed else torch.device("cpu")
+        binding = self.session.io_binding()
+        held, dims = [], {}
+        for name, shape, tensor in zip(self.input_names, self.input_shapes, fed):
+            tensor = tensor.detach()
+            if tensor.dtype not in BINDABLE:
+                raise InputMismatchError(f"inputs of a dtype ONNX Runtime binds ({sorted(map(str, BINDABLE))})",
+                                         f"{tensor.dtype} for {name} of {self.path.name}", "Export in fp32 or fp16.")
+            tensor = tensor.to(device).contiguous()
+            held.append(tensor)  # alive until the run is over: ONNX Runtime reads its memory
+            dims.update((d, size) for d, size in zip(shape, tensor.shape) if isinstance(d, str))
+            binding.bind_input(name, device.type, device.index or 0, BINDABLE[tensor.dtype], tuple(tensor.shape),
+                               tensor.data_ptr())
+        outputs: list[torch.Tensor | None] = []
+        for name, (shape, dtype) in zip(self.output_names, self.output_meta):
+            known = [d if isinstance(d, int) else dims.get(d) for d in shape]
+            if dtype is None or dtype not in BINDABLE or any(not isinstance(d, int) for d in known):
+                binding.bind_output(name, device.type, device.index or 0)
+                outputs.append(None)
+                continue
+            out = torch.empty(known, dtype=dtype, device=device)
+            binding.bind_output(name, device.type, device.index or 0, BINDABLE[dtype], tuple(known), out.data_ptr())
+            outputs.append(out)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise self._mismatch([t.shape for t in held], exc) from exc
+        if any(out is None for out in outputs):
+            values = binding.get_outputs()
+            outputs = [torch.from_numpy(values[i].numpy()).to(device) if out is None else out
+                       for i, out in enumerate(outputs)]
+        return outputs
 
 
 class OnnxRuntimeBackend:
     """Opens graph files as :class:`OrtGraph` (cached per path)."""
 
     name = "onnxruntime"
-    device = torch.device("cpu")
 
     def __init__(self, threads: int | None = None, providers: Sequence[str] | None = None,
-                 thread_pool: str = "per_session", memory_arena: str = "shared"):
+                 thread_pool: str = "per_session", memory_arena: str = "shared", io_binding: str = "auto"):
+        if io_binding not in IO_BINDING:
+            raise ConfigError(f"io_binding in {IO_BINDING}", repr(io_binding), "Use 'auto', 'on' or 'off'.")
+        providers = check_providers(providers)
+        self.device = provider_device(providers)  # where the block executors hand the graphs their inputs
+        self.io_binding = io_binding
         # Fixed now: sessions open on first use, inside a forward whose PyTorch may run on fewer threads.
         threads = int(threads if threads is not None else torch.get_num_threads())
         select_thread_pool(thread_pool, threads)  # now: a thread-count clash is an error at load, not first call
@@ -186,7 +281,8 @@ class OnnxRuntimeBackend:
 
     def graph(self, path: Path) -> OrtGraph:
         if path not in self._graphs:
-            self._graphs[path] = OrtGraph(path, self.threads, self.providers, self.thread_pool, self.memory_arena)
+            self._graphs[path] = OrtGraph(path, self.threads, self.providers, self.thread_pool, self.memory_arena,
+                                          self.io_binding)
         return self._graphs[path]
 
     router_graph = graph

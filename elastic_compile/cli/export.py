@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import ElasticConfig
 from ..errors import ConfigError
+from . import add_json_option, print_json
 from .common import load_scheduler, parse_floats, parse_ints, require, resolve_model
 
 
@@ -20,9 +21,10 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even when it is a non-empty directory that is not a previous export "
                              "(deletes what it holds)")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                        help="backend the export is prepared and verified for")
     parser.add_argument("--buckets", default=None, help="width buckets to export, e.g. 0.25,0.5,0.75,1 (default: all)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="dtype of the exported graphs")
     parser.add_argument("--batch-sizes", default=None, help="static batch sizes, e.g. 1,2 (default: 1 and the "
                                                             "example batch)")
     parser.add_argument("--scheduler", help="diffusers scheduler folder to ship with the export (default: "
@@ -33,6 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-verify-runtime", action="store_true", help="skip the whole-model check of the result")
     parser.add_argument("--no-outside-graphs", dest="outside_graphs", action="store_false",
                         help="do not export the model's ops outside its blocks as graphs (they then run in PyTorch)")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -74,10 +77,17 @@ def run(args) -> int:
                     trt_options={"optimization_level": args.trt_optimization_level},
                     outside_graphs=args.outside_graphs, overwrite=args.overwrite)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
+    program = manifest.get("program")
+    if args.json:
+        print_json({"out": str(out), "blocks": len(manifest["blocks"]), "buckets": manifest["buckets"],
+                    "batch_sizes": manifest["batch_sizes"], "dtype": manifest["dtype"],
+                    "export_seconds": manifest["export_seconds"],
+                    "max_abs_diff": manifest["verification"]["max_abs_diff"],
+                    "outside_graphs": sum("graph" in s for s in program["steps"]) if program else 0})
+        return 0
     print(f"exported {len(manifest['blocks'])} blocks x buckets {manifest['buckets']} x batch sizes "
           f"{manifest['batch_sizes']} ({manifest['dtype']}) to {out} in {manifest['export_seconds']} s; "
           f"max |diff| vs PyTorch {manifest['verification']['max_abs_diff']:.3g}")
-    program = manifest.get("program")
     print(f"outside the blocks: {sum('graph' in s for s in program['steps'])} graphs (outside/), batch "
           f"{'dynamic' if program.get('batch', {}).get('dynamic') else 'static'}" if program
           else f"outside the blocks: PyTorch ({manifest.get('program_note')})")

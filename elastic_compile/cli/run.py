@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BackendUnavailableError, ConfigError
+from . import add_json_option, print_json
 from .common import parse_ints, require, writable_output
 
 
@@ -16,12 +17,17 @@ def register(subparsers) -> None:
     parser.add_argument("--classes", required=True, help="class labels, one image each, e.g. 0,1,2")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the artifact's sampling.json)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cfg", default="batch", choices=("batch", "separate"))
+    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded with seed + i")
+    parser.add_argument("--cfg", default="batch", choices=("batch", "separate"),
+                        help="classifier-free guidance as one batched call per step or two calls")
     parser.add_argument("--out", default="grid.png", help="output .png grid (1 or 3 channels) or .pt tensor")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: all in one row)")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"))
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"),
+                        help="what runs the block graphs")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--providers", default=None,
+                        help="onnxruntime execution providers in order, e.g. CUDAExecutionProvider,CPUExecutionProvider "
+                             "(default: CPUExecutionProvider); with CUDA the graphs take and return GPU tensors")
     parser.add_argument("--thread-pool", default="shared", choices=("shared", "per_session"),
                         help="onnxruntime thread pools: one shared by every block graph (default: this process runs "
                              "nothing else) or one per graph")
@@ -47,6 +53,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="torch backend on a GPU: each forward replays one CUDA graph in which the routers "
                         "decide on the GPU (elastic_compile.serve.capture_cuda_graph)")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -55,6 +62,20 @@ def _torch_threads(value: int | None):
     if value is None:
         return "auto"
     return None if value == 0 else value
+
+
+def _providers(args) -> list[str] | None:
+    """``--providers``: a comma-separated list, onnxruntime only."""
+    if args.providers is None:
+        return None
+    if args.backend != "onnxruntime":
+        raise ConfigError("--providers with --backend onnxruntime", f"--backend {args.backend}",
+                          "Leave --providers out, or use --backend onnxruntime.")
+    names = [name.strip() for name in args.providers.split(",") if name.strip()]
+    if not names:
+        raise ConfigError("--providers as names separated by commas", repr(args.providers),
+                          "E.g. --providers CUDAExecutionProvider,CPUExecutionProvider.")
+    return names
 
 
 def _skip(text: str | None):
@@ -116,7 +137,7 @@ def sample_with_cuda_graph(runtime, labels: list[int], options: dict) -> torch.T
 
 def run(args) -> int:
     import elastic_compile as ec
-    from ..cache import serving_cache_hooks
+    from ..cache import remove_feature_cache, serving_cache_hooks
     from ..stats import StepStats
 
     labels = list(parse_ints(args.classes, "--classes", low=0))
@@ -128,8 +149,10 @@ def run(args) -> int:
     runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
                               thread_pool=args.thread_pool, memory_arena=args.memory_arena,
                               torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs,
-                              base_factory=args.model)
+                              base_factory=args.model, providers=_providers(args))
     hooks = serving_cache_hooks(runtime, args.cache)
+    if args.cache == "off":
+        remove_feature_cache(runtime)  # loading turned on the cache the routers were trained for
     steps = StepStats(runtime)  # the whole generation's decisions, not only the last step's
     options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, cfg=args.cfg,
                    progress=True, hooks=hooks, on_step_end=steps)
@@ -143,9 +166,17 @@ def run(args) -> int:
     forwards = None if driver is None else driver.calls + driver.fallbacks - driver.profiled  # stats' FLOP profiling
     outside = "" if driver is None else f"; ops outside the blocks as graphs in {driver.calls} of {forwards} forwards"
     how = args.backend + (", one CUDA graph per forward" if args.cuda_graph else "")
+    result = {"images": len(labels), "seconds": seconds, "out": str(path), "backend": args.backend,
+              "cuda_graph": args.cuda_graph, "executed_flops_fraction": steps.executed_flops_fraction,
+              "skipped_fraction": steps.skipped_fraction,
+              "reused_fraction": None if hooks is None else steps.reused_fraction,
+              "outside_graph_forwards": None if driver is None else driver.calls, "forwards": forwards}
+    runtime.close()
+    if args.json:
+        print_json(result)
+        return 0
     cached = "" if hooks is None else f", {100 * steps.reused_fraction:.1f}% served from the feature cache"
     print(f"{len(labels)} images in {seconds:.2f} s ({how}) -> {path}; the generation executed "
           f"{100 * steps.executed_flops_fraction:.1f}% of dense FLOPs, {100 * steps.skipped_fraction:.1f}% of "
           f"block calls skipped{cached}" + outside)
-    runtime.close()
     return 0

@@ -23,7 +23,7 @@ def check_runtime(model, example_inputs, root: Path, dtype: str, indices: list[i
     dense, narrowest-exported-width and skip-every-other-block plans. ``base_factory``: the one the user gave
     the export (a runtime never takes it from the artifact)."""
     state = state_of(model)
-    runtime = load(root, backend, threads=threads, base_factory=base_factory)
+    runtime = load(root, backend, threads=threads, base_factory=base_factory, cache="off")  # as `model` runs here
     runtime_inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(runtime.device), example_inputs)
     widths = [state.config.width_buckets[i] for i in indices]
     skippable = {s.index for s in state.specs if s.skippable and state.config.allow_skip}

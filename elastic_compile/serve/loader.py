@@ -44,7 +44,9 @@ class Runtime:
     """An exported elastic model, callable with the model's own inputs (same arguments, same return value).
 
     ``runtime.model`` is the underlying PyTorch elastic model (blocks dispatched to the backend);
-    ``runtime.sample(...)`` runs the class-conditional sampling loop on it. A call runs the model with PyTorch
+    ``runtime.sample(...)`` runs the class-conditional sampling loop on it. ``config``, ``dtype`` and ``device``
+    are the model's, so a runtime can stand in for ``pipe.transformer`` in a diffusers pipeline (for the shapes it
+    was exported for). A call runs the model with PyTorch
     at ``torch_threads`` intra-op threads (restored after the call; see :mod:`.torch_threads`); calling
     ``runtime.model`` directly skips that.
     """
@@ -74,6 +76,19 @@ class Runtime:
         for param in self.model.parameters():
             return param.device
         return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The PyTorch model's dtype (what a diffusers pipeline casts its latents to)."""
+        for param in self.model.parameters():
+            return param.dtype
+        return torch.float32
+
+    @property
+    def config(self):
+        """The model's config (diffusers models: ``sample_size``, ``in_channels``, ...), so that the runtime can be a
+        pipeline's ``transformer``; AttributeError for models without one."""
+        return self.model.config
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad(), using_torch_threads(self.torch_threads):
@@ -121,7 +136,8 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
          engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None,
          thread_pool: str = "per_session", memory_arena: str = "shared",
          torch_threads: int | str | None = AUTO, outside_graphs: bool = True, base_model: nn.Module | None = None,
-         base_factory: str | Callable[[], nn.Module] | None = None) -> Runtime:
+         base_factory: str | Callable[[], nn.Module] | None = None, cache: str = "auto",
+         io_binding: str = "auto") -> Runtime:
     """Load an export directory written by :func:`elastic_compile.export`.
 
     Nothing the directory holds is imported or run as code; its files are checked against the manifest's hashes
@@ -158,6 +174,13 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
             graphs (a :class:`~.driver.ModelDriver` becomes the model's forward) where the export has them;
             calls not shaped like the export's example (other than in batch size, where the graphs' batch is
             dynamic), and False, run them in PyTorch.
+        providers: onnxruntime execution providers, in order (names or ``(name, options)`` pairs; default
+            ``["CPUExecutionProvider"]``); with ``CUDAExecutionProvider`` (onnxruntime-gpu) the block graphs take
+            and return CUDA tensors (pass ``device="cuda"`` for the PyTorch parts too).
+        io_binding: onnxruntime inputs and outputs through IOBinding: "auto" (default: for tensors that are not
+            on the CPU), "on" or "off" (NumPy views; CPU only). See :class:`~elastic_compile.backends.onnxruntime.OrtGraph`.
+        cache: "auto" (default) serves the model with the feature cache its routers were trained for, as
+            ``elastic_compile.load`` does (a plain sampling loop or ``runtime.sample`` uses it); "off" leaves it off.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend in {BACKENDS}", repr(backend), "Use onnxruntime, tensorrt or torch.")
@@ -182,7 +205,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
         raise ConfigError("base_model or base_factory", "both", "Pass one of them.")
     base = load_base(root, manifest["source"]["base"], base_model if base_model is not None else base_factory)
     # Base files are hash-checked against the manifest; strict=False accepts a base fine-tuned before export.
-    model = load_elastic(base, root / manifest["elastic"], strict=False)
+    model = load_elastic(base, root / manifest["elastic"], strict=False, cache=cache)
     check_blocks(manifest, state_of(model), root / MANIFEST)
     model.eval().requires_grad_(False)
     if device is None and backend == "tensorrt":
@@ -192,7 +215,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     if backend == "torch":
         return Runtime(model, manifest, root, backend, None, pinned_threads)
     if backend == "onnxruntime":
-        engine = OnnxRuntimeBackend(threads, providers, thread_pool, memory_arena)
+        engine = OnnxRuntimeBackend(threads, providers, thread_pool, memory_arena, io_binding)
     else:
         built_with = (manifest["backends"].get("tensorrt") or {}).get("flags") or {}
         options = {k: built_with[k] for k in ("optimization_level", "workspace_bytes") if built_with.get(k) is not None}

@@ -118,12 +118,13 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     if world > 1:
         student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
     batches = _batches(data, batch_size, seed, rank, world)
-    teacher = _teacher(model, data, train_base)
+    served_cache, state.cache = state.cache, None  # the cache ec.load serves with: steps train without it
     staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
     report = TrainReport(budget, steps, batch_size, world, 0.0)
     bar = progress_bar(steps, progress and rank == 0)
     start = time.time()
     try:
+        teacher = _teacher(model, data, train_base)
         for step in range(1, steps + 1):
             inputs, rows = next(batches)
             target = inputs.pop(TEACHER_KEY, None)
@@ -172,6 +173,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         state.soft_stand_ins = None
         restore_flags(model, saved_flags)
         model.train(was_training)
+        state.cache = served_cache
     report.seconds = time.time() - start
     if checkpoint_dir and rank == 0:
         checkpoint(model, Path(checkpoint_dir) / "final", train_base)

@@ -1,0 +1,154 @@
+"""Serve a loaded elastic model the way its routers were trained: ``restore_serving`` puts the recorded feature
+cache back on, and lets a plain sampling loop (no ``cache_context``, no ``reset_cache``) use it correctly.
+
+Why: routers trained cache-aware (``train_routers(..., cache_aware=True)``, rollout training) decide "skip" where
+the cache serves the block's last update; without the cache the same decisions leave blocks out and samples fall
+apart (class accuracy 0.2 instead of 0.99 on the reference model). ``ec.load`` therefore restores the serving an
+artifact records (``elastic.json`` ``serving.feature_cache``) unless asked not to.
+
+A plain loop calls the model outside any cache context and never resets the cache. Calls outside a context are
+given one by :class:`PlainCalls`, from the call's timestep (a forward parameter named ``timestep``, ``timesteps``,
+``t``, ``sigma`` or ``sigmas``):
+
+* timesteps moving one way (down for diffusers' schedulers, or up) are the steps of one generation;
+* a call at the timestep of the call before is another branch of the same step (classifier-free guidance as two
+  calls): branch ``k`` of a step uses context ``"plain-k"``, so the branches' cached updates stay apart;
+* a timestep moving against the generation's direction (the next generation starting) resets the cache.
+
+Calls inside a context (``cache_context``, :class:`~elastic_compile.cache.ElasticCacheHooks`, a sampler's hooks)
+are left alone, and so are models without a timestep parameter: those still need a context (the cache raises
+CacheContextError without one). A generation of a single step followed by another at the same timestep reads as
+two branches of one step (each branch starts with an empty cache, so nothing stale is reused).
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+
+import torch
+from torch import nn
+
+from .cache import apply_feature_cache, cache_context, reset_cache
+from .state import state_of
+
+#: Forward parameters read as the call's timestep, in order of preference.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+#: The model attribute holding its :class:`PlainCalls` (read by the hooks on the module called).
+PLAIN_CALLS_ATTRIBUTE = "_elastic_plain_calls"
+#: More calls than this at one timestep are taken as a new generation (bounds the contexts a loop can create).
+MAX_BRANCHES = 8
+
+
+def restore_serving(model: nn.Module) -> bool:
+    """Turn on the feature cache the model's routers were trained for (``state.serving``) and let calls outside a
+    cache context use it (see the module docstring). Returns whether a cache was restored."""
+    if not state_of(model).serving.get("feature_cache"):
+        return False
+    apply_feature_cache(model)
+    install_plain_calls(model)
+    return True
+
+
+def install_plain_calls(model: nn.Module) -> None:
+    """Give ``model``'s calls outside any cache context a context and a reset per generation (idempotent)."""
+    if PLAIN_CALLS_ATTRIBUTE in model.__dict__:
+        return
+    parameter = timestep_parameter(model)
+    if parameter is None:
+        return
+    model.__dict__[PLAIN_CALLS_ATTRIBUTE] = PlainCalls(parameter)
+    model.register_forward_pre_hook(_enter_plain_call, with_kwargs=True)
+    model.register_forward_hook(_exit_plain_call, always_call=True)
+
+
+def timestep_parameter(model: nn.Module) -> tuple[str, int] | None:
+    """``(name, positional index)`` of the model's timestep parameter (``self`` not counted), or None."""
+    try:
+        parameters = list(inspect.signature(type(model).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    for name in TIMESTEP_NAMES:
+        if name in parameters:
+            return name, parameters.index(name)
+    return None
+
+
+def _timestep_value(value) -> float | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0 or value.is_complex():
+            return None
+        return float(value.detach().reshape(-1)[0])
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class PlainCalls:
+    """The timestep history of calls outside any cache context: which generation and branch each one belongs to.
+    Shared by the threads calling one model (guarded by a lock); a deep copy of the model starts afresh."""
+
+    def __init__(self, parameter: tuple[str, int]):
+        self.parameter = parameter
+        self.lock = threading.Lock()
+        self.local = threading.local()  # per thread: the contexts entered by the pre-hook, exited by the hook
+        self.last: float | None = None
+        self.direction = 0
+        self.branch = 0
+
+    def __deepcopy__(self, memo):
+        return PlainCalls(self.parameter)
+
+    def timestep(self, args: tuple, kwargs: dict) -> float | None:
+        name, index = self.parameter
+        if name in kwargs:
+            return _timestep_value(kwargs[name])
+        return _timestep_value(args[index]) if index < len(args) else None
+
+    def place(self, t: float) -> tuple[str, bool]:
+        """``(context name, whether a new generation starts)`` of a call at timestep ``t``."""
+        with self.lock:
+            new = self.last is None
+            if not new and t == self.last:
+                self.branch += 1
+                new = self.branch >= MAX_BRANCHES
+            elif not new:
+                step = 1 if t > self.last else -1
+                new = self.direction not in (0, step)
+                self.direction = 0 if new else step
+                self.branch = 0
+            if new:
+                self.direction, self.branch = 0, 0
+            self.last = t
+            return f"plain-{self.branch}", new
+
+    def stack(self) -> list:
+        stack = getattr(self.local, "stack", None)
+        if stack is None:
+            stack = self.local.stack = []
+        return stack
+
+
+def _enter_plain_call(module, args, kwargs):
+    calls = module.__dict__.get(PLAIN_CALLS_ATTRIBUTE)
+    state = state_of(module)
+    entered = None
+    if calls is not None and state.cache is not None and state.cache.context is None and not state.profiling \
+            and not state.soft:
+        t = calls.timestep(args, kwargs)
+        if t is not None:
+            name, new = calls.place(t)
+            if new:
+                reset_cache(module)
+            entered = cache_context(module, name)
+            entered.__enter__()
+    if calls is not None:
+        calls.stack().append(entered)
+
+
+def _exit_plain_call(module, args, output):
+    calls = module.__dict__.get(PLAIN_CALLS_ATTRIBUTE)
+    if calls is None or not calls.stack():
+        return
+    entered = calls.stack().pop()
+    if entered is not None:
+        entered.__exit__(None, None, None)
