@@ -25,6 +25,16 @@ PER_THREAD = 10
 STEPS = 4
 
 
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """Each caller on one PyTorch thread (the test machine's cores are few: 8 callers x an OpenMP team each would
+    spin on them); restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def run_threads(work, threads=THREADS):
     """``work(k)`` in ``threads`` threads started together; their results in thread order (re-raises errors)."""
     results, errors = [None] * threads, []
