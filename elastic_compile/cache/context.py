@@ -23,9 +23,31 @@ def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = No
     Without ``config``: the cache the routers were trained for (``train_routers(..., cache_aware=True)`` records
     it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``."""
     state = state_of(model)
+    base = model if isinstance(model, nn.Module) else getattr(model, "model", model)  # a Runtime's model
     state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})),
-                                    state.config.skip_actions)
+                                    state.config.skip_actions, timestep_argument(base))
+    _chain_stateful_reset(base)
     return state.cache
+
+
+class StatefulCacheReset:
+    """Installed as a diffusers model's ``_reset_stateful_cache`` (the pipelines' reset of stateful hooks, called
+    at the end of every pipeline call): runs the model's own, then :func:`reset_cache`."""
+
+    def __init__(self, model: nn.Module, original):
+        self.model = model
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
+        result = self.original(*args, **kwargs)
+        reset_cache(self.model)
+        return result
+
+
+def _chain_stateful_reset(model) -> None:
+    original = getattr(model, "_reset_stateful_cache", None)
+    if callable(original) and not isinstance(original, StatefulCacheReset):
+        model._reset_stateful_cache = StatefulCacheReset(model, original)
 
 
 def serving_cache_hooks(model: nn.Module, mode: str = "auto") -> "ElasticCacheHooks | None":
