@@ -97,7 +97,8 @@ class ScopedValue:
     def __deepcopy__(self, memo):
         return ScopedValue(self._var.name)
 
-    __copy__ = lambda self: ScopedValue(self._var.name)  # noqa: E731
+    def __copy__(self):
+        return ScopedValue(self._var.name)
 
 
 class PerThread(threading.local):
