@@ -8,7 +8,7 @@ artifact records (``elastic.json`` ``serving.feature_cache``) unless asked not t
 
 A plain loop calls the model outside any cache context and never resets the cache. Calls outside a context are
 given one by :class:`PlainCalls`, from the call's timestep (a forward parameter named ``timestep``, ``timesteps``,
-``t``, ``sigma`` or ``sigmas``):
+``t``, ``sigma``, ``sigmas`` or ``noise_level``: ``cache/generation.py``), per calling thread:
 
 * timesteps moving one way (down for diffusers' schedulers, or up) are the steps of one generation;
 * a call at the timestep of the call before is another branch of the same step (classifier-free guidance as two
@@ -22,17 +22,14 @@ two branches of one step (each branch starts with an empty cache, so nothing sta
 """
 from __future__ import annotations
 
-import inspect
 import threading
 
-import torch
 from torch import nn
 
 from .cache import apply_feature_cache, cache_context, reset_cache
+from .cache.generation import timestep_argument, timestep_value
 from .state import state_of
 
-#: Forward parameters read as the call's timestep, in order of preference.
-TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
 #: The model attribute holding its :class:`PlainCalls` (read by the hooks on the module called).
 PLAIN_CALLS_ATTRIBUTE = "_elastic_plain_calls"
 #: More calls than this at one timestep are taken as a new generation (bounds the contexts a loop can create).
@@ -53,7 +50,7 @@ def install_plain_calls(model: nn.Module) -> None:
     """Give ``model``'s calls outside any cache context a context and a reset per generation (idempotent)."""
     if PLAIN_CALLS_ATTRIBUTE in model.__dict__:
         return
-    parameter = timestep_parameter(model)
+    parameter = timestep_argument(model)
     if parameter is None:
         return
     model.__dict__[PLAIN_CALLS_ATTRIBUTE] = PlainCalls(parameter)
@@ -61,71 +58,39 @@ def install_plain_calls(model: nn.Module) -> None:
     model.register_forward_hook(_exit_plain_call, always_call=True)
 
 
-def timestep_parameter(model: nn.Module) -> tuple[str, int] | None:
-    """``(name, positional index)`` of the model's timestep parameter (``self`` not counted), or None."""
-    try:
-        parameters = list(inspect.signature(type(model).forward).parameters)[1:]
-    except (TypeError, ValueError):
-        return None
-    for name in TIMESTEP_NAMES:
-        if name in parameters:
-            return name, parameters.index(name)
-    return None
+class PlainCalls(threading.local):
+    """The timestep history of one caller's (thread's) calls outside any cache context: which generation and
+    branch each one belongs to. Per thread, like the cache's rows (``cache/store.py``), so concurrent plain loops
+    on one model do not read each other's timesteps as branches; a deep copy of the model starts afresh."""
 
-
-def _timestep_value(value) -> float | None:
-    if isinstance(value, torch.Tensor):
-        if value.numel() == 0 or value.is_complex():
-            return None
-        return float(value.detach().reshape(-1)[0])
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-class PlainCalls:
-    """The timestep history of calls outside any cache context: which generation and branch each one belongs to.
-    Shared by the threads calling one model (guarded by a lock); a deep copy of the model starts afresh."""
-
-    def __init__(self, parameter: tuple[str, int]):
+    def __init__(self, parameter: tuple[str, int | None]):
         self.parameter = parameter
-        self.lock = threading.Lock()
-        self.local = threading.local()  # per thread: the contexts entered by the pre-hook, exited by the hook
         self.last: float | None = None
         self.direction = 0
         self.branch = 0
+        self.stack: list = []  # the contexts entered by the pre-hook, exited by the hook
 
     def __deepcopy__(self, memo):
         return PlainCalls(self.parameter)
 
     def timestep(self, args: tuple, kwargs: dict) -> float | None:
-        name, index = self.parameter
-        if name in kwargs:
-            return _timestep_value(kwargs[name])
-        return _timestep_value(args[index]) if index < len(args) else None
+        return timestep_value(args, kwargs, self.parameter)
 
     def place(self, t: float) -> tuple[str, bool]:
         """``(context name, whether a new generation starts)`` of a call at timestep ``t``."""
-        with self.lock:
-            new = self.last is None
-            if not new and t == self.last:
-                self.branch += 1
-                new = self.branch >= MAX_BRANCHES
-            elif not new:
-                step = 1 if t > self.last else -1
-                new = self.direction not in (0, step)
-                self.direction = 0 if new else step
-                self.branch = 0
-            if new:
-                self.direction, self.branch = 0, 0
-            self.last = t
-            return f"plain-{self.branch}", new
-
-    def stack(self) -> list:
-        stack = getattr(self.local, "stack", None)
-        if stack is None:
-            stack = self.local.stack = []
-        return stack
+        new = self.last is None
+        if not new and t == self.last:
+            self.branch += 1
+            new = self.branch >= MAX_BRANCHES
+        elif not new:
+            step = 1 if t > self.last else -1
+            new = self.direction not in (0, step)
+            self.direction = 0 if new else step
+            self.branch = 0
+        if new:
+            self.direction, self.branch = 0, 0
+        self.last = t
+        return f"plain-{self.branch}", new
 
 
 def _enter_plain_call(module, args, kwargs):
@@ -142,13 +107,13 @@ def _enter_plain_call(module, args, kwargs):
             entered = cache_context(module, name)
             entered.__enter__()
     if calls is not None:
-        calls.stack().append(entered)
+        calls.stack.append(entered)
 
 
 def _exit_plain_call(module, args, output):
     calls = module.__dict__.get(PLAIN_CALLS_ATTRIBUTE)
-    if calls is None or not calls.stack():
+    if calls is None or not calls.stack:
         return
-    entered = calls.stack().pop()
+    entered = calls.stack.pop()
     if entered is not None:
         entered.__exit__(None, None, None)

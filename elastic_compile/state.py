@@ -1,6 +1,16 @@
 """What every layer of an elastic model reads: its state (forced plans, per-forward decision records, FLOP tables,
 the cache and routing modes), ``force``, and where elastic_compile keeps things on a model and its blocks.
 
+Shared and per caller. One elastic model may be called from several threads at once: what a forward writes is
+kept per caller, so concurrent forwards give exactly what the same forwards give one after another. Per caller
+(:class:`CallerState`, one per thread): the decision records of the last forward (``stats``), its input shapes,
+the FLOP-profiling mode and the soft-training records; ``force`` is per ``contextvars`` context (the calling
+thread, or an asyncio task), as :class:`ScopedValue`. Shared by every caller: the weights, the routers, the
+config, the block specs, the FLOP tables (a pure function of the input shapes), and the modes set for the whole
+model (router training, device routing and the CUDA graphs captured from it, which serve one caller at a time).
+The feature cache keeps its rows per caller too (``elastic_compile/cache/store.py``), and so does each block's
+width switch (``nn/width.py``).
+
 This module sits right above errors/config/capture: the gates (nn/), the passes, training, export and the
 runtimes all import it, and it imports none of them (the cache, device routing and profiling objects it holds are
 typed as ``object`` here and owned by their own modules).
@@ -8,6 +18,8 @@ typed as ``object`` here and owned by their own modules).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,28 +73,100 @@ class TensorMeta:
     device: torch.device
 
 
-@dataclass
+class ScopedValue:
+    """A value per ``contextvars`` context (per thread; an asyncio task starts from its creator's): ``get``,
+    ``set`` (for the rest of this context), and ``scoped(value)`` (a token to ``restore``). A deep copy of its
+    owner starts unset."""
+
+    __slots__ = ("_var",)
+
+    def __init__(self, name: str):
+        self._var = contextvars.ContextVar(name)
+
+    def get(self, default=None):
+        return self._var.get(default)
+
+    def set(self, value) -> None:
+        self._var.set(value)
+
+    def scoped(self, value) -> contextvars.Token:
+        return self._var.set(value)
+
+    def restore(self, token: contextvars.Token) -> None:
+        self._var.reset(token)
+
+    def __deepcopy__(self, memo):
+        return ScopedValue(self._var.name)
+
+    def __copy__(self):
+        return ScopedValue(self._var.name)
+
+
+class PerThread(threading.local):
+    """Base of per-caller records: each thread sees its own attributes (set by ``__init__`` on first use in that
+    thread). A copy (``copy.deepcopy`` of a model) is a fresh one, so copies never share records."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __copy__(self):
+        return type(self)()
+
+
+class CallerState(PerThread):
+    """What one caller's forwards write (per thread): the last forward's block calls and input shapes, decisions
+    still on the device, soft-training records, and the FLOP-profiling mode of ``stats``."""
+
+    def __init__(self):
+        self.calls: list[BlockCall] = []
+        self.last_inputs: Any = None
+        self.last_tensors: Any = None                    # the last forward's (args, kwargs), tensors as weak refs
+        self.pending_calls: Any = None                   # () -> list[BlockCall]: decisions still on the device
+        self.soft_records: list = []                     # per block call: (block, p_run, probs, hard run, hard bucket)
+        self.profiling = False
+        self.profile_sink: list | None = None
+
+
+def _per_caller(name: str) -> property:
+    """A property of ElasticState read from and written to the calling thread's :class:`CallerState`."""
+    return property(lambda self: getattr(self.caller, name), lambda self, value: setattr(self.caller, name, value),
+                    doc=f"The calling thread's ``{name}`` (see :class:`CallerState`).")
+
+
+@dataclass(eq=False)
 class ElasticState:
-    """Shared by the root hook and every block gate of one elastic model."""
+    """Shared by the root hook and every block gate of one elastic model (what is shared and what is per caller:
+    the module docstring)."""
 
     config: ElasticConfig
     specs: list = field(default_factory=list)
-    forced: ForcedPlan | None = None
-    calls: list[BlockCall] = field(default_factory=list)
-    last_inputs: Any = None
-    last_tensors: Any = None                             # the last forward's (args, kwargs), tensors as weak refs
-    profiling: bool = False
-    profile_sink: list | None = None
     flop_tables: dict = field(default_factory=dict)
     routers: dict = field(default_factory=dict)
     soft: bool = False                                   # straight-through training decisions (train/)
-    soft_records: list = field(default_factory=list)     # per block call: (block, p_run, probs, hard run, hard bucket)
     cache: object = None                                 # cache.FeatureCacheState when the cache is on
     soft_stand_ins: dict | None = None                   # cache-aware training: block -> {leaf: (actions, B, ...)}
     serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
     device_routing: object = None                        # nn.gate.device.DeviceRouting while installed
-    pending_calls: Any = None                            # () -> list[BlockCall]: decisions still on the device
     left_dense: dict = field(default_factory=dict)       # block-like modules the transform left dense -> why
+    caller: CallerState = field(default_factory=CallerState, repr=False)
+    forced_plan: ScopedValue = field(default_factory=lambda: ScopedValue("elastic_compile.forced"), repr=False)
+
+    calls = _per_caller("calls")
+    last_inputs = _per_caller("last_inputs")
+    last_tensors = _per_caller("last_tensors")
+    pending_calls = _per_caller("pending_calls")
+    soft_records = _per_caller("soft_records")
+    profiling = _per_caller("profiling")
+    profile_sink = _per_caller("profile_sink")
+
+    @property
+    def forced(self) -> ForcedPlan | None:
+        """The plan ``force`` pins in the calling context (None: routers decide)."""
+        return self.forced_plan.get()
+
+    @forced.setter
+    def forced(self, plan: ForcedPlan | None) -> None:
+        self.forced_plan.set(plan)
 
     @property
     def dense_bucket(self) -> int:
@@ -96,28 +180,32 @@ class ElasticState:
                           "Force one of the configured buckets (or transform with other width_buckets).")
 
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
-        if self.profiling:
+        caller = self.caller
+        if caller.profiling:
             return
-        self.calls = []
-        self.soft_records = []
-        self.last_inputs = describe_inputs(args, kwargs)
-        self.last_tensors = weak_inputs(args, kwargs)
-        self.pending_calls = None
+        caller.calls = []
+        caller.soft_records = []
+        caller.last_inputs = describe_inputs(args, kwargs)
+        caller.last_tensors = weak_inputs(args, kwargs)
+        caller.pending_calls = None
         if self.device_routing is not None:
             self.device_routing.log = []
-            self.pending_calls = self.device_routing.calls
+            caller.pending_calls = self.device_routing.calls
+        if self.cache is not None:
+            self.cache.begin_call(args, kwargs)  # a new generation resets the caller's rows (cache/store.py)
 
     def record(self, call: BlockCall) -> None:
         if self.device_routing is not None:
             self.device_routing.log.append((call.block, call.run, call.bucket, call.router_ran, call.reused))
         else:
-            self.calls.append(call)
+            self.caller.calls.append(call)
 
     def settled_calls(self) -> list[BlockCall]:
-        """The last forward's block calls, copying decisions made on the device to the host first."""
-        if self.pending_calls is not None:
-            self.calls = self.pending_calls()
-        return self.calls
+        """The calling thread's last forward's block calls, copying decisions made on the device to the host first."""
+        caller = self.caller
+        if caller.pending_calls is not None:
+            caller.calls = caller.pending_calls()
+        return caller.calls
 
 
 def _described(value):
@@ -189,9 +277,8 @@ def force(model: nn.Module, skip: bool | set[int] | frozenset[int] | None = None
         if unskippable:
             raise ConfigError("indices of skippable blocks", f"blocks {unskippable} cannot be skipped",
                               "elastic_compile.report(model) lists which blocks can be skipped and why.")
-    previous = state.forced
-    state.forced = ForcedPlan(skip=skip, width=None if width is None else float(width))
+    token = state.forced_plan.scoped(ForcedPlan(skip=skip, width=None if width is None else float(width)))
     try:
         yield model
     finally:
-        state.forced = previous
+        state.forced_plan.restore(token)

@@ -25,6 +25,7 @@ Runtime's default. ``benchmarks/results/speed.md`` has what each setting measure
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -278,12 +279,19 @@ class OnnxRuntimeBackend:
         self.providers = providers
         self.thread_pool = thread_pool
         self._graphs: dict[Path, OrtGraph] = {}
+        self._opening = threading.Lock()
 
     def graph(self, path: Path) -> OrtGraph:
-        if path not in self._graphs:
-            self._graphs[path] = OrtGraph(path, self.threads, self.providers, self.thread_pool, self.memory_arena,
-                                          self.io_binding)
-        return self._graphs[path]
+        """The session of ``path``, opened on first use (once: concurrent first calls wait for the same one).
+        ``InferenceSession.run`` is safe to call from several threads at once."""
+        graph = self._graphs.get(path)
+        if graph is None:
+            with self._opening:
+                graph = self._graphs.get(path)
+                if graph is None:
+                    graph = self._graphs[path] = OrtGraph(path, self.threads, self.providers, self.thread_pool,
+                                                          self.memory_arena, self.io_binding)
+        return graph
 
     router_graph = graph
 

@@ -6,7 +6,14 @@ when it does not, the cache's rules (:mod:`.rules`) say whether a stand-in (the 
 the last ones: :mod:`.forecast`) is added to its input. Contexts keep rows apart: CFG as one batch (one
 context, cond and uncond rows) and CFG as two calls (contexts "cond" and "uncond") see the same deltas per sample.
 ``reset()`` (or a sampler's ``start_generation``) forgets everything; a batch-size change within a context also
-starts that context afresh.
+starts that context afresh, and so does a new generation (:class:`GenerationClock`: the timestep moving back
+against the direction of the sampler's steps), so a forgotten ``reset_cache`` never carries one generation's
+updates into the next.
+
+Per caller: the active context and the host entries are per thread (:class:`CallerRows`), so generations run
+concurrently from several threads on one model never see each other's updates (and one thread's ``reset``
+forgets only its own). The device entries (device routing, captured CUDA graphs) are shared: device routing
+serves one caller at a time.
 
 Each (context, block) is a :class:`HostEntry` (Python lists, for the host gate) or a :class:`DeviceEntry`
 (tensors updated in place, for device routing and captured CUDA graphs). Both answer the same three questions:
@@ -21,7 +28,9 @@ import torch
 
 from ..config import SKIP_ACTIONS
 from ..errors import ConfigError, ElasticCompileError
+from ..state import PerThread
 from .device_entry import DeviceEntry
+from .generation import GenerationClock, timestep_value
 from .host_entry import HostEntry
 from .rules import CODES, plan
 
@@ -51,38 +60,95 @@ class FeatureCacheConfig:
             raise ConfigError("band in (0, 1) or None", f"{self.band}", "Use e.g. 0.1.")
 
 
-class FeatureCacheState:
-    """Entries per (context, block); ``context`` is the active branch name. ``skip_actions``: the model's
-    (``ElasticConfig.skip_actions``): how many past updates to keep, and the stand-in of a skip no router chose
-    an action for (the first)."""
+class CallerRows(PerThread):
+    """One caller's (thread's) side of the cache: its active context, its host entries per (context, block) and
+    the timestep clock of each context."""
 
-    def __init__(self, config: FeatureCacheConfig, skip_actions: tuple[str, ...] = ("reuse",)):
+    def __init__(self):
+        self.context: str | None = None
+        self.entries: dict[tuple[str, int], HostEntry] = {}
+        self.clocks: dict[str, GenerationClock] = {}
+
+
+class FeatureCacheState:
+    """Entries per (context, block); ``context`` is the active branch name (both the calling thread's).
+    ``skip_actions``: the model's (``ElasticConfig.skip_actions``): how many past updates to keep, and the stand-in
+    of a skip no router chose an action for (the first). ``timestep``: ``(argument name, position)`` of the model
+    forward's timestep (None: an argument named like one, passed by keyword), read to detect new generations."""
+
+    def __init__(self, config: FeatureCacheConfig, skip_actions: tuple[str, ...] = ("reuse",),
+                 timestep: tuple[str, int | None] | None = None):
         self.config = config
         self.skip_actions = tuple(skip_actions)
         self.depth = max(SKIP_ACTIONS[a] for a in self.skip_actions)
         self.codes = [CODES[a] for a in self.skip_actions]
-        self.context: str | None = None
-        self.entries: dict[tuple[str, int], HostEntry] = {}
+        self.timestep = timestep
+        self.rows = CallerRows()
         self.device_entries: dict[tuple[str, int, int], DeviceEntry] = {}
+        self.auto_resets = 0  # new generations detected (all callers)
+
+    @property
+    def context(self) -> str | None:
+        return self.rows.context
+
+    @context.setter
+    def context(self, name: str | None) -> None:
+        self.rows.context = name
+
+    @property
+    def entries(self) -> dict[tuple[str, int], HostEntry]:
+        return self.rows.entries
 
     def reset(self) -> None:
-        self.entries.clear()
+        """Forget the calling thread's updates (and reset the shared device entries)."""
+        rows = self.rows
+        rows.entries.clear()
+        rows.clocks.clear()
         for entry in self.device_entries.values():  # in place: captured graphs hold these tensors
             entry.reset()
 
-    def _require_context(self) -> str:
-        if self.context is None:
+    def reset_context(self, context: str) -> None:
+        """Forget the calling thread's updates in ``context`` (and reset the device entries of ``context``)."""
+        entries = self.rows.entries
+        for key in [key for key in entries if key[0] == context]:
+            del entries[key]
+        for key, entry in self.device_entries.items():
+            if key[0] == context:
+                entry.reset()
+
+    def begin_call(self, args: tuple, kwargs: dict) -> None:
+        """At the start of every model call (the model's root hook): a call whose timestep starts a new generation
+        in the active context (:class:`GenerationClock`) resets that context first."""
+        rows = self.rows
+        context = rows.context
+        if context is None:
+            return
+        value = timestep_value(args, kwargs, self.timestep)
+        if value is None:
+            return
+        clock = rows.clocks.get(context)
+        if clock is None:
+            clock = rows.clocks[context] = GenerationClock()
+        if clock.advance(value):
+            self.reset_context(context)
+            self.auto_resets += 1
+
+    def _require_context(self, rows: CallerRows | None = None) -> str:
+        context = (rows or self.rows).context
+        if context is None:
             raise CacheContextError("model calls inside a cache context while the feature cache is on",
                                     "a call outside any context",
                                     "Wrap each call in `with elastic_compile.cache_context(model, 'cond'):` (one name "
                                     "per CFG branch) or sample with ElasticCacheHooks.")
-        return self.context
+        return context
 
     def entry(self, block: int, batch: int) -> HostEntry:
-        key = (self._require_context(), block)
-        entry = self.entries.get(key)
+        rows = self.rows
+        key = (self._require_context(rows), block)
+        entries = rows.entries
+        entry = entries.get(key)
         if entry is None or entry.batch != batch:
-            entry = self.entries[key] = HostEntry(batch, self.depth)
+            entry = entries[key] = HostEntry(batch, self.depth)
         return entry
 
     def device_entry(self, block: int, inputs: dict[int, torch.Tensor], batch: int) -> DeviceEntry:

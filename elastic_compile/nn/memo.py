@@ -5,9 +5,13 @@ reads, a token summary that a block graph already computed): the key is the tens
 was derived, with which epsilon and dtype), and a hit also requires the same version counter, so an in-place
 change or another tensor with equal values is always a miss. Keys are weak: the memo never keeps a tensor alive,
 and a new tensor that reuses a dead one's ``id`` is a miss.
+
+Entries are per thread (``threading.local``): concurrent forwards never evict or read each other's entries, so a
+hit or a miss is what the same forward gets alone. ``hits`` / ``misses`` count every thread's lookups.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Any, Hashable
@@ -25,13 +29,29 @@ def is_stamped(value, stamp_: tuple[weakref.ref, int]) -> bool:
     return stamp_[0]() is value and isinstance(value, torch.Tensor) and value._version == stamp_[1]
 
 
-class StampedEntries:
-    """What the memos here share: their entries, ``hits`` / ``misses`` of their lookups, and ``reset``."""
+class _ThreadEntries(threading.local):
+    """One entries dict per thread, made by ``factory`` on the thread's first use."""
 
-    def __init__(self, entries: dict):
-        self._entries = entries
+    def __init__(self, factory):
+        self.factory = factory
+        self.entries = factory()
+
+    def __deepcopy__(self, memo):
+        return _ThreadEntries(self.factory)
+
+
+class StampedEntries:
+    """What the memos here share: their entries (the calling thread's), ``hits`` / ``misses`` of their lookups,
+    and ``reset`` (of the calling thread's entries)."""
+
+    def __init__(self, factory=dict):
+        self._local = _ThreadEntries(factory)
         self.hits = 0
         self.misses = 0
+
+    @property
+    def _entries(self) -> dict:
+        return self._local.entries
 
     def _served(self, value: Any | None) -> Any | None:
         """Count a lookup's answer (None: a miss) and return it."""
@@ -50,7 +70,7 @@ class TensorMemo(StampedEntries):
     """At most ``capacity`` entries (the most recent ones); ``hits`` / ``misses`` count lookups."""
 
     def __init__(self, capacity: int = 32):
-        super().__init__(OrderedDict())
+        super().__init__(OrderedDict)
         self.capacity = capacity
 
     def remember(self, tensor: torch.Tensor, tag: Hashable, value: Any) -> None:

@@ -28,6 +28,7 @@ from ..artifact.layout import CallLayout, OutputLayout
 from ..errors import BucketNotExportedError, ConfigError
 from .lookahead import LookaheadLogits
 from .summaries import PooledSummaries
+from .torch_threads import using_torch_threads
 
 
 def plan_chunks(rows: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -169,11 +170,7 @@ class SingleThreadRouter:
 
     @staticmethod
     def _single_threaded(fn, arguments: dict):
-        threads = torch.get_num_threads()
-        if threads == 1:
+        if torch.get_num_threads() == 1:
             return fn(arguments)
-        torch.set_num_threads(1)
-        try:
+        with using_torch_threads(1):  # counted: concurrent callers restore the count once, after the last
             return fn(arguments)
-        finally:
-            torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ class LookaheadLogits(StampedEntries):
     """Per router (block index): the last logits a block graph computed for it, with their source tensors."""
 
     def __init__(self):
-        super().__init__({})  # block -> (source stamps, logits)
+        super().__init__(dict)  # per thread, block -> (source stamps, logits)
 
     def remember(self, block: int, sources: Sequence[torch.Tensor], logits: torch.Tensor) -> None:
         self._entries[block] = ([stamp(t) for t in sources], logits)

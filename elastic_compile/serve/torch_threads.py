@@ -11,6 +11,7 @@ nothing on one thread, so the ONNX Runtime runtime runs them single-threaded by 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -33,17 +34,36 @@ def resolve_torch_threads(value, backend: str) -> int | None:
     return value
 
 
+#: Callers inside :func:`using_torch_threads` now (all threads), and the count to restore when the last leaves.
+_users = 0
+_restore: int | None = None
+_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def using_torch_threads(threads: int | None):
     """PyTorch's intra-op thread count set to ``threads`` inside the block and restored after it (also when the
     block raises). ``None`` or the current count: nothing is changed. The setting is process-wide: PyTorch work
-    in other Python threads during the block runs with it too."""
-    previous = torch.get_num_threads()
-    if threads is None or threads == previous:
+    in other Python threads during the block runs with it too. Concurrent callers (a runtime called from several
+    threads) are counted: the count the first one found is restored when the last one leaves, so overlapping
+    calls never leave PyTorch at another count than before them (while calls overlap, the first one's count
+    holds)."""
+    global _users, _restore
+    if threads is None:
         yield
         return
-    torch.set_num_threads(threads)
+    with _lock:
+        if _users == 0:
+            previous = torch.get_num_threads()
+            _restore = previous if previous != threads else None
+            if _restore is not None:
+                torch.set_num_threads(threads)
+        _users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        with _lock:
+            _users -= 1
+            if _users == 0 and _restore is not None:
+                torch.set_num_threads(_restore)
+                _restore = None
