@@ -114,8 +114,22 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="training routers")
+    return tqdm(total=total, initial=initial, desc="training routers")
+
+
+def resume_run(run_state, resume: bool, report: TrainReport) -> tuple[int, float]:
+    """``(first step to run, seconds already spent)``: restored from ``run_state`` when resuming and a saved
+    state exists (its history goes into ``report``), else ``(1, 0.0)``."""
+    if resume and run_state is None:
+        raise ConfigError("a checkpoint directory to resume from", "resume=True without checkpoint_dir",
+                          "Pass checkpoint_dir (the CLI's --out) and checkpoint_every.")
+    restored = run_state.restore() if resume else None
+    if restored is None:
+        return 1, 0.0
+    step, history, extra = restored
+    report.history.extend(TrainLogEntry(**entry) for entry in history)
+    return step + 1, float(extra.get("seconds", 0.0))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,7 +38,8 @@ from ..stats import stats
 from .budget import executed_flops_fraction
 from .cache_aware import dense_stand_ins, require_step_links
 from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum, init_distributed, progress_bar,
-                     restore_flags, trainable)
+                     restore_flags, resume_run, trainable)
+from .resume import RunState
 from .rollout import train_through_rollouts
 from .trajectories import TEACHER_KEY, TrajectoryDataset
 
@@ -52,7 +54,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None,
                   objective: str = "step", dual_step: float = 2.0, dual_init: float = 10.0,
-                  calibrate: bool = True) -> TrainReport:
+                  calibrate: bool = True, resume: bool = False) -> TrainReport:
     """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
 
     Args:
@@ -70,7 +72,11 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         train_base: also fine-tune the base weights (needs a frozen teacher: precomputed for a dataset, a deep
             copy otherwise); ``base_lr`` is their learning rate.
         task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
-        checkpoint_dir / checkpoint_every: ``ec.save`` checkpoints every N steps and at the end ("final").
+        checkpoint_dir / checkpoint_every: ``ec.save`` checkpoints every N steps and at the end ("final"), and
+            with them the run's full state (``resume.safetensors``: optimizer, schedule, random states, data
+            position; train/resume.py), written atomically.
+        resume: continue from ``checkpoint_dir``'s saved state when there is one (same settings, checked): the
+            resumed run ends bitwise-equal to one that was never interrupted.
         log: called with every logged entry (rank 0).
         objective: "step" (the per-call distillation above, on ``data``: a trajectory dataset or batches) or
             "rollout" (train/rollout.py: whole generations with the feature cache in the loop, loss on the final
@@ -96,7 +102,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                                       seed=seed, budget_weight=budget_weight, dual_step=dual_step, dual_init=dual_init,
                                       lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
                                       log_every=log_every, checkpoint_dir=checkpoint_dir,
-                                      checkpoint_every=checkpoint_every, progress=progress, log=log)
+                                      checkpoint_every=checkpoint_every, progress=progress, log=log,
+                                      resume=resume)
     state = state_of(model)
     skip_cost = 0.0
     if cache_aware:
@@ -114,17 +121,27 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     optimizer, scheduler, saved_flags = trainable(model, lr, steps, lr_schedule, train_base, base_lr)
     was_training = model.training
     model.eval()  # no dropout / label dropout: the student must see what the teacher sees
+    teacher = _teacher(model, data, train_base)   # before a resume loads fine-tuned base weights
+    data_generator = torch.Generator().manual_seed(seed)
+    staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
+    report = TrainReport(budget, steps, batch_size, world, 0.0)
+    run_state = None
+    if checkpoint_dir:
+        run_state = RunState(checkpoint_dir, model, optimizer, scheduler,
+                             {"data": data_generator, "staleness": staleness_generator},
+                             dict(objective="step", budget=budget, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                  budget_weight=budget_weight, lr_schedule=lr_schedule, cache_aware=cache_aware,
+                                  cache_max_reuse=cache_max_reuse, train_base=train_base, base_lr=base_lr,
+                                  task_weight=task_weight, data=_describe(data)), train_base)
+    first, elapsed = resume_run(run_state, resume, report)
     student = model
     if world > 1:
         student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
-    batches = _batches(data, batch_size, seed, rank, world)
-    teacher = _teacher(model, data, train_base)
-    staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
-    report = TrainReport(budget, steps, batch_size, world, 0.0)
-    bar = progress_bar(steps, progress and rank == 0)
-    start = time.time()
+    batches = _batches(data, batch_size, rank, world, data_generator, first - 1)
+    bar = progress_bar(steps, progress and rank == 0, initial=first - 1)
+    start = time.time() - elapsed
     try:
-        for step in range(1, steps + 1):
+        for step in range(first, steps + 1):
             inputs, rows = next(batches)
             target = inputs.pop(TEACHER_KEY, None)
             if cache_aware:
@@ -163,8 +180,10 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                 if rank == 0 and log is not None:
                     log(entry)
                 bar.set_postfix(mse=f"{entry.distill_mse:.4g}", flops=f"{entry.executed_fraction:.3f}")
-            if checkpoint_dir and rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+            if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+                if rank == 0 and step < steps:
+                    checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+                run_state.save(step, [asdict(e) for e in report.history], {"seconds": time.time() - start})
             bar.update(1)
     finally:
         bar.close()
@@ -204,16 +223,26 @@ def check_train_options(**options) -> None:
                               "Fix the option (e.g. budget=0.5, steps=300).")
 
 
-def _batches(data, batch_size: int, seed: int, rank: int, world: int):
+def _describe(data) -> str:
+    """What a resumed run checks it is given the same data as (kind and size; contents are not hashed)."""
+    return f"{type(data).__name__}:{len(data)}" if isinstance(data, TrajectoryDataset) else type(data).__name__
+
+
+def _batches(data, batch_size: int, rank: int, world: int, generator: torch.Generator, done: int = 0):
+    """This rank's share of each global batch. ``generator`` (seeded, or restored by a resume) draws dataset
+    rows; from an iterable of batches, a resumed run skips the ``done`` batches it already trained on."""
     share = batch_size // world
     if isinstance(data, TrajectoryDataset):
-        generator = torch.Generator().manual_seed(seed)
         while True:
             indices = torch.randint(len(data), (batch_size,), generator=generator)[rank * share:(rank + 1) * share]
             yield data.batch(indices), indices
     else:
+        seen = 0
         while True:
             for batch in data:
+                seen += 1
+                if seen <= done:
+                    continue
                 yield {k: (v[rank * share:(rank + 1) * share]
                            if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch_size else v)
                        for k, v in dict(batch).items()}, None
