@@ -30,8 +30,8 @@ def assert_same_run(a, b, report_a, report_b):
     assert strip == [{**vars(e), "seconds": 0} for e in report_b.history]
 
 
-def saved_step(directory):
-    with safe_open(str(directory / resume_module.RESUME_FILE), framework="pt") as handle:
+def saved_step(directory, objective="step"):
+    with safe_open(str(resume_module.resume_path(directory, objective)), framework="pt") as handle:
         return json.loads(handle.metadata()["state"])["step"]
 
 
@@ -104,7 +104,7 @@ def test_rollout_run_resumes_with_its_budget_multiplier(tmp_path):
             train_routers(cut, rollout, checkpoint_dir=tmp_path / "cut", **args)
     finally:
         resume_module._replace = original
-    assert saved_step(tmp_path / "cut") == 2   # the last good checkpoint survived, the half-published one is aside
+    assert saved_step(tmp_path / "cut", "rollout") == 2   # the last good checkpoint survived, the half-published one is aside
     assert calls[1].exists() and calls[1].name.startswith(".")
     resumed = sampler_model()
     report = train_routers(resumed, rollout, checkpoint_dir=tmp_path / "cut", resume=True, **args)
@@ -114,15 +114,15 @@ def test_rollout_run_resumes_with_its_budget_multiplier(tmp_path):
 def test_a_kill_between_writing_and_renaming_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     model = tiny_elastic_model()
     train_routers(model, tiny_dataset(), checkpoint_dir=tmp_path, **{**ARGS, "steps": 4})
-    before = (tmp_path / resume_module.RESUME_FILE).read_bytes()
+    before = resume_module.resume_path(tmp_path, "step").read_bytes()
 
     def killed(tmp, path):
         raise Killed()
     monkeypatch.setattr(resume_module, "_replace", killed)
     with pytest.raises(Killed):
         train_routers(tiny_elastic_model(), tiny_dataset(), checkpoint_dir=tmp_path, **ARGS)
-    assert (tmp_path / resume_module.RESUME_FILE).read_bytes() == before
-    assert load_file(str(tmp_path / resume_module.RESUME_FILE)).keys() >= {"rng.data.0", "rng.torch.0"}
+    assert resume_module.resume_path(tmp_path, "step").read_bytes() == before
+    assert load_file(strresume_module.resume_path(tmp_path, "step")).keys() >= {"rng.data.0", "rng.torch.0"}
 
 
 def test_resuming_with_other_settings_or_without_a_directory_is_refused(tmp_path):
@@ -135,7 +135,7 @@ def test_resuming_with_other_settings_or_without_a_directory_is_refused(tmp_path
                       **{**ARGS, "steps": 4})
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         train_routers(tiny_elastic_model(), tiny_dataset(), resume=True, **ARGS)
-    (tmp_path / resume_module.RESUME_FILE).write_bytes(b"not a checkpoint")
+    resume_module.resume_path(tmp_path, "step").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="training checkpoint"):
         train_routers(tiny_elastic_model(), tiny_dataset(), checkpoint_dir=tmp_path, resume=True, **ARGS)
 
@@ -153,5 +153,5 @@ def test_two_gloo_processes_killed_and_resumed_end_bitwise_equal(tmp_path):
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     initial = router_state(tiny_elastic_model())
     assert any(not torch.equal(whole[k], initial[k]) for k in whole)   # it trained
-    saved = load_file(str(tmp_path / "cut" / resume_module.RESUME_FILE))
+    saved = load_file(str(resume_module.resume_path(tmp_path / "cut", "step")))
     assert not torch.equal(saved["rng.staleness.0"], saved["rng.staleness.1"])   # each rank's own stream

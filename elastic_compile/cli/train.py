@@ -46,7 +46,10 @@ def register(subparsers) -> None:
     parser.add_argument("--train-base", action="store_true", help="fine-tune the base weights too")
     parser.add_argument("--base-lr", type=float, default=1e-5)
     parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="every N steps: save the routers and the run's state (resumable, written atomically)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out (same options; bitwise-equal to an uninterrupted run)")
     parser.add_argument("--out", required=True, help="output directory (checkpoints, final artifact, report)")
     parser.set_defaults(handler=run)
 
@@ -66,6 +69,9 @@ def run(args) -> int:
     check_train_options(budget=args.budget, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                         budget_weight=args.budget_weight, cache_max_reuse=args.max_reuse, base_lr=args.base_lr,
                         log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    if args.resume and args.checkpoint_every < 1:
+        raise ConfigError("--checkpoint-every N >= 1 with --resume", f"{args.checkpoint_every}",
+                          "Pass the --checkpoint-every of the run being resumed.")
     if args.samples_per_class < 1:
         raise ConfigError("--samples-per-class >= 1", f"{args.samples_per_class}", "Use e.g. 24.")
     out = Path(args.out)
@@ -89,7 +95,7 @@ def run(args) -> int:
                    f"budget term {entry.budget_term:.5f}  executed FLOPs {entry.executed_fraction:.3f}")
     common = dict(budget=args.budget, lr=args.lr, seed=args.seed, budget_weight=args.budget_weight,
                   cache_max_reuse=args.max_reuse, log_every=args.log_every, checkpoint_dir=out,
-                  checkpoint_every=args.checkpoint_every, log=log)
+                  checkpoint_every=args.checkpoint_every, log=log, resume=args.resume)
     reports = []
     if "step" in stages:
         if data is None:

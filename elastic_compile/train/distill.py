@@ -41,6 +41,7 @@ from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global
                      restore_flags, resume_run, trainable)
 from .resume import RunState
 from .rollout import train_through_rollouts
+from .store import EpochSampler, TrajectoryStore
 from .trajectories import TEACHER_KEY, TrajectoryDataset
 
 OBJECTIVES = ("step", "rollout")
@@ -59,7 +60,9 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
 
     Args:
         data: a :class:`TrajectoryDataset` (e.g. from ``record_class_conditional_trajectories``), sampled with a
-            seeded generator, or an iterable of keyword-argument batches (each one global batch).
+            seeded generator, a :class:`~elastic_compile.train.store.TrajectoryStore` on disk (streamed in
+            rank-disjoint seeded epochs, train/store.py), or an iterable of keyword-argument batches (each one
+            global batch).
         budget: target executed FLOP fraction in (0, 1].
         steps, lr, batch_size (global), seed: optimisation settings (Adam).
         budget_weight: weight of the squared budget deviation.
@@ -73,7 +76,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             copy otherwise); ``base_lr`` is their learning rate.
         task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
         checkpoint_dir / checkpoint_every: ``ec.save`` checkpoints every N steps and at the end ("final"), and
-            with them the run's full state (``resume.safetensors``: optimizer, schedule, random states, data
+            with them the run's full state (``resume-step.safetensors``: optimizer, schedule, random states, data
             position; train/resume.py), written atomically.
         resume: continue from ``checkpoint_dir``'s saved state when there is one (same settings, checked): the
             resumed run ends bitwise-equal to one that was never interrupted.
@@ -225,14 +228,22 @@ def check_train_options(**options) -> None:
 
 def _describe(data) -> str:
     """What a resumed run checks it is given the same data as (kind and size; contents are not hashed)."""
-    return f"{type(data).__name__}:{len(data)}" if isinstance(data, TrajectoryDataset) else type(data).__name__
+    sized = isinstance(data, (TrajectoryDataset, TrajectoryStore))
+    return f"{type(data).__name__}:{len(data)}" if sized else type(data).__name__
 
 
 def _batches(data, batch_size: int, rank: int, world: int, generator: torch.Generator, done: int = 0):
     """This rank's share of each global batch. ``generator`` (seeded, or restored by a resume) draws dataset
     rows; from an iterable of batches, a resumed run skips the ``done`` batches it already trained on."""
     share = batch_size // world
-    if isinstance(data, TrajectoryDataset):
+    if isinstance(data, TrajectoryStore):   # streamed: rank-disjoint epochs, stateless in the step number
+        sampler = EpochSampler(len(data), batch_size, int(generator.initial_seed()))
+        b = done
+        while True:
+            indices = sampler.share(b, rank, world)
+            b += 1
+            yield data.batch(indices), indices
+    elif isinstance(data, TrajectoryDataset):
         while True:
             indices = torch.randint(len(data), (batch_size,), generator=generator)[rank * share:(rank + 1) * share]
             yield data.batch(indices), indices
@@ -257,8 +268,8 @@ def _teacher(model: nn.Module, data, train_base: bool) -> Callable[[dict], torch
                 index = torch.arange(start, min(start + 256, len(data)))
                 outputs.append(denoiser_output(model(**data.batch(index))).float().cpu())
         data.rows[TEACHER_KEY] = torch.cat(outputs)
-    reference = model
-    if train_base and not isinstance(data, TrajectoryDataset):
+    reference = model   # a store holds the recorded dense outputs: this is only its fallback
+    if train_base and not isinstance(data, TrajectoryDataset) and not getattr(data, "has_teacher", False):
         import copy
         reference = copy.deepcopy(model)
 

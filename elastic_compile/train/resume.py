@@ -3,7 +3,7 @@
 A long router-training run on a cluster gets pre-empted. ``ec.save`` checkpoints (``step-N``/``final``) hold the
 routers a user serves; they cannot continue a run, because Adam's moments, the LR schedule's position, the data
 sampler's and the stand-in sampler's random states and the logged history are not in them. This module writes
-that state, every ``checkpoint_every`` steps, to ``<checkpoint_dir>/resume.safetensors``: the trainable
+that state, every ``checkpoint_every`` steps, to ``<checkpoint_dir>/resume-<objective>.safetensors``: the trainable
 parameters (routers; the base too when it trains), the optimizer's tensors, every rank's random generator states
 as tensors, and the rest (step, optimizer hyper-parameters, scheduler state, history, the run's settings) as JSON
 in the file's metadata. Nothing in it can run code (no pickle).
@@ -27,9 +27,14 @@ from torch import nn
 from ..errors import ConfigError
 from ..state import state_of
 
-RESUME_FILE = "resume.safetensors"
+RESUME_FILE = "resume-{objective}.safetensors"   # one per objective: a CLI run's step and rollout stages
 FORMAT = "elastic_compile.train-state/1"
 _replace = os.replace   # the publishing rename (tests make it fail to simulate a kill between write and rename)
+
+
+def resume_path(directory: str | os.PathLike, objective: str) -> Path:
+    """Where the state of a run with ``objective`` ("step" or "rollout") is kept in ``directory``."""
+    return Path(directory) / RESUME_FILE.format(objective=objective)
 
 
 def _distributed() -> bool:
@@ -60,7 +65,7 @@ class RunState:
 
     def __init__(self, directory: str | os.PathLike, model: nn.Module, optimizer, scheduler,
                  generators: dict[str, torch.Generator], settings: dict, train_base: bool = False):
-        self.path = Path(directory) / RESUME_FILE
+        self.path = resume_path(directory, settings["objective"])
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.generators = generators
         self.settings = _json_safe(settings)
@@ -129,7 +134,7 @@ class RunState:
                 meta = json.loads((handle.metadata() or {})["state"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"a training checkpoint ({RESUME_FILE}) at {self.path}", f"{type(exc).__name__}: {exc}",
+            raise ConfigError(f"a training checkpoint ({self.path.name}) at {self.path}", f"{type(exc).__name__}: {exc}",
                               "Delete it to start the run over, or restore it from a backup.") from exc
         if meta.get("format") != FORMAT:
             raise ConfigError(f"a checkpoint of format {FORMAT}", repr(meta.get("format")), "Start the run over.")
