@@ -8,7 +8,7 @@ import sys
 
 from ..errors import ElasticCompileError
 
-SUBCOMMANDS = ("demo", "inspect", "train", "export", "run")
+SUBCOMMANDS = ("demo", "inspect", "record", "train", "export", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ def register(subparsers) -> None:
                                                          "trajectories (default: the bundled reference assets)")
     parser.add_argument("--data", help="a TrajectoryDataset.save file (.safetensors), or torch.save of a list of "
                                        "keyword-argument batches of tensors (read with weights_only=True)")
+    parser.add_argument("--trajectories", help="a store written by `elastic-compile record --out DIR`: streamed "
+                                               "from disk in rank-disjoint seeded epochs instead of recorded in memory")
     parser.add_argument("--samples-per-class", type=int, default=24, help="data-free: generations per class")
     parser.add_argument("--budget", type=float, default=0.5, help="target executed FLOP fraction")
     parser.add_argument("--steps", type=int, default=400)
@@ -55,6 +57,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     import elastic_compile as ec
     from tqdm.auto import tqdm
 
@@ -76,9 +80,15 @@ def run(args) -> int:
         raise ConfigError("--samples-per-class >= 1", f"{args.samples_per_class}", "Use e.g. 24.")
     out = Path(args.out)
     writable_output(out / "train_report.json", "--out")
+    if args.data and args.trajectories:
+        raise ConfigError("one of --data and --trajectories", "both", "Pass the one to train on.")
     data = _load_data(args.data) if args.data else None
+    if args.trajectories:
+        from ..train import TrajectoryStore
+        data = TrajectoryStore(args.trajectories)
     model_spec = args.model or str(ASSETS_DIR / "transformer")
     model, inputs = resolve_model(model_spec)
+    torch.manual_seed(args.seed)   # new routers' initial weights: the same options give the same run
     if args.routers:
         ec.load(model, args.routers)
     else:
