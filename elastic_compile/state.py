@@ -77,6 +77,7 @@ class ElasticState:
     soft_records: list = field(default_factory=list)     # per block call: (block, p_run, probs, hard run, hard bucket)
     cache: object = None                                 # cache.FeatureCacheState when the cache is on
     soft_stand_ins: dict | None = None                   # cache-aware training: block -> {leaf: (actions, B, ...)}
+    soft_checkpoint: bool = False                        # training: recompute each block's activations in backward
     serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
     device_routing: object = None                        # nn.gate.device.DeviceRouting while installed
     pending_calls: Any = None                            # () -> list[BlockCall]: decisions still on the device

@@ -122,7 +122,7 @@ def test_a_kill_between_writing_and_renaming_keeps_the_last_good_checkpoint(tmp_
     with pytest.raises(Killed):
         train_routers(tiny_elastic_model(), tiny_dataset(), checkpoint_dir=tmp_path, **ARGS)
     assert resume_module.resume_path(tmp_path, "step").read_bytes() == before
-    assert load_file(strresume_module.resume_path(tmp_path, "step")).keys() >= {"rng.data.0", "rng.torch.0"}
+    assert load_file(str(resume_module.resume_path(tmp_path, "step"))).keys() >= {"rng.data.0", "rng.torch.0"}
 
 
 def test_resuming_with_other_settings_or_without_a_directory_is_refused(tmp_path):
@@ -155,3 +155,19 @@ def test_two_gloo_processes_killed_and_resumed_end_bitwise_equal(tmp_path):
     assert any(not torch.equal(whole[k], initial[k]) for k in whole)   # it trained
     saved = load_file(str(resume_module.resume_path(tmp_path / "cut", "step")))
     assert not torch.equal(saved["rng.staleness.0"], saved["rng.staleness.1"])   # each rank's own stream
+
+
+def test_the_json_log_has_each_step_once_with_an_eta_after_a_resume(tmp_path):
+    args = {**ARGS, "log_every": 1}
+    with pytest.raises(Killed):   # logged steps 1..5, then killed in step 6; the checkpoint is of step 4
+        train_routers(tiny_elastic_model(), tiny_dataset(), checkpoint_dir=tmp_path, task_loss=KillAt(6), **args)
+    lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+    with open(tmp_path / "train_log.jsonl", "a") as handle:
+        handle.write('{"objective": "step", "st')   # a line cut by the kill
+    train_routers(tiny_elastic_model(), tiny_dataset(), checkpoint_dir=tmp_path, task_loss=KillAt(), resume=True,
+                  **args)
+    entries = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries] == list(range(1, 13))
+    assert all(e["objective"] == "step" and e["eta_seconds"] >= 0 for e in entries) and entries[-1]["eta_seconds"] == 0
+    assert entries[0]["eta_seconds"] > 0

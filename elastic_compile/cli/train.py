@@ -45,6 +45,10 @@ def register(subparsers) -> None:
     parser.add_argument("--start-from-cache", action="store_true",
                         help="rollout objective without a step stage: start the routers as the training-free block "
                              "cache (every block asks to skip) instead of 'run everything'")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (memory of one block, not all)")
+    parser.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                        help="run the frozen base in this dtype (torch.autocast); routers stay float32")
     parser.add_argument("--train-base", action="store_true", help="fine-tune the base weights too")
     parser.add_argument("--base-lr", type=float, default=1e-5)
     parser.add_argument("--log-every", type=int, default=25)
@@ -105,7 +109,8 @@ def run(args) -> int:
                    f"budget term {entry.budget_term:.5f}  executed FLOPs {entry.executed_fraction:.3f}")
     common = dict(budget=args.budget, lr=args.lr, seed=args.seed, budget_weight=args.budget_weight,
                   cache_max_reuse=args.max_reuse, log_every=args.log_every, checkpoint_dir=out,
-                  checkpoint_every=args.checkpoint_every, log=log, resume=args.resume)
+                  checkpoint_every=args.checkpoint_every, log=log, resume=args.resume,
+                  activation_checkpointing=args.activation_checkpointing, autocast=args.autocast)
     reports = []
     if "step" in stages:
         if data is None:

@@ -37,8 +37,8 @@ from ..state import describe_inputs, force, state_of
 from ..stats import stats
 from .budget import executed_flops_fraction
 from .cache_aware import dense_stand_ins, require_step_links
-from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum, init_distributed, progress_bar,
-                     restore_flags, resume_run, trainable)
+from .common import (PRECISIONS, JsonLog, TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum,
+                     init_distributed, precision, progress_bar, restore_flags, resume_run, trainable)
 from .resume import RunState
 from .rollout import train_through_rollouts
 from .store import EpochSampler, TrajectoryStore
@@ -55,7 +55,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None,
                   objective: str = "step", dual_step: float = 2.0, dual_init: float = 10.0,
-                  calibrate: bool = True, resume: bool = False) -> TrainReport:
+                  calibrate: bool = True, resume: bool = False, activation_checkpointing: bool = False,
+                  autocast: str | None = None) -> TrainReport:
     """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
 
     Args:
@@ -80,6 +81,10 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             position; train/resume.py), written atomically.
         resume: continue from ``checkpoint_dir``'s saved state when there is one (same settings, checked): the
             resumed run ends bitwise-equal to one that was never interrupted.
+        activation_checkpointing: recompute each block's activations in backward instead of keeping them (memory
+            of one block's activations instead of all; the same gradients; nn/gate/soft.py).
+        autocast: "bf16" or "fp16": run the frozen base (student and teacher) under ``torch.autocast`` on the
+            model's device; routers, their gradients and optimizer state stay float32.
         log: called with every logged entry (rank 0).
         objective: "step" (the per-call distillation above, on ``data``: a trajectory dataset or batches) or
             "rollout" (train/rollout.py: whole generations with the feature cache in the loop, loss on the final
@@ -97,6 +102,26 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective in {OBJECTIVES}", repr(objective),
                           "Use 'step' (per-call distillation) or 'rollout' (whole generations, cache in the loop).")
+    if autocast not in PRECISIONS:
+        raise ConfigError(f"autocast in {sorted(PRECISIONS, key=str)}", repr(autocast),
+                          "Use 'bf16' on GPUs that have it (or 'fp16'), None for the model's own dtype.")
+    state = state_of(model)
+    state.soft_checkpoint = activation_checkpointing
+    try:
+        return _train(model, data, budget=budget, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                      budget_weight=budget_weight, lr_schedule=lr_schedule, cache_aware=cache_aware,
+                      cache_max_reuse=cache_max_reuse, train_base=train_base, base_lr=base_lr, task_loss=task_loss,
+                      task_weight=task_weight, log_every=log_every, checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every, progress=progress, log=log, objective=objective,
+                      dual_step=dual_step, dual_init=dual_init, calibrate=calibrate, resume=resume,
+                      precision=precision(model, autocast))
+    finally:
+        state.soft_checkpoint = False
+
+
+def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, lr_schedule, cache_aware,
+           cache_max_reuse, train_base, base_lr, task_loss, task_weight, log_every, checkpoint_dir, checkpoint_every,
+           progress, log, objective, dual_step, dual_init, calibrate, resume, precision) -> TrainReport:
     if objective == "rollout":
         if train_base or task_loss is not None:
             raise ConfigError("router-only rollout training", "train_base or task_loss with objective='rollout'",
@@ -106,7 +131,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                                       lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
                                       log_every=log_every, checkpoint_dir=checkpoint_dir,
                                       checkpoint_every=checkpoint_every, progress=progress, log=log,
-                                      resume=resume)
+                                      resume=resume, precision=precision)
     state = state_of(model)
     skip_cost = 0.0
     if cache_aware:
@@ -124,7 +149,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     optimizer, scheduler, saved_flags = trainable(model, lr, steps, lr_schedule, train_base, base_lr)
     was_training = model.training
     model.eval()  # no dropout / label dropout: the student must see what the teacher sees
-    teacher = _teacher(model, data, train_base)   # before a resume loads fine-tuned base weights
+    with precision():
+        teacher = _teacher(model, data, train_base)   # before a resume loads fine-tuned base weights
     data_generator = torch.Generator().manual_seed(seed)
     staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
     report = TrainReport(budget, steps, batch_size, world, 0.0)
@@ -137,6 +163,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                                   cache_max_reuse=cache_max_reuse, train_base=train_base, base_lr=base_lr,
                                   task_weight=task_weight, data=_describe(data)), train_base)
     first, elapsed = resume_run(run_state, resume, report)
+    json_log = JsonLog(checkpoint_dir, "step", steps, first - 1, rank == 0)
     student = model
     if world > 1:
         student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
@@ -147,15 +174,17 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         for step in range(first, steps + 1):
             inputs, rows = next(batches)
             target = inputs.pop(TEACHER_KEY, None)
-            if cache_aware:
-                state.soft_stand_ins = dense_stand_ins(model, data, rows, (TEACHER_KEY,), cache_max_reuse,
-                                                       staleness_generator)
-            if target is None:
-                with torch.no_grad():
-                    target = teacher(inputs)
+            with precision():
+                if cache_aware:
+                    state.soft_stand_ins = dense_stand_ins(model, data, rows, (TEACHER_KEY,), cache_max_reuse,
+                                                           staleness_generator)
+                if target is None:
+                    with torch.no_grad():
+                        target = teacher(inputs)
             state.soft = True
             try:
-                output = denoiser_output(student(**inputs)).float()
+                with precision():
+                    output = denoiser_output(student(**inputs)).float()
             finally:
                 state.soft = False
                 state.soft_stand_ins = None
@@ -180,6 +209,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                                       float(budget_term.detach()), float(global_fraction.detach()),
                                       _executed_fraction(model), time.time() - start, task_value)
                 report.history.append(entry)
+                json_log.write(entry, first, elapsed)
                 if rank == 0 and log is not None:
                     log(entry)
                 bar.set_postfix(mse=f"{entry.distill_mse:.4g}", flops=f"{entry.executed_fraction:.3f}")
