@@ -113,6 +113,7 @@ def precision(model: nn.Module, autocast: str | None):
         if autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device, dtype=PRECISIONS[autocast])
+    context.name = autocast   # part of a resumable run's settings
     return context
 
 
@@ -177,7 +178,7 @@ def resume_run(run_state, resume: bool, report: TrainReport) -> tuple[int, float
     if resume and run_state is None:
         raise ConfigError("a checkpoint directory to resume from", "resume=True without checkpoint_dir",
                           "Pass checkpoint_dir (the CLI's --out) and checkpoint_every.")
-    restored = run_state.restore() if resume else None
+    restored = run_state.restore() if resume else None   # raises before any step: the caller restores flags
     if restored is None:
         return 1, 0.0
     step, history, extra = restored

@@ -161,8 +161,14 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
                              dict(objective="step", budget=budget, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                   budget_weight=budget_weight, lr_schedule=lr_schedule, cache_aware=cache_aware,
                                   cache_max_reuse=cache_max_reuse, train_base=train_base, base_lr=base_lr,
-                                  task_weight=task_weight, data=_describe(data)), train_base)
-    first, elapsed = resume_run(run_state, resume, report)
+                                  task_weight=task_weight, autocast=precision.name, data=_describe(data)),
+                             train_base)
+    try:
+        first, elapsed = resume_run(run_state, resume, report)
+    except Exception:
+        restore_flags(model, saved_flags)
+        model.train(was_training)
+        raise
     json_log = JsonLog(checkpoint_dir, "step", steps, first - 1, rank == 0)
     student = model
     if world > 1:

@@ -255,8 +255,14 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                              dict(objective="rollout", budget=budget, steps=steps, lr=lr, batch_size=batch_size,
                                   seed=seed, budget_weight=budget_weight, dual_step=dual_step, dual_init=dual_init,
                                   lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse,
+                                  autocast=getattr(precision, "name", None),
                                   data=f"{type(rollout).__name__}:{len(rollout.pool)}"))
-    first, elapsed = resume_run(run_state, resume, report)
+    try:
+        first, elapsed = resume_run(run_state, resume, report)
+    except Exception:
+        restore_flags(model, saved_flags)
+        model.train(was_training)
+        raise
     json_log = JsonLog(checkpoint_dir, "rollout", steps, first - 1, rank == 0)
     if first > 1:
         dual.value = float(run_state.extra["dual"])
