@@ -8,6 +8,9 @@ can draw mini-batches that mix steps, classes and guidance branches.
 When the sampler drives the recorder's hooks too (``hooks=recorder``), every row also knows the row of the same
 sample at the previous step of its generation and branch (``TrajectoryDataset.previous``): what cache-aware
 router training needs to reproduce the feature cache's "reuse the last step's block update".
+
+For models whose rows do not fit in memory, ``out=DIR`` records into a sharded store on disk instead
+(train/store.py), rank-parallel under torch.distributed.
 """
 from __future__ import annotations
 
