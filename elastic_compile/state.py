@@ -145,6 +145,7 @@ class ElasticState:
     soft: bool = False                                   # straight-through training decisions (train/)
     cache: object = None                                 # cache.FeatureCacheState when the cache is on
     soft_stand_ins: dict | None = None                   # cache-aware training: block -> {leaf: (actions, B, ...)}
+    soft_checkpoint: bool = False                        # training: recompute each block's activations in backward
     serving: dict = field(default_factory=dict)          # how the routers were trained to be served (saved)
     device_routing: object = None                        # nn.gate.device.DeviceRouting while installed
     left_dense: dict = field(default_factory=dict)       # block-like modules the transform left dense -> why

@@ -58,7 +58,8 @@ def test_training_base_weights_too_changes_them_and_round_trips(tmp_path):
     train_routers(model, tiny_dataset(), **{**TRAIN_ARGS, "train_base": True, "base_lr": 1e-3},
                   checkpoint_dir=tmp_path, checkpoint_every=6)
     assert not torch.equal(model.blocks[0].mlp.fc1.weight, before)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-000006"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "resume-step.safetensors", "step-000006",
+                                                          "train_log.jsonl"]   # the run's state and log too
     from zoo import ARCHITECTURES
     fresh, inputs = ARCHITECTURES["reference_dit"](seed=0, batch=4)
     ec.load(fresh, tmp_path / "final")

@@ -16,7 +16,7 @@ import sys
 from ..errors import ElasticCompileError
 from ..version import __version__
 
-SUBCOMMANDS = ("demo", "inspect", "train", "export", "run")
+SUBCOMMANDS = ("demo", "inspect", "record", "train", "export", "run")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

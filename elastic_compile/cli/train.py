@@ -16,6 +16,8 @@ def register(subparsers) -> None:
                                                          "trajectories (default: the bundled reference assets)")
     parser.add_argument("--data", help="a TrajectoryDataset.save file (.safetensors), or torch.save of a list of "
                                        "keyword-argument batches of tensors (read with weights_only=True)")
+    parser.add_argument("--trajectories", help="a store written by `elastic-compile record --out DIR`: streamed "
+                                               "from disk in rank-disjoint seeded epochs instead of recorded in memory")
     parser.add_argument("--samples-per-class", type=int, default=24, help="data-free: generations per class")
     parser.add_argument("--budget", type=float, default=0.5, help="target executed FLOP fraction")
     parser.add_argument("--steps", type=int, default=400, help="optimisation steps")
@@ -43,15 +45,24 @@ def register(subparsers) -> None:
     parser.add_argument("--start-from-cache", action="store_true",
                         help="rollout objective without a step stage: start the routers as the training-free block "
                              "cache (every block asks to skip) instead of 'run everything'")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (memory of one block, not all)")
+    parser.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                        help="run the frozen base in this dtype (torch.autocast); routers stay float32")
     parser.add_argument("--train-base", action="store_true", help="fine-tune the base weights too")
     parser.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the base weights (with base fine-tuning)")
     parser.add_argument("--log-every", type=int, default=25, help="log every N steps")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="every N steps: save the routers and the run's state (resumable, written atomically)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out (same options; bitwise-equal to an uninterrupted run)")
     parser.add_argument("--out", required=True, help="output directory (checkpoints, final artifact, report)")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    import torch
+
     import elastic_compile as ec
     from tqdm.auto import tqdm
 
@@ -66,13 +77,22 @@ def run(args) -> int:
     check_train_options(budget=args.budget, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                         budget_weight=args.budget_weight, cache_max_reuse=args.max_reuse, base_lr=args.base_lr,
                         log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    if args.resume and args.checkpoint_every < 1:
+        raise ConfigError("--checkpoint-every N >= 1 with --resume", f"{args.checkpoint_every}",
+                          "Pass the --checkpoint-every of the run being resumed.")
     if args.samples_per_class < 1:
         raise ConfigError("--samples-per-class >= 1", f"{args.samples_per_class}", "Use e.g. 24.")
     out = Path(args.out)
     writable_output(out / "train_report.json", "--out")
+    if args.data and args.trajectories:
+        raise ConfigError("one of --data and --trajectories", "both", "Pass the one to train on.")
     data = _load_data(args.data) if args.data else None
+    if args.trajectories:
+        from ..train import TrajectoryStore
+        data = TrajectoryStore(args.trajectories)
     model_spec = args.model or str(ASSETS_DIR / "transformer")
     model, inputs = resolve_model(model_spec)
+    torch.manual_seed(args.seed)   # new routers' initial weights: the same options give the same run
     if args.routers:
         ec.load(model, args.routers)
     else:
@@ -89,7 +109,8 @@ def run(args) -> int:
                    f"budget term {entry.budget_term:.5f}  executed FLOPs {entry.executed_fraction:.3f}")
     common = dict(budget=args.budget, lr=args.lr, seed=args.seed, budget_weight=args.budget_weight,
                   cache_max_reuse=args.max_reuse, log_every=args.log_every, checkpoint_dir=out,
-                  checkpoint_every=args.checkpoint_every, log=log)
+                  checkpoint_every=args.checkpoint_every, log=log, resume=args.resume,
+                  activation_checkpointing=args.activation_checkpointing, autocast=args.autocast)
     reports = []
     if "step" in stages:
         if data is None:

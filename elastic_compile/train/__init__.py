@@ -3,8 +3,9 @@ whole sampler rollouts with the feature cache in the loop."""
 from .common import TrainLogEntry, TrainReport
 from .distill import train_routers
 from .rollout import ClassConditionalRollout, Rollout, calibrate_threshold, start_from_block_cache
+from .store import TrajectoryStore
 from .trajectories import TrajectoryDataset, record_class_conditional_trajectories, record_trajectories
 
 __all__ = ["ClassConditionalRollout", "Rollout", "TrainLogEntry", "TrainReport", "TrajectoryDataset",
-           "calibrate_threshold", "record_class_conditional_trajectories", "record_trajectories",
+           "TrajectoryStore", "calibrate_threshold", "record_class_conditional_trajectories", "record_trajectories",
            "start_from_block_cache", "train_routers"]

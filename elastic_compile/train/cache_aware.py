@@ -24,15 +24,17 @@ from ..cache.forecast import lagrange_weight_rows
 from ..config import SKIP_ACTIONS
 from ..errors import ConfigError
 from ..state import force, state_of
+from .store import TrajectoryStore
 from .trajectories import TrajectoryDataset
 
 _CONTEXT = "previous-step"
 
 
 def require_step_links(data) -> TrajectoryDataset:
-    """The dataset, checked to know each row's previous step."""
-    if not isinstance(data, TrajectoryDataset) or data.previous is None:
-        found = "an iterable of batches" if not isinstance(data, TrajectoryDataset) else "a dataset without step links"
+    """The dataset (in memory, or a store on disk), checked to know each row's previous step."""
+    dataset = isinstance(data, (TrajectoryDataset, TrajectoryStore))
+    if not dataset or data.previous is None:
+        found = "an iterable of batches" if not dataset else "a dataset without step links"
         raise ConfigError("a TrajectoryDataset whose rows are linked to their previous sampling step", found,
                           "Record it with record_class_conditional_trajectories, or with record_trajectories and "
                           "a sampler that is given the recorder as hooks (sample(d, ..., hooks=d)).")

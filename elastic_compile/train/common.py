@@ -1,6 +1,8 @@
 """What both training objectives share: the report, trainable parameters, distributed sums, checkpoints, progress."""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -99,8 +101,57 @@ def global_mean(per_sample: torch.Tensor, global_batch: int) -> torch.Tensor:
     return (local + (total - local.detach())) / global_batch
 
 
+#: ``train_routers(autocast=...)``: the dtype the frozen base runs in under ``torch.autocast``.
+PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision(model: nn.Module, autocast: str | None):
+    """A factory of contexts running the base in ``autocast``'s dtype (a no-op context for None)."""
+    device = next(model.parameters()).device.type
+
+    def context():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=PRECISIONS[autocast])
+    context.name = autocast   # part of a resumable run's settings
+    return context
+
+
 def checkpoint(model: nn.Module, path: Path, with_base: bool) -> None:
     save(model, path, include_base_weights=with_base)
+
+
+class JsonLog:
+    """``<checkpoint_dir>/train_log.jsonl``: one JSON line per logged step (rank 0) with the run's objective, the
+    entry's fields and an ETA from the pace so far, readable while a long run goes on. A run starts by dropping
+    its objective's lines of steps after ``resumed_at`` (all of them for a fresh run: 0), which it trains again."""
+
+    def __init__(self, directory, objective: str, steps: int, resumed_at: int, enabled: bool):
+        self.path = Path(directory) / "train_log.jsonl" if directory and enabled else None
+        self.objective, self.steps = objective, steps
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for line in (self.path.read_text().splitlines() if self.path.exists() else []):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue   # a line cut by a kill
+            if entry.get("objective") != objective or entry.get("step", 0) <= resumed_at:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, entry: TrainLogEntry, first_step: int, seconds_before: float) -> None:
+        if self.path is None:
+            return
+        done = entry.step - first_step + 1
+        pace = (entry.seconds - seconds_before) / max(done, 1)
+        record = {"objective": self.objective, **asdict(entry), "eta_seconds": round(pace * (self.steps - entry.step), 1)}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 class _NoBar:
@@ -114,8 +165,22 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="training routers")
+    return tqdm(total=total, initial=initial, desc="training routers")
+
+
+def resume_run(run_state, resume: bool, report: TrainReport) -> tuple[int, float]:
+    """``(first step to run, seconds already spent)``: restored from ``run_state`` when resuming and a saved
+    state exists (its history goes into ``report``), else ``(1, 0.0)``."""
+    if resume and run_state is None:
+        raise ConfigError("a checkpoint directory to resume from", "resume=True without checkpoint_dir",
+                          "Pass checkpoint_dir (the CLI's --out) and checkpoint_every.")
+    restored = run_state.restore() if resume else None   # raises before any step: the caller restores flags
+    if restored is None:
+        return 1, 0.0
+    step, history, extra = restored
+    report.history.extend(TrainLogEntry(**entry) for entry in history)
+    return step + 1, float(extra.get("seconds", 0.0))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -36,9 +37,11 @@ from ..state import describe_inputs, force, state_of
 from ..stats import stats
 from .budget import executed_flops_fraction
 from .cache_aware import dense_stand_ins, require_step_links
-from .common import (TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum, init_distributed, progress_bar,
-                     restore_flags, trainable)
+from .common import (PRECISIONS, JsonLog, TrainLogEntry, TrainReport, checkpoint, global_mean, global_sum,
+                     init_distributed, precision, progress_bar, restore_flags, resume_run, trainable)
+from .resume import RunState
 from .rollout import train_through_rollouts
+from .store import EpochSampler, TrajectoryStore
 from .trajectories import TEACHER_KEY, TrajectoryDataset
 
 OBJECTIVES = ("step", "rollout")
@@ -52,12 +55,15 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                   log_every: int = 25, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None,
                   objective: str = "step", dual_step: float = 2.0, dual_init: float = 10.0,
-                  calibrate: bool = True) -> TrainReport:
+                  calibrate: bool = True, resume: bool = False, activation_checkpointing: bool = False,
+                  autocast: str | None = None) -> TrainReport:
     """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
 
     Args:
         data: a :class:`TrajectoryDataset` (e.g. from ``record_class_conditional_trajectories``), sampled with a
-            seeded generator, or an iterable of keyword-argument batches (each one global batch).
+            seeded generator, a :class:`~elastic_compile.train.store.TrajectoryStore` on disk (streamed in
+            rank-disjoint seeded epochs, train/store.py), or an iterable of keyword-argument batches (each one
+            global batch).
         budget: target executed FLOP fraction in (0, 1].
         steps, lr, batch_size (global), seed: optimisation settings (Adam).
         budget_weight: weight of the squared budget deviation.
@@ -70,7 +76,15 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
         train_base: also fine-tune the base weights (needs a frozen teacher: precomputed for a dataset, a deep
             copy otherwise); ``base_lr`` is their learning rate.
         task_loss: optional extra loss on data, e.g. a flow-matching loss, computed on the student.
-        checkpoint_dir / checkpoint_every: ``ec.save`` checkpoints every N steps and at the end ("final").
+        checkpoint_dir / checkpoint_every: ``ec.save`` checkpoints every N steps and at the end ("final"), and
+            with them the run's full state (``resume-step.safetensors``: optimizer, schedule, random states, data
+            position; train/resume.py), written atomically.
+        resume: continue from ``checkpoint_dir``'s saved state when there is one (same settings, checked): the
+            resumed run ends bitwise-equal to one that was never interrupted.
+        activation_checkpointing: recompute each block's activations in backward instead of keeping them (memory
+            of one block's activations instead of all; the same gradients; nn/gate/soft.py).
+        autocast: "bf16" or "fp16": run the frozen base (student and teacher) under ``torch.autocast`` on the
+            model's device; routers, their gradients and optimizer state stay float32.
         log: called with every logged entry (rank 0).
         objective: "step" (the per-call distillation above, on ``data``: a trajectory dataset or batches) or
             "rollout" (train/rollout.py: whole generations with the feature cache in the loop, loss on the final
@@ -88,6 +102,26 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective in {OBJECTIVES}", repr(objective),
                           "Use 'step' (per-call distillation) or 'rollout' (whole generations, cache in the loop).")
+    if autocast not in PRECISIONS:
+        raise ConfigError(f"autocast in {sorted(PRECISIONS, key=str)}", repr(autocast),
+                          "Use 'bf16' on GPUs that have it (or 'fp16'), None for the model's own dtype.")
+    state = state_of(model)
+    state.soft_checkpoint = activation_checkpointing
+    try:
+        return _train(model, data, budget=budget, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                      budget_weight=budget_weight, lr_schedule=lr_schedule, cache_aware=cache_aware,
+                      cache_max_reuse=cache_max_reuse, train_base=train_base, base_lr=base_lr, task_loss=task_loss,
+                      task_weight=task_weight, log_every=log_every, checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every, progress=progress, log=log, objective=objective,
+                      dual_step=dual_step, dual_init=dual_init, calibrate=calibrate, resume=resume,
+                      precision=precision(model, autocast))
+    finally:
+        state.soft_checkpoint = False
+
+
+def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, lr_schedule, cache_aware,
+           cache_max_reuse, train_base, base_lr, task_loss, task_weight, log_every, checkpoint_dir, checkpoint_every,
+           progress, log, objective, dual_step, dual_init, calibrate, resume, precision) -> TrainReport:
     if objective == "rollout":
         if train_base or task_loss is not None:
             raise ConfigError("router-only rollout training", "train_base or task_loss with objective='rollout'",
@@ -96,7 +130,8 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                                       seed=seed, budget_weight=budget_weight, dual_step=dual_step, dual_init=dual_init,
                                       lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
                                       log_every=log_every, checkpoint_dir=checkpoint_dir,
-                                      checkpoint_every=checkpoint_every, progress=progress, log=log)
+                                      checkpoint_every=checkpoint_every, progress=progress, log=log,
+                                      resume=resume, precision=precision)
     state = state_of(model)
     skip_cost = 0.0
     if cache_aware:
@@ -114,29 +149,49 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     optimizer, scheduler, saved_flags = trainable(model, lr, steps, lr_schedule, train_base, base_lr)
     was_training = model.training
     model.eval()  # no dropout / label dropout: the student must see what the teacher sees
+    with precision():
+        teacher = _teacher(model, data, train_base)   # before a resume loads fine-tuned base weights
+    data_generator = torch.Generator().manual_seed(seed)
+    staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
+    report = TrainReport(budget, steps, batch_size, world, 0.0)
+    run_state = None
+    if checkpoint_dir:
+        run_state = RunState(checkpoint_dir, model, optimizer, scheduler,
+                             {"data": data_generator, "staleness": staleness_generator},
+                             dict(objective="step", budget=budget, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                  budget_weight=budget_weight, lr_schedule=lr_schedule, cache_aware=cache_aware,
+                                  cache_max_reuse=cache_max_reuse, train_base=train_base, base_lr=base_lr,
+                                  task_weight=task_weight, autocast=precision.name, data=_describe(data)),
+                             train_base)
+    try:
+        first, elapsed = resume_run(run_state, resume, report)
+    except Exception:
+        restore_flags(model, saved_flags)
+        model.train(was_training)
+        raise
+    json_log = JsonLog(checkpoint_dir, "step", steps, first - 1, rank == 0)
     student = model
     if world > 1:
         student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
-    batches = _batches(data, batch_size, seed, rank, world)
+    batches = _batches(data, batch_size, rank, world, data_generator, first - 1)
+    bar = progress_bar(steps, progress and rank == 0, initial=first - 1)
+    start = time.time() - elapsed
     served_cache, state.cache = state.cache, None  # the cache ec.load serves with: steps train without it
-    staleness_generator = torch.Generator().manual_seed(seed + 1 + rank)
-    report = TrainReport(budget, steps, batch_size, world, 0.0)
-    bar = progress_bar(steps, progress and rank == 0)
-    start = time.time()
     try:
-        teacher = _teacher(model, data, train_base)
-        for step in range(1, steps + 1):
+        for step in range(first, steps + 1):
             inputs, rows = next(batches)
             target = inputs.pop(TEACHER_KEY, None)
-            if cache_aware:
-                state.soft_stand_ins = dense_stand_ins(model, data, rows, (TEACHER_KEY,), cache_max_reuse,
-                                                       staleness_generator)
-            if target is None:
-                with torch.no_grad():
-                    target = teacher(inputs)
+            with precision():
+                if cache_aware:
+                    state.soft_stand_ins = dense_stand_ins(model, data, rows, (TEACHER_KEY,), cache_max_reuse,
+                                                           staleness_generator)
+                if target is None:
+                    with torch.no_grad():
+                        target = teacher(inputs)
             state.soft = True
             try:
-                output = denoiser_output(student(**inputs)).float()
+                with precision():
+                    output = denoiser_output(student(**inputs)).float()
             finally:
                 state.soft = False
                 state.soft_stand_ins = None
@@ -161,11 +216,14 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                                       float(budget_term.detach()), float(global_fraction.detach()),
                                       _executed_fraction(model), time.time() - start, task_value)
                 report.history.append(entry)
+                json_log.write(entry, first, elapsed)
                 if rank == 0 and log is not None:
                     log(entry)
                 bar.set_postfix(mse=f"{entry.distill_mse:.4g}", flops=f"{entry.executed_fraction:.3f}")
-            if checkpoint_dir and rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+            if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+                if rank == 0 and step < steps:
+                    checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+                run_state.save(step, [asdict(e) for e in report.history], {"seconds": time.time() - start})
             bar.update(1)
     finally:
         bar.close()
@@ -206,16 +264,34 @@ def check_train_options(**options) -> None:
                               "Fix the option (e.g. budget=0.5, steps=300).")
 
 
-def _batches(data, batch_size: int, seed: int, rank: int, world: int):
+def _describe(data) -> str:
+    """What a resumed run checks it is given the same data as (kind and size; contents are not hashed)."""
+    sized = isinstance(data, (TrajectoryDataset, TrajectoryStore))
+    return f"{type(data).__name__}:{len(data)}" if sized else type(data).__name__
+
+
+def _batches(data, batch_size: int, rank: int, world: int, generator: torch.Generator, done: int = 0):
+    """This rank's share of each global batch. ``generator`` (seeded, or restored by a resume) draws dataset
+    rows; from an iterable of batches, a resumed run skips the ``done`` batches it already trained on."""
     share = batch_size // world
-    if isinstance(data, TrajectoryDataset):
-        generator = torch.Generator().manual_seed(seed)
+    if isinstance(data, TrajectoryStore):   # streamed: rank-disjoint epochs, stateless in the step number
+        sampler = EpochSampler(len(data), batch_size, int(generator.initial_seed()))
+        b = done
+        while True:
+            indices = sampler.share(b, rank, world)
+            b += 1
+            yield data.batch(indices), indices
+    elif isinstance(data, TrajectoryDataset):
         while True:
             indices = torch.randint(len(data), (batch_size,), generator=generator)[rank * share:(rank + 1) * share]
             yield data.batch(indices), indices
     else:
+        seen = 0
         while True:
             for batch in data:
+                seen += 1
+                if seen <= done:
+                    continue
                 yield {k: (v[rank * share:(rank + 1) * share]
                            if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch_size else v)
                        for k, v in dict(batch).items()}, None
@@ -230,8 +306,8 @@ def _teacher(model: nn.Module, data, train_base: bool) -> Callable[[dict], torch
                 index = torch.arange(start, min(start + 256, len(data)))
                 outputs.append(denoiser_output(model(**data.batch(index))).float().cpu())
         data.rows[TEACHER_KEY] = torch.cat(outputs)
-    reference = model
-    if train_base and not isinstance(data, TrajectoryDataset):
+    reference = model   # a store holds the recorded dense outputs: this is only its fallback
+    if train_base and not isinstance(data, TrajectoryDataset) and not getattr(data, "has_teacher", False):
         import copy
         reference = copy.deepcopy(model)
 

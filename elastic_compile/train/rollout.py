@@ -22,11 +22,12 @@ sampler driving ``hooks`` (reset per generation, one cache context per guidance 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,8 +41,9 @@ from ..nn.gate.profile import flop_table
 from ..sampling import SamplingConfig, sample
 from ..state import describe_inputs, force, state_of
 from .budget import executed_flops_fraction
-from .common import (TrainLogEntry, TrainReport, checkpoint, global_sum, init_distributed, progress_bar,
-                     restore_flags, trainable)
+from .common import (JsonLog, TrainLogEntry, TrainReport, checkpoint, global_sum, init_distributed,
+                     progress_bar, restore_flags, resume_run, trainable)
+from .resume import RunState
 
 
 class Rollout(Protocol):
@@ -245,7 +247,7 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                            batch_size: int, seed: int, budget_weight: float, dual_step: float, dual_init: float,
                            lr_schedule: str,
                            cache_max_reuse: int, calibrate: bool, log_every: int, checkpoint_dir, checkpoint_every: int,
-                           progress: bool, log) -> TrainReport:
+                           progress: bool, log, resume: bool = False, precision=None) -> TrainReport:
     """The ``objective="rollout"`` loop of :func:`~elastic_compile.train.train_routers` (see the module doc)."""
     check_rollout(rollout)
     state = state_of(model)
@@ -260,19 +262,39 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
     router_params = [p for r in state.routers.values() for p in r.parameters()]
     was_training = model.training
     model.eval()
-    targets = dense_targets(model, rollout)
+    precision = precision or contextlib.nullcontext
+    with precision():
+        targets = dense_targets(model, rollout)
     generator = torch.Generator().manual_seed(seed)
     dual = DualBudget(budget, dual_step, dual_init)
     share = batch_size // world
     report = TrainReport(budget, steps, batch_size, world, 0.0)
-    bar = progress_bar(steps, progress and rank == 0)
-    start = time.time()
+    run_state = None
+    if checkpoint_dir:
+        run_state = RunState(checkpoint_dir, model, optimizer, scheduler, {"data": generator},
+                             dict(objective="rollout", budget=budget, steps=steps, lr=lr, batch_size=batch_size,
+                                  seed=seed, budget_weight=budget_weight, dual_step=dual_step, dual_init=dual_init,
+                                  lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse,
+                                  autocast=getattr(precision, "name", None),
+                                  data=f"{type(rollout).__name__}:{len(rollout.pool)}"))
     try:
-        for step in range(1, steps + 1):
+        first, elapsed = resume_run(run_state, resume, report)
+    except Exception:
+        restore_flags(model, saved_flags)
+        model.train(was_training)
+        raise
+    json_log = JsonLog(checkpoint_dir, "rollout", steps, first - 1, rank == 0)
+    if first > 1:
+        dual.value = float(run_state.extra["dual"])
+    bar = progress_bar(steps, progress and rank == 0, initial=first - 1)
+    start = time.time() - elapsed
+    try:
+        for step in range(first, steps + 1):
             rows = torch.randint(len(rollout.pool), (batch_size,), generator=generator)[rank * share:(rank + 1) * share]
             items = [rollout.pool[int(i)] for i in rows]
-            log_mse, mse, fraction = rollout_step(model, rollout, items, targets[rows], cache_config,
-                                                  call_fraction)
+            with precision():
+                log_mse, mse, fraction = rollout_step(model, rollout, items, targets[rows], cache_config,
+                                                      call_fraction)
             budget_term = (fraction - budget) ** 2
             loss = log_mse + dual.value * fraction + budget_weight * budget_term
             optimizer.zero_grad(set_to_none=True)
@@ -291,11 +313,15 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                 entry = TrainLogEntry(step, global_sum(loss.detach()) / world, global_mse, float(budget_term.detach()),
                                       global_fraction, global_fraction, time.time() - start)
                 report.history.append(entry)
+                json_log.write(entry, first, elapsed)
                 if rank == 0 and log is not None:
                     log(entry)
                 bar.set_postfix(psnr=f"{psnr_of_mse(global_mse):.1f}", flops=f"{global_fraction:.3f}")
-            if checkpoint_dir and rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", False)
+            if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+                if rank == 0 and step < steps:
+                    checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", False)
+                run_state.save(step, [asdict(e) for e in report.history],
+                               {"seconds": time.time() - start, "dual": dual.value})
             bar.update(1)
     finally:
         bar.close()

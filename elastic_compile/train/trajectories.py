@@ -8,6 +8,9 @@ can draw mini-batches that mix steps, classes and guidance branches.
 When the sampler drives the recorder's hooks too (``hooks=recorder``), every row also knows the row of the same
 sample at the previous step of its generation and branch (``TrajectoryDataset.previous``): what cache-aware
 router training needs to reproduce the feature cache's "reuse the last step's block update".
+
+For models whose rows do not fit in memory, ``out=DIR`` records into a sharded store on disk instead
+(train/store.py), rank-parallel under torch.distributed.
 """
 from __future__ import annotations
 
@@ -94,29 +97,49 @@ class TrajectoryDataset:
         if not calls:
             raise ConfigError("at least one recorded denoiser call", "none",
                               "The sampling function must call the denoiser it is given.")
+        splitter = RowSplitter()
         rows: dict[str, list[torch.Tensor]] = {}
-        shared: dict[str, Any] = {}
         previous: list[torch.Tensor] = []
-        linked = all(_GENERATION in call for call in calls)
-        last_row_of: dict[tuple, tuple[int, int]] = {}   # (generation, branch) -> (first row, batch) of last call
-        offset = 0
         for call in calls:
-            arguments = {k: v for k, v in call.items() if k not in (_GENERATION, _BRANCH)}
-            batch = next(v.shape[0] for v in arguments.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
-            for name, value in arguments.items():
-                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-                    rows.setdefault(name, []).append(value.detach().cpu())
-                else:
-                    shared.setdefault(name, value)
-            if linked:
-                key = (call[_GENERATION], call[_BRANCH])
-                before = last_row_of.get(key)
-                start = before[0] if before is not None and before[1] == batch else None
-                previous.append(torch.arange(start, start + batch) if start is not None
-                                else torch.full((batch,), -1, dtype=torch.long))
-                last_row_of[key] = (offset, batch)
-            offset += batch
-        return cls({k: torch.cat(v) for k, v in rows.items()}, shared, torch.cat(previous) if linked else None)
+            call_rows, links = splitter.split(call)
+            for name, value in call_rows.items():
+                rows.setdefault(name, []).append(value)
+            previous.append(links)
+        return cls({k: torch.cat(v) for k, v in rows.items()}, splitter.shared,
+                   torch.cat(previous) if splitter.linked else None)
+
+
+class RowSplitter:
+    """Splits recorded calls into per-sample rows one call at a time (what both the in-memory dataset and the
+    on-disk store are built from): ``split(call) -> (rows, previous)``, ``previous`` being each row's row one
+    step earlier (counted from the first row split, -1 at a first step). ``shared`` keeps the first value of
+    each argument without a batch dimension; ``linked`` is False once a call came without sampler hooks."""
+
+    def __init__(self):
+        self.shared: dict[str, Any] = {}
+        self.linked = True
+        self.offset = 0
+        self._last_row_of: dict[tuple, tuple[int, int]] = {}   # (generation, branch) -> (first row, batch)
+
+    def split(self, call: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        arguments = {k: v for k, v in call.items() if k not in (_GENERATION, _BRANCH)}
+        batch = next(v.shape[0] for v in arguments.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+        rows = {}
+        for name, value in arguments.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+                rows[name] = value.detach().cpu()
+            else:
+                self.shared.setdefault(name, value)
+        self.linked = self.linked and _GENERATION in call
+        previous = torch.full((batch,), -1, dtype=torch.long)
+        if _GENERATION in call:
+            key = (call[_GENERATION], call[_BRANCH])
+            before = self._last_row_of.get(key)
+            if before is not None and before[1] == batch:
+                previous = torch.arange(before[0], before[0] + batch)
+            self._last_row_of[key] = (self.offset, batch)
+        self.offset += batch
+        return rows, previous
 
 
 class _RecordingDenoiser(SamplerHooks):
@@ -131,6 +154,7 @@ class _RecordingDenoiser(SamplerHooks):
         self.generation = 0
         self.current_branch: str | None = None
         self.hooked = False
+        self.sink: Callable | None = None   # recording to a store: each call goes there with its output, not to calls
 
     def start_generation(self) -> None:
         self.generation += 1
@@ -149,15 +173,20 @@ class _RecordingDenoiser(SamplerHooks):
         call = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.items()}
         if self.hooked:
             call[_GENERATION], call[_BRANCH] = self.generation, self.current_branch
-        self.calls.append(call)
         with force(self.model, skip=False, width=1.0):
-            return self.model(*args, **kwargs)
+            output = self.model(*args, **kwargs)
+        if self.sink is not None:
+            self.sink(call, output)
+        else:
+            self.calls.append(call)
+        return output
 
     def parameters(self):  # lets samplers find the model's device and dtype
         return self.model.parameters()
 
 
-def record_trajectories(model: nn.Module, run_sampler: Callable[[Callable], Any]) -> TrajectoryDataset:
+def record_trajectories(model: nn.Module, run_sampler: Callable[[Callable], Any], *,
+                        out: str | os.PathLike | None = None, shard_mb: float = 256.0):
     """Run ``run_sampler(denoiser)`` with a recording dense denoiser; return the recorded inputs per sample.
 
     Example (class-conditional DiT with the project's sampler)::
@@ -165,25 +194,43 @@ def record_trajectories(model: nn.Module, run_sampler: Callable[[Callable], Any]
         data = record_trajectories(model, lambda d: sample(d, scheduler, labels, config, seed=0, hooks=d))
 
     Passing the recorder as ``hooks`` too links each row to its previous step (needed by
-    ``train_routers(..., cache_aware=True)``).
+    ``train_routers(..., cache_aware=True)``). With ``out``, rows (and the dense outputs) go to a sharded store
+    in that directory instead of memory and a :class:`~elastic_compile.train.store.TrajectoryStore` is returned
+    (train/store.py); under torch.distributed each rank runs ``run_sampler`` on its own share.
     """
     recorder = _RecordingDenoiser(model)
+    if out is not None:
+        from .store import record_to_store
+        return record_to_store(recorder, run_sampler, out, shard_mb)
     with torch.no_grad():
         run_sampler(recorder)
     return TrajectoryDataset.from_calls(recorder.calls)
 
 
 def record_class_conditional_trajectories(model: nn.Module, scheduler, sampling_config, *, samples_per_class: int,
-                                          seed: int = 0, cfg: str = "batch", batch_size: int = 64) -> TrajectoryDataset:
+                                          seed: int = 0, cfg: str = "batch", batch_size: int = 64,
+                                          out: str | os.PathLike | None = None, shard_mb: float = 256.0):
     """Trajectories of ``samples_per_class`` generations per class with the project's sampler (CFG included,
-    so the unconditional branch is in the data too)."""
+    so the unconditional branch is in the data too). With ``out``: a sharded store (see
+    :func:`record_trajectories`); under torch.distributed rank r records every world-th chunk of ``batch_size``
+    generations, with the noise seeds a single process would use."""
     labels = [c for c in range(sampling_config.num_classes) for _ in range(samples_per_class)]
-    calls: list[dict[str, Any]] = []
     recorder = _RecordingDenoiser(model)
-    with torch.no_grad():
-        for start in range(0, len(labels), batch_size):
+    rank, world = 0, 1
+    if out is not None:
+        from .store import _rank_world
+        rank, world = _rank_world()
+
+    def run(denoiser):
+        for chunk_index, start in enumerate(range(0, len(labels), batch_size)):
+            if chunk_index % world != rank:
+                continue
             chunk = labels[start:start + batch_size]
-            sample(recorder, scheduler, chunk, sampling_config, seeds=[seed * 100003 + start + i for i in range(len(chunk))],
-                   cfg=cfg, hooks=recorder)
-    calls.extend(recorder.calls)
-    return TrajectoryDataset.from_calls(calls)
+            sample(denoiser, scheduler, chunk, sampling_config,
+                   seeds=[seed * 100003 + start + i for i in range(len(chunk))], cfg=cfg, hooks=denoiser)
+    if out is not None:
+        from .store import record_to_store
+        return record_to_store(recorder, run, out, shard_mb)
+    with torch.no_grad():
+        run(recorder)
+    return TrajectoryDataset.from_calls(recorder.calls)

@@ -18,6 +18,12 @@ With several skip actions the stand-in is ``sum_a w_a s_a`` with ``w = onehot(ar
 softmax of the router's action logits. Each call records ``(block, p_run, width_probs, hard_run, hard_bucket)``
 in ``state.soft_records`` for the compute-budget term (``train/budget.py``), ``p_run`` and ``hard_run`` as the
 rules left them.
+
+Memory (``state.soft_checkpoint``, ``train_routers(activation_checkpointing=True)``): each block's dense forward
+runs under ``torch.utils.checkpoint`` (non-reentrant), so backward recomputes its activations instead of keeping
+them: activation memory of one block instead of all. The recomputation sets the same unit masks, so gradients
+are those of the plain run. Routers always run in float32 with autocast off (mixed precision is for the frozen
+base; the routers' small logits and their gradients stay exact).
 """
 from __future__ import annotations
 
@@ -42,20 +48,19 @@ def forward(gate, args: tuple, kwargs: dict):
     if gate.router is None:
         state.soft_records.append((gate.index, None, None, None, None))
         state.record(BlockCall(gate.index, [True] * batch, [dense] * batch, False))
-        return gate.original_forward(*args, **kwargs)
-    run_logit, width_logits, *action_logits = gate.router(arguments)
+        return run_block(gate, args, kwargs, None)
+    with torch.autocast(next(gate.router.parameters()).device.type, enabled=False):
+        run_logit, width_logits, *action_logits = gate.router(arguments)
     can_skip = gate.spec.skippable and state.config.allow_skip
     p_run = torch.sigmoid(run_logit.float()) if can_skip else None
     probs = torch.softmax(width_logits.float(), dim=-1) if gate.spec.elastic_width else None
     hard_run = p_run >= state.config.threshold if p_run is not None else torch.ones(batch, dtype=torch.bool)
     hard_bucket = probs.argmax(dim=-1) if probs is not None else torch.full((batch,), dense)
+    masks = None
     if probs is not None:
-        gate.control.unit_masks = {site: straight_through(prefix[hard_bucket], probs @ prefix)
-                                   for site, prefix in enumerate(gate.prefix_masks(probs.device))}
-    try:
-        out = gate.original_forward(*args, **kwargs)
-    finally:
-        gate.control.unit_masks = None
+        masks = {site: straight_through(prefix[hard_bucket], probs @ prefix)
+                 for site, prefix in enumerate(gate.prefix_masks(probs.device))}
+    out = run_block(gate, args, kwargs, masks)
     if p_run is None:
         state.soft_records.append((gate.index, None, probs, hard_run, hard_bucket))
         state.record(BlockCall(gate.index, hard_run.tolist(), hard_bucket.tolist(), True))
@@ -77,6 +82,21 @@ def forward(gate, args: tuple, kwargs: dict):
         if stand_in is not None:
             leaves[i] = leaves[i] + (1 - g) * stand_in[i].to(x.dtype)
     return pytree.tree_unflatten(leaves, gate.output_spec)
+
+
+def run_block(gate, args: tuple, kwargs: dict, masks: dict | None):
+    """The dense block with the unit masks set, checkpointed when ``state.soft_checkpoint`` (the recomputation
+    in backward sets the same masks)."""
+    def call():
+        gate.control.unit_masks = masks
+        try:
+            return gate.original_forward(*args, **kwargs)
+        finally:
+            gate.control.unit_masks = None
+    if not gate.state.soft_checkpoint or not torch.is_grad_enabled():
+        return call()
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(call, use_reentrant=False)
 
 
 def mixed(candidates: list[dict[int, torch.Tensor]], q: torch.Tensor | None) -> dict[int, torch.Tensor]:
