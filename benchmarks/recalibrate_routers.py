@@ -25,7 +25,7 @@ from elastic_compile.reference import ASSETS_DIR, load_classifier, load_referenc
 from elastic_compile.reference.data import load_digits_split  # noqa: E402
 from elastic_compile.reference.evaluate import generate  # noqa: E402
 from elastic_compile.train.rollout import ClassConditionalRollout, calibrate_threshold, serving_cache  # noqa: E402
-from train_forecast_routers import evaluate, fresh_elastic  # noqa: E402
+from train_forecast_routers import evaluate, fresh_elastic  # noqa: E402  (fresh_elastic: the sampling config)
 
 COLUMNS = ("budget", "executed_fraction", "speedup", "psnr", "ssim", "accuracy", "fid", "threshold")
 
@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     dense = generate(dense_model, scheduler, labels, config)
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
     for budget in (float(b) for b in args.budgets.split(",")):
-        model, _, _ = fresh_elastic(args.assets)
-        ec.load(model, args.routers, cache="off")
+        model = ec.load(load_reference(args.assets)[0], args.routers, cache="off")
         calibrate_threshold(model, rollout, budget, serving_cache(model, args.max_reuse))
         row, _ = evaluate(model, dense_model, dense, scheduler, config, labels, classifier, real, args.max_reuse)
         row["budget"] = budget
