@@ -82,8 +82,9 @@ def test_export_and_run_json(tmp_path, capsys):
     exported = json.loads(capsys.readouterr().out)
     assert exported["out"] == str(out) and exported["buckets"] == [1.0] and exported["batch_sizes"] == [2]
     assert exported["blocks"] == 10 and exported["outside_graphs"] == 0
-    assert main(["run", str(out), "--classes", "0,1", "--steps", "1", "--threads", "1", "--out",
-                 str(tmp_path / "g.pt"), "--json"]) == 0
+    # per-session pools: the CLI's default (the process-wide pool) would stay on for every later test here
+    assert main(["run", str(out), "--classes", "0,1", "--steps", "1", "--threads", "1", "--thread-pool", "per_session",
+                 "--out", str(tmp_path / "g.pt"), "--json"]) == 0
     ran = json.loads(capsys.readouterr().out)
     assert ran["images"] == 2 and ran["out"] == str(tmp_path / "g.pt") and 0 < ran["executed_flops_fraction"] <= 1.01
     assert (tmp_path / "g.pt").is_file()
