@@ -1,5 +1,7 @@
 """ec.runtime.load: the exported runtime reproduces the PyTorch elastic model under the same decisions (ONNX
 Runtime backend), with forced plans and with randomized routers giving mixed per-sample plans (batch 4)."""
+import warnings
+
 import pytest
 import torch
 
@@ -239,12 +241,40 @@ def test_host_routers_are_refused_with_tensorrt(tmp_path_factory):
         ec.runtime.load(exported.dir, "tensorrt", routers="host")
 
 
-def test_inputs_of_another_shape_are_a_typed_error(tmp_path_factory):
+def test_inputs_of_another_shape_are_a_typed_error_or_run_in_pytorch(tmp_path_factory):
+    """other_shapes="error" (default): a typed error; "torch": the same outputs and decisions as the PyTorch
+    elastic model, one warning for all such calls, the exported shape still through the graphs."""
     exported = _get("flux", tmp_path_factory)
     _, inputs = ARCHITECTURES["flux"](batch=4)
-    inputs = dict(inputs, hidden_states=torch.randn(4, 9, 8), img_ids=torch.randn(9, 3))
+    other = dict(inputs, hidden_states=torch.randn(4, 9, 8), img_ids=torch.randn(9, 3))
     with pytest.raises(InputMismatchError, match="static shapes"):
-        exported.runtime(**inputs)
+        exported.runtime(**other)
+    assert exported.runtime.exported_inputs["batch_sizes"] == [4]
+    with pytest.raises(ConfigError):
+        ec.runtime.load(exported.dir, threads=1, other_shapes="torch", free_torch_weights=True)
+    with pytest.raises(ConfigError):
+        ec.runtime.load(exported.dir, threads=1, other_shapes="any")
+    runtime = ec.runtime.load(exported.dir, threads=1, other_shapes="torch")
+    for seed in (3, 4):
+        randomize_routers(exported.model, seed=seed)
+        randomize_routers(runtime.model, seed=seed)
+        with torch.no_grad():
+            expected = first_output(exported.model(**other))
+        with pytest.warns(RuntimeWarning, match="not exported") if seed == 3 else warnings.catch_warnings():
+            if seed == 4:
+                warnings.simplefilter("error")  # warned once per runtime, not per call
+            got = first_output(runtime(**other))
+        assert float((got - expected).abs().max()) <= ATOL
+        assert state_of(runtime).calls == state_of(exported.model).calls
+    shapes = gate_of(state_of(runtime).blocks[0]).original_forward.other_shapes
+    before = shapes.calls
+    assert before > 0
+    with torch.no_grad(), ec.force(exported.model, skip=False, width=0.5):
+        expected = first_output(exported.model(**inputs))
+    with ec.force(runtime, skip=False, width=0.5):
+        got = first_output(runtime(**inputs))
+    assert float((got - expected).abs().max()) <= ATOL
+    assert shapes.calls == before  # the exported shape ran in the graphs, not in PyTorch
 
 
 def test_tensorrt_backend_unavailable_is_a_typed_error(tmp_path_factory):

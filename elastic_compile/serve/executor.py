@@ -16,6 +16,8 @@ as before). Graphs with a ``lookahead`` return the next block's router logits la
 """
 from __future__ import annotations
 
+import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from ..artifact.graphs import DTYPES, graph_inputs
 from ..artifact.layout import CallLayout, OutputLayout
-from ..errors import BucketNotExportedError, ConfigError
+from ..errors import BucketNotExportedError, ConfigError, InputMismatchError
 from .lookahead import LookaheadLogits
 from .summaries import PooledSummaries
 from .torch_threads import using_torch_threads
@@ -54,12 +56,45 @@ def pad_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([tensor, tensor[-1:].expand((missing,) + tuple(tensor.shape[1:]))])
 
 
+OTHER_SHAPES = ("error", "torch")
+
+
+class OtherShapes:
+    """What a runtime does with a block call its static graphs were not exported for (another resolution or
+    sequence length): "error" raises the layout's InputMismatchError; "torch" runs that call through the block's
+    PyTorch weights (kept at load for this) and warns once per runtime, naming the block and the shapes, so a
+    pipeline keeps working at a new resolution while the user learns that part of it is not exported."""
+
+    def __init__(self, mode: str = "error"):
+        if mode not in OTHER_SHAPES:
+            raise ConfigError(f"other_shapes in {OTHER_SHAPES}", repr(mode),
+                              "Use 'error' (static shapes only) or 'torch' (run other shapes in PyTorch).")
+        self.mode = mode
+        self.calls = 0          # block calls run in PyTorch (all threads)
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def fall_back(self, block: str, error: InputMismatchError) -> None:
+        """Raise ``error`` in "error" mode; otherwise count the call and warn the first time."""
+        if self.mode == "error":
+            raise error
+        with self._lock:
+            self.calls += 1
+            first, self._warned = not self._warned, True
+        if first:
+            warnings.warn(f"elastic_compile runtime: block {block} called with shapes its graphs were not exported "
+                          f"for ({error.found}); such calls run in PyTorch (slower). Export again with these "
+                          "inputs to run them in the backend.", RuntimeWarning, stacklevel=4)
+
+
 class BlockExecutor:
     """Callable with the block's forward signature; runs the exported graph of ``gate.control.bucket``."""
 
     def __init__(self, gate, entry: dict, root: Path, backend, dtype: str, dense_bucket: int,
-                 summaries: PooledSummaries | None = None, lookahead: LookaheadLogits | None = None):
+                 summaries: PooledSummaries | None = None, lookahead: LookaheadLogits | None = None,
+                 other_shapes: OtherShapes | None = None):
         self.gate = gate
+        self.other_shapes = other_shapes or OtherShapes()
         self.torch_forward = gate.torch_forward
         self.path = entry["path"]
         self.layout = CallLayout.from_dict(entry["layout"])
@@ -100,7 +135,13 @@ class BlockExecutor:
         if bucket not in self.files:
             raise BucketNotExportedError(f"a width bucket exported for block {self.path} ({sorted(self.files)})",
                                          f"bucket {bucket}", "Force an exported width, or export all buckets.")
-        tensors, rows = matched if matched is not None else self.layout.match_values(values, self.path)
+        if matched is None:
+            try:
+                matched = self.layout.match_values(values, self.path)
+            except InputMismatchError as error:
+                self.other_shapes.fall_back(self.path, error)
+                return self.torch_forward(*args, **kwargs)
+        tensors, rows = matched
         device = tensors[0].device if tensors else torch.device("cpu")
         target = self.backend.device
         inputs = [t if t.device == target else t.to(target)

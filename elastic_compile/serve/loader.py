@@ -30,7 +30,7 @@ from ..sampling import SamplingConfig, sample
 from ..serialization import load as load_elastic
 from ..state import ROUTER_ATTRIBUTE, STATE_ATTRIBUTE, gate_of, state_of
 from .driver import ModelDriver
-from .executor import BlockExecutor, GraphRouter, SingleThreadRouter
+from .executor import BlockExecutor, GraphRouter, OtherShapes, SingleThreadRouter
 from .host_router import HostRouter
 from .lookahead import LookaheadLogits
 from .summaries import PooledSummaries
@@ -90,6 +90,12 @@ class Runtime:
         pipeline's ``transformer``; AttributeError for models without one."""
         return self.model.config
 
+    @property
+    def exported_inputs(self) -> dict:
+        """The shapes the exported graphs serve: the example inputs' shapes and dtypes as the export recorded them
+        (batched dimensions: any of ``batch_sizes``, padded up), and the batch sizes."""
+        return {"inputs": self.manifest.get("inputs"), "batch_sizes": self.manifest["batch_sizes"]}
+
     def __call__(self, *args, **kwargs):
         with torch.no_grad(), using_torch_threads(self.torch_threads):
             return self.model(*args, **kwargs)
@@ -131,13 +137,13 @@ class Runtime:
 
 
 def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int | None = None,
-         routers: str | None = None, free_torch_weights: bool = True, check_hashes: bool = True,
+         routers: str | None = None, free_torch_weights: bool | None = None, check_hashes: bool = True,
          device: str | torch.device | None = None, providers: Sequence[str] | None = None,
          engine_cache: str | os.PathLike | None = None, trt_options: dict | None = None,
          thread_pool: str = "per_session", memory_arena: str = "shared",
          torch_threads: int | str | None = AUTO, outside_graphs: bool = True, base_model: nn.Module | None = None,
          base_factory: str | Callable[[], nn.Module] | None = None, cache: str = "auto",
-         io_binding: str = "auto") -> Runtime:
+         io_binding: str = "auto", other_shapes: str = "error") -> Runtime:
     """Load an export directory written by :func:`elastic_compile.export`.
 
     Nothing the directory holds is imported or run as code; its files are checked against the manifest's hashes
@@ -166,7 +172,12 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
             block graphs), "torch" (the PyTorch routers; default with tensorrt and torch) or "onnx"
             (routers/*.onnx). All three compute the same function (equal up to float32 rounding).
         free_torch_weights: drop the PyTorch copies of block weights (they run in the backend); each becomes
-            a zero-stride tensor of the same shape, so FLOP profiling for ``stats`` still works.
+            a zero-stride tensor of the same shape, so FLOP profiling for ``stats`` still works. Default: True,
+            except with ``other_shapes="torch"``, which needs them.
+        other_shapes: a block call shaped unlike the export (another resolution or sequence length; batch sizes
+            are always served): "error" (default) raises InputMismatchError, "torch" runs it with the block's
+            PyTorch weights and warns once (see :class:`~.executor.OtherShapes`). ``runtime.exported_inputs``
+            lists the shapes the graphs serve.
         check_hashes: verify every file against the manifest's sha256 first.
         device: where the PyTorch parts run (default CPU; CUDA for TensorRT).
         engine_cache: TensorRT engine cache directory (default ``<path>/engines``).
@@ -187,6 +198,12 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError("threads: None or an integer >= 1", repr(threads), "Use e.g. threads=2.")
     pinned_threads = resolve_torch_threads(torch_threads, backend)
+    shapes = OtherShapes(other_shapes)
+    if free_torch_weights is None:
+        free_torch_weights = other_shapes != "torch"
+    elif free_torch_weights and other_shapes == "torch":
+        raise ConfigError("free_torch_weights=False with other_shapes='torch' (other shapes run on those weights)",
+                          "free_torch_weights=True", "Leave free_torch_weights at its default.")
     if routers is None:
         routers = "host" if backend == "onnxruntime" else "torch"
     if routers not in ROUTER_MODES:
@@ -227,7 +244,7 @@ def load(path: str | os.PathLike, backend: str = "onnxruntime", *, threads: int 
     for entry in manifest["blocks"]:
         gate = gate_of(state.blocks[entry["index"]])
         gate.original_forward = BlockExecutor(gate, entry, root, engine, manifest["dtype"], manifest["dense_bucket"],
-                                              summaries, lookahead)
+                                              summaries, lookahead, shapes)
     looked_ahead = {int(e["lookahead"]["block"]) for e in manifest["blocks"] if e.get("lookahead")}
     driven = outside_graphs and backend == "onnxruntime" and manifest.get("program")
     if driven:  # graphs outside the blocks that compute the router of the block after them
