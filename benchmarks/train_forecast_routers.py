@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-per-class", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--assets", default=str(ASSETS_DIR))
+    parser.add_argument("--init-from", default=None,
+                        help="start every setting from this saved router set (its weights and threshold) instead "
+                             "of the router-free block forecast")
     parser.add_argument("--save-budget", type=float, default=None, help="bundle this budget's routers")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -115,11 +118,15 @@ def main(argv=None) -> int:
 
     for budget, max_reuse, action in settings:
         setting = f"{budget}:{max_reuse}:{action}"
-        model, _, _ = fresh_elastic(args.assets)
+        if args.init_from:
+            model = ec.load(load_reference(args.assets)[0], args.init_from, cache="off")
+        else:
+            model, _, _ = fresh_elastic(args.assets)
         log = lambda e, b=budget: print(f"  budget {b} step {e.step}: loss {e.loss:.4f} mse {e.distill_mse:.3g} "
                                         f"flops {e.executed_fraction:.3f} ({e.seconds:.0f} s)", flush=True)
-        start_from_block_cache(model, action, run_logit=args.run_logit)
-        record(setting, "init (= block forecast, no training)", 0.0, model, max_reuse)
+        if not args.init_from:
+            start_from_block_cache(model, action, run_logit=args.run_logit)
+        record(setting, f"init (= {args.init_from or 'block forecast'}, no training)", 0.0, model, max_reuse)
         started = time.time()
         report = train_routers(model, rollout, objective="rollout", budget=budget, steps=args.rollout_steps,
                                batch_size=args.rollout_batch, lr=args.lr, lr_schedule="constant",
