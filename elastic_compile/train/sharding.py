@@ -1,0 +1,143 @@
+"""``train_routers(shard_base=True)``: the frozen base sharded across ranks with FSDP2, routers replicated.
+
+Under DistributedDataParallel every rank holds the whole base. Here each elastic block (every module carrying a
+gate), then the model root, goes through ``torch.distributed.fsdp.fully_shard``: between uses each rank keeps
+1/world of the base weights (a ``DTensor`` shard); a block's weights are all-gathered by the FSDP pre-forward hook
+of the block's ``__call__`` and freed after its forward, and again around its backward.
+
+Why the gates are safe: a gate replaces ``block.forward`` on the instance, so the parent's ``block(...)`` still
+goes through ``nn.Module.__call__`` and runs FSDP's hooks before the gate; the gate's calls of the block's
+original forward (and of its sliced FFN projections, and the recomputation of activation checkpointing, which
+runs after the FSDP pre-backward hook of the block's output) all happen while the block's weights are gathered.
+
+The routers are left out of sharding (``ignored_params``): they stay ordinary replicated parameters, and
+:meth:`ShardedBase.average_gradients` all-reduces their gradients after backward to the mean over ranks, as DDP
+does, so the routers train exactly as under DDP. The base is frozen (``train_base`` is refused with it).
+
+FLOP tables (``stats``, the budget term) are profiled on shape-only tensors, which collectives cannot run on:
+:meth:`ShardedBase.profile` measures them before sharding. :meth:`ShardedBase.release` undoes the sharding at the
+end of training (full weights gathered back, FSDP's hooks and classes removed), so the model leaves
+``train_routers`` as it came in: a plain module holding its whole base, as it was handed in on every rank.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import torch
+from torch import distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+from ..state import GATE_ATTRIBUTE, state_of
+
+
+def gated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules carrying an elastic gate, innermost first (FSDP2 shards children before their parents)."""
+    return [m for m in reversed(list(model.modules())) if GATE_ATTRIBUTE in m.__dict__]
+
+
+class ShardedBase:
+    """The FSDP2 sharding of one model's frozen base for the length of one training run."""
+
+    def __init__(self, model: nn.Module, world: int):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("torch.distributed initialised (torchrun) for shard_base", "a single process",
+                              "Run under torchrun, or train without shard_base.")
+        state = state_of(model)
+        self.model = model
+        self.routers = [p for r in state.routers.values() for p in r.parameters()]
+        device = next(model.parameters()).device
+        mesh = init_device_mesh(device.type, (world,))
+        ignored = set(self.routers)
+        self.modules = gated_blocks(model) + [model]
+        for module in self.modules:
+            fully_shard(module, mesh=mesh, ignored_params=ignored)
+        self.world = world
+
+    def average_gradients(self) -> None:
+        """Replace each router gradient by its mean over ranks (one all-reduce; DDP's averaged gradient)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.routers]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in self.routers:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def _swap_in_whole(self) -> list[tuple[nn.Module, str, nn.Parameter]]:
+        """Put a plain parameter holding the whole weight (all-gathered: every rank calls it) in place of each
+        sharded one; returns ``(owner, name, sharded parameter)`` of what was swapped out. The copies are the
+        model's own: FSDP's gathering buffers are never handed out (a reader such as ``.numpy()`` in the
+        artifact's fingerprint would pin their storage, which FSDP frees after each use)."""
+        from torch.distributed.tensor import DTensor
+
+        for module in self.modules:
+            module.reshard()   # the root keeps its weights gathered after a forward: every weight a DTensor now
+        whole: dict[int, nn.Parameter] = {}
+        swapped = []
+        for _, owner in self.model.named_modules(remove_duplicate=False):
+            for name, param in list(owner._parameters.items()):
+                if isinstance(param, DTensor):
+                    if id(param) not in whole:
+                        whole[id(param)] = nn.Parameter(param.full_tensor().detach().clone(),
+                                                        requires_grad=param.requires_grad)
+                    owner._parameters[name] = whole[id(param)]
+                    swapped.append((owner, name, param))
+        return swapped
+
+    def gathered(self, on_rank_0: Callable[[], None]) -> None:
+        """Run ``on_rank_0`` (an ``ec.save`` checkpoint: it reads the whole base and the model's class) on the whole
+        model with its own class, then go back to the shards (every rank calls it)."""
+        fsdp_class = type(self.model)
+        swapped = self._swap_in_whole()
+        try:
+            if dist.get_rank() == 0:
+                self.model.__class__ = fsdp_class.__bases__[1]
+                on_rank_0()
+        finally:
+            self.model.__class__ = fsdp_class
+            for owner, name, param in swapped:
+                owner._parameters[name] = param
+
+    def release(self) -> None:
+        """Gather every base weight back into a plain parameter and remove FSDP from the model (every rank)."""
+        from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+        from torch.distributed.fsdp import fully_shard
+
+        self._swap_in_whole()
+        for module in self.modules:
+            fsdp_state = fully_shard.state(module)
+            group = fsdp_state._fsdp_param_group
+            handles = [fsdp_state._pre_forward_hook_handle, fsdp_state._post_forward_hook_handle]
+            if group is not None:
+                handles += [p._post_load_hook_handle for p in group.fsdp_params]
+                handles += list(group._module_to_pre_save_state_dict_hook_handle.values())
+                handles += list(group._module_to_pre_load_state_dict_hook_handle.values())
+            for handle in handles:
+                handle.remove()
+        for module in self.modules:
+            module.__class__ = type(module).__bases__[1]   # FSDP<Class>(FSDPModule, Class)
+            for key in (STATE_KEY, REGISTRY_KEY):
+                module.__dict__.pop(key, None)
+        for module in self.model.modules():
+            module.__dict__.pop("_is_fsdp_managed_module", None)
+            module.__dict__.pop("_fsdp_use_orig_params", None)
+
+
+def profile_first(model: nn.Module, batches):
+    """``batches`` unchanged, after measuring the FLOP table of its first batch's signature on the whole model
+    (before sharding: profiling runs on shape-only tensors, which FSDP's collectives cannot gather)."""
+    from ..nn.gate.profile import flop_table
+    from ..state import describe_inputs
+    from .trajectories import TEACHER_KEY
+
+    first = next(batches)
+    inputs = {k: v for k, v in first[0].items() if k != TEACHER_KEY}
+    flop_table(model, state_of(model), describe_inputs((), inputs))
+    return itertools.chain([first], batches)
