@@ -90,3 +90,35 @@ def run(rank: int, directory: str) -> None:
                            "sharded_uses": check.sharded_uses, "not_dtensor": check.not_dtensor}, handle)
     finally:
         dist.destroy_process_group()
+
+
+def run_rollouts(rank: int, directory: str) -> None:
+    """Rollout training (the feature cache in the loop, every block called once per sampling step before one
+    backward), replicated and then with the base sharded; rank 0 saves both routers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import elastic_compile as ec
+    from elastic_compile.sampling import SamplingConfig
+    from elastic_compile.train import ClassConditionalRollout
+    from zoo import ARCHITECTURES
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=2)
+    try:
+        config = SamplingConfig(num_inference_steps=4, guidance_scale=2.0, sample_size=8, in_channels=4,
+                                num_classes=10, null_class=10)
+        rollout = ClassConditionalRollout(FlowMatchEulerDiscreteScheduler(), config, per_class=1)
+        args = dict(objective="rollout", budget=0.5, steps=3, batch_size=4, lr=3e-3, seed=0, log_every=1,
+                    progress=False, calibrate=False, dual_init=1.0, dual_step=5.0)
+        models = {}
+        for shard in (False, True):
+            model, inputs = ARCHITECTURES["dit"](seed=0, batch=4)
+            models[shard] = ec.transform(model, ec.ElasticConfig(width_buckets=(0.5, 1.0)), example_inputs=inputs)
+            train_routers(models[shard], rollout, shard_base=shard, checkpoint_dir=f"{directory}/{shard}",
+                          checkpoint_every=2, **args)
+            assert not any(isinstance(p, DTensor) for p in models[shard].parameters())
+        if rank == 0:
+            save_file(router_state(models[False]), f"{directory}/replicated.safetensors")
+            save_file(router_state(models[True]), f"{directory}/sharded.safetensors")
+    finally:
+        dist.destroy_process_group()

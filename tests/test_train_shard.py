@@ -11,7 +11,7 @@ import elastic_compile as ec
 from elastic_compile.errors import ConfigError
 from elastic_compile.state import state_of
 from elastic_compile.train import train_routers
-from shard_worker import run
+from shard_worker import run, run_rollouts
 from train_fixtures import TRAIN_ARGS, router_state, tiny_dataset, tiny_elastic_model
 from zoo import ARCHITECTURES
 
@@ -51,3 +51,34 @@ def test_sharded_base_trains_the_routers_of_ddp_and_of_one_process(tmp_path):
 def test_shard_base_with_base_fine_tuning_is_refused():
     with pytest.raises(ConfigError, match="shard_base"):
         train_routers(tiny_elastic_model(), tiny_dataset(), shard_base=True, train_base=True, **TRAIN_ARGS)
+
+
+def test_sharded_base_trains_the_routers_of_replicated_rollouts(tmp_path):
+    mp.spawn(run_rollouts, args=(str(tmp_path),), nprocs=2, join=True)
+    replicated = load_file(str(tmp_path / "replicated.safetensors"))
+    sharded = load_file(str(tmp_path / "sharded.safetensors"))
+    assert replicated.keys() == sharded.keys()
+    for key in replicated:
+        torch.testing.assert_close(sharded[key], replicated[key], atol=1e-7, rtol=1e-6)
+    # the mid-run artifact, saved from the gathered base, loads (fingerprints checked) with the replicated run's routers
+    steps = {}
+    for shard in (False, True):
+        fresh, _ = ARCHITECTURES["dit"](seed=0, batch=4)
+        steps[shard] = router_state(ec.load(fresh, tmp_path / str(shard) / "step-000002"))
+    assert steps[True].keys() == replicated.keys()
+    for key in steps[False]:
+        torch.testing.assert_close(steps[True][key], steps[False][key], atol=1e-7, rtol=1e-6)
+
+
+def test_submodules_called_from_outside_their_block_are_found():
+    from elastic_compile.train.sharding import called_outside_their_block
+    model, inputs = ARCHITECTURES["dit"](seed=0, batch=4)   # diffusers DiT: the root calls blocks[0].norm1.emb
+    model = ec.transform(model, ec.ElasticConfig(width_buckets=(0.5, 1.0)), example_inputs=inputs)
+    with torch.no_grad():
+        outside = called_outside_their_block(model, lambda: model(**inputs))
+    emb = model.transformer_blocks[0].norm1.emb
+    assert emb in outside and outside <= set(emb.modules())
+    plain, plain_inputs = ARCHITECTURES["reference_dit"](seed=0, batch=4)
+    plain = ec.transform(plain, example_inputs=plain_inputs)
+    with torch.no_grad():
+        assert called_outside_their_block(plain, lambda: plain(**plain_inputs)) == set()

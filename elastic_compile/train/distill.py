@@ -42,7 +42,7 @@ from .common import (PRECISIONS, JsonLog, TrainLogEntry, TrainReport, checkpoint
                      init_distributed, precision, progress_bar, restore_flags, resume_run, trainable)
 from .resume import RunState
 from .rollout import train_through_rollouts
-from .sharding import ShardedBase, profile_first
+from .sharding import ShardedBase, first_batch_probe
 from .store import EpochSampler, TrajectoryStore
 from .trajectories import TEACHER_KEY, TrajectoryDataset
 
@@ -139,7 +139,7 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
                                       lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
                                       log_every=log_every, checkpoint_dir=checkpoint_dir,
                                       checkpoint_every=checkpoint_every, progress=progress, log=log,
-                                      resume=resume, precision=precision)
+                                      resume=resume, precision=precision, shard_base=shard_base)
     state = state_of(model)
     skip_cost = 0.0
     if cache_aware:
@@ -181,8 +181,8 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
     batches = _batches(data, batch_size, rank, world, data_generator, first - 1)
     student, sharded = model, None
     if world > 1 and shard_base:
-        batches = profile_first(model, batches)
-        sharded = ShardedBase(model, world)
+        batches, probe = first_batch_probe(model, batches)
+        sharded = ShardedBase(model, world, probe)
     elif world > 1:
         student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
     bar = progress_bar(steps, progress and rank == 0, initial=first - 1)

@@ -28,8 +28,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
-from ..state import GATE_ATTRIBUTE, state_of
+from ..state import GATE_ATTRIBUTE, force, state_of
 
 
 def gated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -37,25 +36,60 @@ def gated_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in reversed(list(model.modules())) if GATE_ATTRIBUTE in m.__dict__]
 
 
-class ShardedBase:
-    """The FSDP2 sharding of one model's frozen base for the length of one training run."""
+def called_outside_their_block(model: nn.Module, probe: Callable[[], None]) -> set[nn.Module]:
+    """The submodules of gated blocks that ``probe`` (a forward of the whole model) calls while their block is
+    not running, e.g. diffusers' DiT computing its final conditioning with ``transformer_blocks[0].norm1.emb``
+    from the model's own forward: FSDP gathers a block's weights only around the block's call."""
+    blocks = gated_blocks(model)
+    owner: dict[nn.Module, nn.Module] = {}
+    for block in blocks:   # innermost first: a submodule belongs to its innermost block
+        for sub in block.modules():
+            if sub is not block:
+                owner.setdefault(sub, block)
+    running: list[nn.Module] = []
+    outside: set[nn.Module] = set()
 
-    def __init__(self, model: nn.Module, world: int):
+    def enter(block, args):
+        running.append(block)
+
+    def leave(block, args, output):
+        running.remove(block)
+
+    def called(sub, args):
+        if owner[sub] not in running:
+            outside.add(sub)
+    handles = [b.register_forward_pre_hook(enter) for b in blocks]
+    handles += [b.register_forward_hook(leave, always_call=True) for b in blocks]
+    handles += [sub.register_forward_pre_hook(called) for sub in owner]
+    try:
+        probe()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outside
+
+
+class ShardedBase:
+    """The FSDP2 sharding of one model's frozen base for the length of one training run.
+
+    ``probe`` runs the whole model once before sharding (every block dense), to find the submodules of blocks
+    called from outside them (:func:`called_outside_their_block`): each is sharded on its own, so its own call
+    gathers its weights wherever it happens. Then each gated block, then the root."""
+
+    def __init__(self, model: nn.Module, world: int, probe: Callable[[], None]):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ConfigError("torch.distributed initialised (torchrun) for shard_base", "a single process",
-                              "Run under torchrun, or train without shard_base.")
         state = state_of(model)
         self.model = model
         self.routers = [p for r in state.routers.values() for p in r.parameters()]
-        device = next(model.parameters()).device
-        mesh = init_device_mesh(device.type, (world,))
-        ignored = set(self.routers)
-        self.modules = gated_blocks(model) + [model]
+        with torch.no_grad(), force(model, skip=False, width=1.0):
+            outside = called_outside_their_block(model, probe)
+        chosen = outside | set(gated_blocks(model)) | {model}
+        self.modules = [m for m in reversed(list(model.modules())) if m in chosen]   # children before parents
+        mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
         for module in self.modules:
-            fully_shard(module, mesh=mesh, ignored_params=ignored)
+            fully_shard(module, mesh=mesh, ignored_params=set(self.routers))
         self.world = world
 
     def average_gradients(self) -> None:
@@ -130,9 +164,9 @@ class ShardedBase:
             module.__dict__.pop("_fsdp_use_orig_params", None)
 
 
-def profile_first(model: nn.Module, batches):
-    """``batches`` unchanged, after measuring the FLOP table of its first batch's signature on the whole model
-    (before sharding: profiling runs on shape-only tensors, which FSDP's collectives cannot gather)."""
+def first_batch_probe(model: nn.Module, batches):
+    """``(batches unchanged, probe)``: the probe runs the model on the first batch's inputs, after measuring their
+    FLOP table on the whole model (before sharding, so a run's tables never go through FSDP's hooks)."""
     from ..nn.gate.profile import flop_table
     from ..state import describe_inputs
     from .trajectories import TEACHER_KEY
@@ -140,4 +174,4 @@ def profile_first(model: nn.Module, batches):
     first = next(batches)
     inputs = {k: v for k, v in first[0].items() if k != TEACHER_KEY}
     flop_table(model, state_of(model), describe_inputs((), inputs))
-    return itertools.chain([first], batches)
+    return itertools.chain([first], batches), lambda: model(**inputs)
