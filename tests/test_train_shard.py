@@ -82,3 +82,9 @@ def test_submodules_called_from_outside_their_block_are_found():
     plain = ec.transform(plain, example_inputs=plain_inputs)
     with torch.no_grad():
         assert called_outside_their_block(plain, lambda: plain(**plain_inputs)) == set()
+
+
+def test_cli_refuses_shard_base_with_base_fine_tuning_before_any_work(tmp_path, capsys):
+    from elastic_compile.cli import main
+    assert main(["train", "--shard-base", "--train-base", "--out", str(tmp_path)]) == 1
+    assert "--shard-base" in capsys.readouterr().err and not any(tmp_path.iterdir())
