@@ -16,7 +16,8 @@ from the previous sampling step (train/cache_aware.py).
 Distributed: under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment), each rank
 takes its contiguous share of the same seeded global batch; the model is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on GPU) and the loss is scaled so that the averaged gradient equals the gradient of the
-global-batch loss above: N processes train the same routers as one process with the same global batch.
+global-batch loss above: N processes train the same routers as one process with the same global batch. With
+``shard_base`` the frozen base is sharded across the ranks by FSDP2 instead (train/sharding.py), routers as under DDP.
 """
 from __future__ import annotations
 

@@ -9,14 +9,18 @@ Why the gates are safe: a gate replaces ``block.forward`` on the instance, so th
 goes through ``nn.Module.__call__`` and runs FSDP's hooks before the gate; the gate's calls of the block's
 original forward (and of its sliced FFN projections, and the recomputation of activation checkpointing, which
 runs after the FSDP pre-backward hook of the block's output) all happen while the block's weights are gathered.
+What a model calls of a block from outside the block's call (diffusers' DiT: ``transformer_blocks[0].norm1.emb``
+from the root's forward) would find its weights sharded: one dense forward before sharding finds such submodules
+(:func:`called_outside_their_block`) and each is sharded on its own, so its own ``__call__`` gathers it.
 
 The routers are left out of sharding (``ignored_params``): they stay ordinary replicated parameters, and
 :meth:`ShardedBase.average_gradients` all-reduces their gradients after backward to the mean over ranks, as DDP
 does, so the routers train exactly as under DDP. The base is frozen (``train_base`` is refused with it).
 
-FLOP tables (``stats``, the budget term) are profiled on shape-only tensors, which collectives cannot run on:
-:meth:`ShardedBase.profile` measures them before sharding. :meth:`ShardedBase.release` undoes the sharding at the
-end of training (full weights gathered back, FSDP's hooks and classes removed), so the model leaves
+FLOP tables (``stats``, the budget term) are measured on the whole model before sharding. :meth:`ShardedBase.gathered`
+lets rank 0 write an ``ec.save`` checkpoint mid-run (the artifact's fingerprints read the whole base) from
+gathered copies; :meth:`ShardedBase.release` undoes the sharding at the end of training (full weights gathered
+back, FSDP's hooks, state and classes removed: torch 2.13 FSDP2 internals), so the model leaves
 ``train_routers`` as it came in: a plain module holding its whole base, as it was handed in on every rank.
 """
 from __future__ import annotations
