@@ -80,6 +80,8 @@ def run(rank: int, directory: str) -> None:
                       shard_base=True, activation_checkpointing=True, **ARGS)
         with torch.no_grad():
             outputs = {"ddp": ddp(**probe), "sharded": sharded(**probe)}
+        sharded.load_state_dict(sharded.state_dict())   # no FSDP state-dict hooks left behind
+        train_routers(sharded, tiny_dataset(), shard_base=True, **{**TRAIN_ARGS, "steps": 2})   # shardable again
         if rank == 0:
             save_file(router_state(ddp), f"{directory}/ddp.safetensors")
             save_file(router_state(sharded), f"{directory}/sharded.safetensors")

@@ -97,15 +97,16 @@ class ShardedBase:
         self.world = world
 
     def average_gradients(self) -> None:
-        """Replace each router gradient by its mean over ranks (one all-reduce; DDP's averaged gradient)."""
+        """Replace each router gradient by its mean over ranks (one all-reduce; DDP's averaged gradient). A router
+        no rank gave a gradient keeps None (Adam leaves it alone); one some ranks did not reach counts zero there."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.routers]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        reached = torch.tensor([float(p.grad is not None) for p in self.routers], device=grads[0].device)
+        flat = torch.cat([g.detach().reshape(-1) for g in grads] + [reached])
         dist.all_reduce(flat)
-        flat /= self.world
         offset = 0
-        for p in self.routers:
+        for p, anywhere in zip(self.routers, flat[-len(self.routers):].tolist()):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = (flat[offset:offset + n] / self.world).view_as(p) if anywhere else None
             offset += n
 
     def _swap_in_whole(self) -> list[tuple[nn.Module, str, nn.Parameter]]:
@@ -146,6 +147,7 @@ class ShardedBase:
     def release(self) -> None:
         """Gather every base weight back into a plain parameter and remove FSDP from the model (every rank)."""
         from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+        from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.fsdp import fully_shard
 
         self._swap_in_whole()
@@ -163,6 +165,7 @@ class ShardedBase:
             module.__class__ = type(module).__bases__[1]   # FSDP<Class>(FSDPModule, Class)
             for key in (STATE_KEY, REGISTRY_KEY):
                 module.__dict__.pop(key, None)
+            _module_state_mapping.pop(module, None)   # else a later fully_shard of it is refused
         for module in self.model.modules():
             module.__dict__.pop("_is_fsdp_managed_module", None)
             module.__dict__.pop("_fsdp_use_orig_params", None)
