@@ -66,6 +66,7 @@ def run(rank: int, directory: str) -> None:
         check = ShardProbe(sharded, rank)
         train_routers(sharded, tiny_dataset(), checkpoint_dir=f"{directory}/whole", task_loss=check, shard_base=True,
                       **ARGS)
+        trained = router_state(sharded)
         # the model leaves training whole and plain: its own class, ordinary parameters, the base untouched
         assert type(sharded).__name__ == "DiT" and not any(isinstance(p, DTensor) for p in sharded.parameters())
         assert all(torch.equal(p, base_before[n]) for n, p in sharded.named_parameters() if n in base_before)
@@ -84,7 +85,7 @@ def run(rank: int, directory: str) -> None:
         train_routers(sharded, tiny_dataset(), shard_base=True, **{**TRAIN_ARGS, "steps": 2})   # shardable again
         if rank == 0:
             save_file(router_state(ddp), f"{directory}/ddp.safetensors")
-            save_file(router_state(sharded), f"{directory}/sharded.safetensors")
+            save_file(trained, f"{directory}/sharded.safetensors")
             save_file(router_state(resumed), f"{directory}/resumed.safetensors")
             save_file(outputs, f"{directory}/outputs.safetensors")
             with open(f"{directory}/checks.json", "w") as handle:
