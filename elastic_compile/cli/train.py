@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     parser.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                         help="run the frozen base in this dtype (torch.autocast); routers stay float32")
     parser.add_argument("--train-base", action="store_true", help="fine-tune the base weights too")
+    parser.add_argument("--shard-base", action="store_true",
+                        help="under torchrun: shard the frozen base across the processes (FSDP2) instead of "
+                             "replicating it (DDP); routers train the same; not with --train-base")
     parser.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the base weights (with base fine-tuning)")
     parser.add_argument("--log-every", type=int, default=25, help="log every N steps")
     parser.add_argument("--checkpoint-every", type=int, default=0,
@@ -80,6 +83,9 @@ def run(args) -> int:
     if args.resume and args.checkpoint_every < 1:
         raise ConfigError("--checkpoint-every N >= 1 with --resume", f"{args.checkpoint_every}",
                           "Pass the --checkpoint-every of the run being resumed.")
+    if args.shard_base and args.train_base:
+        raise ConfigError("a frozen base with --shard-base", "--train-base too",
+                          "Fine-tune the base without --shard-base, or train the routers only.")
     if args.samples_per_class < 1:
         raise ConfigError("--samples-per-class >= 1", f"{args.samples_per_class}", "Use e.g. 24.")
     out = Path(args.out)
@@ -110,7 +116,8 @@ def run(args) -> int:
     common = dict(budget=args.budget, lr=args.lr, seed=args.seed, budget_weight=args.budget_weight,
                   cache_max_reuse=args.max_reuse, log_every=args.log_every, checkpoint_dir=out,
                   checkpoint_every=args.checkpoint_every, log=log, resume=args.resume,
-                  activation_checkpointing=args.activation_checkpointing, autocast=args.autocast)
+                  activation_checkpointing=args.activation_checkpointing, autocast=args.autocast,
+                  shard_base=args.shard_base)
     reports = []
     if "step" in stages:
         if data is None:

@@ -16,10 +16,12 @@ from the previous sampling step (train/cache_aware.py).
 Distributed: under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment), each rank
 takes its contiguous share of the same seeded global batch; the model is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on GPU) and the loss is scaled so that the averaged gradient equals the gradient of the
-global-batch loss above: N processes train the same routers as one process with the same global batch.
+global-batch loss above: N processes train the same routers as one process with the same global batch. With
+``shard_base`` the frozen base is sharded across the ranks by FSDP2 instead (train/sharding.py), routers as under DDP.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -41,6 +43,7 @@ from .common import (PRECISIONS, JsonLog, TrainLogEntry, TrainReport, checkpoint
                      init_distributed, precision, progress_bar, restore_flags, resume_run, trainable)
 from .resume import RunState
 from .rollout import train_through_rollouts
+from .sharding import ShardedBase, first_batch_probe
 from .store import EpochSampler, TrajectoryStore
 from .trajectories import TEACHER_KEY, TrajectoryDataset
 
@@ -56,7 +59,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None,
                   objective: str = "step", dual_step: float = 2.0, dual_init: float = 10.0,
                   calibrate: bool = True, resume: bool = False, activation_checkpointing: bool = False,
-                  autocast: str | None = None) -> TrainReport:
+                  autocast: str | None = None, shard_base: bool = False) -> TrainReport:
     """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
 
     Args:
@@ -85,6 +88,9 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             of one block's activations instead of all; the same gradients; nn/gate/soft.py).
         autocast: "bf16" or "fp16": run the frozen base (student and teacher) under ``torch.autocast`` on the
             model's device; routers, their gradients and optimizer state stay float32.
+        shard_base: under torchrun, shard the frozen base across the processes with FSDP2 instead of replicating
+            it with DDP (each rank keeps 1/world of the base weights between uses; routers stay replicated and
+            train as under DDP; train/sharding.py). The model leaves training whole again. Not with train_base.
         log: called with every logged entry (rank 0).
         objective: "step" (the per-call distillation above, on ``data``: a trajectory dataset or batches) or
             "rollout" (train/rollout.py: whole generations with the feature cache in the loop, loss on the final
@@ -105,6 +111,9 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
     if autocast not in PRECISIONS:
         raise ConfigError(f"autocast in {sorted(PRECISIONS, key=str)}", repr(autocast),
                           "Use 'bf16' on GPUs that have it (or 'fp16'), None for the model's own dtype.")
+    if shard_base and train_base:
+        raise ConfigError("a frozen base with shard_base (only routers train on a sharded base)", "train_base=True",
+                          "Fine-tune the base without shard_base (DDP), or train routers only.")
     state = state_of(model)
     state.soft_checkpoint = activation_checkpointing
     try:
@@ -114,14 +123,14 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                       task_weight=task_weight, log_every=log_every, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, progress=progress, log=log, objective=objective,
                       dual_step=dual_step, dual_init=dual_init, calibrate=calibrate, resume=resume,
-                      precision=precision(model, autocast))
+                      precision=precision(model, autocast), shard_base=shard_base)
     finally:
         state.soft_checkpoint = False
 
 
 def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, lr_schedule, cache_aware,
            cache_max_reuse, train_base, base_lr, task_loss, task_weight, log_every, checkpoint_dir, checkpoint_every,
-           progress, log, objective, dual_step, dual_init, calibrate, resume, precision) -> TrainReport:
+           progress, log, objective, dual_step, dual_init, calibrate, resume, precision, shard_base) -> TrainReport:
     if objective == "rollout":
         if train_base or task_loss is not None:
             raise ConfigError("router-only rollout training", "train_base or task_loss with objective='rollout'",
@@ -131,7 +140,7 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
                                       lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
                                       log_every=log_every, checkpoint_dir=checkpoint_dir,
                                       checkpoint_every=checkpoint_every, progress=progress, log=log,
-                                      resume=resume, precision=precision)
+                                      resume=resume, precision=precision, shard_base=shard_base)
     state = state_of(model)
     skip_cost = 0.0
     if cache_aware:
@@ -170,10 +179,13 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
         model.train(was_training)
         raise
     json_log = JsonLog(checkpoint_dir, "step", steps, first - 1, rank == 0)
-    student = model
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
     batches = _batches(data, batch_size, rank, world, data_generator, first - 1)
+    student, sharded = model, None
+    if world > 1 and shard_base:
+        batches, probe = first_batch_probe(model, batches)
+        sharded = ShardedBase(model, world, probe)
+    elif world > 1:
+        student = nn.parallel.DistributedDataParallel(model, find_unused_parameters=train_base)
     bar = progress_bar(steps, progress and rank == 0, initial=first - 1)
     start = time.time() - elapsed
     served_cache, state.cache = state.cache, None  # the cache ec.load serves with: steps train without it
@@ -209,6 +221,8 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
                 loss = loss + task_weight * task / world
             optimizer.zero_grad(set_to_none=True)
             (loss * world).backward()
+            if sharded is not None:
+                sharded.average_gradients()
             optimizer.step()
             scheduler.step()
             if step % log_every == 0 or step == steps or step == 1:
@@ -221,14 +235,20 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
                     log(entry)
                 bar.set_postfix(mse=f"{entry.distill_mse:.4g}", flops=f"{entry.executed_fraction:.3f}")
             if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-                if rank == 0 and step < steps:
-                    checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+                if step < steps:
+                    save = functools.partial(checkpoint, model, Path(checkpoint_dir) / f"step-{step:06d}", train_base)
+                    if sharded is not None:
+                        sharded.gathered(save)   # every rank gathers the base, rank 0 saves
+                    elif rank == 0:
+                        save()
                 run_state.save(step, [asdict(e) for e in report.history], {"seconds": time.time() - start})
             bar.update(1)
     finally:
         bar.close()
         state.soft = False
         state.soft_stand_ins = None
+        if sharded is not None:
+            sharded.release()
         restore_flags(model, saved_flags)
         model.train(was_training)
         state.cache = served_cache

@@ -23,6 +23,7 @@ sampler driving ``hooks`` (reset per generation, one cache context per guidance 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -44,6 +45,7 @@ from .budget import executed_flops_fraction
 from .common import (JsonLog, TrainLogEntry, TrainReport, checkpoint, global_sum, init_distributed,
                      progress_bar, restore_flags, resume_run, trainable)
 from .resume import RunState
+from .sharding import ShardedBase
 
 
 class Rollout(Protocol):
@@ -247,7 +249,8 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                            batch_size: int, seed: int, budget_weight: float, dual_step: float, dual_init: float,
                            lr_schedule: str,
                            cache_max_reuse: int, calibrate: bool, log_every: int, checkpoint_dir, checkpoint_every: int,
-                           progress: bool, log, resume: bool = False, precision=None) -> TrainReport:
+                           progress: bool, log, resume: bool = False, precision=None,
+                           shard_base: bool = False) -> TrainReport:
     """The ``objective="rollout"`` loop of :func:`~elastic_compile.train.train_routers` (see the module doc)."""
     check_rollout(rollout)
     state = state_of(model)
@@ -286,6 +289,10 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
     json_log = JsonLog(checkpoint_dir, "rollout", steps, first - 1, rank == 0)
     if first > 1:
         dual.value = float(run_state.extra["dual"])
+    sharded = None
+    if world > 1 and shard_base:   # the calls' FLOP tables measured on the whole model, then the base sharded
+        sharded = ShardedBase(model, world, lambda: generation_fraction(model, rollout, list(rollout.pool[:share]),
+                                                                        cache_config))
     bar = progress_bar(steps, progress and rank == 0, initial=first - 1)
     start = time.time() - elapsed
     try:
@@ -318,14 +325,20 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                     log(entry)
                 bar.set_postfix(psnr=f"{psnr_of_mse(global_mse):.1f}", flops=f"{global_fraction:.3f}")
             if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-                if rank == 0 and step < steps:
-                    checkpoint(model, Path(checkpoint_dir) / f"step-{step:06d}", False)
+                if step < steps:
+                    save = functools.partial(checkpoint, model, Path(checkpoint_dir) / f"step-{step:06d}", False)
+                    if sharded is not None:
+                        sharded.gathered(save)   # every rank gathers the base, rank 0 saves
+                    elif rank == 0:
+                        save()
                 run_state.save(step, [asdict(e) for e in report.history],
                                {"seconds": time.time() - start, "dual": dual.value})
             bar.update(1)
     finally:
         bar.close()
         state.soft = False
+        if sharded is not None:
+            sharded.release()
         restore_flags(model, saved_flags)
         model.train(was_training)
     if calibrate:
