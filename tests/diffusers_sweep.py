@@ -13,6 +13,7 @@ import pkgutil
 import torch
 
 import zoo
+from diffusers_sweep_more import MORE, MORE_PENDING, MORE_PENDING_REASONS
 
 
 def _rand(*shape):
@@ -265,12 +266,14 @@ SWEEP = {
     "CogView3PlusTransformer2DModel": cogview3plus,
     "SanaVideoTransformer3DModel": sana_video,
     "HunyuanImageTransformer2DModel": hunyuan_image,
+    **MORE,
 }
 
 #: tiny configs written but not yet passing (or not yet run) in this sweep: not swept, listed as left out
 PENDING = {
     "MochiTransformer3DModel": mochi,
     "CosmosTransformer3DModel": cosmos,
+    **MORE_PENDING,
 }
 #: why each PENDING class fails with the tiny config written here (a config problem, not a transform one)
 PENDING_REASONS = {
@@ -278,6 +281,7 @@ PENDING_REASONS = {
                                "head axis fails in the model's own forward)",
     "CosmosTransformer3DModel": "the tiny config written here does not build (ZeroDivisionError in the model's "
                                 "positional embedding setup)",
+    **MORE_PENDING_REASONS,
 }
 
 NOT_A_DIT = {
@@ -311,7 +315,9 @@ def left_out() -> dict[str, str]:
 
 
 def first_tensor(out):
-    return zoo.first_output(out)
+    """The main output as one tensor (a per-sample list, as Z-Image returns, is stacked)."""
+    out = zoo.first_output(out)
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
 
 #: buckets of the sweep: the two fractions the coverage table reports (fewer buckets: fewer profiling forwards)
