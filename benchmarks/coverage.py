@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from diffusers_sweep import SWEEP, SWEEP_BUCKETS, left_out, measure  # noqa: E402
+from diffusers_sweep_more import NOTES  # noqa: E402
 
 
 def _cell(text: str) -> str:
@@ -33,7 +34,7 @@ def main(out: Path = ROOT / "docs" / "coverage.md") -> None:
         except Exception as exc:  # the sweep test fails on this too; the table says so instead of stopping
             rows.append(f"| `{name}` | - | - | - | - | - | transform failed: {_cell(f'{type(exc).__name__}: {exc}')[:200]} |")
             continue
-        degraded = "; ".join(_cell(d)[:160] for d in r["degraded"]) or "-"
+        degraded = "; ".join([_cell(d)[:160] for d in r["degraded"]] + [NOTES[name]] * (name in NOTES)) or "-"
         rows.append(f"| `{name}` | {r['blocks']} ({r['skippable']} skippable) | {r['ffn_sites']} | "
                     f"{r['dense_error']:.1e} | {r['skip_all']:.3f} | {r['width_quarter']:.3f} | {degraded} |")
         print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
