@@ -15,6 +15,16 @@ def _steps(batch):
     return torch.randint(0, 1000, (batch,))
 
 
+def _fill_zero_init(model):
+    """Give every all-zero parameter (zero-initialised output and modulation layers) random values, so the
+    untrained model's output is not identically zero and "untrained = dense" compares real numbers."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(std=0.1)
+    return model
+
+
 def transformer_2d(batch):
     from diffusers import Transformer2DModel
     model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
@@ -181,6 +191,75 @@ def glm_image(batch):
                        return_dict=False)
 
 
+def flux3(batch):
+    from diffusers import Flux3Transformer2DModel
+    model = Flux3Transformer2DModel(in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                    timestep_channels=16, axes_dims_rope=(2, 2, 2, 2))
+    return model, dict(hidden_states=_rand(batch, 16, 8), encoder_hidden_states=_rand(batch, 5, 12),
+                       timestep=torch.rand(batch), img_ids=_rand(16, 4), txt_ids=_rand(5, 4), return_dict=False)
+
+
+def krea2(batch):
+    from diffusers import Krea2Transformer2DModel
+    model = Krea2Transformer2DModel(in_channels=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                    num_key_value_heads=1, intermediate_size=32, timestep_embed_dim=16,
+                                    text_hidden_dim=12, num_text_layers=2, text_num_attention_heads=2,
+                                    text_num_key_value_heads=2, text_intermediate_size=24, num_layerwise_text_blocks=1,
+                                    num_refiner_text_blocks=1, axes_dims_rope=(2, 2, 4))
+    ids = torch.cat([torch.zeros(5, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.), torch.arange(4.),
+                                                                   indexing="ij"), -1).reshape(16, 3)])
+    return model, dict(hidden_states=_rand(batch, 16, 8), encoder_hidden_states=_rand(batch, 5, 2, 12),
+                       timestep=torch.rand(batch), position_ids=ids.long(), return_dict=False)
+
+
+def ernie_image(batch):
+    from diffusers import ErnieImageTransformer2DModel
+    model = ErnieImageTransformer2DModel(hidden_size=16, num_attention_heads=2, num_layers=2, ffn_hidden_size=32,
+                                         in_channels=4, out_channels=4, patch_size=1, text_in_dim=12,
+                                         rope_axes_dim=(2, 2, 4))
+    return _fill_zero_init(model), dict(hidden_states=_rand(batch, 4, 4, 4), timestep=torch.rand(batch), text_bth=_rand(batch, 5, 12),
+                       text_lens=torch.full((batch,), 5), return_dict=False)
+
+
+def bria_fibo(batch):
+    from diffusers import BriaFiboTransformer2DModel
+    model = BriaFiboTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                       axes_dims_rope=[2, 2, 4], text_encoder_dim=10)
+    return model, dict(hidden_states=_rand(batch, 16, 8), encoder_hidden_states=_rand(batch, 5, 12),
+                       text_encoder_layers=[_rand(batch, 5, 10) for _ in range(2)], timestep=_steps(batch).float(),
+                       img_ids=_rand(16, 3), txt_ids=_rand(5, 3), return_dict=False)
+
+
+def prx(batch):
+    from diffusers import PRXTransformer2DModel
+    model = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=12, hidden_size=16, mlp_ratio=2.0,
+                                  num_heads=2, depth=2, axes_dim=[4, 4])
+    return model, dict(hidden_states=_rand(batch, 4, 8, 8), timestep=torch.rand(batch),
+                       encoder_hidden_states=_rand(batch, 5, 12), attention_mask=torch.ones(batch, 5, dtype=torch.bool),
+                       return_dict=False)
+
+
+def dreamlite(batch):
+    from diffusers import DreamLiteTransformer2DModel
+    model = DreamLiteTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=8, out_channels=8,
+                                        num_layers=2, norm_num_groups=4, cross_attention_dim=12,
+                                        use_linear_projection=True)
+    return model, dict(hidden_states=_rand(batch, 8, 4, 4), encoder_hidden_states=_rand(batch, 5, 12),
+                       return_dict=False)
+
+
+def motif_video(batch):
+    from diffusers import MotifVideoTransformer3DModel
+    model = MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=1, num_single_layers=1, patch_size=2, text_embed_dim=12,
+                                         rope_axes_dim=(2, 2, 4))
+    return model, dict(hidden_states=_rand(batch, 4, 1, 8, 8), timestep=_steps(batch).float(),
+                       encoder_hidden_states=_rand(batch, 5, 12), encoder_attention_mask=torch.ones(batch, 5),
+                       return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -195,6 +274,13 @@ MORE = {
     "WanAnimateTransformer3DModel": wan_animate,
     "QwenImage21Transformer2DModel": qwen_image21,
     "GlmImageTransformer2DModel": glm_image,
+    "Flux3Transformer2DModel": flux3,
+    "Krea2Transformer2DModel": krea2,
+    "ErnieImageTransformer2DModel": ernie_image,
+    "BriaFiboTransformer2DModel": bria_fibo,
+    "PRXTransformer2DModel": prx,
+    "DreamLiteTransformer2DModel": dreamlite,
+    "MotifVideoTransformer3DModel": motif_video,
 }
 
 #: what the coverage table should say about a tiny config's fractions (not a transform degradation)
