@@ -260,6 +260,69 @@ def motif_video(batch):
                        return_dict=False)
 
 
+def joyimage_edit(batch):
+    from diffusers import JoyImageEditTransformer3DModel
+    model = JoyImageEditTransformer3DModel(patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=16,
+                                           num_attention_heads=2, text_dim=12, num_layers=2, rope_dim_list=[2, 2, 4])
+    return model, dict(hidden_states=_rand(batch, 4, 1, 8, 8), timestep=_steps(batch).float(),
+                       encoder_hidden_states=_rand(batch, 5, 12), return_dict=False)
+
+
+def anyflow(batch):
+    from diffusers import AnyFlowTransformer3DModel
+    model = AnyFlowTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                      out_channels=4, text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2,
+                                      rope_max_seq_len=32)
+    return model, dict(hidden_states=_rand(batch, 2, 4, 8, 8), timestep=torch.rand(batch, 2), r_timestep=torch.rand(batch, 2),
+                       encoder_hidden_states=_rand(batch, 5, 12), return_dict=False)
+
+
+def longcat_audio(batch):
+    from diffusers import LongCatAudioDiTTransformer
+    model = LongCatAudioDiTTransformer(dit_dim=16, dit_depth=2, dit_heads=2, dit_text_dim=12, latent_dim=4)
+    return _fill_zero_init(model), dict(hidden_states=_rand(batch, 8, 4), encoder_hidden_states=_rand(batch, 5, 12),
+                       encoder_attention_mask=torch.ones(batch, 5, dtype=torch.bool), timestep=torch.rand(batch),
+                       latent_cond=_rand(batch, 8, 4), return_dict=False)
+
+
+def stable_audio3(batch):
+    from diffusers import StableAudio3DiTModel
+    model = StableAudio3DiTModel(io_channels=4, embed_dim=16, depth=2, num_heads=2, cond_token_dim=12,
+                                 global_cond_dim=10, local_add_cond_dim=3, timestep_features_dim=8,
+                                 num_memory_tokens=2)
+    return model, dict(hidden_states=_rand(batch, 4, 8), timestep=torch.rand(batch),
+                       encoder_hidden_states=_rand(batch, 5, 12), global_hidden_states=_rand(batch, 10),
+                       return_dict=False)
+
+
+def ace_step(batch):
+    from diffusers import AceStepTransformer1DModel
+    model = AceStepTransformer1DModel(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=8, in_channels=12, audio_acoustic_hidden_dim=4,
+                                      patch_size=2, sliding_window=4)
+    return model, dict(hidden_states=_rand(batch, 8, 4), timestep=torch.rand(batch), timestep_r=torch.rand(batch),
+                       encoder_hidden_states=_rand(batch, 5, 16), context_latents=_rand(batch, 8, 8),
+                       return_dict=False)
+
+
+def helios(batch):
+    from diffusers import HeliosTransformer3DModel
+    model = HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                     in_channels=4, out_channels=4, text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2,
+                                     rope_dim=(4, 2, 2))
+    return model, dict(hidden_states=_rand(batch, 4, 2, 8, 8), timestep=_steps(batch),
+                       encoder_hidden_states=_rand(batch, 5, 12), return_dict=False)
+
+
+def kandinsky6(batch):
+    from diffusers import Kandinsky6Transformer3DModel
+    model = Kandinsky6Transformer3DModel(in_visual_dim=4, out_visual_dim=4, in_text_dim=12, in_text_dim2=10,
+                                         time_dim=8, model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=2,
+                                         axes_dims=(4, 2, 2), visual_cond=False)
+    return model, dict(hidden_states=_rand(batch, 1, 8, 8, 4), encoder_hidden_states=_rand(batch, 5, 12),
+                       pooled_projections=_rand(batch, 10), timestep=torch.rand(batch), return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -281,6 +344,13 @@ MORE = {
     "PRXTransformer2DModel": prx,
     "DreamLiteTransformer2DModel": dreamlite,
     "MotifVideoTransformer3DModel": motif_video,
+    "JoyImageEditTransformer3DModel": joyimage_edit,
+    "AnyFlowTransformer3DModel": anyflow,
+    "LongCatAudioDiTTransformer": longcat_audio,
+    "StableAudio3DiTModel": stable_audio3,
+    "AceStepTransformer1DModel": ace_step,
+    "HeliosTransformer3DModel": helios,
+    "Kandinsky6Transformer3DModel": kandinsky6,
 }
 
 #: what the coverage table should say about a tiny config's fractions (not a transform degradation)
