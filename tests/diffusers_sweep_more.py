@@ -353,6 +353,9 @@ MORE = {
     "Kandinsky6Transformer3DModel": kandinsky6,
 }
 
+#: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
+MORE_IN_CI = ()
+
 #: what the coverage table should say about a tiny config's fractions (not a transform degradation)
 NOTES = {
     "HunyuanVideo15Transformer3DModel": "tiny-config artefact: the ByT5 text projection has a hard-coded 2048-wide "
@@ -360,6 +363,9 @@ NOTES = {
                                         "here (at real sizes the blocks dominate)",
     "WanAnimateTransformer3DModel": "tiny-config artefact: the face motion encoder (convolutions outside the blocks) "
                                     "is a large share of this tiny model's FLOPs",
+    "CosmosTransformer3DModel": "tiny config with extra_pos_embed_type=None (Cosmos-Predict2 style); with the default "
+                                "'learnable' every block adds the positional embedding to its input stream, so "
+                                "skipping it is not a residual skip: blocks are found, width-only, none skippable",
 }
 
 #: tiny configs whose class's forward runs but that the sweep cannot check yet (see the reasons)
