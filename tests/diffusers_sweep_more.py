@@ -44,7 +44,8 @@ def hidream_image(batch):
                                            num_activated_experts=1, axes_dims_rope=(4, 2, 2),
                                            max_resolution=(8, 8), llama_layers=[0, 1])
     return model, dict(hidden_states=_rand(batch, 4, 8, 8), timesteps=_steps(batch),
-                       encoder_hidden_states_t5=_rand(batch, 5, 12), encoder_hidden_states_llama3=_rand(2, batch, 3, 10),
+                       encoder_hidden_states_t5=_rand(batch, 5, 12),
+                       encoder_hidden_states_llama3=_rand(2, batch, 3, 10),
                        pooled_embeds=_rand(batch, 6), return_dict=False)
 
 
@@ -109,7 +110,8 @@ def hunyuan_video_framepack(batch):
                                                     has_image_proj=True, image_proj_dim=6, has_clean_x_embedder=True)
     return model, dict(hidden_states=_rand(batch, 4, 1, 8, 8), timestep=_steps(batch).float(),
                        encoder_hidden_states=_rand(batch, 5, 12), encoder_attention_mask=torch.ones(batch, 5),
-                       pooled_projections=_rand(batch, 10), image_embeds=_rand(batch, 2, 6), indices_latents=torch.arange(1),
+                       pooled_projections=_rand(batch, 10), image_embeds=_rand(batch, 2, 6),
+                       indices_latents=torch.arange(1),
                        guidance=_steps(batch).float(), latents_clean=_rand(batch, 4, 1, 8, 8),
                        indices_latents_clean=torch.arange(1), latents_history_2x=_rand(batch, 4, 2, 8, 8),
                        indices_latents_history_2x=torch.arange(2), latents_history_4x=_rand(batch, 4, 4, 8, 8),
@@ -186,7 +188,8 @@ def glm_image(batch):
                                        prior_vq_quantizer_codebook_size=16)
     size = torch.tensor([[64, 64]]).repeat(batch, 1)
     return model, dict(hidden_states=_rand(batch, 4, 8, 8), encoder_hidden_states=_rand(batch, 5, 12),
-                       prior_token_id=torch.randint(0, 16, (batch, 16)), prior_token_drop=torch.zeros(batch, dtype=torch.bool),
+                       prior_token_id=torch.randint(0, 16, (batch, 16)),
+                       prior_token_drop=torch.zeros(batch, dtype=torch.bool),
                        timestep=_steps(batch), target_size=size, crop_coords=torch.zeros(batch, 2, dtype=torch.long),
                        return_dict=False)
 
@@ -218,8 +221,9 @@ def ernie_image(batch):
     model = ErnieImageTransformer2DModel(hidden_size=16, num_attention_heads=2, num_layers=2, ffn_hidden_size=32,
                                          in_channels=4, out_channels=4, patch_size=1, text_in_dim=12,
                                          rope_axes_dim=(2, 2, 4))
-    return _fill_zero_init(model), dict(hidden_states=_rand(batch, 4, 4, 4), timestep=torch.rand(batch), text_bth=_rand(batch, 5, 12),
-                       text_lens=torch.full((batch,), 5), return_dict=False)
+    return _fill_zero_init(model), dict(hidden_states=_rand(batch, 4, 4, 4), timestep=torch.rand(batch),
+                                        text_bth=_rand(batch, 5, 12), text_lens=torch.full((batch,), 5),
+                                        return_dict=False)
 
 
 def bria_fibo(batch):
@@ -273,7 +277,9 @@ def anyflow(batch):
     model = AnyFlowTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                       out_channels=4, text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2,
                                       rope_max_seq_len=32)
-    return model, dict(hidden_states=_rand(batch, 2, 4, 8, 8), timestep=torch.rand(batch, 2), r_timestep=torch.rand(batch, 2),
+    # frames-first input and per-frame timesteps, as the class reads them
+    return model, dict(hidden_states=_rand(batch, 2, 4, 8, 8), timestep=torch.rand(batch, 2),
+                       r_timestep=torch.rand(batch, 2),
                        encoder_hidden_states=_rand(batch, 5, 12), return_dict=False)
 
 
@@ -359,7 +365,8 @@ MORE_IN_CI = ()
 #: what the coverage table should say about a tiny config's fractions (not a transform degradation)
 NOTES = {
     "HunyuanVideo15Transformer3DModel": "tiny-config artefact: the ByT5 text projection has a hard-coded 2048-wide "
-                                        "hidden layer, ~98% of this tiny model's FLOPs, so skipping blocks saves little "
+                                        "hidden layer, ~98% of this tiny model's FLOPs, so skipping blocks saves "
+                                        "little "
                                         "here (at real sizes the blocks dominate)",
     "WanAnimateTransformer3DModel": "tiny-config artefact: the face motion encoder (convolutions outside the blocks) "
                                     "is a large share of this tiny model's FLOPs",
