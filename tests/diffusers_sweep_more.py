@@ -360,7 +360,9 @@ MORE = {
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
-MORE_IN_CI = ()
+MORE_IN_CI = ("Transformer2DModel", "OmniGenTransformer2DModel", "ZImageTransformer2DModel",
+              "EasyAnimateTransformer3DModel", "Kandinsky5Transformer3DModel", "QwenImage21Transformer2DModel",
+              "ErnieImageTransformer2DModel", "PRXTransformer2DModel", "DreamLiteTransformer2DModel")
 
 #: what the coverage table should say about a tiny config's fractions (not a transform degradation)
 NOTES = {
