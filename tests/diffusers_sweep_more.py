@@ -329,6 +329,21 @@ def kandinsky6(batch):
                        pooled_projections=_rand(batch, 10), timestep=torch.rand(batch), return_dict=False)
 
 
+def ideogram4(batch):
+    from diffusers import Ideogram4Transformer2DModel
+    model = Ideogram4Transformer2DModel(in_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                        intermediate_size=32, adaln_dim=8, llm_features_dim=12, mrope_section=(2, 1, 1))
+    text, image = 5, 16  # one packed sample per row: text tokens, then the image's 4x4 tokens
+    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.), torch.arange(4.), indexing="ij"), -1)
+    positions = torch.cat([torch.arange(text).float()[:, None].repeat(1, 3), grid.reshape(image, 3) + text])
+    indicator = torch.tensor([3] * text + [2] * image)  # LLM_TOKEN_INDICATOR, OUTPUT_IMAGE_INDICATOR
+    return model, dict(hidden_states=_rand(batch, text + image, 8), timestep=torch.rand(batch),
+                       encoder_hidden_states=_rand(batch, text + image, 12),
+                       position_ids=positions.long().repeat(batch, 1, 1),
+                       segment_ids=torch.zeros(batch, text + image, dtype=torch.long),
+                       indicator=indicator.repeat(batch, 1), return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -357,6 +372,7 @@ MORE = {
     "AceStepTransformer1DModel": ace_step,
     "HeliosTransformer3DModel": helios,
     "Kandinsky6Transformer3DModel": kandinsky6,
+    "Ideogram4Transformer2DModel": ideogram4,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
