@@ -344,6 +344,18 @@ def ideogram4(batch):
                        indicator=indicator.repeat(batch, 1), return_dict=False)
 
 
+def nucleus_moe_image(batch):
+    from diffusers import NucleusMoEImageTransformer2DModel
+    # two blocks: the default strategy leaves the first three and the last block dense (no MoE at this depth); width
+    # 48, as the dense FFN's width is rounded down to a multiple of 128 (a narrower model gets a zero-width FFN)
+    model = NucleusMoEImageTransformer2DModel(patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=3, joint_attention_dim=12, axes_dims_rope=(4, 6, 6),
+                                              num_experts=4, moe_intermediate_dim=16)
+    return model, dict(hidden_states=_rand(batch, 16, 16), img_shapes=[(1, 4, 4)] * batch,
+                       encoder_hidden_states=_rand(batch, 5, 12), encoder_hidden_states_mask=torch.ones(batch, 5),
+                       timestep=torch.rand(batch), return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -373,6 +385,7 @@ MORE = {
     "HeliosTransformer3DModel": helios,
     "Kandinsky6Transformer3DModel": kandinsky6,
     "Ideogram4Transformer2DModel": ideogram4,
+    "NucleusMoEImageTransformer2DModel": nucleus_moe_image,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
