@@ -13,6 +13,7 @@ import pkgutil
 import torch
 
 import zoo
+from diffusers_sweep_more import MORE, MORE_PENDING, MORE_PENDING_REASONS
 
 
 def _rand(*shape):
@@ -87,9 +88,9 @@ def cogview4(batch):
 def mochi(batch):
     from diffusers import MochiTransformer3DModel
     model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                                    pooled_projection_dim=16, in_channels=4, qk_norm="rms_norm", text_embed_dim=12,
+                                    pooled_projection_dim=16, in_channels=4, qk_norm="rms_norm", text_embed_dim=16,
                                     time_embed_dim=8, activation_fn="swiglu", max_sequence_length=5)
-    return model, dict(hidden_states=_rand(batch, 4, 2, 8, 8), encoder_hidden_states=_rand(batch, 5, 12),
+    return model, dict(hidden_states=_rand(batch, 4, 2, 8, 8), encoder_hidden_states=_rand(batch, 5, 16),
                        timestep=_steps(batch), encoder_attention_mask=torch.ones(batch, 5, dtype=torch.bool),
                        return_dict=False)
 
@@ -206,12 +207,12 @@ def sana_video(batch):
 
 def cosmos(batch):
     from diffusers import CosmosTransformer3DModel
-    model = CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+    model = CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
                                      num_layers=2, text_embed_dim=12, adaln_lora_dim=4, max_size=(4, 16, 16),
-                                     rope_scale=(1.0, 1.0, 1.0))
+                                     concat_padding_mask=False, rope_scale=(1.0, 1.0, 1.0),
+                                     extra_pos_embed_type=None)  # Predict2-style; see NOTES
     return model, dict(hidden_states=_rand(batch, 4, 2, 8, 8), timestep=_steps(batch).float(),
-                       encoder_hidden_states=_rand(batch, 5, 12), padding_mask=torch.zeros(batch, 1, 8, 8),
-                       return_dict=False)
+                       encoder_hidden_states=_rand(batch, 5, 12), return_dict=False)
 
 
 def hunyuan_image(batch):
@@ -265,19 +266,18 @@ SWEEP = {
     "CogView3PlusTransformer2DModel": cogview3plus,
     "SanaVideoTransformer3DModel": sana_video,
     "HunyuanImageTransformer2DModel": hunyuan_image,
+    "MochiTransformer3DModel": mochi,
+    "CosmosTransformer3DModel": cosmos,
+    **MORE,
 }
 
 #: tiny configs written but not yet passing (or not yet run) in this sweep: not swept, listed as left out
 PENDING = {
-    "MochiTransformer3DModel": mochi,
-    "CosmosTransformer3DModel": cosmos,
+    **MORE_PENDING,
 }
-#: why each PENDING class fails with the tiny config written here (a config problem, not a transform one)
+#: why each PENDING class is not swept with the tiny config written here
 PENDING_REASONS = {
-    "MochiTransformer3DModel": "the tiny config written here does not build a consistent model (unflatten of a "
-                               "head axis fails in the model's own forward)",
-    "CosmosTransformer3DModel": "the tiny config written here does not build (ZeroDivisionError in the model's "
-                                "positional embedding setup)",
+    **MORE_PENDING_REASONS,
 }
 
 NOT_A_DIT = {
@@ -311,7 +311,9 @@ def left_out() -> dict[str, str]:
 
 
 def first_tensor(out):
-    return zoo.first_output(out)
+    """The main output as one tensor (a per-sample list, as Z-Image returns, is stacked)."""
+    out = zoo.first_output(out)
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
 
 #: buckets of the sweep: the two fractions the coverage table reports (fewer buckets: fewer profiling forwards)
