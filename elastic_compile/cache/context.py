@@ -26,7 +26,9 @@ def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = No
     """Turn the feature cache on for an elastic model (replacing any previous cache state).
 
     Without ``config``: the cache the routers were trained for (``train_routers(..., cache_aware=True)`` records
-    it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``."""
+    it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``. On a diffusers model the pipeline then drives
+    the cache through the model's own ``cache_context`` and ``_reset_stateful_cache`` (``diffusers_protocol.py``),
+    and calls outside any context get one from their timestep (``plain_calls.py``)."""
     state = state_of(model)
     base = model if isinstance(model, nn.Module) else getattr(model, "model", model)  # a Runtime's model
     state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})),
