@@ -11,7 +11,7 @@ Public API::
     ec.export(model, kwargs, "exported/"); runtime = ec.runtime.load("exported/")
 """
 from . import runtime
-from .cache import FeatureCacheConfig, apply_feature_cache, cache_context, reset_cache
+from .cache import FeatureCacheConfig, apply_feature_cache, cache_context, remove_feature_cache, reset_cache
 from .capture.pipeline_inputs import capture_inputs
 from .config import ElasticConfig
 from .deploy import export
@@ -26,4 +26,4 @@ from .version import __version__
 
 __all__ = ["Decision", "ElasticCompileError", "ElasticConfig", "ElasticStats", "FeatureCacheConfig", "__version__",
            "apply_feature_cache", "cache_context", "capture_inputs", "export", "force", "from_pretrained", "load",
-           "report", "reset_cache", "runtime", "save", "stats", "train_routers", "transform"]
+           "remove_feature_cache", "report", "reset_cache", "runtime", "save", "stats", "train_routers", "transform"]

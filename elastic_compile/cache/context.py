@@ -3,8 +3,9 @@
 :class:`ElasticCacheHooks` lets the sampling loop do the last two.
 
 Contexts and stored updates are the calling thread's (``store.py``): threads sharing one model each run their own
-generations. A new generation also resets its context by itself (``generation.py``), and so does a diffusers
-pipeline's ``_reset_stateful_cache()`` (called at the end of every pipeline call) on a model that has it."""
+generations. A new generation also resets its context by itself (``generation.py``). On a diffusers model the cache also
+speaks diffusers' own protocol (``model.cache_context(name)``, ``model._reset_stateful_cache()``, calls outside any
+context): ``diffusers_protocol.py``."""
 from __future__ import annotations
 
 import contextlib
@@ -17,37 +18,29 @@ from .generation import timestep_argument
 from .store import FeatureCacheConfig, FeatureCacheState
 
 
+def is_diffusers_model(model) -> bool:
+    return isinstance(model, nn.Module) and any(cls.__module__.startswith("diffusers.") for cls in type(model).__mro__)
+
+
 def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = None) -> FeatureCacheState:
     """Turn the feature cache on for an elastic model (replacing any previous cache state).
 
     Without ``config``: the cache the routers were trained for (``train_routers(..., cache_aware=True)`` records
-    it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``."""
+    it and ``save``/``load`` keep it), else ``FeatureCacheConfig()``. On a diffusers model the pipeline then drives
+    the cache through the model's own ``cache_context`` and ``_reset_stateful_cache`` (``diffusers_protocol.py``),
+    and calls outside any context get one from their timestep (``plain_calls.py``)."""
     state = state_of(model)
     base = model if isinstance(model, nn.Module) else getattr(model, "model", model)  # a Runtime's model
     state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})),
                                     state.config.skip_actions, timestep_argument(base))
-    _chain_stateful_reset(base)
+    if is_diffusers_model(model):  # speak diffusers' cache protocol (a Runtime speaks it itself): diffusers_protocol.py
+        from .diffusers_protocol import install_protocol_hook
+        from .plain_calls import install_plain_calls
+
+        if hasattr(base, "cache_context"):  # diffusers' CacheMixin: its pipelines call cache_context and the reset
+            install_protocol_hook(base)
+        install_plain_calls(base)
     return state.cache
-
-
-class StatefulCacheReset:
-    """Installed as a diffusers model's ``_reset_stateful_cache`` (the pipelines' reset of stateful hooks, called
-    at the end of every pipeline call): runs the model's own, then :func:`reset_cache`."""
-
-    def __init__(self, model: nn.Module, original):
-        self.model = model
-        self.original = original
-
-    def __call__(self, *args, **kwargs):
-        result = self.original(*args, **kwargs)
-        reset_cache(self.model)
-        return result
-
-
-def _chain_stateful_reset(model) -> None:
-    original = getattr(model, "_reset_stateful_cache", None)
-    if callable(original) and not isinstance(original, StatefulCacheReset):
-        model._reset_stateful_cache = StatefulCacheReset(model, original)
 
 
 def serving_cache_hooks(model: nn.Module, mode: str = "auto") -> "ElasticCacheHooks | None":
@@ -60,7 +53,14 @@ def serving_cache_hooks(model: nn.Module, mode: str = "auto") -> "ElasticCacheHo
 
 
 def remove_feature_cache(model: nn.Module) -> None:
+    """Turn the feature cache off (and, on a diffusers model, remove its hook from the model's registry); calls
+    then need no cache context. ``apply_feature_cache`` turns it on again."""
     state_of(model).cache = None
+    base = model if isinstance(model, nn.Module) else getattr(model, "model", model)
+    if is_diffusers_model(base):
+        from .diffusers_protocol import remove_protocol_hook
+
+        remove_protocol_hook(base)
 
 
 @contextlib.contextmanager

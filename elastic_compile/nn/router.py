@@ -19,6 +19,11 @@ FULL_WIDTH_LOGIT_INIT = 4.0
 #: shared by all routers of the process for the tensor they were computed from (see :mod:`.memo`: identity,
 #: version; tagged by the LayerNorm epsilon, the router's dtype and, for a scalar, its frequency count).
 SHARED_VECTORS = TensorMemo()
+#: Weight dtypes the router computes in directly (others, e.g. float8 under diffusers' layerwise casting, are
+#: storage only: the router then calls its modules, whose casting hooks bring the weights to the compute dtype).
+FOLDABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: The name diffusers' ``enable_layerwise_casting`` gives its hook on each cast module (read for the compute dtype).
+LAYERWISE_CASTING_HOOK = "layerwise_casting"
 
 
 class Router(nn.Module):
@@ -34,7 +39,8 @@ class Router(nn.Module):
     each one is several times slower than in a warm loop): the LayerNorms' affine parameters folded into ``fc1``
     (:meth:`folded`, refreshed whenever a parameter changes) and vector and scalar features normalised once per
     tensor for all routers (:data:`SHARED_VECTORS`). Equal to the training path up to float32 rounding. Not on
-    accelerators: a CUDA graph captured through a memo hit would replay a stale value.
+    accelerators: a CUDA graph captured through a memo hit would replay a stale value. Nor under diffusers'
+    layerwise casting (weights stored as float8, cast at each module call): the router then calls its modules.
     """
 
     def __init__(self, features: list[RouterFeature], hidden: int, num_widths: int, num_actions: int = 0):
@@ -68,8 +74,8 @@ class Router(nn.Module):
     def featurize(self, arguments: dict) -> torch.Tensor:
         # Few dispatcher calls on purpose: a router runs between two blocks, where every tiny op is several times
         # slower than in a warm loop (instruction and data caches just evicted by the block's GEMMs).
-        parts = [F.layer_norm(self._raw_feature(feature, arguments[feature.name]), norm.normalized_shape,
-                              norm.weight, norm.bias, norm.eps)
+        dtype = self.compute_dtype()
+        parts = [_layer_norm(norm, self._raw_feature(feature, arguments[feature.name], dtype))
                  for feature, norm in zip(self.features, self.norms)]
         if len(parts) == 1:
             return parts[0]
@@ -79,7 +85,7 @@ class Router(nn.Module):
     def logits(self, arguments: dict) -> torch.Tensor:
         """``(B, 1 + num_widths + num_actions)``: the run logit, the width-bucket logits, then the skip-action
         logits (one tensor, one transfer)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.fc1.weight.dtype not in FOLDABLE_DTYPES:  # storage-only: layerwise casting
             return self.plain_logits(arguments)
         folded = self.folded()
         if not folded["cpu"]:
@@ -122,7 +128,8 @@ class Router(nn.Module):
         beta_i``, ``fc2`` transposed. Rebuilt when a parameter's version counter moved (in-place updates,
         ``load_state_dict``) and after ``to()`` / ``double()`` / ``cuda()`` (``_apply``)."""
         folded = self.__dict__.get("_folded")
-        if folded is not None and folded["versions"] == [p._version for p in folded["parameters"]]:
+        if folded is not None and folded["versions"] == [p._version for p in folded["parameters"]] \
+                and folded["dtype"] == self.fc1.weight.dtype:
             return folded
         with torch.no_grad():
             weight, bias, blocks, start = self.fc1.weight, self.fc1.bias.clone(), [], 0
@@ -137,6 +144,13 @@ class Router(nn.Module):
                                 dtype=weight.dtype,
                                 parameters=parameters, versions=[p._version for p in parameters])
         return self._folded
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the router computes in: its weights', or under diffusers' layerwise casting (weights stored in
+        a narrower dtype such as float8 and cast at each module call) the casting's compute dtype."""
+        registry = getattr(self.fc1, "_diffusers_hook", None)
+        casting = registry.get_hook(LAYERWISE_CASTING_HOOK) if registry is not None else None
+        return getattr(casting, "compute_dtype", None) or self.fc1.weight.dtype
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_folded", None)  # new storage or dtype: fold again
@@ -163,6 +177,12 @@ def split_logits(logits: torch.Tensor, num_widths: int, num_actions: int) -> tup
     router has an action head (A > 0): what :meth:`Router.forward` returns (and an exported router graph)."""
     run, widths = logits[:, 0], logits[:, 1:1 + num_widths]
     return (run, widths, logits[:, 1 + num_widths:]) if num_actions else (run, widths)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    if norm.weight is not None and norm.weight.dtype not in FOLDABLE_DTYPES:  # stored narrower: the module casts
+        return norm(x)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _broadcast_rows(rows: torch.Tensor, batch: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ backend is the elastic PyTorch model itself (baseline / fallback).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,6 +26,7 @@ from ..artifact.base import diffusers_class, load_base
 from ..artifact.manifest import MANIFEST, read_manifest
 from ..backends.onnxruntime import OnnxRuntimeBackend
 from ..backends.tensorrt import TensorRTBackend, tensorrt_available
+from ..cache import cache_context, reset_cache
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError
 from ..sampling import SamplingConfig, sample
 from ..serialization import load as load_elastic
@@ -99,6 +101,23 @@ class Runtime:
     def __call__(self, *args, **kwargs):
         with torch.no_grad(), using_torch_threads(self.torch_threads):
             return self.model(*args, **kwargs)
+
+    # diffusers' cache protocol (what pipelines call on their transformer) ------------------------------------
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """The elastic feature cache's context ``name`` (and the model's own ``cache_context``, for diffusers'
+        hooks on it), so that a runtime can be the transformer of a pipeline that names its CFG branches."""
+        with contextlib.ExitStack() as stack:
+            if hasattr(self.model, "cache_context"):
+                stack.enter_context(self.model.cache_context(name, **kwargs))
+            stack.enter_context(cache_context(self.model, name))
+            yield
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Called by every diffusers pipeline at the end of a call: the model's own reset, and ``reset_cache``."""
+        if hasattr(self.model, "_reset_stateful_cache"):
+            self.model._reset_stateful_cache(recurse=recurse)
+        reset_cache(self.model)
 
     # sampling --------------------------------------------------------------------------------------------
     @property

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from ...analysis.flop_counter import flop_counter
+from ...cache.diffusers_protocol import profiling_hooks
 from ...errors import FlopProfileError
 from ...state import ElasticState, ForcedPlan, TensorMeta, describe_inputs, strong_inputs
 
@@ -93,7 +94,8 @@ def _profile(model: nn.Module, state: ElasticState, args, kwargs) -> FlopTable:
         for width in buckets:
             state.forced = ForcedPlan(skip=False, width=width)
             state.profile_sink = []
-            with flop_counter() as counter, torch.no_grad():
+            # diffusers hooks (first-block cache, layerwise casting) as they can run on shape-only tensors
+            with profiling_hooks(model), flop_counter() as counter, torch.no_grad():
                 model(*args, **kwargs)
             per_bucket_calls.append(state.profile_sink)
             dense_total = counter.get_total_flops()
