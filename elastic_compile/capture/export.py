@@ -1,6 +1,7 @@
 """Export one block with torch.export and evaluate its graph against the live module's weights.
 
-Capture falls back before it gives up on a block: plain ``torch.export`` (non-strict) first; for forwards that
+Capture falls back before it gives up on a block: plain ``torch.export`` (non-strict) first, then the same without
+autograd (ops with no backward on the device, such as flex attention on CPU, trace only so); for forwards that
 read tensor values (``.item()``, ``.tolist()`` of mask lengths: data-dependent sizes that export cannot guard on)
 ``torch.export.draft_export``, which answers those questions from the real example values, so the graph is
 specialised to the example's sizes (the analyses only evaluate it on that example); last, torch.export with the
@@ -137,6 +138,12 @@ def export_block(block: nn.Module, args: tuple, kwargs: dict, bound_names: dict[
             program = torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
         except Exception as exc:
             errors.append(f"torch.export: {_first_line(exc)}")
+            try:  # ops without a backward on this device (flex attention on CPU) trace only without autograd
+                with torch.no_grad():
+                    program = torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
+            except Exception as exc2:
+                errors.append(f"torch.export without grad: {_first_line(exc2)}")
+        if program is None:
             try:
                 program, method = torch.export.draft_export(root, tuple(flat_args), dict(flat_kwargs)), "draft_export"
             except Exception as exc2:
@@ -178,7 +185,8 @@ def _exports(module: nn.Module, args: tuple, kwargs: dict) -> bool:
     root = _BoundModules(module, args, kwargs) if module_arguments else module
     flat_args, flat_kwargs = _without_modules(args, kwargs)
     try:
-        torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
+        with torch.no_grad():
+            torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
         return True
     except Exception:
         return False
