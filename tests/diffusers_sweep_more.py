@@ -375,6 +375,20 @@ def kandinsky6_sr(batch):
     return model, dict(hidden_states=_rand(batch, 1, 8, 8, 9), timestep=_steps(batch).float(), return_dict=False)
 
 
+def bria_fibo2(batch):
+    from diffusers import BriaFibo2Transformer2DModel
+    # encoder_hidden_states: one text bundle for the Perceiver (gist tokens), then one per injection layer
+    model = BriaFibo2Transformer2DModel(in_channels=4, patch_size=2, dim=32, n_layers=3, n_refiner_layers=1, n_heads=2,
+                                        cap_feat_dim=12, injection_layer_ids=(1,), perceiver_num_layers=1,
+                                        min_num_gist_tokens=2, max_num_gist_tokens=4, gist_step=2, gist_min_text_len=2,
+                                        gist_max_text_len=8, axes_dims=(4, 6, 6), axes_lens=(16, 16, 16))
+    # inference weights: torch's FlopCounterMode (its module tracker) fails on the Perceiver's input, a view of the
+    # parameter latent_queries made under no_grad, while that parameter requires grad (dense model alike)
+    model.requires_grad_(False)
+    return model, dict(hidden_states=_rand(batch, 4, 8, 8), timestep=torch.rand(batch),
+                       encoder_hidden_states=_rand(batch, 2, 5, 12), return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -407,6 +421,7 @@ MORE = {
     "NucleusMoEImageTransformer2DModel": nucleus_moe_image,
     "HiDreamImageTransformer2DModel": hidream_image,
     "JoyImageEditPlusTransformer3DModel": joyimage_edit_plus,
+    "BriaFibo2Transformer2DModel": bria_fibo2,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
