@@ -389,6 +389,15 @@ def bria_fibo2(batch):
                        encoder_hidden_states=_rand(batch, 2, 5, 12), return_dict=False)
 
 
+def minimax_music3(batch):
+    from diffusers import MiniMaxMusic3Transformer1DModel
+    model = MiniMaxMusic3Transformer1DModel(in_channels=4, condition_dim=12, num_layers=2, num_attention_heads=2,
+                                            attention_head_dim=8, ff_inner_dim=32, rotary_dim=4,
+                                            fourier_embedding_dim=16)
+    return model, dict(hidden_states=_rand(batch, 4, 10), timestep=torch.rand(batch),
+                       encoder_hidden_states=_rand(batch, 10, 12), return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -422,6 +431,7 @@ MORE = {
     "HiDreamImageTransformer2DModel": hidream_image,
     "JoyImageEditPlusTransformer3DModel": joyimage_edit_plus,
     "BriaFibo2Transformer2DModel": bria_fibo2,
+    "MiniMaxMusic3Transformer1DModel": minimax_music3,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
