@@ -398,6 +398,20 @@ def minimax_music3(batch):
                        encoder_hidden_states=_rand(batch, 10, 12), return_dict=False)
 
 
+def sana_wm_refiner(batch):
+    from diffusers import SanaWMLTX2RefinerTransformer3DModel
+    # LTX-2's video stream run as one autoregressive window (no KV cache: plain full self-attention)
+    model = SanaWMLTX2RefinerTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                                attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4,
+                                                audio_out_channels=4, audio_num_attention_heads=2,
+                                                audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2,
+                                                caption_channels=12)
+    rope = model.build_rotary_emb_for_absolute_positions(batch, [0], 4, 4, torch.device("cpu"), 24.0)
+    return model, dict(hidden_states=_rand(batch, 16, 8), encoder_hidden_states=_rand(batch, 5, 12),
+                       timestep=torch.rand(batch, 16), video_rotary_emb=rope,
+                       encoder_attention_mask=torch.ones(batch, 5), return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -432,6 +446,7 @@ MORE = {
     "JoyImageEditPlusTransformer3DModel": joyimage_edit_plus,
     "BriaFibo2Transformer2DModel": bria_fibo2,
     "MiniMaxMusic3Transformer1DModel": minimax_music3,
+    "SanaWMLTX2RefinerTransformer3DModel": sana_wm_refiner,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
