@@ -412,6 +412,18 @@ def sana_wm_refiner(batch):
                        encoder_attention_mask=torch.ones(batch, 5), return_dict=False)
 
 
+def sana_wm(batch):
+    from diffusers import SanaWMTransformer3DModel
+    # one softmax-attention block and one linear-attention block (softmax_every_n=2); no camera conditions
+    model = SanaWMTransformer3DModel(in_channels=4, num_layers=2, hidden_size=16, num_attention_heads=2,
+                                     softmax_every_n=2, linear_head_dim=8, use_chunk_plucker_post_attn=False,
+                                     chunk_plucker_post_attn_blocks=2, chunk_plucker_channels=8, image_size=64,
+                                     caption_channels=12, mixed_precision="fp32")
+    return model, dict(hidden_states=_rand(batch, 4, 2, 8, 8), timestep=torch.randint(0, 1000, (batch, 1, 2)).float(),
+                       encoder_hidden_states=_rand(batch, 1, 5, 12), encoder_attention_mask=torch.ones(batch, 5),
+                       return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -447,6 +459,7 @@ MORE = {
     "BriaFibo2Transformer2DModel": bria_fibo2,
     "MiniMaxMusic3Transformer1DModel": minimax_music3,
     "SanaWMLTX2RefinerTransformer3DModel": sana_wm_refiner,
+    "SanaWMTransformer3DModel": sana_wm,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
