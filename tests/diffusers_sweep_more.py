@@ -424,6 +424,24 @@ def sana_wm(batch):
                        return_dict=False)
 
 
+def minimax_h3(batch):
+    from diffusers import MiniMaxH3Transformer3DModel
+    model = MiniMaxH3Transformer3DModel(num_attention_heads=2, attention_head_dim=12, hidden_size=24, num_layers=2,
+                                        num_refiner_layers=1, ffn_dim=32, in_channels=4, audio_in_channels=4,
+                                        text_dim=12, freq_dim=16, time_embed_hidden_dim=16, time_embed_dim=8,
+                                        rope_freq_dim=2)
+    # one packed sequence: 3 text rows (clean, timestep 0), 8 video rows (a 2x4 patch grid), 2 audio rows
+    text, video, audio = torch.arange(0, 3), torch.arange(3, 11), torch.arange(11, 13)
+    tags = torch.cat([torch.full((3,), 1), torch.full((8,), 0), torch.full((2,), 2)])
+    positions = torch.zeros(13, 3, dtype=torch.long)
+    positions[:, 0] = torch.arange(13)
+    positions[3:11, 1], positions[3:11, 2] = torch.arange(8) // 4, torch.arange(8) % 4
+    return model, dict(hidden_states=_rand(batch, 8, 16), audio_hidden_states=_rand(batch, 2, 4),
+                       encoder_hidden_states=_rand(batch, 3, 12), timestep=torch.tensor([0.3, 0.0]),
+                       timestep_indices=(tags == 1).long(), token_tags=tags, position_ids=positions,
+                       video_indices=video, audio_indices=audio, text_indices=text, return_dict=False)
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -460,6 +478,7 @@ MORE = {
     "MiniMaxMusic3Transformer1DModel": minimax_music3,
     "SanaWMLTX2RefinerTransformer3DModel": sana_wm_refiner,
     "SanaWMTransformer3DModel": sana_wm,
+    "MiniMaxH3Transformer3DModel": minimax_h3,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
