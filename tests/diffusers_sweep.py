@@ -14,6 +14,7 @@ import torch
 
 import zoo
 from diffusers_sweep_more import MORE, MORE_PENDING, MORE_PENDING_REASONS
+from diffusers_sweep_rest import NOT_WRITTEN_REASONS
 
 
 def _rand(*shape):
@@ -306,7 +307,7 @@ def all_classes() -> dict[str, str]:
 
 def left_out() -> dict[str, str]:
     """Classes of the package not in ``SWEEP``, each with the reason."""
-    return {name: NOT_A_DIT.get(name, PENDING_REASONS.get(name, NO_TINY_CONFIG_YET))
+    return {name: NOT_A_DIT.get(name, PENDING_REASONS.get(name, NOT_WRITTEN_REASONS.get(name, NO_TINY_CONFIG_YET)))
             for name in sorted(all_classes()) if name not in SWEEP}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusers_sweep_rest import REST, REST_PENDING, REST_PENDING_REASONS
+
 
 def _rand(*shape):
     return torch.randn(*shape)
@@ -356,6 +358,13 @@ def nucleus_moe_image(batch):
                        timestep=torch.rand(batch), return_dict=False)
 
 
+
+
+
+
+
+
+
 MORE = {
     "Transformer2DModel": transformer_2d,
     "OmniGenTransformer2DModel": omnigen,
@@ -386,12 +395,16 @@ MORE = {
     "Kandinsky6Transformer3DModel": kandinsky6,
     "Ideogram4Transformer2DModel": ideogram4,
     "NucleusMoEImageTransformer2DModel": nucleus_moe_image,
+    "HiDreamImageTransformer2DModel": hidream_image,
+    **REST,
 }
 
 #: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
 MORE_IN_CI = ("Transformer2DModel", "OmniGenTransformer2DModel", "ZImageTransformer2DModel",
               "EasyAnimateTransformer3DModel", "Kandinsky5Transformer3DModel", "QwenImage21Transformer2DModel",
-              "ErnieImageTransformer2DModel", "PRXTransformer2DModel", "DreamLiteTransformer2DModel")
+              "ErnieImageTransformer2DModel", "PRXTransformer2DModel", "DreamLiteTransformer2DModel",
+              # its MoE feed-forward is captured as an opaque call (the capture fallback of issue 24)
+              "HiDreamImageTransformer2DModel")
 
 #: what the coverage table should say about a tiny config's fractions (not a transform degradation)
 NOTES = {
@@ -407,11 +420,5 @@ NOTES = {
 }
 
 #: tiny configs whose class's forward runs but that the sweep cannot check yet (see the reasons)
-MORE_PENDING = {
-    "HiDreamImageTransformer2DModel": hidream_image,
-}
-MORE_PENDING_REASONS = {
-    "HiDreamImageTransformer2DModel": "its blocks cannot be captured: the MoE feed-forward's inference path calls "
-                                      "`.cpu().numpy()` on expert counts, which neither torch.export nor draft_export "
-                                      "can trace, so no block is found (transform raises NoTransformerBlocksError)",
-}
+MORE_PENDING = dict(REST_PENDING)
+MORE_PENDING_REASONS = dict(REST_PENDING_REASONS)

@@ -124,6 +124,45 @@ def test_a_block_no_exporter_captures_is_left_dense_and_the_rest_stays_elastic()
     assert 0 < ec.stats(model).executed_flops_fraction < 1  # real-tensor FLOP counting (.numpy() on fake fails)
 
 
+class HostCountingMlp(nn.Module):
+    """An MLP that, like HiDream's MoE inference path, counts on the host (``.cpu().numpy()``): no exporter
+    traces it."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        rows = int((x[..., 0] > -1e9).sum().cpu().numpy())  # always every row
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x.reshape(rows, -1)))).reshape(x.shape)
+
+
+class HostCountingBlock(DiTBlock):
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads)
+        self.mlp = HostCountingMlp(dim)
+
+
+def test_a_block_with_an_untraceable_part_is_captured_with_it_opaque_and_stays_skippable():
+    """Capture's last fallback: the part no exporter traces becomes an opaque call, so the block is still found,
+    skip-only (that part stays dense), with the reason in the report; untrained = dense, skipping = bypassing."""
+    torch.manual_seed(0)
+    model = DiT(depth=2, block=HostCountingBlock).eval()
+    inputs = dict(x=torch.randn(2, 4, 8, 8), t=torch.rand(2) * 1000, y=torch.randint(0, 10, (2,)))
+    original = copy.deepcopy(model)
+    ec.transform(model, example_inputs=inputs)
+    specs = state_of(model).specs
+    assert [s.path for s in specs] == ["blocks.0", "blocks.1"]
+    assert all(s.skippable and not s.sites for s in specs)
+    assert all(any("mlp as opaque calls" in n for n in s.notes) for s in specs), ec.report(model)
+    bypassed = copy.deepcopy(original)
+    bypassed.blocks = nn.ModuleList([Bypass() for _ in bypassed.blocks])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), original(**inputs), atol=1e-5, rtol=1e-5)
+        with ec.force(model, skip=True):
+            torch.testing.assert_close(model(**inputs), bypassed(**inputs), atol=1e-6, rtol=1e-6)
+
+
 def test_analysis_failures_degrade_one_capability(monkeypatch):
     """A stage raising a raw exception costs only its capability: no FFN analysis -> skip-only routers; no
     residual analysis -> width-only (blocks with an FFN) routers. Nothing escapes transform."""

@@ -98,12 +98,13 @@ class _CpuZeroModule:
 
 
 def has_token_mixing(exported: ExportedBlock) -> bool:
-    """True when the graph mixes tokens: attention, or a matmul between two activations (linear attention)."""
+    """True when the graph mixes tokens: attention (SDPA or flex attention), or a matmul between two activations
+    (linear attention)."""
     from .ops import TOKEN_MIXING_OPS, param_source
     for node in exported.graph_module.graph.nodes:
         name = op_name(node)
-        if name == "scaled_dot_product_attention" or name.startswith("_scaled_dot_product"):
-            return True
+        if name in ("scaled_dot_product_attention", "flex_attention") or name.startswith("_scaled_dot_product"):
+            return True  # flex_attention: the higher-order op of torch.nn.attention.flex_attention (Kandinsky 6 SR)
         if name in TOKEN_MIXING_OPS:
             operands = [a for a in pytree.tree_leaves(list(node.args)) if isinstance(a, fx.Node)]
             if len(operands) >= 2 and all(param_source(a) is None for a in operands):

@@ -1,9 +1,11 @@
 """Export one block with torch.export and evaluate its graph against the live module's weights.
 
-Capture falls back before it gives up on a block: plain ``torch.export`` (non-strict) first; for forwards that
+Capture falls back before it gives up on a block: plain ``torch.export`` (non-strict) first, then the same without
+autograd (ops with no backward on the device, such as flex attention on CPU, trace only so); for forwards that
 read tensor values (``.item()``, ``.tolist()`` of mask lengths: data-dependent sizes that export cannot guard on)
 ``torch.export.draft_export``, which answers those questions from the real example values, so the graph is
-specialised to the example's sizes (the analyses only evaluate it on that example). Modules handed to a block as
+specialised to the example's sizes (the analyses only evaluate it on that example); last, torch.export with the
+submodules that neither exporter traces kept as opaque calls (:mod:`.opaque_submodules`). Modules handed to a block as
 call arguments (a rotary-embedding module passed to every block) are bound to a wrapper before export, so the
 graph reads their buffers as attributes instead of expecting them as inputs.
 """
@@ -35,7 +37,8 @@ class ExportedBlock:
     ``input_names[i]`` is the block argument (a name of ``forward``'s parameters) that flat placeholder ``i``
     belongs to; ``output_spec`` is the pytree structure of the block's output. ``argument_modules``: modules the
     block got as call arguments (by wrapper attribute name; ``get_attr`` targets starting with that name read
-    them), left out of the flat inputs. ``method``: how the graph was captured ("export" or "draft_export").
+    them), left out of the flat inputs. ``method``: how the graph was captured ("export", "draft_export" or
+    "export_opaque_parts": torch.export with ``opaque_parts`` as opaque calls).
     """
 
     graph_module: fx.GraphModule
@@ -45,6 +48,8 @@ class ExportedBlock:
     in_spec: pytree.TreeSpec = None
     argument_modules: dict[str, nn.Module] = field(default_factory=dict)
     method: str = "export"
+    #: submodules (names under the block) kept as opaque calls (:mod:`.opaque_submodules`); empty normally
+    opaque_parts: list[str] = field(default_factory=list)
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list:
         args, kwargs = _without_modules(args, kwargs)
@@ -120,22 +125,32 @@ def _first_line(exc: Exception) -> str:
 
 
 def export_block(block: nn.Module, args: tuple, kwargs: dict, bound_names: dict[str, Any]) -> ExportedBlock:
-    """Capture ``block`` on one recorded call: torch.export, else draft_export (module docstring). Raises
-    CaptureError with both exporters' messages when neither captures it."""
+    """Capture ``block`` on one recorded call: torch.export, else draft_export, else torch.export with its
+    untraceable submodules opaque (module docstring). Raises CaptureError with every attempt's message when none
+    captures it."""
     module_arguments = any(isinstance(a, nn.Module) for a in (*args, *kwargs.values()))
     root = _BoundModules(block, args, kwargs) if module_arguments else block
     flat_args, flat_kwargs = _without_modules(args, kwargs)
     errors = []
-    program, method = None, "export"
+    program, method, opaque_parts = None, "export", []
     with _quiet_exporter():
         try:
             program = torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
         except Exception as exc:
             errors.append(f"torch.export: {_first_line(exc)}")
+            try:  # ops without a backward on this device (flex attention on CPU) trace only without autograd
+                with torch.no_grad():
+                    program = torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
+            except Exception as exc2:
+                errors.append(f"torch.export without grad: {_first_line(exc2)}")
+        if program is None:
             try:
                 program, method = torch.export.draft_export(root, tuple(flat_args), dict(flat_kwargs)), "draft_export"
             except Exception as exc2:
                 errors.append(f"draft_export: {_first_line(exc2)}")
+        if program is None:
+            program, opaque_parts = _export_with_opaque_parts(block, root, args, kwargs, errors)
+            method = "export_opaque_parts"
     if program is None:
         raise CaptureError(f"a block ({type(block).__name__}) that torch.export can capture", "; ".join(errors),
                            "The block is left dense; report the model.")
@@ -161,7 +176,38 @@ def export_block(block: nn.Module, args: tuple, kwargs: dict, bound_names: dict[
         raise CaptureError("one graph input per flattened argument", f"{len(placeholders)} vs {len(names)}",
                            "The block is left dense; report the model.")
     return ExportedBlock(gm, placeholders, [n.name if n is not None else None for n in names], gm._out_spec,
-                         gm._in_spec, argument_modules, method)
+                         gm._in_spec, argument_modules, method, opaque_parts)
+
+
+def _exports(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether torch.export (non-strict) captures ``module`` on this call."""
+    module_arguments = any(isinstance(a, nn.Module) for a in (*args, *kwargs.values()))
+    root = _BoundModules(module, args, kwargs) if module_arguments else module
+    flat_args, flat_kwargs = _without_modules(args, kwargs)
+    try:
+        with torch.no_grad():
+            torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
+        return True
+    except Exception:
+        return False
+
+
+def _export_with_opaque_parts(block: nn.Module, root: nn.Module, args: tuple, kwargs: dict, errors: list[str]):
+    """(program, opaque part names) of the export with untraceable submodules opaque, or (None, []) with the
+    reason appended to ``errors`` (see :mod:`.opaque_submodules`)."""
+    from .opaque_submodules import submodules_as_opaque_calls, untraceable_submodules
+    flat_args, flat_kwargs = _without_modules(args, kwargs)
+    try:
+        parts = untraceable_submodules(block, args, kwargs, _exports)
+        if not parts:
+            errors.append("opaque parts: no submodule alone fails to export")
+            return None, []
+        with submodules_as_opaque_calls(parts), torch.no_grad():
+            program = torch.export.export(root, tuple(flat_args), dict(flat_kwargs), strict=False)
+        return program, sorted(parts)
+    except Exception as exc:
+        errors.append(f"export with opaque parts: {_first_line(exc)}")
+        return None, []
 
 
 class _Tag:
