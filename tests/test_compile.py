@@ -76,3 +76,18 @@ def test_feature_cache_is_a_typed_error():
     ec.apply_feature_cache(model)
     with torch.no_grad(), device_routing(model, "compile"), pytest.raises(ConfigError, match="feature cache"):
         model(**inputs)
+
+
+def test_diffusers_block_compiles_fullgraph_with_select():
+    """diffusers' Attention cannot be traced inside a torch.cond branch (torch 2.13): "compile_select" runs every
+    block and selects rows, and still traces whole."""
+    model, inputs = ARCHITECTURES["dit"](batch=4)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=3)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        expected_plans = plans(model)
+        with device_routing(model, "compile_select"):
+            routed = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)[0]
+            assert plans(model) == expected_plans
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)

@@ -39,7 +39,8 @@ def mode_of(state: ElasticState):
     if state.soft and state.forced is None:
         return soft.forward
     if state.device_routing is not None:
-        return compiled.forward if state.device_routing.branches.mode == "compile" else device.forward
+        return (compiled.forward if state.device_routing.branches.mode in ("compile", "compile_select")
+                else device.forward)
     return host.forward
 
 

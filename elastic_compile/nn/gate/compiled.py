@@ -22,6 +22,11 @@ What the compiled forward does not do (each traced once into the graph, so it mu
 * routers run their trained form (``Router.plain_logits``), not the host path's folded weights (the compiler
   fuses it instead).
 
+``device_routing(model, "compile_select")`` is the same without ``torch.cond``: every block runs on the whole
+batch (dense work) and rows are selected. It is for blocks Dynamo cannot trace inside a ``torch.cond`` branch:
+on torch 2.13 that includes diffusers' ``Attention`` (its ``inspect.signature`` call fails inside a branch), so
+diffusers models compile fullgraph only this way.
+
 Decisions are still recorded (as device tensors, copied to the host only when ``elastic_compile.stats`` asks).
 """
 from __future__ import annotations
@@ -95,8 +100,12 @@ def forward(gate, args: tuple, kwargs: dict):
     def skip_block(*current):  # torch.cond wants both branches' outputs laid out alike: contiguous
         return tuple(out.clone(memory_format=torch.contiguous_format) for out in current)
 
+    operands = tuple(inputs[i] for i in leaf_ids)
     try:  # the branches may not write anything outside themselves: the switch is set around the torch.cond
-        outputs = tuple(torch.cond(run.any(), run_block, skip_block, tuple(inputs[i] for i in leaf_ids)))
+        if state.device_routing.branches.mode == "compile_select":
+            outputs = run_block(*operands)
+        else:
+            outputs = tuple(torch.cond(run.any(), run_block, skip_block, operands))
     finally:
         control.unit_masks = None
     by_leaf = dict(zip(leaf_ids, outputs))
