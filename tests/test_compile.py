@@ -91,3 +91,22 @@ def test_diffusers_block_compiles_fullgraph_with_select():
             routed = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)[0]
             assert plans(model) == expected_plans
     torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_regional_compile_fullgraph():
+    """diffusers' ``compile_repeated_blocks(fullgraph=True)`` (each repeated block compiled on its own) of a
+    transformed Flux: the gates trace inside each block's graph, with torch.cond (Flux attention traces)."""
+    model, inputs = ARCHITECTURES["flux"](batch=4)
+    ec.transform(model, example_inputs=inputs)
+    randomize_routers(model, seed=3)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        expected_plans = plans(model)
+        assert any(not r for block in expected_plans for r, _ in block)
+        torch._dynamo.utils.counters.clear()
+        with device_routing(model, "compile"):
+            model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+            routed = model(**inputs)[0]
+            assert plans(model) == expected_plans
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both block classes compiled
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
