@@ -24,8 +24,8 @@ What the compiled forward does not do (each traced once into the graph, so it mu
 
 ``device_routing(model, "compile_select")`` is the same without ``torch.cond``: every block runs on the whole
 batch (dense work) and rows are selected. It is for blocks Dynamo cannot trace inside a ``torch.cond`` branch:
-on torch 2.13 that includes diffusers' ``Attention`` (its ``inspect.signature`` call fails inside a branch), so
-diffusers models compile fullgraph only this way.
+on torch 2.13 that includes blocks using diffusers' ``Attention`` class (its ``inspect.signature`` call fails
+inside a branch: DiT, PixArt); Flux and Wan blocks trace with ``torch.cond``.
 
 Decisions are still recorded (as device tensors, copied to the host only when ``elastic_compile.stats`` asks).
 """
