@@ -27,7 +27,7 @@ from ...capture.treespec import flatten_output, loaded_treespec
 from ...state import ElasticState
 from ..router import Router
 from ..width import WidthControl
-from . import device, host, profile, soft
+from . import compiled, device, host, profile, soft
 from .decisions import host_actions, host_decisions
 
 
@@ -39,7 +39,8 @@ def mode_of(state: ElasticState):
     if state.soft and state.forced is None:
         return soft.forward
     if state.device_routing is not None:
-        return device.forward
+        return (compiled.forward if state.device_routing.branches.mode in ("compile", "compile_select")
+                else device.forward)
     return host.forward
 
 

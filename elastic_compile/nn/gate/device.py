@@ -45,7 +45,7 @@ from ...state import BlockCall, ElasticState, state_of
 from . import host
 from .decisions import device_actions, device_decisions, fused_decisions
 
-BRANCH_MODES = ("graph", "host", "every")
+BRANCH_MODES = ("graph", "host", "every", "compile", "compile_select")  # the last two: nn/gate/compiled.py
 
 
 def conditional_nodes_available() -> bool:
@@ -135,6 +135,9 @@ def device_routing(model: nn.Module, mode: str = "host", fuse_decisions: bool = 
     check_supported(state)
     if mode == "graph":
         require_conditional_nodes()
+    if mode in ("compile", "compile_select"):
+        from .compiled import prepare  # compiled imports this module
+        prepare(model)
     previous = state.device_routing
     routing = DeviceRouting(Branches(mode), decide=fused_decisions() if fuse_decisions else device_decisions)
     state.device_routing = routing
