@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--run-logit", type=float, default=-0.5, help="the routers' initial run logit")
     parser.add_argument("--dual-init", type=float, default=12.0)
     parser.add_argument("--dual-step", type=float, default=5.0)
+    parser.add_argument("--recalibrate-every", type=int, default=0,
+                        help="recalibrate the run threshold to the budget every N rollout steps (hard decisions), "
+                             "so training sees the served decisions; 0: only after training")
     parser.add_argument("--step-baseline", action="store_true", help="also train per-step-only routers")
     parser.add_argument("--step-steps", type=int, default=150, help="per-step training steps (baseline)")
     parser.add_argument("--step-batch", type=int, default=32)
@@ -122,8 +125,9 @@ def main(argv=None) -> int:
             model = ec.load(load_reference(args.assets)[0], args.init_from, cache="off")
         else:
             model, _, _ = fresh_elastic(args.assets)
-        log = lambda e, b=budget: print(f"  budget {b} step {e.step}: loss {e.loss:.4f} mse {e.distill_mse:.3g} "
-                                        f"flops {e.executed_fraction:.3f} ({e.seconds:.0f} s)", flush=True)
+        log = lambda e, b=budget, m=model: print(
+            f"  budget {b} step {e.step}: loss {e.loss:.4f} mse {e.distill_mse:.3g} flops {e.executed_fraction:.3f} "
+            f"tau {ec.state.state_of(m).config.threshold:.4f} ({e.seconds:.0f} s)", flush=True)
         if not args.init_from:
             start_from_block_cache(model, action, run_logit=args.run_logit)
         record(setting, f"init (= {args.init_from or 'block forecast'}, no training)", 0.0, model, max_reuse)
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
         report = train_routers(model, rollout, objective="rollout", budget=budget, steps=args.rollout_steps,
                                batch_size=args.rollout_batch, lr=args.lr, lr_schedule="constant",
                                cache_max_reuse=max_reuse, dual_init=args.dual_init, dual_step=args.dual_step,
-                               log_every=5, progress=False, log=log)
+                               log_every=5, progress=False, log=log, recalibrate_every=args.recalibrate_every)
         seconds = time.time() - started
         ec.save(model, out / "routers" / f"forecast_budget_{budget}")
         histograms[setting] = record(setting, "rollout", seconds, model, max_reuse).tolist()

@@ -141,3 +141,22 @@ def test_a_budget_below_what_the_cache_allows_trains_for_the_floor_with_a_warnin
                                batch_size=2, progress=False)
     assert report.budget == pytest.approx(floor, abs=0.05)
     assert generation_fraction(model, rollout, rollout.pool, cache) >= floor - 1e-3
+
+
+def test_recalibrating_in_the_loop_holds_the_served_fraction_on_the_budget():
+    """Without the post-training calibration: routers that start far off the budget stay off it after a short
+    run, while recalibrating every few steps trains them at the threshold that serves the budget."""
+    rollout = ClassConditionalRollout(FlowMatchEulerDiscreteScheduler(), CONFIG, per_class=2)
+    held_out = [(c, 900 + c) for c in range(10)]
+    fractions = {}
+    for every in (0, 2):
+        model = elastic(width_buckets=(1.0,))
+        randomize(model, seed=5)
+        start = generation_fraction(model, rollout, held_out, CACHE)
+        train_routers(model, rollout, objective="rollout", budget=0.4, steps=5, batch_size=4, lr=1e-3,
+                      cache_max_reuse=2, calibrate=False, recalibrate_every=every, progress=False, seed=0)
+        fractions[every] = (start, generation_fraction(model, rollout, held_out, CACHE),
+                            state_of(model).config.threshold)
+    assert abs(fractions[0][1] - 0.4) > 0.1, fractions           # the multiplier alone does not get there
+    assert fractions[2][1] == pytest.approx(0.4, abs=0.06), fractions
+    assert fractions[0][2] == 0.5 and fractions[2][2] != 0.5

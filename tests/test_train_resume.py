@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import elastic_compile as ec
 from elastic_compile.errors import ConfigError
 from elastic_compile.sampling import SamplingConfig
+from elastic_compile.state import state_of
 from elastic_compile.train import ClassConditionalRollout, record_class_conditional_trajectories, train_routers
 from elastic_compile.train import resume as resume_module
 from resume_worker import KillAt, Killed, run
@@ -83,10 +84,13 @@ def test_cache_aware_run_resumes_with_its_stand_in_sampler(tmp_path, linked):
     assert_same_run(whole, resumed, expected, report)
 
 
-def test_rollout_run_resumes_with_its_budget_multiplier(tmp_path):
+@pytest.mark.parametrize("recalibrate_every", [0, 1])
+def test_rollout_run_resumes_with_its_budget_multiplier(tmp_path, recalibrate_every):
+    """Also with the threshold recalibrated in the loop: the resumed run restores it, not the config's default."""
     rollout = ClassConditionalRollout(FlowMatchEulerDiscreteScheduler(), CONFIG, per_class=1)
     args = dict(objective="rollout", budget=0.5, steps=4, batch_size=2, lr=3e-3, seed=0, log_every=2, progress=False,
-                checkpoint_every=2, calibrate=False, dual_init=1.0, dual_step=5.0)
+                checkpoint_every=2, calibrate=False, dual_init=1.0, dual_step=5.0,
+                recalibrate_every=recalibrate_every)
     whole = sampler_model()
     expected = train_routers(whole, rollout, checkpoint_dir=tmp_path / "whole", **args)
     cut = sampler_model()
@@ -109,6 +113,8 @@ def test_rollout_run_resumes_with_its_budget_multiplier(tmp_path):
     resumed = sampler_model()
     report = train_routers(resumed, rollout, checkpoint_dir=tmp_path / "cut", resume=True, **args)
     assert_same_run(whole, resumed, expected, report)
+    assert state_of(resumed).config.threshold == state_of(whole).config.threshold
+    assert (state_of(whole).config.threshold != 0.5) == bool(recalibrate_every)
 
 
 def test_a_kill_between_writing_and_renaming_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

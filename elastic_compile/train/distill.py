@@ -59,7 +59,7 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                   progress: bool = True, log: Callable[[TrainLogEntry], None] | None = None,
                   objective: str = "step", dual_step: float = 2.0, dual_init: float = 10.0,
                   calibrate: bool = True, resume: bool = False, activation_checkpointing: bool = False,
-                  autocast: str | None = None, shard_base: bool = False) -> TrainReport:
+                  autocast: str | None = None, shard_base: bool = False, recalibrate_every: int = 0) -> TrainReport:
     """Train the routers of an elastic model (from ``transform``/``load``) towards ``budget`` FLOP fraction.
 
     Args:
@@ -99,12 +99,16 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
             ``dual_init`` (the log-MSE a unit of FLOP fraction buys near the budget: ~10 on the reference model)
             and moves by ``dual_step`` times the overshoot per step; ``calibrate`` then sets the run threshold so
             whole generations meet the budget).
+            ``recalibrate_every`` N > 0 recalibrates that threshold every N steps during training, so the
+            routers train with the hard decisions they are served with and the served fraction sits on the budget
+            (the multiplier then only a secondary pressure).
             Rollout training is cache-aware by construction and starts from whatever the routers know (e.g.
             after a cheaper ``objective="step"`` run).
     """
     check_train_options(budget=budget, steps=steps, lr=lr, batch_size=batch_size, budget_weight=budget_weight,
                         cache_max_reuse=cache_max_reuse, base_lr=base_lr, log_every=log_every,
-                        checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, task_weight=task_weight)
+                        checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, task_weight=task_weight,
+                        recalibrate_every=recalibrate_every)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective in {OBJECTIVES}", repr(objective),
                           "Use 'step' (per-call distillation) or 'rollout' (whole generations, cache in the loop).")
@@ -123,14 +127,16 @@ def train_routers(model: nn.Module, data: TrajectoryDataset | Iterable[dict], *,
                       task_weight=task_weight, log_every=log_every, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, progress=progress, log=log, objective=objective,
                       dual_step=dual_step, dual_init=dual_init, calibrate=calibrate, resume=resume,
-                      precision=precision(model, autocast), shard_base=shard_base)
+                      precision=precision(model, autocast), shard_base=shard_base,
+                      recalibrate_every=recalibrate_every)
     finally:
         state.soft_checkpoint = False
 
 
 def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, lr_schedule, cache_aware,
            cache_max_reuse, train_base, base_lr, task_loss, task_weight, log_every, checkpoint_dir, checkpoint_every,
-           progress, log, objective, dual_step, dual_init, calibrate, resume, precision, shard_base) -> TrainReport:
+           progress, log, objective, dual_step, dual_init, calibrate, resume, precision, shard_base,
+           recalibrate_every=0) -> TrainReport:
     if objective == "rollout":
         if train_base or task_loss is not None:
             raise ConfigError("router-only rollout training", "train_base or task_loss with objective='rollout'",
@@ -140,7 +146,8 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
                                       lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse, calibrate=calibrate,
                                       log_every=log_every, checkpoint_dir=checkpoint_dir,
                                       checkpoint_every=checkpoint_every, progress=progress, log=log,
-                                      resume=resume, precision=precision, shard_base=shard_base)
+                                      resume=resume, precision=precision, shard_base=shard_base,
+                                      recalibrate_every=recalibrate_every)
     state = state_of(model)
     skip_cost = 0.0
     if cache_aware:
@@ -263,7 +270,7 @@ _OPTIONS = {"budget": (float, 0.0, 1.0, False), "steps": (int, 1, None, True), "
             "batch_size": (int, 1, None, True), "budget_weight": (float, 0.0, None, True),
             "cache_max_reuse": (int, 1, None, True), "base_lr": (float, 0.0, None, False),
             "log_every": (int, 1, None, True), "checkpoint_every": (int, 0, None, True),
-            "task_weight": (float, 0.0, None, True)}
+            "task_weight": (float, 0.0, None, True), "recalibrate_every": (int, 0, None, True)}
 
 
 def check_train_options(**options) -> None:

@@ -23,6 +23,7 @@ sampler driving ``hooks`` (reset per generation, one cache context per guidance 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -225,15 +226,13 @@ def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache
     Training pushes the routers to the budget on average over its batches; the threshold puts the served model on
     it exactly, on generations of ``items`` (default: a class-balanced slice of the rollout's pool), since a
     higher tau removes the samples and blocks the routers were least sure to run first."""
-    import dataclasses
-
     state = state_of(model)
     items = list(items if items is not None else rollout.pool[::max(1, len(rollout.pool) // 20)])
     low, high = -12.0, 12.0   # run-logit thresholds: fraction falls as the threshold rises
     best = None
     for _ in range(iterations):
         middle = 0.5 * (low + high)
-        state.config = dataclasses.replace(state.config, threshold=1.0 / (1.0 + math.exp(-middle)))
+        set_threshold(model, 1.0 / (1.0 + math.exp(-middle)))
         fraction = generation_fraction(model, rollout, items, cache_config)
         if best is None or abs(fraction - budget) < abs(best[1] - budget):
             best = (middle, fraction)
@@ -241,8 +240,19 @@ def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache
             low = middle
         else:
             high = middle
-    state.config = dataclasses.replace(state.config, threshold=1.0 / (1.0 + math.exp(-best[0])))
+    set_threshold(model, 1.0 / (1.0 + math.exp(-best[0])))
     return state.config.threshold
+
+
+def recalibration_items(rollout: Rollout, count: int = 10) -> list:
+    """A small, spread slice of the pool (one item per class for ``ClassConditionalRollout`` with 10 classes)
+    on which the threshold is recalibrated during training: cheap enough to run every few steps."""
+    return list(rollout.pool[::max(1, len(rollout.pool) // count)])
+
+
+def set_threshold(model: nn.Module, threshold: float) -> None:
+    state = state_of(model)
+    state.config = dataclasses.replace(state.config, threshold=float(threshold))
 
 
 def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float, steps: int, lr: float,
@@ -250,8 +260,15 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                            lr_schedule: str,
                            cache_max_reuse: int, calibrate: bool, log_every: int, checkpoint_dir, checkpoint_every: int,
                            progress: bool, log, resume: bool = False, precision=None,
-                           shard_base: bool = False) -> TrainReport:
-    """The ``objective="rollout"`` loop of :func:`~elastic_compile.train.train_routers` (see the module doc)."""
+                           shard_base: bool = False, recalibrate_every: int = 0,
+                           recalibrate_iterations: int = 8) -> TrainReport:
+    """The ``objective="rollout"`` loop of :func:`~elastic_compile.train.train_routers` (see the module doc).
+
+    ``recalibrate_every`` N > 0: every N optimizer steps the run threshold is calibrated (hard decisions, no
+    gradients, ``recalibrate_iterations`` bisection steps on :func:`recalibration_items`) so that the served
+    fraction sits on the budget while training. The forward pass decides with that threshold, so the routers train
+    with the decisions they will be served with, instead of drifting off the budget and being cut back after
+    training by a threshold they never saw; the multiplier stays as a secondary pressure."""
     check_rollout(rollout)
     state = state_of(model)
     rank, world = init_distributed()
@@ -279,7 +296,9 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                                   seed=seed, budget_weight=budget_weight, dual_step=dual_step, dual_init=dual_init,
                                   lr_schedule=lr_schedule, cache_max_reuse=cache_max_reuse,
                                   autocast=getattr(precision, "name", None),
-                                  data=f"{type(rollout).__name__}:{len(rollout.pool)}"))
+                                  data=f"{type(rollout).__name__}:{len(rollout.pool)}",
+                                  # only when set, so runs saved before the option resume
+                                  **({"recalibrate_every": recalibrate_every} if recalibrate_every else {})))
     try:
         first, elapsed = resume_run(run_state, resume, report)
     except Exception:
@@ -289,6 +308,8 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
     json_log = JsonLog(checkpoint_dir, "rollout", steps, first - 1, rank == 0)
     if first > 1:
         dual.value = float(run_state.extra["dual"])
+        if "threshold" in run_state.extra:
+            set_threshold(model, run_state.extra["threshold"])
     sharded = None
     if world > 1 and shard_base:   # the calls' FLOP tables measured on the whole model, then the base sharded
         sharded = ShardedBase(model, world, lambda: generation_fraction(model, rollout, list(rollout.pool[:share]),
@@ -315,6 +336,10 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
             scheduler.step()
             global_fraction = global_sum(fraction.detach()) / world
             dual.update(global_fraction)
+            if recalibrate_every and step % recalibrate_every == 0 and step < steps:
+                with torch.no_grad(), precision():   # the same decisions on every rank: same items, same routers
+                    calibrate_threshold(model, rollout, budget, cache_config, recalibration_items(rollout),
+                                        recalibrate_iterations)
             if step % log_every == 0 or step == steps or step == 1:
                 global_mse = global_sum(mse.detach()) / world
                 entry = TrainLogEntry(step, global_sum(loss.detach()) / world, global_mse, float(budget_term.detach()),
@@ -332,7 +357,8 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
                     elif rank == 0:
                         save()
                 run_state.save(step, [asdict(e) for e in report.history],
-                               {"seconds": time.time() - start, "dual": dual.value})
+                               {"seconds": time.time() - start, "dual": dual.value,
+                                "threshold": state.config.threshold})
             bar.update(1)
     finally:
         bar.close()
