@@ -3,6 +3,7 @@ import contextlib
 import torch
 from torch.utils import _pytree as pytree
 
+import elastic_compile as ec
 from elastic_compile.state import state_of
 
 
@@ -14,6 +15,28 @@ def randomize_routers(model, seed=0, scale=3.0):
             router.fc1.weight.copy_(torch.randn(router.fc1.weight.shape, generator=generator))
             router.fc2.weight.copy_(torch.randn(router.fc2.weight.shape, generator=generator) * scale)
             router.fc2.bias.copy_(torch.randn(router.fc2.bias.shape, generator=generator))
+
+
+def plans(model):
+    """The last forward's decisions: per block, (run, width) of each sample."""
+    return [[(d.run, d.width) for d in block] for block in ec.stats(model).decisions]
+
+
+def mixed_routers(model, inputs, fully_skipped_block=False):
+    """Random routers under which some samples skip and some block runs samples at different widths (so the
+    per-sample masks and the row merge are exercised); with ``fully_skipped_block`` also some block that every
+    sample skips. Returns the decisions."""
+    for seed in range(20):
+        randomize_routers(model, seed=seed)
+        with torch.no_grad():
+            model(**inputs)
+        decided = plans(model)
+        widths_differ = any(len({w for r, w in block if r}) > 1 for block in decided)
+        partly_skipped = any(not r for block in decided for r, _ in block)
+        all_skip_some_block = any(not any(r for r, _ in block) for block in decided)
+        if widths_differ and partly_skipped and (all_skip_some_block or not fully_skipped_block):
+            return decided
+    raise AssertionError("no seed gave mixed decisions")
 
 
 def sample_inputs(inputs, index, batch):

@@ -6,12 +6,8 @@ import torch
 import elastic_compile as ec
 from elastic_compile.errors import ConfigError
 from elastic_compile.nn.gate.device import device_routing
-from helpers import randomize_routers
+from helpers import mixed_routers, plans, randomize_routers
 from zoo import ARCHITECTURES
-
-
-def plans(model):
-    return [[(d.run, d.width) for d in block] for block in ec.stats(model).decisions]
 
 
 def mixed_model(batch=4):
@@ -19,16 +15,7 @@ def mixed_model(batch=4):
     different widths, and some block is skipped by every sample."""
     model, inputs = ARCHITECTURES["reference_dit"](batch=batch)
     ec.transform(model, example_inputs=inputs)
-    for seed in range(20):
-        randomize_routers(model, seed=seed)
-        with torch.no_grad():
-            model(**inputs)
-        decided = plans(model)
-        narrowed = any(len({w for r, w in block if r}) > 1 for block in decided)
-        partly_skipped = any(not r for block in decided for r, _ in block)
-        if narrowed and partly_skipped and any(not any(r for r, _ in block) for block in decided):
-            return model, inputs, decided
-    raise AssertionError("no seed gave mixed decisions")
+    return model, inputs, mixed_routers(model, inputs, fully_skipped_block=True)
 
 
 @pytest.fixture(autouse=True)

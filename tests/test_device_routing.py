@@ -13,12 +13,8 @@ from elastic_compile.serve.cuda_graph import capture_cuda_graph
 from elastic_compile.nn.gate.decisions import device_decisions, run_logit_threshold
 from elastic_compile.nn.gate.device import Branches, device_routing
 from elastic_compile.state import state_of
-from helpers import randomize_routers, stand_in_capture
+from helpers import mixed_routers, plans, randomize_routers, stand_in_capture
 from zoo import ARCHITECTURES, first_output
-
-
-def plans(model):
-    return [[(d.run, d.width) for d in block] for block in ec.stats(model).decisions]
 
 
 def host_then_device(model, inputs, **routing):
@@ -29,20 +25,6 @@ def host_then_device(model, inputs, **routing):
         with device_routing(model, "host", **routing):
             routed = first_output(model(**inputs))
     return (expected, expected_plans), (routed, plans(model))
-
-
-def mixed_routers(model, inputs):
-    """Random routers under which some samples skip and some block runs samples at different widths (so the
-    per-sample masks and the row merge are exercised)."""
-    for seed in range(20):
-        randomize_routers(model, seed=seed)
-        with torch.no_grad():
-            model(**inputs)
-        decided = plans(model)
-        widths_differ = any(len({w for r, w in block if r}) > 1 for block in decided)
-        if widths_differ and any(not r for block in decided for r, _ in block):
-            return decided
-    raise AssertionError("no seed gave mixed decisions")
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
