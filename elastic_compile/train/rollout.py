@@ -207,7 +207,7 @@ def reachable_budget(model: nn.Module, rollout: Rollout, budget: float, cache_co
     skip every block everywhere executes a floor fraction (about 1 / (max_reuse + 1) of the blocks, plus what is
     not a block). A budget under that floor cannot be met: the budget multiplier would keep growing and trade
     fidelity for nothing, so training aims at the floor instead."""
-    items = list(rollout.pool[::max(1, len(rollout.pool) // 10)])
+    items = spread_items(rollout, 10)
     with force(model, skip=True):
         floor = generation_fraction(model, rollout, items, cache_config)
     if budget >= floor - 1e-3:
@@ -227,7 +227,7 @@ def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache
     it exactly, on generations of ``items`` (default: a class-balanced slice of the rollout's pool), since a
     higher tau removes the samples and blocks the routers were least sure to run first."""
     state = state_of(model)
-    items = list(items if items is not None else rollout.pool[::max(1, len(rollout.pool) // 20)])
+    items = list(items) if items is not None else spread_items(rollout, 20)
     low, high = -12.0, 12.0   # run-logit thresholds: fraction falls as the threshold rises
     best = None
     for _ in range(iterations):
@@ -244,9 +244,10 @@ def calibrate_threshold(model: nn.Module, rollout: Rollout, budget: float, cache
     return state.config.threshold
 
 
-def recalibration_items(rollout: Rollout, count: int = 10) -> list:
-    """A small, spread slice of the pool (one item per class for ``ClassConditionalRollout`` with 10 classes)
-    on which the threshold is recalibrated during training: cheap enough to run every few steps."""
+def spread_items(rollout: Rollout, count: int) -> list:
+    """About ``count`` items spread over the pool (class-balanced for ``ClassConditionalRollout``, whose pool
+    lists classes in turn): the generations a fraction is measured or a threshold calibrated on. With 10 (one
+    per class of the reference model) cheap enough to recalibrate every few training steps."""
     return list(rollout.pool[::max(1, len(rollout.pool) // count)])
 
 
@@ -265,7 +266,7 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
     """The ``objective="rollout"`` loop of :func:`~elastic_compile.train.train_routers` (see the module doc).
 
     ``recalibrate_every`` N > 0: every N optimizer steps the run threshold is calibrated (hard decisions, no
-    gradients, ``recalibrate_iterations`` bisection steps on :func:`recalibration_items`) so that the served
+    gradients, ``recalibrate_iterations`` bisection steps on :func:`spread_items` (10)) so that the served
     fraction sits on the budget while training. The forward pass decides with that threshold, so the routers train
     with the decisions they will be served with, instead of drifting off the budget and being cut back after
     training by a threshold they never saw; the multiplier stays as a secondary pressure."""
@@ -338,7 +339,7 @@ def train_through_rollouts(model: nn.Module, rollout: Rollout, *, budget: float,
             dual.update(global_fraction)
             if recalibrate_every and step % recalibrate_every == 0 and step < steps:
                 with torch.no_grad(), precision():   # the same decisions on every rank: same items, same routers
-                    calibrate_threshold(model, rollout, budget, cache_config, recalibration_items(rollout),
+                    calibrate_threshold(model, rollout, budget, cache_config, spread_items(rollout, 10),
                                         recalibrate_iterations)
             if step % log_every == 0 or step == steps or step == 1:
                 global_mse = global_sum(mse.detach()) / world
