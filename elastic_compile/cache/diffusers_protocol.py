@@ -103,6 +103,43 @@ def _hook_class():
 
 
 @contextlib.contextmanager
+def listening_to_cache_context(model: nn.Module, listener):
+    """Within, ``listener(name)`` hears every ``model.cache_context(name)`` (and ``listener(None)`` when one ends),
+    through a stateful diffusers hook registered for the duration, as the pipeline's own caches hear it. A no-op on
+    models without diffusers' cache protocol (their calls carry no context name)."""
+    if not hasattr(model, "cache_context"):
+        yield
+        return
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.hooks import StateManager
+
+    class Listener(StateManager):
+        def __init__(self):
+            super().__init__(dict)
+
+        def set_context(self, context) -> None:
+            listener(None if context is None else context.name)
+
+    class ListeningHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self):
+            super().__init__()
+            self.contexts = Listener()
+
+        def reset_state(self, module):   # holds no state: the pipeline's end-of-call reset has nothing to clear
+            return module
+
+    name = f"elastic_context_listener_{id(listener)}"
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(ListeningHook(), name)
+    try:
+        yield
+    finally:
+        registry.remove_hook(name, recurse=False)
+
+
+@contextlib.contextmanager
 def profiling_hooks(model: nn.Module):
     """Within, for the FLOP profiler's forward (shape-only tensors): other stateful diffusers hooks under ``model``
     (first-block cache, ...) see a context of their own (:data:`PROFILE_CONTEXT`, so they run the model as on a

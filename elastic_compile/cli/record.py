@@ -5,6 +5,7 @@ memory, and under ``torchrun`` every rank records its share of the generations i
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -22,6 +23,19 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="generations per sampler call")
     parser.add_argument("--shard-mb", type=float, default=256.0, help="size at which a shard file is closed")
     parser.add_argument("--out", required=True, help="a new or empty directory for the store")
+    text = parser.add_argument_group("through a diffusers pipeline (text-conditioned models)")
+    text.add_argument("--pipeline", default=None,
+                      help="a diffusers pipeline directory (save_pretrained): record its transformer's inputs "
+                           "through the pipeline's own calls, one per prompt, instead of class-conditional sampling")
+    text.add_argument("--prompts", default=None, help="with --pipeline: a text file, one prompt per line")
+    text.add_argument("--steps", type=int, default=28, help="with --pipeline: denoising steps per call")
+    text.add_argument("--guidance-scale", type=float, default=None,
+                      help="with --pipeline: the pipeline's guidance_scale (default: the pipeline's own)")
+    text.add_argument("--height", type=int, default=None, help="with --pipeline: image height (default: the pipeline's)")
+    text.add_argument("--width", type=int, default=None, help="with --pipeline: image width (default: the pipeline's)")
+    text.add_argument("--call", default="{}",
+                      help="with --pipeline: more keyword arguments of every pipeline call, as a JSON object "
+                           "(e.g. '{\"max_sequence_length\": 256}')")
     parser.set_defaults(handler=run)
 
 
@@ -43,6 +57,13 @@ def run(args) -> int:
         raise ConfigError("--out as a new or empty directory", f"{out} (exists and is not empty)",
                           "Choose another directory; nothing in it was touched.")
     rank, world = init_distributed()
+    if args.pipeline is not None or args.prompts is not None:
+        store = _record_pipeline(args, out)
+        if rank == 0:
+            print(f"recorded {len(store)} rows in {len(store.index['shards'])} shards from {world} process(es) to "
+                  f"{out}; train with: elastic-compile train --model {Path(args.pipeline) / 'transformer'} "
+                  f"--trajectories {out} ...")
+        return 0
     model, inputs = resolve_model(args.model or str(ASSETS_DIR / "transformer"))
     ec.transform(model, example_inputs=inputs)   # recording runs it forced dense: the routers play no part
     sampling_dir = Path(args.sampling) if args.sampling else ASSETS_DIR
@@ -55,3 +76,63 @@ def run(args) -> int:
         print(f"recorded {len(store)} rows in {len(store.index['shards'])} shards from {world} process(es) to {out}; "
               f"train with: elastic-compile train --trajectories {out} ...")
     return 0
+
+
+def _record_pipeline(args, out: Path):
+    """``--pipeline DIR --prompts FILE``: the pipeline's transformer made elastic from one captured call, then
+    one recorded pipeline call per prompt (seeded ``--seed + i``, latents out: no decoding)."""
+    import torch
+
+    import elastic_compile as ec
+
+    from ..train import record_pipeline_trajectories
+
+    if args.pipeline is None or args.prompts is None:
+        raise ConfigError("--pipeline and --prompts together", f"only {'--pipeline' if args.pipeline else '--prompts'}",
+                          "Pass a diffusers pipeline directory and a text file with one prompt per line.")
+    if args.steps < 1:
+        raise ConfigError("--steps >= 1", f"{args.steps}", "Use e.g. --steps 28.")
+    prompts_file = Path(args.prompts)
+    if not prompts_file.is_file():
+        raise ConfigError("--prompts as a text file, one prompt per line", f"{prompts_file} (no such file)",
+                          "Write the prompts to record into a file.")
+    prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("at least one prompt in --prompts", f"{prompts_file} (no non-empty line)",
+                          "Write one prompt per line.")
+    try:
+        extra = json.loads(args.call)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--call as a JSON object", f"{args.call!r} ({exc.msg})",
+                          "Write e.g. --call '{\"max_sequence_length\": 256}'.") from None
+    if not isinstance(extra, dict):
+        raise ConfigError("--call as a JSON object", f"a JSON {type(extra).__name__}",
+                          "Write e.g. --call '{\"max_sequence_length\": 256}'.")
+    pipe = _load_pipeline(Path(args.pipeline))
+    options = {"num_inference_steps": args.steps, "output_type": "latent", **extra}
+    options.update({name: value for name, value in (("guidance_scale", args.guidance_scale), ("height", args.height),
+                                                    ("width", args.width)) if value is not None})
+    calls = [dict(options, prompt=prompt, generator=torch.Generator().manual_seed(args.seed + i))
+             for i, prompt in enumerate(prompts)]
+    first = {k: v for k, v in calls[0].items() if k != "generator"}
+    pipe.transformer = ec.transform(pipe.transformer, example_inputs=ec.capture_inputs(pipe, **first))
+    return record_pipeline_trajectories(pipe, calls, out=out, shard_mb=args.shard_mb)
+
+
+def _load_pipeline(directory: Path):
+    """A diffusers pipeline folder (``model_index.json``), safetensors weights only."""
+    from diffusers import DiffusionPipeline
+
+    if not (directory / "model_index.json").is_file():
+        raise ConfigError("--pipeline as a diffusers pipeline directory (save_pretrained, with model_index.json)",
+                          f"{directory}", "Pass the folder a pipeline's save_pretrained wrote.")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(directory, use_safetensors=True)
+    except (ValueError, OSError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"--pipeline {directory}: a loadable diffusers pipeline with safetensors weights",
+                          f"{type(exc).__name__}: {str(exc)[:300]}", "Check the folder with "
+                          "DiffusionPipeline.from_pretrained(folder, use_safetensors=True).") from exc
+    if not hasattr(pipe, "transformer"):
+        raise ConfigError("a pipeline with a .transformer", f"{type(pipe).__name__}",
+                          "Record trajectories of a DiT pipeline (a transformer denoiser).")
+    return pipe

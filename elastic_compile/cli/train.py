@@ -98,6 +98,8 @@ def run(args) -> int:
         data = TrajectoryStore(args.trajectories)
     model_spec = args.model or str(ASSETS_DIR / "transformer")
     model, inputs = resolve_model(model_spec)
+    if inputs is None and not args.routers:
+        inputs = _example_inputs_from(data, model_spec)
     torch.manual_seed(args.seed)   # new routers' initial weights: the same options give the same run
     if args.routers:
         ec.load(model, args.routers)
@@ -154,3 +156,21 @@ def _load_data(path: str):
         raise ConfigError("--data as a non-empty list of keyword-argument dicts (or a TrajectoryDataset.save file)",
                           f"a {type(data).__name__}", "Save the dataset with TrajectoryDataset.save(path.safetensors).")
     return data
+
+
+def _example_inputs_from(data, model_spec: str) -> dict:
+    """Example inputs for ``transform`` from the training data itself (two recorded rows), for models whose inputs
+    cannot be synthesised from their config (text-conditioned ones: record them with ``record --pipeline``)."""
+    import torch
+
+    from ..train.trajectories import TEACHER_KEY
+
+    if data is None:
+        raise ConfigError(f"example inputs for --model {model_spec}", "none (only class-conditional DiT inputs can "
+                          "be synthesised from a config)", "Record the model's inputs through its pipeline with "
+                          "`elastic-compile record --pipeline DIR --prompts FILE --out STORE` and pass "
+                          "--trajectories STORE (or --data).")
+    if isinstance(data, (list, tuple)):
+        return data[0]
+    rows = torch.arange(min(2, len(data)))
+    return {k: v for k, v in data.batch(rows).items() if k != TEACHER_KEY}

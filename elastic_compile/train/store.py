@@ -30,7 +30,7 @@ from torch import distributed as dist
 
 from ..errors import ConfigError
 from ..sampling import denoiser_output
-from .trajectories import TEACHER_KEY, RowSplitter
+from .trajectories import TEACHER_KEY, RowSplitter, check_constants, nest_arguments
 
 STORE_FORMAT = "elastic_compile.trajectory-store/1"
 INDEX = "index.json"
@@ -94,9 +94,7 @@ class StoreWriter:
                               "Give every rank a share of the prompts / classes to record.")
         shared = self.splitter.shared
         constants = {k: v for k, v in shared.items() if not isinstance(v, torch.Tensor)}
-        if not all(isinstance(v, (type(None), bool, int, float, str)) for v in constants.values()):
-            raise ConfigError("shared arguments that are tensors or plain values (None, bool, numbers, strings)",
-                              f"{sorted(constants)}", "Pass such arguments only.")
+        check_constants(constants)
         tensors = {k: v.contiguous() for k, v in shared.items() if isinstance(v, torch.Tensor)}
         shared_file = None
         if tensors:
@@ -198,7 +196,7 @@ class TrajectoryStore:
                 rows[key].append(handle.get_slice(f"rows.{key}")[local:local + 1])
         empty = {k: torch.empty((0, *shape), dtype=getattr(torch, dtype.split(".")[-1]))
                  for k, (shape, dtype) in self.index["keys"].items()}
-        return {**self.shared, **{k: torch.cat(v) if v else empty[k] for k, v in rows.items()}}
+        return nest_arguments({**self.shared, **{k: torch.cat(v) if v else empty[k] for k, v in rows.items()}})
 
 
 class EpochSampler:

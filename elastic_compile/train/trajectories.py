@@ -15,6 +15,7 @@ For models whose rows do not fit in memory, ``out=DIR`` records into a sharded s
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -31,6 +32,46 @@ DATASET_FORMAT = "elastic_compile.trajectories/1"
 TEACHER_KEY = "__teacher__"  # train_routers' cached teacher outputs: recomputed, never saved
 _GENERATION = "__generation__"
 _BRANCH = "__branch__"
+#: Separates an argument's name from a key of its dict value (``added_cond_kwargs::resolution``): dict arguments
+#: holding tensors are recorded key by key, so their batched tensors become rows like any other argument.
+NESTED = "::"
+
+
+def flatten_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Dict arguments that hold tensors spread into one entry per key (see :data:`NESTED`)."""
+    flat: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            flat.update({f"{name}{NESTED}{key}": item for key, item in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def nest_arguments(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_arguments`: the keyword arguments a model call takes."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        outer, separator, inner = name.partition(NESTED)
+        if separator:
+            nested.setdefault(outer, {})[inner] = value
+        else:
+            nested[name] = value
+    return nested
+
+
+def check_constants(constants: dict[str, Any]) -> None:
+    """Shared non-tensor arguments must be plain JSON values (what a dataset file can hold without code)."""
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return isinstance(value, (type(None), bool, int, float, str))
+    wrong = sorted(k for k, v in constants.items() if not plain(v))
+    if wrong:
+        raise ConfigError("shared arguments that are tensors or plain values (None, bool, numbers, strings, and "
+                          "lists or dicts of them)", f"other values in {wrong}", "Pass such arguments only.")
 
 
 @dataclass
@@ -47,7 +88,7 @@ class TrajectoryDataset:
 
     def batch(self, indices: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments of one model call made of rows ``indices``."""
-        return {**self.shared, **{k: v.index_select(0, indices) for k, v in self.rows.items()}}
+        return nest_arguments({**self.shared, **{k: v.index_select(0, indices) for k, v in self.rows.items()}})
 
     def to(self, device) -> "TrajectoryDataset":
         return TrajectoryDataset({k: v.to(device) for k, v in self.rows.items()}, self.shared, self.previous)
@@ -58,9 +99,7 @@ class TrajectoryDataset:
         from safetensors.torch import save_file
 
         constants = {k: v for k, v in self.shared.items() if not isinstance(v, torch.Tensor)}
-        if not all(isinstance(v, (type(None), bool, int, float, str)) for v in constants.values()):
-            raise ConfigError("shared arguments that are tensors or plain values (None, bool, numbers, strings)",
-                              f"{sorted(k for k, v in constants.items())}", "Pass such arguments only.")
+        check_constants(constants)
         tensors = {f"rows.{k}": v.contiguous() for k, v in self.rows.items() if k != TEACHER_KEY}
         tensors.update({f"shared.{k}": v.contiguous() for k, v in self.shared.items() if isinstance(v, torch.Tensor)})
         if self.previous is not None:
@@ -122,7 +161,7 @@ class RowSplitter:
         self._last_row_of: dict[tuple, tuple[int, int]] = {}   # (generation, branch) -> (first row, batch)
 
     def split(self, call: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        arguments = {k: v for k, v in call.items() if k not in (_GENERATION, _BRANCH)}
+        arguments = flatten_arguments({k: v for k, v in call.items() if k not in (_GENERATION, _BRANCH)})
         batch = next(v.shape[0] for v in arguments.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
         rows = {}
         for name, value in arguments.items():
@@ -142,12 +181,19 @@ class RowSplitter:
         return rows, previous
 
 
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
 class _RecordingDenoiser(SamplerHooks):
     """Calls the model (forced dense) and keeps each call's arguments by parameter name; as sampler hooks it also
     notes each call's generation and guidance branch, which links every row to its previous step."""
 
     def __init__(self, model: nn.Module):
-        import inspect
         self.model = model
         self.signature = inspect.signature(model.forward)
         self.calls: list[dict[str, Any]] = []
@@ -168,17 +214,38 @@ class _RecordingDenoiser(SamplerHooks):
         finally:
             self.current_branch = None
 
-    def __call__(self, *args, **kwargs):
-        bound = self.signature.bind(*args, **kwargs).arguments
-        call = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.items()}
+    def arguments_of(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """One call's arguments by parameter name (``**kwargs`` spread out), tensors detached and cloned, with
+        the generation and branch the call belongs to when the recorder is driven as sampler hooks."""
+        bound = self.signature.bind(*args, **kwargs)
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise ConfigError("a denoiser whose arguments all have names", f"*{name} given {len(value)} "
+                                      "values", "Call the denoiser with named arguments.")
+            else:
+                named[name] = value
+        call = {k: _detached(v) for k, v in named.items()}
         if self.hooked:
             call[_GENERATION], call[_BRANCH] = self.generation, self.current_branch
-        with force(self.model, skip=False, width=1.0):
-            output = self.model(*args, **kwargs)
+        return call
+
+    def keep(self, call: dict[str, Any], output) -> None:
+        """Hand a recorded call (and the dense output it gave) to the store, or keep it in memory."""
         if self.sink is not None:
             self.sink(call, output)
         else:
             self.calls.append(call)
+
+    def __call__(self, *args, **kwargs):
+        call = self.arguments_of(args, kwargs)
+        with force(self.model, skip=False, width=1.0):
+            output = self.model(*args, **kwargs)
+        self.keep(call, output)
         return output
 
     def parameters(self):  # lets samplers find the model's device and dtype
