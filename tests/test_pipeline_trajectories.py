@@ -135,7 +135,7 @@ def test_cli_records_a_text_pipeline_and_trains_its_transformer_from_the_store(t
     prompts.write_text("a cat on the grass\n\na red dog\n")
     store = tmp_path / "store"
     record = ["record", "--pipeline", str(tmp_path / "pipe"), "--prompts", str(prompts), "--steps", "2",
-              "--height", "16", "--width", "16", "--call", '{"max_sequence_length": 8}', "--out", str(store)]
+              "--resolution", "16x16", "--call", '{"max_sequence_length": 8}', "--out", str(store)]
     assert main(record) == 0
     assert f"elastic-compile train --model {tmp_path / 'pipe' / 'transformer'}" in capsys.readouterr().out
     assert len(TrajectoryStore(store)) == 2 * 2 and TrajectoryStore(store).previous.tolist() == [-1, 0, -1, 2]

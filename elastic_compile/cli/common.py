@@ -151,3 +151,45 @@ def writable_output(path: str | os.PathLike, name: str) -> Path:
     if path.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{name} as a file path in a writable folder", f"{path}", "Choose another path.")
     return path
+
+
+def load_pipeline(directory: Path):
+    """A diffusers pipeline folder (``model_index.json``), safetensors weights only."""
+    from diffusers import DiffusionPipeline
+
+    if not (directory / "model_index.json").is_file():
+        raise ConfigError("--pipeline as a diffusers pipeline directory (save_pretrained, with model_index.json)",
+                          f"{directory}", "Pass the folder a pipeline's save_pretrained wrote.")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(directory, use_safetensors=True)
+    except (ValueError, OSError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"--pipeline {directory}: a loadable diffusers pipeline with safetensors weights",
+                          f"{type(exc).__name__}: {str(exc)[:300]}", "Check the folder with "
+                          "DiffusionPipeline.from_pretrained(folder, use_safetensors=True).") from exc
+    if not hasattr(pipe, "transformer"):
+        raise ConfigError("a pipeline with a .transformer", f"{type(pipe).__name__}",
+                          "Record trajectories of a DiT pipeline (a transformer denoiser).")
+    return pipe
+
+
+def parse_call(text: str) -> dict:
+    """``--call``: more keyword arguments of every pipeline call, as a JSON object."""
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--call as a JSON object", f"{text!r} ({exc.msg})",
+                          "Write e.g. --call '{\"max_sequence_length\": 256}'.") from None
+    if not isinstance(extra, dict):
+        raise ConfigError("--call as a JSON object", f"a JSON {type(extra).__name__}",
+                          "Write e.g. --call '{\"max_sequence_length\": 256}'.")
+    return extra
+
+
+def parse_resolution(text: str | None) -> dict:
+    """``--resolution HEIGHTxWIDTH`` -> the pipeline's ``height`` and ``width`` ({} when absent)."""
+    if text is None:
+        return {}
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError("--resolution as HEIGHTxWIDTH in pixels", repr(text), "E.g. --resolution 1024x768.")
+    return {"height": int(parts[0]), "width": int(parts[1])}

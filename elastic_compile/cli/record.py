@@ -5,7 +5,6 @@ memory, and under ``torchrun`` every rank records its share of the generations i
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -31,8 +30,8 @@ def register(subparsers) -> None:
     text.add_argument("--steps", type=int, default=28, help="with --pipeline: denoising steps per call")
     text.add_argument("--guidance-scale", type=float, default=None,
                       help="with --pipeline: the pipeline's guidance_scale (default: the pipeline's own)")
-    text.add_argument("--height", type=int, default=None, help="with --pipeline: image height (default: the pipeline's)")
-    text.add_argument("--width", type=int, default=None, help="with --pipeline: image width (default: the pipeline's)")
+    text.add_argument("--resolution", default=None,
+                      help="with --pipeline: image HEIGHTxWIDTH in pixels, e.g. 1024x768 (default: the pipeline's)")
     text.add_argument("--call", default="{}",
                       help="with --pipeline: more keyword arguments of every pipeline call, as a JSON object "
                            "(e.g. '{\"max_sequence_length\": 256}')")
@@ -86,6 +85,7 @@ def _record_pipeline(args, out: Path):
     import elastic_compile as ec
 
     from ..train import record_pipeline_trajectories
+    from .common import load_pipeline, parse_call, parse_resolution
 
     if args.pipeline is None or args.prompts is None:
         raise ConfigError("--pipeline and --prompts together", f"only {'--pipeline' if args.pipeline else '--prompts'}",
@@ -100,39 +100,15 @@ def _record_pipeline(args, out: Path):
     if not prompts:
         raise ConfigError("at least one prompt in --prompts", f"{prompts_file} (no non-empty line)",
                           "Write one prompt per line.")
-    try:
-        extra = json.loads(args.call)
-    except json.JSONDecodeError as exc:
-        raise ConfigError("--call as a JSON object", f"{args.call!r} ({exc.msg})",
-                          "Write e.g. --call '{\"max_sequence_length\": 256}'.") from None
-    if not isinstance(extra, dict):
-        raise ConfigError("--call as a JSON object", f"a JSON {type(extra).__name__}",
-                          "Write e.g. --call '{\"max_sequence_length\": 256}'.")
-    pipe = _load_pipeline(Path(args.pipeline))
+    extra = parse_call(args.call)
+    parse_resolution(args.resolution)   # checked before the pipeline loads
+    pipe = load_pipeline(Path(args.pipeline))
     options = {"num_inference_steps": args.steps, "output_type": "latent", **extra}
-    options.update({name: value for name, value in (("guidance_scale", args.guidance_scale), ("height", args.height),
-                                                    ("width", args.width)) if value is not None})
+    options.update(parse_resolution(args.resolution))
+    if args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
     calls = [dict(options, prompt=prompt, generator=torch.Generator().manual_seed(args.seed + i))
              for i, prompt in enumerate(prompts)]
     first = {k: v for k, v in calls[0].items() if k != "generator"}
     pipe.transformer = ec.transform(pipe.transformer, example_inputs=ec.capture_inputs(pipe, **first))
     return record_pipeline_trajectories(pipe, calls, out=out, shard_mb=args.shard_mb)
-
-
-def _load_pipeline(directory: Path):
-    """A diffusers pipeline folder (``model_index.json``), safetensors weights only."""
-    from diffusers import DiffusionPipeline
-
-    if not (directory / "model_index.json").is_file():
-        raise ConfigError("--pipeline as a diffusers pipeline directory (save_pretrained, with model_index.json)",
-                          f"{directory}", "Pass the folder a pipeline's save_pretrained wrote.")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(directory, use_safetensors=True)
-    except (ValueError, OSError, AttributeError, TypeError) as exc:
-        raise ConfigError(f"--pipeline {directory}: a loadable diffusers pipeline with safetensors weights",
-                          f"{type(exc).__name__}: {str(exc)[:300]}", "Check the folder with "
-                          "DiffusionPipeline.from_pretrained(folder, use_safetensors=True).") from exc
-    if not hasattr(pipe, "transformer"):
-        raise ConfigError("a pipeline with a .transformer", f"{type(pipe).__name__}",
-                          "Record trajectories of a DiT pipeline (a transformer denoiser).")
-    return pipe

@@ -1,4 +1,9 @@
-"""``elastic-compile run DIR --classes 0,1,2``: generate class-conditional images from an exported artifact."""
+"""``elastic-compile run DIR --classes 0,1,2``: generate images from an exported artifact.
+
+Class-conditional exports run the project's sampler with the scheduler and sampling config stored at export.
+Text-conditioned ones run their own diffusers pipeline (``--pipeline PIPE_DIR --prompt ...``): the runtime, built
+on the pipeline's transformer as base architecture, becomes ``pipe.transformer`` and the pipeline does the rest
+(text encoders, guidance, its cache contexts, decoding)."""
 from __future__ import annotations
 
 import time
@@ -12,9 +17,19 @@ from .common import parse_ints, require, writable_output
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="generate images from an exported artifact (class-conditional DiT)")
+    parser = subparsers.add_parser("run", help="generate images from an exported artifact (class labels, or prompts "
+                                               "through the model's diffusers pipeline)")
     parser.add_argument("artifact", help="directory written by elastic-compile export")
-    parser.add_argument("--classes", required=True, help="class labels, one image each, e.g. 0,1,2")
+    parser.add_argument("--classes", default=None, help="class labels, one image each, e.g. 0,1,2")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="a prompt, one image each (repeat the flag for more); needs --pipeline")
+    parser.add_argument("--pipeline", default=None,
+                        help="with --prompt: the diffusers pipeline directory (save_pretrained) whose transformer was "
+                             "exported; the runtime takes the transformer's place")
+    parser.add_argument("--resolution", default=None,
+                        help="with --pipeline: image HEIGHTxWIDTH in pixels, e.g. 1024x768 (default: the pipeline's)")
+    parser.add_argument("--call", default="{}",
+                        help="with --pipeline: more keyword arguments of the pipeline call, as a JSON object")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the artifact's sampling.json)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded with seed + i")
@@ -140,6 +155,12 @@ def run(args) -> int:
     from ..cache import remove_feature_cache, serving_cache_hooks
     from ..stats import StepStats
 
+    if (args.classes is None) == (args.prompt is None):
+        raise ConfigError("one of --classes (class-conditional exports) and --prompt (with --pipeline)",
+                          "both" if args.classes is not None else "neither",
+                          "E.g. --classes 0,1,2, or --pipeline PIPE_DIR --prompt 'a cat'.")
+    if args.prompt is not None:
+        return run_pipeline(args)
     labels = list(parse_ints(args.classes, "--classes", low=0))
     if args.cuda_graph and args.backend != "torch":
         raise ConfigError("--backend torch with --cuda-graph", f"--backend {args.backend}",
@@ -179,4 +200,69 @@ def run(args) -> int:
     print(f"{len(labels)} images in {seconds:.2f} s ({how}) -> {path}; the generation executed "
           f"{100 * steps.executed_flops_fraction:.1f}% of dense FLOPs, {100 * steps.skipped_fraction:.1f}% of "
           f"block calls skipped{cached}" + outside)
+    return 0
+
+
+def run_pipeline(args) -> int:
+    """``--pipeline DIR --prompt ...``: the export served as the pipeline's transformer."""
+    import elastic_compile as ec
+    from ..cache import remove_feature_cache
+    from ..stats import stats
+    from .common import load_pipeline, parse_call, parse_resolution
+
+    if args.pipeline is None:
+        raise ConfigError("--pipeline with --prompt", "no --pipeline",
+                          "Name the diffusers pipeline directory whose transformer the artifact was exported from.")
+    if args.cuda_graph:
+        raise ConfigError("--cuda-graph with --classes", "--prompt",
+                          "Leave --cuda-graph out: pipelines run through the runtime's per-block dispatch.")
+    _check_options(args)
+    extra = {**parse_call(args.call), **parse_resolution(args.resolution)}
+    path = writable_output(args.out, "--out")
+    pipe = load_pipeline(Path(args.pipeline))
+    runtime = ec.runtime.load(args.artifact, args.backend, threads=args.threads, device=args.device,
+                              thread_pool=args.thread_pool, memory_arena=args.memory_arena,
+                              torch_threads=_torch_threads(args.torch_threads), outside_graphs=args.outside_graphs,
+                              base_model=pipe.transformer, providers=_providers(args))
+    if args.cache == "off":
+        remove_feature_cache(runtime)
+    elif args.cache == "on":
+        ec.apply_feature_cache(runtime.model)
+    pipe.transformer = runtime
+    per_call = []
+    profiling = []
+
+    def keep_stats(module, args_, output):   # stats' own FLOP-profiling forward runs the model too: not counted
+        if not profiling:
+            profiling.append(True)
+            try:
+                per_call.append(stats(runtime))
+            finally:
+                profiling.pop()
+    handle = runtime.model.register_forward_hook(keep_stats)
+    call = dict(extra, prompt=list(args.prompt), output_type="pt",
+                generator=[torch.Generator().manual_seed(args.seed + i) for i in range(len(args.prompt))])
+    call.update({name: value for name, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance))
+                 if value is not None})
+    started = time.perf_counter()
+    try:
+        with ec.force(runtime, skip=_skip(args.skip), width=args.width):
+            images = pipe(**call).images
+    finally:
+        handle.remove()
+    seconds = time.perf_counter() - started
+    path = save_images(images.float() * 2 - 1, path, args.nrow or len(args.prompt))
+    mean = lambda name: sum(getattr(s, name) for s in per_call) / max(1, len(per_call))  # noqa: E731
+    result = {"images": len(args.prompt), "seconds": seconds, "out": str(path), "backend": args.backend,
+              "pipeline": type(pipe).__name__, "executed_flops_fraction": mean("executed_flops_fraction"),
+              "skipped_fraction": mean("skipped_fraction"), "reused_fraction": mean("reused_fraction"),
+              "forwards": len(per_call)}
+    runtime.close()
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{len(args.prompt)} images in {seconds:.2f} s ({args.backend} through {type(pipe).__name__}) -> {path}; "
+          f"the generation executed {100 * result['executed_flops_fraction']:.1f}% of dense FLOPs over "
+          f"{len(per_call)} transformer calls, {100 * result['skipped_fraction']:.1f}% of block calls skipped, "
+          f"{100 * result['reused_fraction']:.1f}% served from the feature cache")
     return 0
