@@ -217,7 +217,7 @@ def per_step_schedule(assets, path, scheduler, config, labels):
 def block_cache(assets, max_reuse: int, action: str = "reuse"):
     """Training-free block cache of this toolkit: every block asks to skip, so each stands in with its last update
     ("reuse") or a first- or second-order forecast from its last two or three ("forecast", "forecast2") up to ``max_reuse`` steps in a row and then
-    runs (fallback "run")."""
+    runs (fallback "run"); a forecast waits until the block has two stored updates (``forecast_min_points``)."""
     model = elastic_base(assets, ec.ElasticConfig(skip_actions=(action,)))
     apply_feature_cache(model, FeatureCacheConfig(max_reuse=max_reuse, fallback="run"))
     return Forced(model, skip=True, width=1.0), ElasticCacheHooks(model)

@@ -94,6 +94,29 @@ def test_fallback_run_turns_every_unusable_skip_into_a_run():
         FeatureCacheConfig(fallback="skip")
 
 
+@pytest.mark.parametrize("min_points, expected", [
+    (2, [True, True, False, True, False, True]),     # a forecast waits for a slope: run, run, forecast, run, ...
+    (1, [True, False, True, False, True, False]),    # the old rule: a forecast from one update is a plain reuse
+])
+def test_a_forecast_never_stands_in_from_a_single_update(min_points, expected):
+    model, inputs = ARCHITECTURES["reference_dit"](batch=2)
+    ec.transform(model, ec.ElasticConfig(skip_actions=("forecast",)), example_inputs=inputs)
+    apply_feature_cache(model, FeatureCacheConfig(max_reuse=1, fallback="run", forecast_min_points=min_points))
+    runs = []
+    for step in range(len(expected)):
+        _call(model, {**inputs, "t": inputs["t"] - step}, skip=True, width=1.0)
+        runs.append(ec.stats(model).decisions[0][0].run)
+    assert runs == expected
+    with pytest.raises(ConfigError, match="forecast_min_points"):
+        FeatureCacheConfig(forecast_min_points=3)
+
+
+def test_a_recorded_cache_without_forecast_min_points_is_served_as_it_was_trained():
+    from elastic_compile.cache.context import serving_cache_config
+    assert serving_cache_config({"feature_cache": {"max_reuse": 2, "fallback": "run"}}).forecast_min_points == 1
+    assert serving_cache_config({}).forecast_min_points == 2
+
+
 def test_cache_off_and_after_reset_skip_is_identity():
     model, inputs = _model(max_reuse=3)
     seen = _block_io(model, 2)

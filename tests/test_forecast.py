@@ -6,7 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from elastic_compile.cache import DeviceEntry, HostEntry
 from elastic_compile.cache.forecast import history_points, lagrange_weight_rows, lagrange_weights
+from elastic_compile.cache.rules import POINTS
 from elastic_compile.errors import ConfigError
 
 steps = st.lists(st.integers(0, 40), min_size=1, max_size=3, unique=True).map(sorted)
@@ -56,3 +58,23 @@ def test_device_weights_equal_host_weights(rows):
     for i, (s, ahead) in enumerate(rows):
         expected = [0.0] * (depth - len(s)) + lagrange_weights(s, s[-1] + ahead)
         assert weights[i].tolist() == pytest.approx(expected, abs=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.sampled_from(sorted(POINTS))),
+                     min_size=1, max_size=5),
+       min_points=st.sampled_from([1, 2]), max_reuse=st.integers(1, 3))
+def test_host_and_device_entries_agree_on_which_stand_ins_can_serve(rows, min_points, max_reuse):
+    """A stand-in serves where the sample has as many stored updates as its action reads, but never fewer than
+    one nor more than ``min_points`` are required, and fewer than ``max_reuse`` stand-ins ran in a row."""
+    batch = len(rows)
+    host = HostEntry(batch, depth=3)
+    host.stamps = [list(range(count)) for count, _, _ in rows]
+    host.streak = [streak for _, streak, _ in rows]
+    device = DeviceEntry({0: torch.zeros(batch, 2)}, batch, depth=3)
+    device.count = torch.tensor([count for count, _, _ in rows])
+    device.streak = torch.tensor([streak for _, streak, _ in rows])
+    choice = [code for _, _, code in rows]
+    expected = [count >= max(1, min(POINTS[code], min_points)) and streak < max_reuse for count, streak, code in rows]
+    assert host.usable(max_reuse, choice, min_points) == expected
+    assert device.usable(max_reuse, torch.tensor(choice), min_points).tolist() == expected

@@ -29,7 +29,7 @@ MANIFEST, PERMUTATIONS, ROUTERS = "elastic.json", "permutations.safetensors", "r
 BASE_WEIGHTS = "base_weights.safetensors"
 FILES = (PERMUTATIONS, ROUTERS, BASE_WEIGHTS)
 REMEDY = "save it again"
-CACHE_FIELDS = {"max_reuse": int, "band": (float, type(None)), "fallback": str}
+CACHE_FIELDS = {"max_reuse": int, "band": (float, type(None)), "fallback": str, "forecast_min_points": int}
 
 
 def is_saved_artifact(directory: Path) -> bool:

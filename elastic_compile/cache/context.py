@@ -22,6 +22,15 @@ def is_diffusers_model(model) -> bool:
     return isinstance(model, nn.Module) and any(cls.__module__.startswith("diffusers.") for cls in type(model).__mro__)
 
 
+def serving_cache_config(serving: dict) -> FeatureCacheConfig:
+    """The cache a model's routers were trained for (``serving["feature_cache"]``), else the default config. A
+    recorded cache without ``forecast_min_points`` predates that option: its routers were trained with 1."""
+    recorded = serving.get("feature_cache")
+    if recorded is None:
+        return FeatureCacheConfig()
+    return FeatureCacheConfig(**{"forecast_min_points": 1, **recorded})
+
+
 def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = None) -> FeatureCacheState:
     """Turn the feature cache on for an elastic model (replacing any previous cache state).
 
@@ -31,7 +40,7 @@ def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = No
     and calls outside any context get one from their timestep (``plain_calls.py``)."""
     state = state_of(model)
     base = model if isinstance(model, nn.Module) else getattr(model, "model", model)  # a Runtime's model
-    state.cache = FeatureCacheState(config or FeatureCacheConfig(**state.serving.get("feature_cache", {})),
+    state.cache = FeatureCacheState(config or serving_cache_config(state.serving),
                                     state.config.skip_actions, timestep_argument(base))
     if is_diffusers_model(model):  # speak diffusers' cache protocol (a Runtime speaks it itself): diffusers_protocol.py
         from .diffusers_protocol import install_protocol_hook

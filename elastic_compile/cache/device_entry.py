@@ -37,8 +37,10 @@ class DeviceEntry:
     def tick(self) -> None:
         self.step.add_(1.0)
 
-    def usable(self, max_reuse: int) -> torch.Tensor:
-        return (self.count > 0) & (self.streak < max_reuse)
+    def usable(self, max_reuse: int, choice: torch.Tensor, min_points: int = 1) -> torch.Tensor:
+        """Rows whose stand-in ``choice`` can serve (:meth:`HostEntry.usable`'s rule, as tensors)."""
+        needed = self.points.index_select(0, choice).clamp(min=1, max=min_points)
+        return (self.count >= needed) & (self.streak < max_reuse)
 
     def skip_values(self, inputs: dict[int, torch.Tensor], stand_in: torch.Tensor) -> dict[int, torch.Tensor]:
         """New tensors: ``in + stand-in`` per row (``in`` where identity)."""

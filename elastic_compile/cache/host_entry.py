@@ -28,9 +28,11 @@ class HostEntry:
         """A new call of the block in this context: the step its decisions, stand-ins and updates belong to."""
         self.step += 1
 
-    def usable(self, max_reuse: int) -> list[bool]:
-        """Samples a stand-in can serve: an update stored, fewer than ``max_reuse`` stand-ins in a row."""
-        return [bool(s) and k < max_reuse for s, k in zip(self.stamps, self.streak)]
+    def usable(self, max_reuse: int, choice: list[int], min_points: int = 1) -> list[bool]:
+        """Samples whose stand-in ``choice`` can serve: as many stored updates as it reads, or ``min_points``
+        (at least one), and fewer than ``max_reuse`` stand-ins in a row."""
+        return [len(s) >= max(1, min(POINTS.get(c, 1), min_points)) and k < max_reuse
+                for s, k, c in zip(self.stamps, self.streak, choice)]
 
     def weights(self, sample: int, code: int) -> list[float]:
         """Slot weights (oldest first) of stand-in ``code`` for ``sample`` at this step; zeros for identity."""

@@ -5,9 +5,10 @@ A sample the block does not run for gets its residual input plus a *stand-in* fo
 * ``IDENTITY`` (0): nothing, the block is left out;
 * one code per skip action of ``ElasticConfig.skip_actions`` (:data:`CODES`): the block's update extrapolated
   from its own history (``forecast.py``): "reuse" the last update, "forecast" / "forecast2" a first / second
-  order extrapolation. Every action is available where the block has any stored update for the sample and
-  stand-ins took its place fewer than ``max_reuse`` times in a row (an action that wants more points than are
-  stored uses those there are).
+  order extrapolation. An action is available where the block has stored as many updates for the sample as
+  it reads, or ``forecast_min_points`` of them (2 by default: a forecast needs a slope and never stands in as a
+  reuse of one update; "reuse" needs one; a second-order forecast with two points is first order), and stand-ins
+  took its place fewer than ``max_reuse`` times in a row.
 
 Per sample, from the router's (or ``force``'s) decision, the action it chose (routers with an action head; else
 the first skip action) and whether a stand-in is available:

@@ -44,11 +44,16 @@ class FeatureCacheConfig:
     """``max_reuse``: K, how many times in a row a stand-in may take the block's place. ``band``: the band rule of
     :mod:`.rules` (None: off). ``fallback``: what a skip does when no delta is usable (first step, or K reuses in a
     row): "identity" (the block is left out, what plain routers are trained for) or "run" (the block runs and
-    refreshes its delta, so a skip always means reuse: what cache-aware routers are trained for)."""
+    refreshes its delta, so a skip always means reuse: what cache-aware routers are trained for).
+    ``forecast_min_points``: the fewest stored updates a forecast action extrapolates from (an action that reads
+    more uses the points there are, down to this): 2, a forecast never stands in as a plain reuse of a single
+    update (early in a generation, where updates change fastest, that costs several dB); 1, any stored update
+    (artifacts written before this option were trained so)."""
 
     max_reuse: int = 2
     band: float | None = None
     fallback: str = "identity"
+    forecast_min_points: int = 2
 
     def __post_init__(self):
         if self.fallback not in ("identity", "run"):
@@ -58,6 +63,9 @@ class FeatureCacheConfig:
             raise ConfigError("max_reuse >= 1", f"{self.max_reuse}", "Use e.g. 2; disable the cache to never reuse.")
         if self.band is not None and not 0.0 < self.band < 1.0:
             raise ConfigError("band in (0, 1) or None", f"{self.band}", "Use e.g. 0.1.")
+        if self.forecast_min_points not in (1, 2):
+            raise ConfigError("forecast_min_points 1 or 2", f"{self.forecast_min_points}",
+                              "Use 2 (forecasts need a slope), or 1 (any stored update) for routers trained so.")
 
 
 class CallerRows(PerThread):
@@ -175,7 +183,8 @@ class FeatureCacheState:
             choice = [self.codes[a] for a in actions]
         else:
             choice = self.code_table(actions.device).index_select(0, actions)
-        return plan(flags, self.config, threshold, run, scores, entry.usable(self.config.max_reuse), choice)
+        usable = entry.usable(self.config.max_reuse, choice, self.config.forecast_min_points)
+        return plan(flags, self.config, threshold, run, scores, usable, choice)
 
     def code_table(self, device) -> torch.Tensor:
         """The stand-in code of each skip action as a device tensor (indexed by the router's action)."""

@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..cache import FeatureCacheConfig
 from ..errors import ConfigError
 from ..nn.gate.profile import flop_table
 from ..sampling import denoiser_output
@@ -154,7 +155,8 @@ def _train(model, data, *, budget, steps, lr, batch_size, seed, budget_weight, l
         require_step_links(data)
         skip_cost = 1.0 / (cache_max_reuse + 1)
         # saved with the routers: apply_feature_cache(model) then serves what was trained
-        state.serving["feature_cache"] = {"max_reuse": cache_max_reuse, "fallback": "run"}
+        state.serving["feature_cache"] = {"max_reuse": cache_max_reuse, "fallback": "run",
+                                         "forecast_min_points": FeatureCacheConfig.forecast_min_points}
     else:
         state.serving.pop("feature_cache", None)
     rank, world = init_distributed()

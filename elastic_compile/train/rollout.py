@@ -124,7 +124,8 @@ def serving_cache(model: nn.Module, max_reuse: int) -> FeatureCacheConfig:
     """The cache rollouts run with and the routers will be served with (recorded in ``state.serving``)."""
     state = state_of(model)
     config = FeatureCacheConfig(max_reuse=max_reuse, fallback="run")
-    state.serving["feature_cache"] = {"max_reuse": max_reuse, "fallback": "run"}
+    state.serving["feature_cache"] = {"max_reuse": max_reuse, "fallback": "run",
+                                     "forecast_min_points": FeatureCacheConfig.forecast_min_points}
     return config
 
 
