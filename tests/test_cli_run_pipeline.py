@@ -35,7 +35,8 @@ def test_a_text_export_runs_as_its_pipelines_transformer(exported, tmp_path, cap
     out = tmp_path / "images.pt"
     assert main(["run", str(root / "export"), "--pipeline", str(root / "pipe"), "--prompt", PROMPT, "--steps", "2",
                  "--resolution", "16x16", "--call", '{"max_sequence_length": 8}', "--seed", "5",
-                 "--out", str(out), "--json"]) == 0
+                 # per-session pools: ONNX Runtime's shared pool would stay process-wide for the other tests
+                 "--threads", "1", "--thread-pool", "per_session", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     torch.testing.assert_close(torch.load(out), expected, atol=1e-4, rtol=0)
     assert result["forwards"] == 2 and result["pipeline"] == "FluxPipeline"
