@@ -12,8 +12,9 @@ Methods: diffusers FirstBlockCache, TaylorSeer and MagCache (calibrated on this 
 API; static block skipping (the same blocks every step, set chosen greedily on a calibration set); static width
 pruning (every FFN at one bucket); this toolkit's block cache with no routers (every block reuses its last update
 up to K steps in a row, then runs) and its block forecast (first- or second-order extrapolation instead of
-reuse); the toolkit's best elastic mode, forecast routers trained through rollouts (routers/forecast_budget_*), as
-trained and with their decisions averaged per step (the per-sample ablation), the same routers trained with the
+reuse); the toolkit's elastic modes: forecast routers trained through rollouts (routers/forecast_budget_*), as
+trained and with their decisions averaged per step (the per-sample ablation), routers serving a schedule searched
+per step and block on the served objective (routers/schedule_budget_*, search_schedule.py), the same routers trained with the
 per-step objective only (routers/forecast_step_budget_*), and one setting of each earlier router family.
 """
 from __future__ import annotations
@@ -48,9 +49,12 @@ OUT = RESULTS  # where this run writes (--out); router sets are read from RESULT
 #: The toolkit's best elastic mode: routers choosing run / skip and a skip action (reuse, first- or second-order
 #: forecast) per block, step and sample, trained through rollouts with the feature cache in the loop.
 ELASTIC = "E-DiT forecast routers"
+#: Routers that serve a schedule searched per step and block on the served objective (search_schedule.py): what
+#: routers can learn where per-sample routing does not pay.
+SCHEDULE = "E-DiT schedule routers"
 #: Elastic configurations that may dominate a peer: the routers as trained, and their decisions averaged per step
 #: over samples (one learned schedule for every sample; the per-sample ablation of the issue's premise).
-CANDIDATES = (ELASTIC, ELASTIC + " (per-step schedule)")
+CANDIDATES = (ELASTIC, ELASTIC + " (per-step schedule)", SCHEDULE)
 #: Training-free methods the elastic mode must dominate (quality.md's dominance table).
 PEERS = ("FirstBlockCache", "TaylorSeer", "MagCache", "static skip", "static width", "block cache (no routers)",
          "block forecast (no routers)", "block forecast 2nd order (no routers)")
@@ -181,6 +185,8 @@ def settings(args, scheduler, config, calibration_labels) -> Iterator[Setting]:
         yield Setting(ELASTIC, f"budget {budget_of(path)}", lambda p=path: trained(assets, p, "serving"))
         yield Setting(ELASTIC + " (per-step schedule)", f"budget {budget_of(path)}",
                       lambda p=path: per_step_schedule(assets, p, scheduler, config, calibration_labels))
+    for path in sorted(routers_root.glob("schedule_budget_*"), key=budget_of):
+        yield Setting(SCHEDULE, f"budget {budget_of(path)}", lambda p=path: trained(assets, p, "serving"))
     for path in sorted(routers_root.glob("forecast_step_budget_*"), key=budget_of):
         yield Setting("E-DiT forecast routers (per-step objective only)", f"budget {budget_of(path)}",
                       lambda p=path: trained(assets, p, "serving"))

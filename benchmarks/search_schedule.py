@@ -1,0 +1,190 @@
+"""Search a per-step, per-block forecast schedule on the reference model, then train routers that serve it.
+
+    python benchmarks/search_schedule.py [--anchors 1,2,3 --above 0.6 --out results/routers]
+
+Per-sample routing barely pays on the reference model (``quality.md``: the routers' decisions averaged per step
+serve as well as the routers), so what routers can learn there is *where* in the trajectory each block may stand
+in. This searches that directly, data-free, on the served objective: a table ``run[step][block]``; a block that
+does not run stands in with a second-order forecast of its update (``forecast2``, from >= 2 stored updates, else
+it runs). The score of a table is the log MSE of whole generations against dense images from the same noise
+(calibration labels and seed differ from ``quality.py``'s evaluation).
+
+1. start from the router-free block forecast at K = 1, 2, 3 (at K=1 every block runs steps 0, 1, 3, 5, ...);
+2. sensitivity: the score change of flipping each cell alone (run -> forecast, forecast -> run);
+3. swaps at equal FLOPs: the best-gaining forecasts run instead of the cheapest runs, the best count kept;
+   (dropping the cheapest runs alone to reach fewer FLOPs does not work: runs that are cheap to drop one at a
+   time are costly together, e.g. neighbours in one block, so each FLOP level starts from its own K);
+4. more FLOPs than K=1: the best-gaining forecasts run too;
+5. per table, routers that serve it (``fit_schedule_routers``: the run logit learned from the timestep alone,
+   action forecast2), saved as ``schedule_budget_<fraction>`` router sets with the cache they need.
+
+Writes ``<out>/schedule_budget_*`` and ``schedule_search.json`` (tables and scores per round) next to them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import elastic_compile as ec
+from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
+from elastic_compile.cli.common import synthesize_dit_inputs
+from elastic_compile.reference import ASSETS_DIR, load_reference
+from elastic_compile.sampling import sample
+from schedule_ablation import StepCounter  # benchmarks/schedule_ablation.py
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ACTION = "forecast2"
+FIRST_FREE_STEP = 2  # a forecast needs two stored updates: every block runs steps 0 and 1
+
+
+class TableDenoiser:
+    """The elastic model under ``table``: at step s block b runs iff ``table[s][b]``, else it forecasts."""
+
+    def __init__(self, model, counter: StepCounter, table):
+        self.model, self.counter, self.table = model, counter, table
+
+    def __call__(self, *args, **kwargs):
+        row = self.table[self.counter.step]
+        skip = frozenset(b for b, runs in enumerate(row) if not runs)
+        with ec.force(self.model, skip=skip, width=1.0):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def block_forecast_table(steps: int, blocks: int, max_reuse: int = 1) -> list[list[bool]]:
+    """The router-free block forecast's schedule: every block runs steps 0 and 1, then stands in ``max_reuse``
+    steps in a row and runs once, over and over."""
+    return [[s < FIRST_FREE_STEP or (s - 1) % (max_reuse + 1) == 0 for _ in range(blocks)] for s in range(steps)]
+
+
+def fraction(table) -> float:
+    return sum(map(sum, table)) / (len(table) * len(table[0]))
+
+
+def flipped(table, cells, value=None):
+    out = [list(row) for row in table]
+    for s, b in cells:
+        out[s][b] = (not out[s][b]) if value is None else value
+    return out
+
+
+class Scorer:
+    def __init__(self, assets, labels, seed):
+        model, self.scheduler, self.config = load_reference(assets)
+        self.labels, self.seed = labels, seed
+        with torch.no_grad():
+            self.dense = sample(model, self.scheduler, labels, self.config, seed=seed)
+        self.model = ec.transform(model, ec.ElasticConfig(width_buckets=(1.0,), skip_actions=(ACTION,)),
+                                  example_inputs=synthesize_dit_inputs(model))
+        self.steps, self.blocks = self.config.num_inference_steps, len(ec.state.state_of(self.model).blocks)
+        apply_feature_cache(self.model, FeatureCacheConfig(max_reuse=self.steps, fallback="run"))
+        self.counter = StepCounter(ElasticCacheHooks(self.model))
+        self.calls = 0
+
+    def __call__(self, table) -> float:
+        self.calls += 1
+        with torch.no_grad():
+            images = sample(TableDenoiser(self.model, self.counter, table), self.scheduler, self.labels, self.config,
+                            seed=self.seed, hooks=self.counter)
+        return math.log((images - self.dense).pow(2).mean().item() + 1e-12)
+
+
+def free_cells(table, runs: bool):
+    return [(s, b) for s in range(FIRST_FREE_STEP, len(table)) for b in range(len(table[0])) if table[s][b] == runs]
+
+
+def sensitivities(score, table, base, runs: bool) -> dict:
+    """Score change of flipping each free cell that currently ``runs`` (or not) alone."""
+    return {cell: score(flipped(table, [cell])) - base for cell in free_cells(table, runs)}
+
+
+def refine_swaps(score, table, base, log):
+    """Swap the best-gaining forecasts with the cheapest runs (equal FLOPs); keep the best count of swaps."""
+    removal = sensitivities(score, table, base, runs=True)
+    adding = sensitivities(score, table, base, runs=False)
+    cheap = sorted(removal, key=removal.get)
+    gain = sorted(adding, key=adding.get)
+    best = (base, table, 0)
+    for count in (1, 2, 4, 8, 12, 16, 24):
+        candidate = flipped(flipped(table, cheap[:count], False), gain[:count], True)
+        value = score(candidate)
+        log.append(dict(phase="swap", count=count, score=value, fraction=fraction(candidate)))
+        if value < best[0]:
+            best = (value, candidate, count)
+    return best[1], best[0], adding
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--anchors", default="1,2,3", help="block forecast K values the search starts from")
+    parser.add_argument("--above", default="0.6", help="fractions above the K=1 anchor (best-gaining runs added)")
+    parser.add_argument("--swap-rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=900)
+    parser.add_argument("--assets", default=str(ASSETS_DIR))
+    parser.add_argument("--out", default=str(RESULTS / "routers"))
+    parser.add_argument("--tables", help="a previous run's schedule_search.json: only fit and save its kept tables")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.tables:
+        search(args, out)
+    for entry in json.loads((Path(args.tables) if args.tables else out / "schedule_search.json").read_text())["log"]:
+        if entry["phase"] == "kept":
+            table = [[c == "1" for c in row] for row in entry["table"]]
+            save_schedule_routers(args.assets, table, out / f"schedule_budget_{entry['fraction']:.2f}")
+    return 0
+
+
+def search(args, out: Path) -> None:
+    started = time.time()
+    score = Scorer(args.assets, list(range(10)), args.seed)
+    log, kept = [], []
+
+    def note(**entry):
+        log.append(dict(entry, calls=score.calls, minutes=round((time.time() - started) / 60, 1)))
+        print(json.dumps(log[-1]), flush=True)
+
+    for anchor in (int(k) for k in args.anchors.split(",")):
+        table = block_forecast_table(score.steps, score.blocks, anchor)
+        value = score(table)
+        note(phase=f"block forecast K={anchor}", score=value, fraction=fraction(table))
+        adding = {}
+        for _ in range(args.swap_rounds):
+            table, value, adding = refine_swaps(score, table, value, log)
+            note(phase=f"K={anchor} swapped", score=value, fraction=fraction(table))
+        kept.append((table, value))
+        if anchor == 1:
+            for target in (float(f) for f in args.above.split(",") if f):
+                gain = sorted((c for c in adding if not table[c[0]][c[1]]), key=adding.get)
+                count = round((target - fraction(table)) * score.steps * score.blocks)
+                more = flipped(table, gain[:count], True)
+                kept.append((more, score(more)))
+                note(phase="added", score=kept[-1][1], fraction=fraction(more))
+    for table, value in kept:
+        note(phase="kept", score=value, fraction=fraction(table),
+             table=["".join("1" if r else "0" for r in row) for row in table])
+    (out / "schedule_search.json").write_text(json.dumps(dict(args=vars(args), log=log), indent=1))
+
+
+def save_schedule_routers(assets, table, path: Path) -> None:
+    model, _, _ = load_reference(assets)
+    model = ec.transform(model, ec.ElasticConfig(width_buckets=(1.0,), skip_actions=("reuse", "forecast", ACTION)),
+                         example_inputs=synthesize_dit_inputs(model))
+    from elastic_compile.train import fit_schedule_routers
+    _, scheduler, config = load_reference(assets)
+    fit_schedule_routers(model, table, lambda: sample(model, scheduler, [0, 1, 2, 3], config, seed=0), action=ACTION)
+    ec.save(model, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
