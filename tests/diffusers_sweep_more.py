@@ -414,6 +414,13 @@ NOTES = {
                                         "here (at real sizes the blocks dominate)",
     "WanAnimateTransformer3DModel": "tiny-config artefact: the face motion encoder (convolutions outside the blocks) "
                                     "is a large share of this tiny model's FLOPs",
+    "AnyFlowFARTransformer3DModel": "tiny-config artefact: the causal attention pads its 36 tokens to 128 and its "
+                                    "8-wide heads to 16 for flex attention (counted dense), most of this tiny "
+                                    "model's FLOPs, so width 1/4 saves little here",
+    "WanAnimate2Transformer3DModel": "generation pass (kv_cache_mode='cached') with the KV cache filled by one "
+                                     "reference pass in the builder; tiny-config artefact: the in-context flex "
+                                     "attention packs 32 tokens into 128 queries x 256 keys (counted dense), most of "
+                                     "this tiny model's FLOPs, so width 1/4 saves little here",
     "CosmosTransformer3DModel": "tiny config with extra_pos_embed_type=None (Cosmos-Predict2 style); with the default "
                                 "'learnable' every block adds the positional embedding to its input stream, so "
                                 "skipping it is not a residual skip: blocks are found, width-only, none skippable",

@@ -99,6 +99,77 @@ def minimax_h3(batch):
                        video_indices=video, audio_indices=audio, text_indices=text, return_dict=False)
 
 
+def anyflow_far(batch):
+    from diffusers import AnyFlowFARTransformer3DModel
+    # the causal training-rollout path (no KV cache): three one-frame chunks, the first beyond full_chunk_limit, so
+    # it enters through the compressed (1x4x4) patch embedding; the FAR BlockMask is built inside the forward and
+    # handed to every block (capture binds it as a constant); frames-first input, per-frame timesteps
+    model = AnyFlowFARTransformer3DModel(patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=2,
+                                         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                         text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                                         chunk_partition=(1, 1, 1))
+    return model, dict(hidden_states=_rand(batch, 3, 4, 8, 8), timestep=torch.rand(batch, 3),
+                       r_timestep=torch.rand(batch, 3), encoder_hidden_states=_rand(batch, 5, 12),
+                       chunk_partition=[1, 1, 1], return_dict=False)
+
+
+def wan_animate2(batch):
+    from diffusers import WanAnimate2Transformer3DModel
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+    # the generation pass (kv_cache_mode="cached"), the one a denoising loop repeats; its KV cache is filled here by
+    # the reference pass ("extract") on a 1x4x4 reference grid, once, as a pipeline does before its loop. No CLIP
+    # image branch (use_img_emb=False: its projection is a fixed 1280-wide MLP that would dwarf this tiny model)
+    model = WanAnimate2Transformer3DModel(patch_size=(1, 2, 2), text_len=8, in_dim=8, dim=32, ffn_dim=64, freq_dim=16,
+                                          text_dim=12, out_dim=4, num_heads=2, num_layers=2, use_img_emb=False)
+    cache = WanAnimate2KVCache(2)
+    common = dict(encoder_hidden_states=[_rand(5, 12) for _ in range(batch)], kv_cache=cache, return_dict=False)
+    reference_grid = torch.tensor([[1, 4, 4]] * batch)
+    with torch.no_grad():
+        model(hidden_states=[_rand(4, 1, 8, 8) for _ in range(batch)], timestep=torch.zeros(batch),
+              condition_latents=[_rand(4, 1, 8, 8) for _ in range(batch)], kv_cache_mode="extract", seq_len=16,
+              offset_grid_sizes=reference_grid, **common)
+    # two latent frames of 4x4 tokens; the block mask is built for origin_len 4 (2 latent frames) of 64x64 pixels
+    return model, dict(hidden_states=[_rand(4, 2, 8, 8) for _ in range(batch)], timestep=_steps(batch).float(),
+                       condition_latents=[_rand(4, 2, 8, 8) for _ in range(batch)], kv_cache_mode="cached",
+                       seq_len=32, reference_grid_sizes=reference_grid, origin_len=4, origin_area=[64, 64], **common)
+
+
+def rfd4_proteina(batch):
+    from diffusers import RFD4ProteinaTransformer
+    # the smallest feature set: noisy backbone coordinates and local latents per token, their two times as the
+    # condition, backbone pair distances as the pair representation (absent conditioning features stay unset)
+    model = RFD4ProteinaTransformer(nlayers=2, token_dim=16, nheads=2, dim_cond=8, pair_repr_dim=8, latent_dim=4,
+                                    token_type_emb_dim=4, cath_emb_dim=4, t_emb_dim=8, seq_sep_dim=8,
+                                    xt_pair_dist_dim=6, feats_seq=("xt_bb_ca", "xt_local_latents"),
+                                    feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"),
+                                    feats_pair_repr=("xt_bb_ca_pair_dists",),
+                                    feats_pair_cond=("time_emb_bb_ca", "time_emb_local_latents"),
+                                    update_pair_repr_every_n=2, tri_mult_c=8, num_sequence_classes=5)
+    tokens = 12
+    flags = dict(is_in_context_conditioning=torch.zeros(batch, tokens, dtype=torch.bool),
+                 supports_local_latent=torch.ones(batch, tokens, dtype=torch.bool))
+    return model, dict(bb_ca=_rand(batch, tokens, 3), local_latents=_rand(batch, tokens, 4),
+                       bb_ca_time=torch.rand(batch), local_latents_time=torch.rand(batch),
+                       padding_mask=torch.ones(batch, tokens, dtype=torch.bool), conditioning=flags, return_dict=False)
+
+
+def cosmos3_omni(batch):
+    from diffusers import Cosmos3OmniTransformer
+    # vision only: one packed sequence (no batch axis) of a 3-token text prefix, then each item's 1x2x2 patch grid
+    model = Cosmos3OmniTransformer(head_dim=8, hidden_size=32, intermediate_size=64, latent_channel=4,
+                                   latent_patch_size=2, num_attention_heads=4, num_hidden_layers=2,
+                                   num_key_value_heads=2, patch_latent_dim=16, vocab_size=32, rope_axes_dim=(2, 1, 1))
+    text, vision = 3, 4 * batch
+    length = text + vision
+    indexes = torch.arange(text, length)
+    return model, dict(input_ids=torch.randint(0, 32, (text,)), text_indexes=torch.arange(text),
+                       position_ids=torch.arange(length)[None].repeat(3, 1), und_len=text, sequence_length=length,
+                       vision_tokens=[_rand(1, 4, 1, 4, 4) for _ in range(batch)],
+                       vision_token_shapes=[(1, 2, 2)] * batch, vision_sequence_indexes=indexes,
+                       vision_mse_loss_indexes=indexes, vision_timesteps=torch.rand(vision) * 1000,
+                       vision_noisy_frame_indexes=[torch.tensor([0])] * batch, return_dict=False)
+
+
 REST = {
     "JoyImageEditPlusTransformer3DModel": joyimage_edit_plus,
     "BriaFibo2Transformer2DModel": bria_fibo2,
@@ -106,36 +177,32 @@ REST = {
     "SanaWMLTX2RefinerTransformer3DModel": sana_wm_refiner,
     "SanaWMTransformer3DModel": sana_wm,
     "MiniMaxH3Transformer3DModel": minimax_h3,
+    # its NABLA attention runs flex attention eagerly, counted as dense attention by analysis.flop_counter
+    "Kandinsky6SRTransformer3DModel": kandinsky6_sr,
+    "AnyFlowFARTransformer3DModel": anyflow_far,
+    "WanAnimate2Transformer3DModel": wan_animate2,
 }
 
 #: tiny configs whose class's forward runs but that the sweep cannot check yet (see the reasons)
 REST_PENDING = {
-    "Kandinsky6SRTransformer3DModel": kandinsky6_sr,
+    "RFD4ProteinaTransformer": rfd4_proteina,
+    "Cosmos3OmniTransformer": cosmos3_omni,
 }
 REST_PENDING_REASONS = {
-    "Kandinsky6SRTransformer3DModel": "transform works on the tiny config (2 blocks, both skippable, 2 FFN sites, "
-                                      "untrained = dense 2.4e-7), but its NABLA attention runs flex_attention "
-                                      "eagerly, which torch's FlopCounterMode cannot run (TypeError: no "
-                                      "implementation found for 'torch.ops.higher_order.flex_attention'), so the "
-                                      "FLOP fractions this sweep checks cannot be counted",
+    "RFD4ProteinaTransformer": "tiny config written (backbone + local-latent features only); transform finds the 2 "
+                               "trunk layers, width-only (2 FFN sites, width 1/4 executes 0.845, untrained = dense "
+                               "1.2e-7), none skippable: each layer computes ((x*m + attn(x*m))*m + ...)*m with the "
+                               "padding mask m, so its output is not a residual update of its input x (skipping is "
+                               "x*m, equal to x only for already-masked streams, which the residual analysis cannot "
+                               "prove); the sweep checks skip savings",
+    "Cosmos3OmniTransformer": "tiny config written (vision only, a text prefix and two items packed in one sequence); "
+                              "its decoder layers take the packed understanding and generation streams as 2-D "
+                              "(tokens, hidden) tensors with no batch axis and different lengths, the router reads "
+                              "dim 0 of each as the batch, so the transformed model's first forward raises "
+                              "InputMismatchError (router inputs with 8 rows vs 3): token-major, unbatched block "
+                              "inputs are not supported yet",
 }
 
 
 #: DiT classes without a tiny config here, each with what writing one involves (more than "inputs specific to it")
-NOT_WRITTEN_REASONS = {
-    "AnyFlowFARTransformer3DModel": "DiT without a tiny config in this sweep yet: frame-autoregressive, its forward "
-                                    "takes a chunk partition, a flex-attention BlockMask and a KV-cache list, and its "
-                                    "attention runs flex_attention (which torch's FlopCounterMode could not run "
-                                    "eagerly for Kandinsky 6 SR, see there)",
-    "Cosmos3OmniTransformer": "DiT without a tiny config in this sweep yet: a unified understanding + generation "
-                              "vision-language decoder (mixture-of-transformers layers) whose forward takes token ids "
-                              "and a packed multimodal sequence (text/vision/sound/action indexes, per-modality token "
-                              "lists and timesteps) that a tiny config must keep consistent",
-    "RFD4ProteinaTransformer": "DiT without a tiny config in this sweep yet: a protein-structure denoiser (backbone "
-                               "coordinates and local latents with a pair representation) whose inputs are some "
-                               "twenty protein feature channels (the config's feats_seq)",
-    "WanAnimate2Transformer3DModel": "DiT without a tiny config in this sweep yet: two passes per step, a reference "
-                                     "forward (kv_cache_mode='extract') fills a WanAnimate2KVCache that the generation "
-                                     "forward (kv_cache_mode='cached') reads through flex attention, so one example "
-                                     "call does not describe it",
-}
+NOT_WRITTEN_REASONS = {}

@@ -7,7 +7,10 @@ read tensor values (``.item()``, ``.tolist()`` of mask lengths: data-dependent s
 specialised to the example's sizes (the analyses only evaluate it on that example); last, torch.export with the
 submodules that neither exporter traces kept as opaque calls (:mod:`.opaque_submodules`). Modules handed to a block as
 call arguments (a rotary-embedding module passed to every block) are bound to a wrapper before export, so the
-graph reads their buffers as attributes instead of expecting them as inputs.
+graph reads their buffers as attributes instead of expecting them as inputs. Arguments torch.export cannot take
+as inputs at all (a flex-attention ``BlockMask`` handed to every block, as AnyFlow-FAR does: not a pytree of
+tensors and scalars) are bound the same way, as constants of the example call: the graph bakes their tensors in,
+which is what the analyses need (they evaluate the graph on that example only).
 """
 from __future__ import annotations
 
@@ -79,30 +82,55 @@ class ExportedBlock:
             return obj
 
 
+#: leaves torch.export (non-strict) takes as inputs or as constants of the call
+_EXPORTABLE_LEAVES = (torch.Tensor, type(None), bool, int, float, str, nn.Module, torch.ScriptObject)
+
+
+def _is_bound(value) -> bool:
+    """Whether a call argument is bound to the export wrapper instead of passed as an input: a module, or a value
+    with a leaf torch.export refuses as an input (a ``BlockMask``, whose mask function no pytree can hold)."""
+    return isinstance(value, nn.Module) or not all(isinstance(leaf, _EXPORTABLE_LEAVES)
+                                                   for leaf in pytree.tree_leaves(value))
+
+
 def _without_modules(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The call without its module-valued arguments (those are bound to the export wrapper instead)."""
-    return (tuple(a for a in args if not isinstance(a, nn.Module)),
-            {k: v for k, v in kwargs.items() if not isinstance(v, nn.Module)})
+    """The call without its bound arguments (modules and non-exportable values, held by the export wrapper)."""
+    return (tuple(a for a in args if not _is_bound(a)), {k: v for k, v in kwargs.items() if not _is_bound(v)})
+
+
+def _has_bound(args: tuple, kwargs: dict) -> bool:
+    return any(_is_bound(a) for a in (*args, *kwargs.values()))
 
 
 class _BoundModules(nn.Module):
-    """Calls ``inner`` with module-valued arguments put back in their places (positions / keywords)."""
+    """Calls ``inner`` with the bound arguments put back in their places (positions / keywords): modules as
+    submodules (the graph reads their buffers by attribute), other values as plain constants."""
 
     def __init__(self, block: nn.Module, args: tuple, kwargs: dict):
         super().__init__()
         self.add_module(_INNER, block)
-        self.positions = {i: f"{_ARG}{i}" for i, a in enumerate(args) if isinstance(a, nn.Module)}
-        self.keywords = {k: f"{_ARG}{k}" for k, v in kwargs.items() if isinstance(v, nn.Module)}
-        for i, name in self.positions.items():
-            self.add_module(name, args[i])
-        for k, name in self.keywords.items():
-            self.add_module(name, kwargs[k])
+        self.positions = {i: f"{_ARG}{i}" for i, a in enumerate(args) if _is_bound(a)}
+        self.keywords = {k: f"{_ARG}{k}" for k, v in kwargs.items() if _is_bound(v)}
+        self.constants = {}
+        for name, value in [(self.positions[i], args[i]) for i in self.positions] + \
+                [(self.keywords[k], kwargs[k]) for k in self.keywords]:
+            if isinstance(value, nn.Module):
+                self.add_module(name, value)
+            else:
+                self.constants[name] = value
         self.count = len(args)
+
+    def bound(self, name: str):
+        return self.constants[name] if name in self.constants else getattr(self, name)
+
+    @property
+    def module_names(self) -> list[str]:
+        return [name for name in (*self.positions.values(), *self.keywords.values()) if name not in self.constants]
 
     def forward(self, *args, **kwargs):
         rest = iter(args)
-        full = [getattr(self, self.positions[i]) if i in self.positions else next(rest) for i in range(self.count)]
-        kwargs.update({k: getattr(self, name) for k, name in self.keywords.items()})
+        full = [self.bound(self.positions[i]) if i in self.positions else next(rest) for i in range(self.count)]
+        kwargs.update({k: self.bound(name) for k, name in self.keywords.items()})
         return getattr(self, _INNER)(*full, **kwargs)
 
 
@@ -128,7 +156,7 @@ def export_block(block: nn.Module, args: tuple, kwargs: dict, bound_names: dict[
     """Capture ``block`` on one recorded call: torch.export, else draft_export, else torch.export with its
     untraceable submodules opaque (module docstring). Raises CaptureError with every attempt's message when none
     captures it."""
-    module_arguments = any(isinstance(a, nn.Module) for a in (*args, *kwargs.values()))
+    module_arguments = _has_bound(args, kwargs)
     root = _BoundModules(block, args, kwargs) if module_arguments else block
     flat_args, flat_kwargs = _without_modules(args, kwargs)
     errors = []
@@ -157,9 +185,11 @@ def export_block(block: nn.Module, args: tuple, kwargs: dict, bound_names: dict[
     gm = program.module()
     argument_modules = {}
     if module_arguments:
-        argument_modules = {name: getattr(root, name) for name in (*root.positions.values(), *root.keywords.values())}
+        argument_modules = {name: getattr(root, name) for name in root.module_names}
         for node in gm.graph.nodes:
-            if node.op == "get_attr" and str(node.target).startswith(_INNER + "."):
+            # the block's own weights, named as on the block; constants the exporter lifted keep their place
+            if node.op == "get_attr" and str(node.target).startswith(_INNER + ".") \
+                    and _resolves(block, str(node.target)[len(_INNER) + 1:]):
                 node.target = str(node.target)[len(_INNER) + 1:]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # Tag every leaf of each argument with the argument's name, then flatten exactly as the graph does.
@@ -179,10 +209,20 @@ def export_block(block: nn.Module, args: tuple, kwargs: dict, bound_names: dict[
                          gm._in_spec, argument_modules, method, opaque_parts)
 
 
+def _resolves(module: nn.Module, path: str) -> bool:
+    """Whether ``path`` names an attribute of ``module`` (a lifted constant of the graph does not)."""
+    try:
+        obj = module
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return True
+    except AttributeError:
+        return False
+
+
 def _exports(module: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether torch.export (non-strict) captures ``module`` on this call."""
-    module_arguments = any(isinstance(a, nn.Module) for a in (*args, *kwargs.values()))
-    root = _BoundModules(module, args, kwargs) if module_arguments else module
+    root = _BoundModules(module, args, kwargs) if _has_bound(args, kwargs) else module
     flat_args, flat_kwargs = _without_modules(args, kwargs)
     try:
         with torch.no_grad():
