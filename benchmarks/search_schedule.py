@@ -14,7 +14,8 @@ it runs). The score of a table is the log MSE of whole generations against dense
 3. swaps at equal FLOPs: the best-gaining forecasts run instead of the cheapest runs, the best count kept;
    (dropping the cheapest runs alone to reach fewer FLOPs does not work: runs that are cheap to drop one at a
    time are costly together, e.g. neighbours in one block, so each FLOP level starts from its own K);
-4. more FLOPs than K=1: the best-gaining forecasts run too;
+4. more FLOPs than K=1: the best-gaining forecasts run too, kept only if that scores better (it need not: a run
+   between two stand-ins changes the points a second-order forecast extrapolates from);
 5. per table, routers that serve it (``fit_schedule_routers``: the run logit learned from the timestep alone,
    action forecast2), saved as ``schedule_budget_<fraction>`` router sets with the cache they need.
 
@@ -168,8 +169,10 @@ def search(args, out: Path) -> None:
                 gain = sorted((c for c in adding if not table[c[0]][c[1]]), key=adding.get)
                 count = round((target - fraction(table)) * score.steps * score.blocks)
                 more = flipped(table, gain[:count], True)
-                kept.append((more, score(more)))
-                note(phase="added", score=kept[-1][1], fraction=fraction(more))
+                more_value = score(more)
+                note(phase="added", score=more_value, fraction=fraction(more))
+                if more_value < value:  # sensitivities do not add up: more runs can forecast worse
+                    kept.append((more, more_value))
     for table, value in kept:
         note(phase="kept", score=value, fraction=fraction(table),
              table=["".join("1" if r else "0" for r in row) for row in table])

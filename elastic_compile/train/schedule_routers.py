@@ -10,8 +10,8 @@ timestep), with the features that differ per sample switched off, until every (s
 table is reproduced with margin; the action head always picks one skip action.
 
 Guarantee: after fitting, the routers' decision for every recorded step equals the table (checked; a
-:class:`~elastic_compile.errors.ConfigError` says when the features cannot tell two steps apart). Other step
-counts than the recorded one see the decision of the nearest timesteps the routers were fitted on.
+:class:`~elastic_compile.errors.ConfigError` says when the features cannot tell two steps apart). At other step
+counts than the recorded one the routers interpolate between the timesteps they were fitted on (unchecked).
 """
 from __future__ import annotations
 
