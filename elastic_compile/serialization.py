@@ -33,6 +33,7 @@ from .artifact.saved import (BASE_WEIGHTS, FORMAT, MANIFEST, PERMUTATIONS, REMED
                              check_spec_fits, is_saved_artifact, spec_error, structure_fingerprint, validate_saved)
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ArtifactError, ConfigError, ModelMismatchError
+from .offloading import refuse_offloaded
 from .passes import apply_unit_permutation, install
 from .pretrained import ELASTIC_SUBFOLDER, install_save_pretrained
 from .report import model_fingerprint
@@ -106,6 +107,7 @@ def load(base_model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
     if hasattr(base_model, STATE_ATTRIBUTE):
         raise AlreadyElasticError("an unmodified base model", "a model that is already elastic",
                                   "Load into a fresh instance of the base model.")
+    refuse_offloaded(base_model, "elastic_compile.load")
     check_model_fits(base_model, manifest, file)
     ordered = manifest.get("fingerprint_order") == "ordered"  # else: written before fingerprints saw order
     fingerprint = model_fingerprint(base_model, ordered=ordered)

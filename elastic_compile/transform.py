@@ -23,6 +23,7 @@ from .capture.record import call_model
 from .capture.treespec import flatten_output
 from .config import ElasticConfig
 from .errors import AlreadyElasticError, ConfigError, ElasticCompileError
+from .offloading import refuse_offloaded
 from .passes import drop_widths, install, leave_dense, order_neurons
 from .pretrained import install_save_pretrained
 from .report import model_fingerprint
@@ -63,6 +64,7 @@ def transform(model: nn.Module, config: ElasticConfig | None = None, example_inp
     if hasattr(model, STATE_ATTRIBUTE):
         raise AlreadyElasticError("an unmodified model", "a model that transform() already rewrote",
                                   "Transform a fresh copy of the base model, or use it as it is.")
+    refuse_offloaded(model, "elastic_compile.transform")
     if example_inputs is None:
         raise ElasticCompileError("example_inputs: the arguments of one real forward call", "None",
                                   "Pass e.g. example_inputs=dict(hidden_states=..., timestep=..., ...).")

@@ -65,10 +65,11 @@ def test_feature_cache_is_a_typed_error():
         model(**inputs)
 
 
-def test_diffusers_block_compiles_fullgraph_with_select():
+@pytest.mark.parametrize("name", ["dit", "pixart"])
+def test_diffusers_block_compiles_fullgraph_with_select(name):
     """diffusers' Attention cannot be traced inside a torch.cond branch (torch 2.13): "compile_select" runs every
-    block and selects rows, and still traces whole."""
-    model, inputs = ARCHITECTURES["dit"](batch=4)
+    block and selects rows, and still traces whole (DiT; PixArt, whose blocks also read the caption)."""
+    model, inputs = ARCHITECTURES[name](batch=4)
     ec.transform(model, example_inputs=inputs)
     randomize_routers(model, seed=3)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """The feature cache speaks diffusers' cache protocol (issue 25, item 2): real pipelines built offline from tiny
 random parts (DiT, PixArt-Alpha, Flux) drive the elastic cache with no toolkit code, true-CFG branches keep their
 cached updates apart, the pipeline resets the cache, and diffusers' own hooks (first-block cache, layerwise
-casting) work beside it."""
+casting, group offloading: tests/test_group_offloading.py) work beside it."""
 import contextlib
 from pathlib import Path
 
@@ -35,8 +35,9 @@ def _run(pipe, call, seed=0):
                 **call).images
 
 
-def _elastic(name, **extra):
-    """The pipeline, its dense output, and its transformer made elastic (random routers) with the cache on."""
+def _elastic(name, cache=True, **extra):
+    """The pipeline, its dense output, and its transformer made elastic (random routers) with the cache on (or
+    not yet)."""
     build, call = CALLS[name]
     call = {**call, **extra}
     pipe = build()
@@ -44,7 +45,8 @@ def _elastic(name, **extra):
     inputs = ec.capture_inputs(pipe, num_inference_steps=STEPS, **call)
     ec.transform(pipe.transformer, example_inputs=inputs)
     randomize_routers(pipe.transformer, seed=3)
-    ec.apply_feature_cache(pipe.transformer)
+    if cache:
+        ec.apply_feature_cache(pipe.transformer)
     return pipe, call, dense
 
 
@@ -141,9 +143,19 @@ def test_first_block_cache_and_layerwise_casting_work_beside_the_elastic_cache()
     assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
 
 
-def test_a_runtime_as_flux_transformer_speaks_the_protocol_and_equals_the_elastic_model():
-    pipe, call, _ = _elastic("flux", **TRUE_CFG)
-    expected = _run(pipe, call)
-    runtime = Runtime(pipe.transformer, {}, Path("."), "torch", None)  # what ec.runtime.load(dir, "torch") returns
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_a_runtime_as_the_transformer_with_the_cache_applied_to_it_equals_the_elastic_model(name):
+    """The cache turned on through the runtime (``ec.apply_feature_cache(runtime)``): Flux names its branches
+    through the runtime's ``cache_context``; DiT and PixArt name none, so the runtime's calls get contexts from
+    their timesteps as the model's own would."""
+    pipe, call, _ = _elastic(name, cache=False, **(TRUE_CFG if name == "flux" else {}))
+    model = pipe.transformer
+    runtime = Runtime(model, {}, Path("."), "torch", None)  # what ec.runtime.load(dir, "torch") returns
+    ec.apply_feature_cache(runtime)
     pipe.transformer = runtime
-    np.testing.assert_allclose(_run(pipe, call), expected, atol=1e-6, rtol=0)
+    first = _run(pipe, call)
+    np.testing.assert_allclose(_run(pipe, call), first, atol=1e-6, rtol=0)
+    ec.remove_feature_cache(runtime)
+    pipe.transformer = model
+    ec.apply_feature_cache(model)  # the reference: the cache on the model itself
+    np.testing.assert_allclose(_run(pipe, call), first, atol=1e-6, rtol=0)

@@ -170,6 +170,12 @@ def test_folded_weights_follow_every_change_of_the_router():
         got = router.logits({k: v.double() for k, v in arguments.items()})
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, expected.double(), atol=1e-5, rtol=1e-5)
+        # storage swapped through .data (moves no version counter: how diffusers' group offloading onloads)
+        other = _router_with_vector(seed=4).double()
+        for mine, theirs in zip(router.parameters(), other.parameters()):
+            mine.data = theirs.detach().clone()
+        doubled = {k: v.double() for k, v in arguments.items()}
+        torch.testing.assert_close(router.logits(doubled), other.plain_logits(doubled), atol=1e-5, rtol=1e-5)
 
 
 def test_a_conditioning_vector_is_normalised_once_for_all_routers():

@@ -1,8 +1,9 @@
-"""Pipelines (issue 25, items 3 and 5), with a diffusers DiTPipeline built offline from tiny random parts: an
-exported runtime stands in for ``pipe.transformer`` and gives what the elastic model gives; ``ec.capture_inputs``
-takes the transformer's example inputs from one pipeline call."""
+"""Pipelines (issue 25, items 3 and 5), with diffusers pipelines built offline from tiny random parts (DiT, and
+PixArt-Alpha from ``tiny_pipelines``): an exported runtime stands in for ``pipe.transformer`` and gives what the
+elastic model gives; ``ec.capture_inputs`` takes the transformer's example inputs from one pipeline call."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -58,3 +59,30 @@ def test_capture_inputs_from_one_pipeline_call_makes_the_transformer_elastic():
         torch.testing.assert_close(model(**inputs).sample, dense, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError):
         ec.capture_inputs(pipe, component="unet", class_labels=[1])
+
+
+def test_an_onnx_export_as_pixarts_transformer_with_the_cache_equals_the_elastic_model(tmp_path):
+    """The exported runtime (ONNX Runtime) as the transformer of a text-conditioned pipeline that names no cache
+    contexts, with the feature cache turned on through the runtime: the elastic model's images, call after call."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import tiny_pipelines
+
+    call = dict(prompt=["a cat", "a red dog"], use_resolution_binning=False, clean_caption=False, height=16,
+                width=16, max_sequence_length=8, num_inference_steps=4, output_type="np")
+    pipe = tiny_pipelines.pixart_pipeline()
+    inputs = ec.capture_inputs(pipe, **call)
+    ec.transform(pipe.transformer, example_inputs=inputs)
+    randomize_routers(pipe.transformer, seed=3)
+    ec.apply_feature_cache(pipe.transformer)
+    expected = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    assert ec.stats(pipe.transformer).reused_fraction > 0  # the cache serves
+    runtime = ec.runtime.load(ec.export(pipe.transformer, inputs, tmp_path / "export", batch_sizes=[2], threads=1),
+                              threads=1)
+    ec.apply_feature_cache(runtime)  # random routers, not trained cache-aware: the export records no cache
+    pipe.transformer = runtime
+    for _ in range(2):
+        got = pipe(generator=torch.Generator().manual_seed(0), **call).images
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert runtime.driver is not None and runtime.driver.calls > 0  # the exported graphs ran, not the fallback
+    runtime.close()

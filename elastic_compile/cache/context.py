@@ -42,13 +42,14 @@ def apply_feature_cache(model: nn.Module, config: FeatureCacheConfig | None = No
     base = model if isinstance(model, nn.Module) else getattr(model, "model", model)  # a Runtime's model
     state.cache = FeatureCacheState(config or serving_cache_config(state.serving),
                                     state.config.skip_actions, timestep_argument(base))
-    if is_diffusers_model(model):  # speak diffusers' cache protocol (a Runtime speaks it itself): diffusers_protocol.py
+    if is_diffusers_model(base):  # speak diffusers' cache protocol: diffusers_protocol.py
         from .diffusers_protocol import install_protocol_hook
         from .plain_calls import install_plain_calls
 
-        if hasattr(base, "cache_context"):  # diffusers' CacheMixin: its pipelines call cache_context and the reset
+        # diffusers' CacheMixin: its pipelines call cache_context and the reset (a Runtime has both itself)
+        if base is model and hasattr(base, "cache_context"):
             install_protocol_hook(base)
-        install_plain_calls(base)
+        install_plain_calls(base)  # a Runtime too: as DiTPipeline's transformer its calls name no context
     return state.cache
 
 

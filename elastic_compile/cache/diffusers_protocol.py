@@ -22,8 +22,9 @@ after the first run at all (for the whole batch), and the elastic gates decide, 
 do run are run; both keep their state per context name and both are reset by ``_reset_stateful_cache``.
 
 :func:`profiling_hooks` lets the FLOP profiler (``ec.stats``) run a forward under other diffusers hooks: stateful
-ones (which raise outside a cache context) without touching their state in the user's contexts, and layerwise
-casting (which cannot convert weights in place on shape-only tensors).
+ones (which raise outside a cache context) without touching their state in the user's contexts, layerwise
+casting (which cannot convert weights in place on shape-only tensors), and group offloading (whose onload and
+offload assign ``param.data``: on shape-only tensors that would leave the model's real weights as shapes).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import contextlib
 
 from torch import nn
 
+from ..offloading import offloading_paused
 from ..state import state_of
 from .context import reset_cache
 
@@ -140,12 +142,13 @@ def listening_to_cache_context(model: nn.Module, listener):
 
 
 @contextlib.contextmanager
-def profiling_hooks(model: nn.Module):
-    """Within, for the FLOP profiler's forward (shape-only tensors): other stateful diffusers hooks under ``model``
-    (first-block cache, ...) see a context of their own (:data:`PROFILE_CONTEXT`, so they run the model as on a
-    first step), and layerwise casting gives each module compute-dtype copies of its weights instead of converting
-    them in place (which fails on shape-only tensors). After: the hooks as before, the profile context's state
-    dropped. A no-op on models without diffusers hooks."""
+def profiling_hooks(model: nn.Module, shape_only: bool = True):
+    """Within, for the FLOP profiler's forward: other stateful diffusers hooks under ``model`` (first-block cache,
+    ...) see a context of their own (:data:`PROFILE_CONTEXT`, so they run the model as on a first step), and
+    layerwise casting gives each module compute-dtype copies of its weights instead of converting them in place
+    (which fails on shape-only tensors). With ``shape_only`` (the forward runs under ``FakeTensorMode``), group
+    offloading moves no weights (:func:`~elastic_compile.offloading.offloading_paused`). After: the hooks as
+    before, the profile context's state dropped. A no-op on models without diffusers hooks."""
     registries = [module._diffusers_hook for module in model.modules() if hasattr(module, "_diffusers_hook")] \
         if isinstance(model, nn.Module) else []
     if not registries:
@@ -166,7 +169,8 @@ def profiling_hooks(model: nn.Module):
     for hook in castings:
         hook.fn_ref.pre_forward, hook.fn_ref.post_forward = _cast_copies(hook.compute_dtype)
     try:
-        yield
+        with offloading_paused(model, hooks) if shape_only else contextlib.nullcontext():
+            yield
     finally:
         for fn_ref, pre_forward, post_forward in replaced:
             fn_ref.pre_forward, fn_ref.post_forward = pre_forward, post_forward

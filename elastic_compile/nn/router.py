@@ -39,8 +39,10 @@ class Router(nn.Module):
     each one is several times slower than in a warm loop): the LayerNorms' affine parameters folded into ``fc1``
     (:meth:`folded`, refreshed whenever a parameter changes) and vector and scalar features normalised once per
     tensor for all routers (:data:`SHARED_VECTORS`). Equal to the training path up to float32 rounding. Not on
-    accelerators: a CUDA graph captured through a memo hit would replay a stale value. Nor under diffusers'
-    layerwise casting (weights stored as float8, cast at each module call): the router then calls its modules.
+    accelerators: a CUDA graph captured through a memo hit would replay a stale value. Nor when diffusers hooks sit
+    on the router's own modules (layerwise casting stores float8 weights and casts them at each module call; leaf
+    level group offloading brings each module's weights to its device, or back from disk, only when the module is
+    called): the router then calls its modules, so their hooks run.
     """
 
     def __init__(self, features: list[RouterFeature], hidden: int, num_widths: int, num_actions: int = 0):
@@ -85,11 +87,11 @@ class Router(nn.Module):
     def logits(self, arguments: dict) -> torch.Tensor:
         """``(B, 1 + num_widths + num_actions)``: the run logit, the width-bucket logits, then the skip-action
         logits (one tensor, one transfer)."""
-        if torch.is_grad_enabled() or self.fc1.weight.dtype not in FOLDABLE_DTYPES:  # storage-only: layerwise casting
+        weight = self.fc1.weight
+        if torch.is_grad_enabled() or weight.dtype not in FOLDABLE_DTYPES or weight.device.type != "cpu" \
+                or self.hooked():
             return self.plain_logits(arguments)
         folded = self.folded()
-        if not folded["cpu"]:
-            return self.plain_logits(arguments)
         hidden, dtype = folded["fc1_bias"], folded["dtype"]
         for feature, weight, eps in folded["fc1"]:
             value = arguments[feature.name]
@@ -123,12 +125,24 @@ class Router(nn.Module):
             return normed
         return F.layer_norm(self._raw_feature(feature, value, dtype), (feature.dim,), eps=eps)
 
+    def hooked(self) -> bool:
+        """Whether diffusers hooks sit on the router's modules (layerwise casting, leaf-level group offloading):
+        their weights are then only valid inside the module's own call."""
+        for module in (self.fc1, self.fc2, *self.norms):
+            registry = module.__dict__.get("_diffusers_hook")
+            if registry is not None and registry.hooks:
+                return True
+        return False
+
     def folded(self) -> dict:
         """Inference weights: per feature ``(feature, (W_i * gamma_i)^T, eps_i)``, ``fc1_bias = b + sum_i W_i
         beta_i``, ``fc2`` transposed. Rebuilt when a parameter's version counter moved (in-place updates,
-        ``load_state_dict``) and after ``to()`` / ``double()`` / ``cuda()`` (``_apply``)."""
+        ``load_state_dict``), after ``to()`` / ``double()`` / ``cuda()`` (``_apply``), and when a parameter's
+        storage was replaced through ``.data`` (which moves no version counter: diffusers' group offloading
+        onloads that way, to another device or from disk)."""
         folded = self.__dict__.get("_folded")
         if folded is not None and folded["versions"] == [p._version for p in folded["parameters"]] \
+                and folded["storages"] == [p.data_ptr() for p in folded["parameters"]] \
                 and folded["dtype"] == self.fc1.weight.dtype:
             return folded
         with torch.no_grad():
@@ -140,9 +154,10 @@ class Router(nn.Module):
                 start += feature.dim
             parameters = list(self.parameters())
             self._folded = dict(fc1=blocks, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
-                                fc2_bias=self.fc2.bias.detach().clone(), cpu=weight.device.type == "cpu",
+                                fc2_bias=self.fc2.bias.detach().clone(),
                                 dtype=weight.dtype,
-                                parameters=parameters, versions=[p._version for p in parameters])
+                                parameters=parameters, versions=[p._version for p in parameters],
+                                storages=[p.data_ptr() for p in parameters])
         return self._folded
 
     def compute_dtype(self) -> torch.dtype:
@@ -180,7 +195,8 @@ def split_logits(logits: torch.Tensor, num_widths: int, num_actions: int) -> tup
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    if norm.weight is not None and norm.weight.dtype not in FOLDABLE_DTYPES:  # stored narrower: the module casts
+    # stored narrower (the module casts) or hooked (offloaded: the module's call brings its weights)
+    if (norm.weight is not None and norm.weight.dtype not in FOLDABLE_DTYPES) or "_diffusers_hook" in norm.__dict__:
         return norm(x)
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 

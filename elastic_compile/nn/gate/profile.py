@@ -67,7 +67,7 @@ def profile_flops(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
             args, kwargs = pytree.tree_map(
                 lambda x: torch.zeros(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, TensorMeta) else x,
                 inputs)
-            return _profile(model, state, args, kwargs)
+            return _profile(model, state, args, kwargs, shape_only=True)
     except Exception as exc:
         fake_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     real = strong_inputs(state.last_tensors) if state.last_tensors is not None else None
@@ -77,14 +77,14 @@ def profile_flops(model: nn.Module, state: ElasticState, inputs) -> FlopTable:
             f"{fake_error}; the last forward's inputs are {'gone' if real is None else 'of another signature'}",
             "The model reads tensor values: keep the inputs of the forward alive until stats() has run.")
     try:
-        return _profile(model, state, *real)
+        return _profile(model, state, *real, shape_only=False)
     except Exception as exc:
         raise FlopProfileError(
             "a forward that runs under FLOP counting", f"{fake_error}; on real tensors: {type(exc).__name__}: {exc}",
             "Report the model.") from exc
 
 
-def _profile(model: nn.Module, state: ElasticState, args, kwargs) -> FlopTable:
+def _profile(model: nn.Module, state: ElasticState, args, kwargs, shape_only: bool) -> FlopTable:
     buckets = state.config.width_buckets
     per_bucket_calls: list[list[tuple[int, int]]] = []
     dense_total = 0
@@ -94,8 +94,8 @@ def _profile(model: nn.Module, state: ElasticState, args, kwargs) -> FlopTable:
         for width in buckets:
             state.forced = ForcedPlan(skip=False, width=width)
             state.profile_sink = []
-            # diffusers hooks (first-block cache, layerwise casting) as they can run on shape-only tensors
-            with profiling_hooks(model), flop_counter() as counter, torch.no_grad():
+            # diffusers hooks (first-block cache, layerwise casting, group offloading) as they can run here
+            with profiling_hooks(model, shape_only), flop_counter() as counter, torch.no_grad():
                 model(*args, **kwargs)
             per_bucket_calls.append(state.profile_sink)
             dense_total = counter.get_total_flops()
