@@ -139,6 +139,28 @@ def test_inference_logits_equal_the_training_path(seed, batch):
         torch.testing.assert_close(router.logits(arguments), expected, atol=1e-4, rtol=1e-4)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 4), unread=st.sets(st.sampled_from("xct")),
+       one_timestep=st.booleans())
+def test_features_with_zero_weights_are_not_computed_and_the_logits_stay_equal(seed, batch, unread, one_timestep):
+    """A feature whose fc1 columns are all zero (a schedule router's per-sample features) is skipped by the
+    inference path, which still returns one row per sample, equal to the training path."""
+    router = _router_with_vector(seed)
+    columns = {"x": slice(0, 24), "c": slice(24, 36), "t": slice(36, 68)}
+    with torch.no_grad():
+        for name in unread:
+            router.fc1.weight[:, columns[name]] = 0.0
+    g = torch.Generator().manual_seed(seed)
+    arguments = {"x": torch.randn(batch, 7, 24, generator=g), "c": torch.randn(batch, 12, generator=g),
+                 "t": torch.rand(1 if one_timestep else batch, generator=g) * 1000}
+    expected = router.logits(arguments).detach()
+    with torch.no_grad():
+        got = router.logits(arguments)
+        assert [f.name for f in router.folded()["unread"]] == [n for n in "xct" if n in unread]
+    assert got.shape == (batch, expected.shape[1])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 256])
 def test_token_sum_with_scaled_epsilon_equals_the_mean_where_epsilon_matters(tokens):
     """The inference path pools by sum with eps * n^2; where the pooled vector's variance is of the order of eps,

@@ -107,6 +107,10 @@ class Router(nn.Module):
             else:  # one row for the whole batch (a (1,) timestep): broadcast, as the dense model does
                 batch = max(hidden.shape[0], normed.shape[0])
                 hidden = _broadcast_rows(hidden, batch) + _broadcast_rows(normed, batch) @ weight
+        if folded["unread"]:  # features whose weights are all zero add nothing, but still set the batch
+            rows = hidden[None] if hidden.ndim == 1 else hidden
+            batch = max([rows.shape[0]] + [_feature_rows(f, arguments[f.name]) for f in folded["unread"]])
+            hidden = _broadcast_rows(rows, batch)
         return torch.addmm(folded["fc2_bias"], F.silu(hidden), folded["fc2"])
 
     def plain_logits(self, arguments: dict) -> torch.Tensor:
@@ -136,7 +140,8 @@ class Router(nn.Module):
 
     def folded(self) -> dict:
         """Inference weights: per feature ``(feature, (W_i * gamma_i)^T, eps_i)``, ``fc1_bias = b + sum_i W_i
-        beta_i``, ``fc2`` transposed. Rebuilt when a parameter's version counter moved (in-place updates,
+        beta_i``, ``fc2`` transposed; features whose ``W_i`` is all zero are listed as ``unread`` (they only
+        give the batch size). Rebuilt when a parameter's version counter moved (in-place updates,
         ``load_state_dict``), after ``to()`` / ``double()`` / ``cuda()`` (``_apply``), and when a parameter's
         storage was replaced through ``.data`` (which moves no version counter: diffusers' group offloading
         onloads that way, to another device or from disk)."""
@@ -146,14 +151,17 @@ class Router(nn.Module):
                 and folded["dtype"] == self.fc1.weight.dtype:
             return folded
         with torch.no_grad():
-            weight, bias, blocks, start = self.fc1.weight, self.fc1.bias.clone(), [], 0
+            weight, bias, blocks, unread, start = self.fc1.weight, self.fc1.bias.clone(), [], [], 0
             for feature, norm in zip(self.features, self.norms):
                 w = weight[:, start:start + feature.dim]
+                start += feature.dim
+                if not bool(w.any()):  # e.g. a schedule router's per-sample features: nothing to compute
+                    unread.append(feature)
+                    continue
                 bias += w @ norm.bias
                 blocks.append((feature, (w * norm.weight[None]).t().contiguous(), float(norm.eps)))
-                start += feature.dim
             parameters = list(self.parameters())
-            self._folded = dict(fc1=blocks, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
+            self._folded = dict(fc1=blocks, unread=unread, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
                                 fc2_bias=self.fc2.bias.detach().clone(),
                                 dtype=weight.dtype,
                                 parameters=parameters, versions=[p._version for p in parameters],
@@ -192,6 +200,13 @@ def split_logits(logits: torch.Tensor, num_widths: int, num_actions: int) -> tup
     router has an action head (A > 0): what :meth:`Router.forward` returns (and an exported router graph)."""
     run, widths = logits[:, 0], logits[:, 1:1 + num_widths]
     return (run, widths, logits[:, 1 + num_widths:]) if num_actions else (run, widths)
+
+
+def _feature_rows(feature: RouterFeature, value: torch.Tensor) -> int:
+    """How many rows ``featurize`` makes of ``value`` (a scalar feature: one per element)."""
+    if feature.kind == "scalar" or value.ndim == 0:
+        return max(1, value.numel())
+    return value.shape[0]
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
