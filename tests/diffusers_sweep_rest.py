@@ -181,12 +181,13 @@ REST = {
     "Kandinsky6SRTransformer3DModel": kandinsky6_sr,
     "AnyFlowFARTransformer3DModel": anyflow_far,
     "WanAnimate2Transformer3DModel": wan_animate2,
+    # its decoder layers take packed (tokens, hidden) streams without a batch axis: routed once per call
+    "Cosmos3OmniTransformer": cosmos3_omni,
 }
 
 #: tiny configs whose class's forward runs but that the sweep cannot check yet (see the reasons)
 REST_PENDING = {
     "RFD4ProteinaTransformer": rfd4_proteina,
-    "Cosmos3OmniTransformer": cosmos3_omni,
 }
 REST_PENDING_REASONS = {
     "RFD4ProteinaTransformer": "tiny config written (backbone + local-latent features only); transform finds the 2 "
@@ -194,13 +195,10 @@ REST_PENDING_REASONS = {
                                "1.2e-7), none skippable: each layer computes ((x*m + attn(x*m))*m + ...)*m with the "
                                "padding mask m, so its output is not a residual update of its input x (skipping is "
                                "x*m, equal to x only for already-masked streams, which the residual analysis cannot "
-                               "prove); the sweep checks skip savings",
-    "Cosmos3OmniTransformer": "tiny config written (vision only, a text prefix and two items packed in one sequence); "
-                              "its decoder layers take the packed understanding and generation streams as 2-D "
-                              "(tokens, hidden) tensors with no batch axis and different lengths, the router reads "
-                              "dim 0 of each as the batch, so the transformed model's first forward raises "
-                              "InputMismatchError (router inputs with 8 rows vs 3): token-major, unbatched block "
-                              "inputs are not supported yet",
+                               "prove, and the trunk's first input is not masked: values + s_cycle_proj(...), whose "
+                               "bias reaches padded tokens, so taking the mask multiply as the identity on the skip "
+                               "path would change padded tokens, e.g. the unmasked insertion logits, when layers are "
+                               "skipped); the sweep checks skip savings",
 }
 
 

@@ -8,6 +8,11 @@ batch's text, which raises or, worse, computes something else (the first row oft
 caption: only a later row shows it). The check runs the block on the first and on the last row alone (every
 batch-major argument cut to that row, the rest passed unchanged, exactly as the gate would) and compares with those
 rows of the whole-batch output; a block that fails never runs sub-batches (see :mod:`elastic_compile.nn.gate.host`).
+
+Other codebases hand blocks no batch axis at all: packed token streams ``(tokens, hidden)`` (Cosmos3-Omni's
+understanding and generation streams, a batch flattened to ``(B*L, D)``). Dim 0 then counts tokens, so a router
+reading it as the batch decides per token, or fails on streams of different lengths. :func:`batch_axis_problem`
+finds such blocks on the recorded call; they are routed once per call (:mod:`elastic_compile.nn.call_router`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,23 @@ def splits_by_rows(module: nn.Module, args: tuple, kwargs: dict, output, batch: 
         if why:
             return False, why
     return True, ""
+
+
+def batch_axis_problem(arguments: dict, streams: list[str]) -> str:
+    """Why the block's hidden-state ``streams`` have no leading batch axis, or ``""`` when they have one.
+
+    No batch axis: the streams disagree on their leading size (other than 1, which broadcasts), or every stream
+    is 2-D: a block that mixes tokens holds its tokens on dim 0 then."""
+    shapes = [tuple(arguments[n].shape) for n in streams
+              if isinstance(arguments.get(n), torch.Tensor) and arguments[n].ndim > 0]
+    if not shapes:
+        return ""
+    leading = sorted({s[0] for s in shapes} - {1})
+    if len(leading) > 1:
+        return f"streams of {' and '.join(map(str, leading))} rows"
+    if all(len(s) == 2 for s in shapes):
+        return "2-D (tokens, hidden) streams"
+    return ""
 
 
 def _row_problem(module, args, kwargs, expected: list, batch: int, row: int, atol: float) -> str:

@@ -24,7 +24,7 @@ from ..capture.export import ExportedBlock, export_block
 from ..capture.record import ModuleCall, record_calls
 from ..capture.treespec import flatten_output
 from ..errors import CaptureError, NoTransformerBlocksError
-from .batching import splits_by_rows
+from .batching import batch_axis_problem, splits_by_rows
 from .conditioning import router_features
 from .ffn import find_ffn_sites
 from .residual import find_residual_pairs, has_token_mixing
@@ -165,7 +165,10 @@ def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
         sites, notes, streams = done_groups[gid]
         arguments = call.bound_arguments()
         batch = _batch_size(call, streams)
-        features = router_features(arguments, streams, batch)
+        # streams without a batch axis: the router reads the call as one sample (streams pooled over all their
+        # tokens, conditioning with a single row) and decides once for the whole batch
+        no_batch_axis = batch_axis_problem(arguments, streams)
+        features = router_features(arguments, streams, 1 if no_batch_axis else batch)
         leaves, spec = flatten_output(call.output)
         skippable = bool(pairs) and all(i in pairs for i, leaf in enumerate(leaves) if leaf is not None)
         block_notes = list(notes)
@@ -180,16 +183,21 @@ def discover_blocks(model: nn.Module, example_inputs: Any) -> Analysis:
                                "specialised to the example's sizes)")
         if not skippable:
             block_notes.append("cannot be skipped: not every output is a residual update of an input")
-        if gid not in row_checks:
-            row_checks[gid] = splits_by_rows(call.module, call.args, call.kwargs, call.output, batch)
-        rows_split, why = row_checks[gid]
-        if not rows_split:
+        if no_batch_axis:  # nothing to cut by rows: one decision covers the call
+            rows_split = False
+            block_notes.append(f"no batch axis ({no_batch_axis}): one routing decision per call for the whole batch, "
+                               "each stream pooled over all its tokens")
+        else:
+            if gid not in row_checks:
+                row_checks[gid] = splits_by_rows(call.module, call.args, call.kwargs, call.output, batch)
+            rows_split, why = row_checks[gid]
+        if not rows_split and not no_batch_axis:
             block_notes.append(f"inputs not split by rows ({why}): samples with different plans run the whole "
                                "batch together, at the widest width a running sample chose")
         blocks.append(BlockSpec(index=index, path=name, class_name=type(call.module).__name__, residual_of=dict(pairs),
                                 output_spec=pytree.treespec_dumps(spec), num_output_leaves=len(leaves),
                                 features=features, sites=list(sites), skippable=skippable, notes=block_notes,
-                                group=gid, rows_split=rows_split))
+                                group=gid, rows_split=rows_split, batch_axis=not no_batch_axis))
         block_calls.append(call)
     return Analysis(blocks, block_calls, graphs, model_output, rejected, degraded)
 

@@ -81,6 +81,7 @@ class BlockSpec:
     notes: list[str] = field(default_factory=list)
     group: int = 0                          # blocks of one group share one analysis
     rows_split: bool = True                 # one row of the call run alone computes that row (analysis/batching.py)
+    batch_axis: bool = True                 # False: no batch axis, one decision per call (nn/call_router.py)
 
     @property
     def elastic_width(self) -> bool:

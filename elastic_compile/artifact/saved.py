@@ -175,6 +175,8 @@ def check_block_entry(entry: Any, position: int, file: Path) -> None:
         c.get(entry, name, kind, where)
     if "rows_split" in entry:  # written since blocks may take inputs that are not batch-major (older files lack it)
         c.get(entry, "rows_split", bool, where)
+    if "batch_axis" in entry:  # written since blocks may take streams without a batch axis (older files lack it)
+        c.get(entry, "batch_axis", bool, where)
     for leaf, argument in entry["residual_of"].items():
         if not leaf.isdigit() or not isinstance(argument, str):
             c.fail(f"{where}.residual_of", "output leaf numbers -> argument names", entry["residual_of"])

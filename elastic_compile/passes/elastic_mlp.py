@@ -134,13 +134,15 @@ def _masked_input(module: nn.Module, x: torch.Tensor, channel_dim: int) -> torch
     if not masks or not module._elastic_out_cuts:
         return x
     channels = x.shape[channel_dim]
-    full = torch.ones(x.shape[0], channels, dtype=x.dtype, device=x.device)
+    # one mask row per sample; a single row (a block routed once per call) covers every row of x
+    rows = next(iter(masks.values())).shape[0]
+    full = torch.ones(rows, channels, dtype=x.dtype, device=x.device)
     for cut in module._elastic_out_cuts:
         if cut.site in masks:
             start = cut.slice.unit_starts[0]
             mask = masks[cut.site].to(x.dtype)
             full = torch.cat([full[:, :start], mask, full[:, start + mask.shape[1]:]], dim=1)
-    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    shape = [rows] + [1] * (x.ndim - 1)
     shape[channel_dim] = channels
     return x * full.reshape(shape)
 

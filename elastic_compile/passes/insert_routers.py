@@ -4,7 +4,9 @@ Matches: blocks with a decision to make (skippable with ``allow_skip``, or with 
 Installs: a :class:`~elastic_compile.nn.router.Router` as the block's submodule ``elastic_router`` (so its weights
 live in the model's state dict), reading the inputs the analysis chose (token streams, conditioning).
 Guarantee: at most ``router_param_budget`` of the block's parameters (never below ``router_min_hidden`` units),
-and an untrained router runs every sample at full width, so the model still computes the dense function.
+and an untrained router runs every sample at full width, so the model still computes the dense function. A block
+whose streams have no batch axis (``spec.batch_axis`` false) gets a :class:`~elastic_compile.nn.call_router.
+CallRouter`: one decision per call.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import nn
 
 from ..analysis.spec import BlockSpec
 from ..config import ElasticConfig
+from ..nn.call_router import CallRouter
 from ..nn.router import Router, router_hidden_size
 from ..state import ROUTER_ATTRIBUTE
 
@@ -32,6 +35,7 @@ def insert_router(block: nn.Module, spec: BlockSpec, config: ElasticConfig) -> R
     hidden = router_hidden_size(spec.features, num_widths + num_actions, block_parameter_count(block),
                                 config.router_hidden, config.router_min_hidden, config.router_param_budget)
     parameter = next(block.parameters())
-    router = Router(spec.features, hidden, num_widths, num_actions).to(device=parameter.device)
+    kind = Router if spec.batch_axis else CallRouter
+    router = kind(spec.features, hidden, num_widths, num_actions).to(device=parameter.device)
     setattr(block, ROUTER_ATTRIBUTE, router)
     return router

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..nn.call_router import CallRouter
 from ..nn.router import Router, split_logits
 from .lookahead import ExportedWeights, LookaheadLogits
 from .summaries import PooledSummaries
@@ -89,6 +90,8 @@ class HostRouter:
             ahead = self.lookahead.lookup(self.block, [arguments.get(name) for name in self.names])
             if ahead is not None:
                 return ahead
+        if isinstance(self.router, CallRouter):  # streams without a batch axis: the call is one sample
+            arguments = self.router.one_row(arguments)
         weights = self._weights()
         hidden = None
         for feature, (w, eps) in zip(self.features, weights["fc1"]):

@@ -79,6 +79,10 @@ class BlockGate:
 
     # decisions -------------------------------------------------------------------------------------------
     def stream_batch(self, arguments: dict) -> int:
+        """Samples the gate decides for: the streams' leading size, or 1 for streams without a batch axis (the
+        whole call is one sample, see :mod:`elastic_compile.nn.call_router`)."""
+        if not self.spec.batch_axis:
+            return 1
         for name in self.stream_names:
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.ndim > 0:
