@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusers_sweep_rest import REST, REST_PENDING, REST_PENDING_REASONS
+from diffusers_sweep_rest import REST, REST_PENDING, REST_PENDING_REASONS, WIDTH_ONLY
 
 
 def _rand(*shape):
@@ -424,6 +424,7 @@ NOTES = {
     "CosmosTransformer3DModel": "tiny config with extra_pos_embed_type=None (Cosmos-Predict2 style); with the default "
                                 "'learnable' every block adds the positional embedding to its input stream, so "
                                 "skipping it is not a residual skip: blocks are found, width-only, none skippable",
+    **WIDTH_ONLY,
 }
 
 #: tiny configs whose class's forward runs but that the sweep cannot check yet (see the reasons)

@@ -183,22 +183,22 @@ REST = {
     "WanAnimate2Transformer3DModel": wan_animate2,
     # its decoder layers take packed (tokens, hidden) streams without a batch axis: routed once per call
     "Cosmos3OmniTransformer": cosmos3_omni,
+    # width-only: no block is a residual skip (WIDTH_ONLY says why)
+    "RFD4ProteinaTransformer": rfd4_proteina,
 }
 
 #: tiny configs whose class's forward runs but that the sweep cannot check yet (see the reasons)
-REST_PENDING = {
-    "RFD4ProteinaTransformer": rfd4_proteina,
-}
-REST_PENDING_REASONS = {
-    "RFD4ProteinaTransformer": "tiny config written (backbone + local-latent features only); transform finds the 2 "
-                               "trunk layers, width-only (2 FFN sites, width 1/4 executes 0.845, untrained = dense "
-                               "1.2e-7), none skippable: each layer computes ((x*m + attn(x*m))*m + ...)*m with the "
-                               "padding mask m, so its output is not a residual update of its input x (skipping is "
-                               "x*m, equal to x only for already-masked streams, which the residual analysis cannot "
-                               "prove, and the trunk's first input is not masked: values + s_cycle_proj(...), whose "
-                               "bias reaches padded tokens, so taking the mask multiply as the identity on the skip "
-                               "path would change padded tokens, e.g. the unmasked insertion logits, when layers are "
-                               "skipped); the sweep checks skip savings",
+REST_PENDING = {}
+REST_PENDING_REASONS = {}
+
+#: swept classes whose blocks are found but none can be skipped, with why: the sweep checks width savings only
+WIDTH_ONLY = {
+    "RFD4ProteinaTransformer": "width-only, none skippable: each trunk layer computes ((x*m + attn(x*m))*m + ...)*m "
+                               "with the padding mask m, so its output is not a residual update of its input x "
+                               "(skipping is x*m, equal to x only for already-masked streams, which the residual "
+                               "analysis cannot prove; the trunk's first input, values + s_cycle_proj(...), is not "
+                               "masked, so taking the mask multiply as the identity would change padded tokens when "
+                               "layers are skipped); tiny config with backbone + local-latent features only",
 }
 
 
