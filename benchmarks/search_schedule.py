@@ -11,7 +11,8 @@ it runs). The score of a table is the log MSE of whole generations against dense
 
 1. start from the router-free block forecast at K = 1, 2, 3 (at K=1 every block runs steps 0, 1, 3, 5, ...);
 2. sensitivity: the score change of flipping each cell alone (run -> forecast, forecast -> run);
-3. swaps at equal FLOPs: the best-gaining forecasts run instead of the cheapest runs, the best count kept;
+3. swaps at equal FLOPs, one per round: a best-gaining forecast runs instead of a cheapest run (the best pair
+   of the top three of each); ``--swap-rounds`` rounds, or more rounds later with ``--continue-from``;
    (dropping the cheapest runs alone to reach fewer FLOPs does not work: runs that are cheap to drop one at a
    time are costly together, e.g. neighbours in one block, so each FLOP level starts from its own K);
 4. more FLOPs than K=1: the best-gaining forecasts run too, kept only if that scores better (it need not: a run
@@ -66,6 +67,71 @@ def block_forecast_table(steps: int, blocks: int, max_reuse: int = 1) -> list[li
     return [[s < FIRST_FREE_STEP or (s - 1) % (max_reuse + 1) == 0 for _ in range(blocks)] for s in range(steps)]
 
 
+def per_block_table(steps: int, reuse: list[int]) -> list[list[bool]]:
+    """Each block b on the block forecast's schedule at its own K = ``reuse[b]``."""
+    columns = [block_forecast_table(steps, 1, k) for k in reuse]
+    return [[columns[b][s][0] for b in range(len(reuse))] for s in range(steps)]
+
+
+def per_block_greedy(score, steps: int, blocks: int, top_k: int, note) -> list[tuple[list[list[bool]], float]]:
+    """From every block at K=1, raise one block's K per round (the block whose raise costs least), up to
+    ``top_k`` for all: one table per round, from 0.52 of the cells down to K=``top_k`` everywhere."""
+    reuse = [1] * blocks
+    table = per_block_table(steps, reuse)
+    found = [(table, score(table))]
+    while min(reuse) < top_k:
+        trials = []
+        for b in (b for b in range(blocks) if reuse[b] < top_k):
+            candidate = reuse[:b] + [reuse[b] + 1] + reuse[b + 1:]
+            trials.append((score(per_block_table(steps, candidate)), candidate))
+        value, reuse = min(trials)
+        found.append((per_block_table(steps, reuse), value))
+        note(phase="per-block K", reuse=reuse, score=value, fraction=fraction(found[-1][0]))
+    return found
+
+
+def step_greedy(score, steps: int, blocks: int, note, floor: float = 0.2) -> list[tuple[list[list[bool]], float]]:
+    """Whole steps at a time: from every block running every step, drop per round the step whose stand-in
+    (every block forecasts) costs least, re-scored each round, down to ``floor`` of the cells. Blocks that stand
+    in at the same steps keep each other's inputs and histories consistent; mixing phases across blocks
+    (per-block K) scores worse than either uniform K it lies between."""
+    running = set(range(steps))
+    table = lambda rows: [[s in rows] * blocks for s in range(steps)]  # noqa: E731
+    found = []
+    while len(running) / steps > floor:
+        trials = [(score(table(running - {s})), s) for s in sorted(running) if s >= FIRST_FREE_STEP]
+        value, step = min(trials)
+        running = running - {step}
+        found.append((table(running), value))
+        note(phase="step greedy", steps=sorted(running), score=value, fraction=fraction(found[-1][0]))
+    return found
+
+
+def step_table(steps: int, blocks: int, running) -> list[list[bool]]:
+    return [[s in running] * blocks for s in range(steps)]
+
+
+def step_local_search(score, steps: int, blocks: int, reuse: int, count: int, rounds: int, note):
+    """Whole-step schedule with ``count`` run steps: the block forecast's at K=``reuse``, cut to ``count`` by
+    dropping the step that costs least (re-scored each time), then hill-climbing on moves of one run step to a
+    neighbouring step (every move re-scored; the best taken while it scores better)."""
+    running = {s for s in range(steps) if block_forecast_table(steps, 1, reuse)[s][0]}
+    while len(running) > count:
+        value, drop = min((score(step_table(steps, blocks, running - {s})), s) for s in running if s >= FIRST_FREE_STEP)
+        running = running - {drop}
+    value = score(step_table(steps, blocks, running))
+    note(phase=f"steps K={reuse} x{count} start", steps=sorted(running), score=value)
+    for _ in range(rounds):
+        moves = {frozenset(running - {s} | {s + d}) for s in running if s >= FIRST_FREE_STEP for d in (-1, 1)
+                 if FIRST_FREE_STEP <= s + d < steps and s + d not in running}
+        best = min((score(step_table(steps, blocks, m)), sorted(m)) for m in moves)
+        if best[0] >= value:
+            break
+        value, running = best[0], set(best[1])
+        note(phase=f"steps K={reuse} x{count} moved", steps=sorted(running), score=value)
+    return step_table(steps, blocks, running), value
+
+
 def fraction(table) -> float:
     return sum(map(sum, table)) / (len(table) * len(table[0]))
 
@@ -107,19 +173,22 @@ def sensitivities(score, table, base, runs: bool) -> dict:
     return {cell: score(flipped(table, [cell])) - base for cell in free_cells(table, runs)}
 
 
-def refine_swaps(score, table, base, log):
-    """Swap the best-gaining forecasts with the cheapest runs (equal FLOPs); keep the best count of swaps."""
+def refine_swaps(score, table, base, log, top: int = 3):
+    """One swap at equal FLOPs: a forecast that gains most runs instead of a run that costs least, the best pair
+    among the ``top`` of each (by single-flip sensitivity) kept when it scores better. Sensitivities do not add
+    up (several swaps at once score far worse than one), hence one swap per round."""
     removal = sensitivities(score, table, base, runs=True)
     adding = sensitivities(score, table, base, runs=False)
-    cheap = sorted(removal, key=removal.get)
-    gain = sorted(adding, key=adding.get)
-    best = (base, table, 0)
-    for count in (1, 2, 4, 8, 12, 16, 24):
-        candidate = flipped(flipped(table, cheap[:count], False), gain[:count], True)
-        value = score(candidate)
-        log.append(dict(phase="swap", count=count, score=value, fraction=fraction(candidate)))
-        if value < best[0]:
-            best = (value, candidate, count)
+    cheap = sorted(removal, key=removal.get)[:top]
+    gain = sorted(adding, key=adding.get)[:top]
+    best = (base, table)
+    for remove in cheap:
+        for add in gain:
+            candidate = flipped(table, [remove, add])
+            value = score(candidate)
+            log.append(dict(phase="swap", remove=remove, add=add, score=value, fraction=fraction(candidate)))
+            if value < best[0]:
+                best = (value, candidate)
     return best[1], best[0], adding
 
 
@@ -128,11 +197,26 @@ def main(argv=None) -> int:
     parser.add_argument("--anchors", default="1,2,3", help="block forecast K values the search starts from")
     parser.add_argument("--above", default="0.6", help="fractions above the K=1 anchor (best-gaining runs added)")
     parser.add_argument("--swap-rounds", type=int, default=1)
+    parser.add_argument("--per-block", type=int, default=0, metavar="K",
+                        help="instead of the anchors: per-block K from all 1 up to all K (one block raised per "
+                        "round, the cheapest), then swap rounds on the tables nearest --keep fractions")
+    parser.add_argument("--per-step", action="store_true",
+                        help="instead of the anchors: drop whole steps greedily (every block stands in), then swap "
+                        "rounds on the tables nearest --keep fractions")
+    parser.add_argument("--step-local", default="", metavar="K:COUNT,...",
+                        help="instead of the anchors: whole-step schedules of COUNT run steps from the block "
+                        "forecast at K, hill-climbed (run steps moved one step at a time)")
+    parser.add_argument("--rounds", type=int, default=6, help="hill-climbing rounds of --step-local")
+    parser.add_argument("--per-class", type=int, default=1, help="calibration images per class")
+    parser.add_argument("--keep", default="0.48,0.44,0.40", help="with --per-block / --per-step: fractions to keep "
+                        "tables at")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=900)
     parser.add_argument("--assets", default=str(ASSETS_DIR))
     parser.add_argument("--out", default=str(RESULTS / "routers"))
     parser.add_argument("--tables", help="a previous run's schedule_search.json: only fit and save its kept tables")
+    parser.add_argument("--continue-from", help="a previous run's schedule_search.json: more swap rounds on its kept "
+                        "tables instead of starting from the anchors")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -148,23 +232,40 @@ def main(argv=None) -> int:
 
 def search(args, out: Path) -> None:
     started = time.time()
-    score = Scorer(args.assets, list(range(10)), args.seed)
+    score = Scorer(args.assets, [c for c in range(10) for _ in range(args.per_class)], args.seed)
     log, kept = [], []
 
     def note(**entry):
         log.append(dict(entry, calls=score.calls, minutes=round((time.time() - started) / 60, 1)))
         print(json.dumps(log[-1]), flush=True)
 
-    for anchor in (int(k) for k in args.anchors.split(",")):
-        table = block_forecast_table(score.steps, score.blocks, anchor)
+    if args.step_local:
+        for item in args.step_local.split(","):
+            reuse, count = (int(v) for v in item.split(":"))
+            kept.append(step_local_search(score, score.steps, score.blocks, reuse, count, args.rounds, note))
+        starts = []
+    elif args.per_block or args.per_step:
+        found = (per_block_greedy(score, score.steps, score.blocks, args.per_block, note) if args.per_block
+                 else step_greedy(score, score.steps, score.blocks, note))
+        starts = []
+        for target in (float(f) for f in args.keep.split(",")):
+            table, _ = min(found, key=lambda tv: abs(fraction(tv[0]) - target))
+            starts.append((f"per-block {fraction(table):.2f}", table))
+    elif args.continue_from:
+        starts = [(f"continued {e['fraction']:.2f}", [[c == "1" for c in row] for row in e["table"]])
+                  for e in json.loads(Path(args.continue_from).read_text())["log"] if e["phase"] == "kept"]
+    else:
+        starts = [(f"K={k}", block_forecast_table(score.steps, score.blocks, int(k))) for k in args.anchors.split(",")]
+    for name, table in starts:
+        anchor = 1 if name == "K=1" else None
         value = score(table)
-        note(phase=f"block forecast K={anchor}", score=value, fraction=fraction(table))
+        note(phase=f"start {name}", score=value, fraction=fraction(table))
         adding = {}
         for _ in range(args.swap_rounds):
             table, value, adding = refine_swaps(score, table, value, log)
-            note(phase=f"K={anchor} swapped", score=value, fraction=fraction(table))
+            note(phase=f"{name} swapped", score=value, fraction=fraction(table))
         kept.append((table, value))
-        if anchor == 1:
+        if anchor == 1 and adding:
             for target in (float(f) for f in args.above.split(",") if f):
                 gain = sorted((c for c in adding if not table[c[0]][c[1]]), key=adding.get)
                 count = round((target - fraction(table)) * score.steps * score.blocks)
