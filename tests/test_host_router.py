@@ -39,12 +39,19 @@ features_strategy = st.lists(
 @settings(max_examples=40, deadline=None)
 @given(specs=features_strategy, hidden=st.integers(1, 24), widths=st.integers(1, 4), batch=st.integers(1, 6),
        tokens=st.lists(st.integers(1, 6), min_size=1, max_size=2), seed=st.integers(0, 2**16),
-       summarized=st.booleans())
-def test_host_router_equals_the_pytorch_router(specs, hidden, widths, batch, tokens, seed, summarized):
+       summarized=st.booleans(), unread=st.integers(0, 7))
+def test_host_router_equals_the_pytorch_router(specs, hidden, widths, batch, tokens, seed, summarized, unread):
+    """Also where some features' fc1 weights are all zero (bit i of ``unread``: feature i), which both skip."""
     scalar_dim = next((2 * (d // 2 + 1) for k, d in specs if k == "scalar"), None)
     features = [RouterFeature(f"f{i}", kind, scalar_dim if kind == "scalar" else dim)
                 for i, (kind, dim) in enumerate(specs)]
     router = _router(features, hidden, widths, seed)
+    start = 0
+    with torch.no_grad():
+        for i, f in enumerate(features):
+            if unread >> i & 1:
+                router.fc1.weight[:, start:start + f.dim] = 0.0
+            start += f.dim
     generator = torch.Generator().manual_seed(seed)
     arguments = {f.name: _value(f, batch, tokens, generator) for f in features}
     summaries = PooledSummaries()
@@ -57,7 +64,7 @@ def test_host_router_equals_the_pytorch_router(specs, hidden, widths, batch, tok
     got = HostRouter(router, summaries).logits(arguments)
     assert got.shape == (batch, 1 + widths) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=2e-4 * max(1.0, float(expected.abs().max())), rtol=0)
-    if summarized and any(f.kind == "pooled" for f in features):
+    if summarized and any(f.kind == "pooled" and not unread >> i & 1 for i, f in enumerate(features)):
         assert summaries.hits >= 1
 
 

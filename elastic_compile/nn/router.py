@@ -109,7 +109,7 @@ class Router(nn.Module):
                 hidden = _broadcast_rows(hidden, batch) + _broadcast_rows(normed, batch) @ weight
         if folded["unread"]:  # features whose weights are all zero add nothing, but still set the batch
             rows = hidden[None] if hidden.ndim == 1 else hidden
-            batch = max([rows.shape[0]] + [_feature_rows(f, arguments[f.name]) for f in folded["unread"]])
+            batch = max([rows.shape[0]] + [feature_rows(f, arguments[f.name]) for f in folded["unread"]])
             hidden = _broadcast_rows(rows, batch)
         return torch.addmm(folded["fc2_bias"], F.silu(hidden), folded["fc2"])
 
@@ -202,7 +202,7 @@ def split_logits(logits: torch.Tensor, num_widths: int, num_actions: int) -> tup
     return (run, widths, logits[:, 1 + num_widths:]) if num_actions else (run, widths)
 
 
-def _feature_rows(feature: RouterFeature, value: torch.Tensor) -> int:
+def feature_rows(feature: RouterFeature, value: torch.Tensor) -> int:
     """How many rows ``featurize`` makes of ``value`` (a scalar feature: one per element)."""
     if feature.kind == "scalar" or value.ndim == 0:
         return max(1, value.numel())

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..nn.call_router import CallRouter
-from ..nn.router import Router, split_logits
+from ..nn.router import Router, feature_rows, split_logits
 from .lookahead import ExportedWeights, LookaheadLogits
 from .summaries import PooledSummaries
 
@@ -45,7 +45,8 @@ class HostRouter:
         folded = self.router.folded()
         if folded is not self._source:
             host = lambda t: np.ascontiguousarray(t.detach().float().cpu().numpy())
-            self._folded = dict(fc1=[(host(w), eps) for _, w, eps in folded["fc1"]], fc1_bias=host(folded["fc1_bias"]),
+            self._folded = dict(fc1=[(feature, host(w), eps) for feature, w, eps in folded["fc1"]],
+                                unread=list(folded["unread"]), fc1_bias=host(folded["fc1_bias"]),
                                 fc2=host(folded["fc2"]), fc2_bias=host(folded["fc2_bias"]),
                                 frequencies=host(self.router.frequencies))
             self._source = folded
@@ -94,9 +95,16 @@ class HostRouter:
             arguments = self.router.one_row(arguments)
         weights = self._weights()
         hidden = None
-        for feature, (w, eps) in zip(self.features, weights["fc1"]):
+        for feature, w, eps in weights["fc1"]:
             term = _matmul(self.normalized(feature, arguments[feature.name], eps, weights["frequencies"]), w)
             hidden = term if hidden is None else hidden + term
+        if weights["unread"]:  # features with all-zero weights (Router.folded) add nothing but set the batch
+            batch = max([0 if hidden is None else hidden.shape[0]]
+                        + [feature_rows(f, arguments[f.name]) for f in weights["unread"]])
+            if hidden is None:
+                hidden = np.zeros((batch, weights["fc1_bias"].shape[0]), np.float32)
+            elif hidden.shape[0] != batch:  # one row for the whole batch (as Router.logits broadcasts it)
+                hidden = np.repeat(hidden, batch, axis=0)
         hidden += weights["fc1_bias"]
         hidden *= 0.5 * (1.0 + np.tanh(0.5 * hidden))  # SiLU, x * sigmoid(x), without overflow
         out = _matmul(hidden, weights["fc2"])
