@@ -385,6 +385,16 @@ def call_fraction(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return executed_flops_fraction(state.soft_records, table, state.routers, batch)
 
 
+def chosen_skip_action(state, action: str | None) -> str:
+    """``action``, or the model's last (highest-order) skip action when None; refused if the model lacks it."""
+    actions = state.config.skip_actions
+    action = action or actions[-1]
+    if action not in actions:
+        raise ConfigError(f"one of the model's skip actions {actions}", repr(action),
+                          "Transform with ElasticConfig(skip_actions=...) including it.")
+    return action
+
+
 def start_from_block_cache(model: nn.Module, action: str | None = None, run_logit: float = -2.0) -> None:
     """Set every router to ask for a skip (run logit ``run_logit``) with skip action ``action`` (default: the
     model's last, the highest-order one), whatever it reads: served with the feature cache (fallback "run"), the
@@ -394,10 +404,7 @@ def start_from_block_cache(model: nn.Module, action: str | None = None, run_logi
     gradient yet."""
     state = state_of(model)
     actions = state.config.skip_actions
-    action = action or actions[-1]
-    if action not in actions:
-        raise ConfigError(f"one of the model's skip actions {actions}", repr(action),
-                          "Transform with ElasticConfig(skip_actions=...) including it.")
+    action = chosen_skip_action(state, action)
     with torch.no_grad():
         for router in state.routers.values():
             router.reset_to_full_capacity()

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..state import state_of
+from .rollout import chosen_skip_action
 
 #: Logit margin each fitted decision keeps from the run threshold.
 MARGIN = 3.0
@@ -98,10 +99,7 @@ def fit_schedule_routers(model, table: Sequence[Sequence[bool]], generate: Calla
     state = state_of(model)
     steps = len(table)
     actions = state.config.skip_actions
-    action = action or actions[-1]
-    if action not in actions:
-        raise ConfigError(f"one of the model's skip actions {actions}", repr(action),
-                          "Transform with ElasticConfig(skip_actions=...) including it.")
+    action = chosen_skip_action(state, action)
     if any(len(row) != len(state.blocks) for row in table):
         raise ConfigError(f"a table of rows with {len(state.blocks)} entries (one per block)",
                           f"rows of {sorted({len(row) for row in table})}", "Give one decision per block and step.")
