@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from ..analysis.spec import RouterFeature
 from ..errors import InputMismatchError
+from .decision_memo import DecisionMemo, memo_for
 from .memo import TensorMemo
 
 # "Full capacity" initialisation: an untrained router runs every block at full width with margin.
@@ -84,12 +85,24 @@ class Router(nn.Module):
         batch = max(part.shape[0] for part in parts)
         return torch.cat([_broadcast_rows(part, batch) for part in parts], dim=-1)
 
+    def folds(self) -> bool:
+        """Whether :meth:`logits` takes the folded path (CPU, no gradients, weights computed in directly, no
+        diffusers hooks on the router's modules)."""
+        weight = self.fc1.weight
+        return not (torch.is_grad_enabled() or weight.dtype not in FOLDABLE_DTYPES or weight.device.type != "cpu"
+                    or self.hooked())
+
+    def decision_memo(self) -> DecisionMemo | None:
+        """Where the host gate keeps this router's decisions per timestep value (:mod:`.decision_memo`): for a
+        router that reads scalar features only, on the folded path; else None."""
+        if type(self).logits is not Router.logits or "logits" in self.__dict__ or not self.folds():
+            return None
+        return self.folded()["decisions"]
+
     def logits(self, arguments: dict) -> torch.Tensor:
         """``(B, 1 + num_widths + num_actions)``: the run logit, the width-bucket logits, then the skip-action
         logits (one tensor, one transfer)."""
-        weight = self.fc1.weight
-        if torch.is_grad_enabled() or weight.dtype not in FOLDABLE_DTYPES or weight.device.type != "cpu" \
-                or self.hooked():
+        if not self.folds():
             return self.plain_logits(arguments)
         folded = self.folded()
         hidden, dtype = folded["fc1_bias"], folded["dtype"]
@@ -144,7 +157,9 @@ class Router(nn.Module):
         give the batch size). Rebuilt when a parameter's version counter moved (in-place updates,
         ``load_state_dict``), after ``to()`` / ``double()`` / ``cuda()`` (``_apply``), and when a parameter's
         storage was replaced through ``.data`` (which moves no version counter: diffusers' group offloading
-        onloads that way, to another device or from disk)."""
+        onloads that way, to another device or from disk). ``decisions``: the host gate's memo of decisions per
+        timestep value for a router that reads scalar features only (:mod:`.decision_memo`), else None; rebuilt
+        with the weights."""
         folded = self.__dict__.get("_folded")
         if folded is not None and folded["versions"] == [p._version for p in folded["parameters"]] \
                 and folded["storages"] == [p.data_ptr() for p in folded["parameters"]] \
@@ -162,6 +177,7 @@ class Router(nn.Module):
                 blocks.append((feature, (w * norm.weight[None]).t().contiguous(), float(norm.eps)))
             parameters = list(self.parameters())
             self._folded = dict(fc1=blocks, unread=unread, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
+                                decisions=memo_for([block[0] for block in blocks], unread),
                                 fc2_bias=self.fc2.bias.detach().clone(),
                                 dtype=weight.dtype,
                                 parameters=parameters, versions=[p._version for p in parameters],

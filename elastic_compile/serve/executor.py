@@ -209,6 +209,11 @@ class SingleThreadRouter:
     def logits(self, arguments: dict) -> torch.Tensor:
         return self._single_threaded(self.router.logits, arguments)
 
+    def decision_memo(self):
+        """The wrapped router's decision memo (:mod:`elastic_compile.nn.decision_memo`), if it has one."""
+        memo = getattr(self.router, "decision_memo", None)
+        return None if memo is None else memo()
+
     @staticmethod
     def _single_threaded(fn, arguments: dict):
         if torch.get_num_threads() == 1:

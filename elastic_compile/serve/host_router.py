@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..nn.call_router import CallRouter
+from ..nn.decision_memo import DecisionMemo, memo_for
 from ..nn.router import Router, feature_rows, split_logits
 from .lookahead import ExportedWeights, LookaheadLogits
 from .summaries import PooledSummaries
@@ -48,7 +49,8 @@ class HostRouter:
             self._folded = dict(fc1=[(feature, host(w), eps) for feature, w, eps in folded["fc1"]],
                                 unread=list(folded["unread"]), fc1_bias=host(folded["fc1_bias"]),
                                 fc2=host(folded["fc2"]), fc2_bias=host(folded["fc2_bias"]),
-                                frequencies=host(self.router.frequencies))
+                                frequencies=host(self.router.frequencies),
+                                decisions=memo_for([block[0] for block in folded["fc1"]], folded["unread"]))
             self._source = folded
         return self._folded
 
@@ -85,6 +87,14 @@ class HostRouter:
         if kind is not None and self.summaries is not None:
             self.summaries.remember(value, normed, eps, kind)
         return normed
+
+    def decision_memo(self) -> DecisionMemo | None:
+        """The host gate's memo of this router's decisions per timestep value (:mod:`elastic_compile.nn.
+        decision_memo`): for a router that reads scalar features only and whose logits no block graph computes
+        ahead; else None."""
+        if self.lookahead is not None or isinstance(self.router, CallRouter):
+            return None
+        return self._weights()["decisions"]
 
     def logits(self, arguments: dict) -> torch.Tensor:
         if self.lookahead is not None and self.exported.current():

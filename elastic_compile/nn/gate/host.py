@@ -25,12 +25,8 @@ def forward(gate, args: tuple, kwargs: dict):
     arguments = gate.bind(args, kwargs)
     actions = None
     if gate.routes_everything():
-        router = gate.router
-        rows = router.logits(arguments).tolist()
-        run, bucket, p_run = host_decisions(rows, state.config.threshold, True, True, router.num_widths)
-        if router.num_actions:
-            actions = host_actions(rows, router.num_widths)
-        batch, router_ran = len(rows), True
+        run, bucket, p_run, actions = routed_decisions(gate.router, arguments, state.config.threshold)
+        batch, router_ran = len(run), True
     else:
         batch = gate.stream_batch(arguments)
         run, bucket, router_ran, p_run, actions = gate.decide(arguments, batch)
@@ -46,6 +42,25 @@ def forward(gate, args: tuple, kwargs: dict):
         run, bucket, stand_in, reused = whole_batch_plan(run, bucket, stand_in, reused)
     state.record(BlockCall(gate.index, run, bucket, router_ran, reused))
     return gate.execute(run, bucket, stand_in, args, kwargs, arguments, batch)
+
+
+def routed_decisions(router, arguments: dict, threshold: float):
+    """``(run, bucket, p_run, actions)`` per sample from the router (``actions`` None without an action head);
+    served from the router's decision memo where it has one (it reads the timestep only) and has decided for
+    these values before (:mod:`elastic_compile.nn.decision_memo`)."""
+    memo_of = getattr(router, "decision_memo", None)  # routers stood in for (ONNX graphs, recorders) have none
+    memo = None if memo_of is None else memo_of()
+    key = None if memo is None else memo.key(arguments, threshold)
+    decided = None if key is None else memo.get(key)
+    if decided is None:
+        rows = router.logits(arguments).tolist()
+        run, bucket, p_run = host_decisions(rows, threshold, True, True, router.num_widths)
+        actions = host_actions(rows, router.num_widths) if router.num_actions else None
+        decided = (tuple(run), tuple(bucket), tuple(p_run), None if actions is None else tuple(actions))
+        if key is not None:
+            memo.put(key, decided)
+    run, bucket, p_run, actions = decided
+    return list(run), list(bucket), list(p_run), None if actions is None else list(actions)
 
 
 def whole_batch_plan(run: list[bool], bucket: list[int], stand_in, reused):
