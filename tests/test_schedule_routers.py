@@ -51,15 +51,7 @@ class StepHooks(SamplerHooks):
 
 def forced_by_table(model, table):
     """Images of ``model`` with every decision pinned by ``table`` (the schedule the routers must serve)."""
-    hooks = StepHooks(ElasticCacheHooks(model))
-
-    def denoiser(*args, **kwargs):
-        skip = {b for b, runs in enumerate(table[hooks.step]) if not runs}
-        with ec.force(model, skip=skip, width=1.0):
-            return model(*args, **kwargs)
-
-    denoiser.parameters = model.parameters
-    return sample(denoiser, FlowMatchEulerDiscreteScheduler(), LABELS, CONFIG, seed=5, hooks=hooks)
+    return forced_by_table_with(model, table, StepHooks(ElasticCacheHooks(model)))
 
 
 def fit(model, table):
@@ -88,6 +80,76 @@ def test_fitted_routers_serve_the_table_exactly(seed, tmp_path):
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
     dense = sample(elastic(), FlowMatchEulerDiscreteScheduler(), LABELS, CONFIG, seed=5)
     assert (images - dense).abs().max() > 1e-4  # the table skips blocks: the schedule is not the dense model
+
+
+def random_actions(table, seed: int, names=("reuse", "forecast2")) -> list[list[str | None]]:
+    rng = random.Random(seed)
+    return [[None if runs else rng.choice(names) for runs in row] for row in table]
+
+
+def forced_by_tables(model, table, actions):
+    """Images of ``model`` with every run decision pinned by ``table`` and every stand-in's skip action by
+    ``actions`` (the cache's choice replaced per step and block)."""
+    hooks = StepHooks(ElasticCacheHooks(model))
+    cache = state_of(model).cache
+    plan, skip_actions = cache.plan, state_of(model).config.skip_actions
+
+    def pinned_plan(entry, run, scores, threshold, chosen=None):
+        block = next(key[1] for key, known in cache.entries.items() if known is entry)
+        name = actions[hooks.step][block] or skip_actions[-1]
+        return plan(entry, run, scores, threshold, [skip_actions.index(name)] * len(run))
+
+    cache.plan = pinned_plan
+    try:
+        return forced_by_table_with(model, table, hooks)
+    finally:
+        del cache.plan
+
+
+def forced_by_table_with(model, table, hooks):
+    def denoiser(*args, **kwargs):
+        skip = {b for b, runs in enumerate(table[hooks.step]) if not runs}
+        with ec.force(model, skip=skip, width=1.0):
+            return model(*args, **kwargs)
+
+    denoiser.parameters = model.parameters
+    return sample(denoiser, FlowMatchEulerDiscreteScheduler(), LABELS, CONFIG, seed=5, hooks=hooks)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_action_table_is_served_cell_by_cell(seed, tmp_path):
+    """With a skip action per (step, block), the saved and loaded routers stand in with each cell's action: the
+    images equal the generation with every run decision and every stand-in's action pinned, and differ from the
+    same run table served with one action everywhere."""
+    model = elastic()
+    blocks = len(state_of(model).blocks)
+    table = random_table(blocks, seed)
+    actions = random_actions(table, seed)
+    fit_schedule_routers(model, table, lambda: sample(model, FlowMatchEulerDiscreteScheduler(), [0, 3], CONFIG,
+                                                      seed=11), action=actions)
+    ec.save(model, tmp_path / "routers")
+    served = ec.load(ARCHITECTURES["dit"](batch=4)[0], tmp_path / "routers")
+    cache = FeatureCacheConfig(**state_of(served).serving["feature_cache"])
+    images = sample(served, FlowMatchEulerDiscreteScheduler(), LABELS, CONFIG, seed=5,
+                    hooks=ElasticCacheHooks(served))
+    reference = elastic()
+    apply_feature_cache(reference, cache)
+    torch.testing.assert_close(images, forced_by_tables(reference, table, actions), rtol=0, atol=1e-6)
+    uniform = elastic()
+    apply_feature_cache(uniform, cache)
+    one_action = forced_by_tables(uniform, table, [[None] * blocks for _ in table])
+    assert (images - one_action).abs().max() > 1e-5  # the per-cell actions were not all the default
+
+
+def test_action_tables_of_the_wrong_shape_or_with_unknown_actions_are_refused():
+    model = elastic()
+    blocks = len(state_of(model).blocks)
+    table = random_table(blocks, 0)
+    generate = lambda: sample(model, FlowMatchEulerDiscreteScheduler(), [0, 3], CONFIG, seed=11)  # noqa: E731
+    with pytest.raises(ConfigError, match="action table"):
+        fit_schedule_routers(model, table, generate, action=[[None] * blocks])
+    with pytest.raises(ConfigError, match="skip actions"):
+        fit_schedule_routers(model, table, generate, action=[["forecast"] * blocks for _ in table])
 
 
 def test_the_action_head_picks_the_requested_stand_in():

@@ -7,10 +7,12 @@ Such a schedule (a table ``run[step][block]``, found e.g. by searching the serve
 unchanged (``ec.save``/``ec.load``, the feature cache, ONNX export, the runtime): :func:`fit_schedule_routers`
 trains each router's run logit on the router features that are the same for every sample of a call (the
 timestep), with the features that differ per sample switched off, until every (step, block) decision of the
-table is reproduced with margin; the action head always picks one skip action.
+table is reproduced with margin; the action head picks one skip action everywhere, or per (step, block) from a
+second table (learned from the timestep like the run logit).
 
-Guarantee: after fitting, the routers' decision for every recorded step equals the table (checked; a
-:class:`~elastic_compile.errors.ConfigError` says when the features cannot tell two steps apart). At other step
+Guarantee: after fitting, the routers' decision (and skip action where a block stands in) for every recorded
+step equals the tables (checked; a :class:`~elastic_compile.errors.ConfigError` says when the features cannot tell
+two steps apart). At other step
 counts than the recorded one the routers interpolate between the timesteps they were fitted on (unchecked).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..state import state_of
+from ..nn.gate.decisions import best_action
 from .rollout import chosen_skip_action
 
 #: Logit margin each fitted decision keeps from the run threshold.
@@ -86,11 +89,14 @@ def steps_of(calls: list[dict], names: list[str]) -> list[int]:
 
 
 def fit_schedule_routers(model, table: Sequence[Sequence[bool]], generate: Callable[[], object],
-                         action: str | None = None, iterations: int = 2000, lr: float = 0.02) -> None:
+                         action: str | Sequence[Sequence[str | None]] | None = None, iterations: int = 2000,
+                         lr: float = 0.02) -> None:
     """Train every router of ``model`` to decide ``table[step][block]`` (run or not) at each step of the
     generations ``generate()`` runs (one is recorded, dense; it must generate several samples from different
     noise, or a per-sample feature such as the first block's input looks shared), from the features shared by a
-    call's samples only, and to take skip ``action`` (default: the model's last, highest-order one) when not running.
+    call's samples only, and to take skip ``action`` when not running: one action name for every cell (default:
+    the model's last, highest-order one), or a table ``action[step][block]`` of names (None where the block
+    runs, or for the default), which the action head then learns from the timestep too.
 
     ``block`` indexes the model's blocks in the order they run (as ``ec.force`` does); blocks without a router
     must be ``True`` in every row. Records in the model's serving settings (saved with ``ec.save``, restored by
@@ -99,10 +105,10 @@ def fit_schedule_routers(model, table: Sequence[Sequence[bool]], generate: Calla
     state = state_of(model)
     steps = len(table)
     actions = state.config.skip_actions
-    action = chosen_skip_action(state, action)
     if any(len(row) != len(state.blocks) for row in table):
         raise ConfigError(f"a table of rows with {len(state.blocks)} entries (one per block)",
                           f"rows of {sorted({len(row) for row in table})}", "Give one decision per block and step.")
+    chosen = action_table(state, action, table)
     unrouted = [b for b in range(len(state.blocks)) if b not in state.routers and not all(r[b] for r in table)]
     if unrouted:
         raise ConfigError("skips only at blocks with a router", f"skips at blocks {unrouted}",
@@ -129,16 +135,35 @@ def fit_schedule_routers(model, table: Sequence[Sequence[bool]], generate: Calla
         inputs = [{n: (call[n] if call[n].ndim == 0 else call[n][:1]) for n in names} for call in calls]
         target = torch.tensor([1.0 if table[s][index] else -1.0 for s in call_steps])
         fit_run_logit(router, names, inputs, target, threshold_logit, iterations, lr)
-        set_action(router, actions.index(action))
-        logits = torch.stack([router.plain_logits(_full(router, x, names)).detach()[0, 0] for x in inputs])
-        wrong = [s for s, logit, t in zip(call_steps, logits.tolist(), target.tolist())
-                 if (logit - threshold_logit) * t <= 0]
+        wanted = [actions.index(chosen[s][index]) for s in call_steps]
+        standing = [not table[s][index] for s in call_steps]
+        set_action(router, wanted[standing.index(True)] if any(standing) else actions.index(chosen[0][index]))
+        if len({a for a, stands in zip(wanted, standing) if stands}) > 1:
+            fit_action_head(router, names, inputs, wanted, standing, iterations, lr)
+        logits = torch.stack([router.plain_logits(_full(router, x, names)).detach()[0] for x in inputs])
+        first_action = 1 + router.num_widths
+        wrong = [s for s, row, t, a, stands in zip(call_steps, logits.tolist(), target.tolist(), wanted, standing)
+                 if (row[0] - threshold_logit) * t <= 0
+                 or (stands and router.num_actions and best_action(row[first_action:]) != a)]
         if wrong:
             raise ConfigError("features that tell every step of the table apart",
                               f"block {index}: steps {sorted(set(wrong))} decided against the table",
                               "Give the routers more hidden units or a table whose decisions follow the timestep.")
     state.serving["feature_cache"] = {"max_reuse": longest_stand_in(table), "fallback": "run",
                                      "forecast_min_points": 2}
+
+
+def action_table(state, action, table: Sequence[Sequence[bool]]) -> list[list[str]]:
+    """Per (step, block) the skip action's name: ``action`` everywhere (a name, or None: the model's last), or
+    ``action`` as a table of names (None: the model's last), refused where a name is not one of the model's."""
+    if action is None or isinstance(action, str):
+        name = chosen_skip_action(state, action)
+        return [[name] * len(row) for row in table]
+    if len(action) != len(table) or any(len(a) != len(row) for a, row in zip(action, table)):
+        raise ConfigError(f"an action table shaped like the run table ({len(table)} x {len(table[0])})",
+                          f"{len(action)} rows of {sorted({len(a) for a in action})}",
+                          "Give one skip action (or None) per step and block.")
+    return [[chosen_skip_action(state, name) for name in row] for row in action]
 
 
 def longest_stand_in(table: Sequence[Sequence[bool]]) -> int:
@@ -187,6 +212,36 @@ def fit_run_logit(router, names, inputs, target, threshold_logit, iterations, lr
         router.fc2.weight.grad[1:].zero_()
         optimizer.step()
     router.zero_grad(set_to_none=True)
+
+
+def fit_action_head(router, names, inputs, wanted: list[int], standing: list[bool], iterations: int,
+                    lr: float) -> None:
+    """Adam on a margin loss of the skip-action logits at the calls where the block stands in: action
+    ``wanted[i]`` above every other by ``MARGIN``. Only the action rows of ``fc2`` learn (the hidden layer the
+    run logit was fitted on is kept, so the run decisions stay as fitted)."""
+    first = 1 + router.num_widths
+    rows = slice(first, first + router.num_actions)
+    with torch.no_grad():
+        hidden = torch.cat([F.silu(router.fc1(router.featurize(_full(router, x, names))))[:1]
+                            for x, stands in zip(inputs, standing) if stands])
+    target = torch.tensor([a for a, stands in zip(wanted, standing) if stands])
+    weight = router.fc2.weight[rows].detach().clone().requires_grad_(True)
+    bias = router.fc2.bias[rows].detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(iterations):
+        logits = hidden @ weight.t() + bias
+        chosen = logits.gather(1, target[:, None])
+        others = logits.masked_fill(F.one_hot(target, router.num_actions).bool(), -math.inf)
+        margin = chosen[:, 0] - others.max(dim=1).values
+        if bool((margin > MARGIN).all()):
+            break
+        loss = F.softplus(MARGIN - margin).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        router.fc2.weight[rows] = weight
+        router.fc2.bias[rows] = bias
 
 
 def set_action(router, action_index: int) -> None:
