@@ -43,15 +43,23 @@ ROUTER_ATTRIBUTE = "elastic_router"
 @dataclass(frozen=True)
 class ForcedPlan:
     """Decisions pinned by ``force``: ``skip`` (None = router decides, a bool for every block, or a set of block
-    indices) and ``width`` (None = router decides, else a bucket fraction)."""
+    indices), ``width`` (None = router decides, else a bucket fraction) and ``action`` (the skip action a
+    skipped sample takes, as an index into ``ElasticConfig.skip_actions``: None = the router's or the first, an
+    int for every block, or ``(block, index)`` pairs for some)."""
 
     skip: bool | frozenset[int] | None = None
     width: float | None = None
+    action: int | tuple[tuple[int, int], ...] | None = None
 
     def skips(self, block: int) -> bool | None:
         if self.skip is None:
             return None
         return self.skip if isinstance(self.skip, bool) else block in self.skip
+
+    def action_of(self, block: int) -> int | None:
+        if self.action is None or isinstance(self.action, int):
+            return self.action
+        return dict(self.action).get(block)
 
 
 @dataclass
@@ -258,15 +266,39 @@ def gate_of(block: nn.Module):
     return getattr(block, GATE_ATTRIBUTE)
 
 
+def _action_indices(state, action) -> int | tuple[tuple[int, int], ...] | None:
+    """``force``'s ``action`` as skip-action indices (``ForcedPlan.action``), refused where a name or block is
+    not the model's."""
+    if action is None:
+        return None
+    names = state.config.skip_actions
+    pairs = action.items() if isinstance(action, dict) else [(None, action)]
+    out = []
+    for block, name in pairs:
+        if name not in names:
+            raise ConfigError(f"a skip action among the model's {names}", repr(name),
+                              "Transform with ElasticConfig(skip_actions=...) including it.")
+        if block is not None and not 0 <= block < len(state.specs):
+            raise ConfigError(f"block indices in [0, {len(state.specs)})", f"{block}",
+                              "See elastic_compile.report(model).")
+        out.append((block, names.index(name)))
+    return out[0][1] if not isinstance(action, dict) else tuple(sorted(out))
+
+
 @contextlib.contextmanager
-def force(model: nn.Module, skip: bool | set[int] | frozenset[int] | None = None, width: float | None = None):
+def force(model: nn.Module, skip: bool | set[int] | frozenset[int] | None = None, width: float | None = None,
+          action: str | dict[int, str] | None = None):
     """Pin decisions inside the ``with`` block.
 
     ``skip``: True skips every skippable block, False runs every block, a set of indices skips those blocks
     (indices count all blocks in the order they run), None lets routers decide. ``width``: a bucket fraction
-    for every elastic FFN, or None to let routers decide. Nested calls restore the outer plan on exit.
+    for every elastic FFN, or None to let routers decide. ``action``: the skip action (one of
+    ``ElasticConfig.skip_actions``) a skipped sample's stand-in takes with the feature cache on, for every block
+    or per block index (``{block: name}``); None: the router's choice, or the first action where no router
+    chose. Nested calls restore the outer plan on exit.
     """
     state = state_of(model)
+    action = _action_indices(state, action)
     if width is not None:
         state.bucket_index(float(width))
     if skip is not None and not isinstance(skip, bool):
@@ -278,7 +310,8 @@ def force(model: nn.Module, skip: bool | set[int] | frozenset[int] | None = None
         if unskippable:
             raise ConfigError("indices of skippable blocks", f"blocks {unskippable} cannot be skipped",
                               "elastic_compile.report(model) lists which blocks can be skipped and why.")
-    token = state.forced_plan.scoped(ForcedPlan(skip=skip, width=None if width is None else float(width)))
+    token = state.forced_plan.scoped(ForcedPlan(skip=skip, width=None if width is None else float(width),
+                                                action=action))
     try:
         yield model
     finally:

@@ -89,27 +89,17 @@ def random_actions(table, seed: int, names=("reuse", "forecast2")) -> list[list[
 
 def forced_by_tables(model, table, actions):
     """Images of ``model`` with every run decision pinned by ``table`` and every stand-in's skip action by
-    ``actions`` (the cache's choice replaced per step and block)."""
-    hooks = StepHooks(ElasticCacheHooks(model))
-    cache = state_of(model).cache
-    plan, skip_actions = cache.plan, state_of(model).config.skip_actions
-
-    def pinned_plan(entry, run, scores, threshold, chosen=None):
-        block = next(key[1] for key, known in cache.entries.items() if known is entry)
-        name = actions[hooks.step][block] or skip_actions[-1]
-        return plan(entry, run, scores, threshold, [skip_actions.index(name)] * len(run))
-
-    cache.plan = pinned_plan
-    try:
-        return forced_by_table_with(model, table, hooks)
-    finally:
-        del cache.plan
+    ``actions`` (None: the model's last)."""
+    return forced_by_table_with(model, table, StepHooks(ElasticCacheHooks(model)), actions)
 
 
-def forced_by_table_with(model, table, hooks):
+def forced_by_table_with(model, table, hooks, actions=None):
+    names = state_of(model).config.skip_actions
+
     def denoiser(*args, **kwargs):
         skip = {b for b, runs in enumerate(table[hooks.step]) if not runs}
-        with ec.force(model, skip=skip, width=1.0):
+        action = None if actions is None else {b: actions[hooks.step][b] or names[-1] for b in skip}
+        with ec.force(model, skip=skip, width=1.0, action=action):
             return model(*args, **kwargs)
 
     denoiser.parameters = model.parameters

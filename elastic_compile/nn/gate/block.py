@@ -114,12 +114,18 @@ class BlockGate:
             bucket = [dense] * batch
         return run, bucket
 
+    def forced_action(self) -> int | None:
+        """The skip action ``force`` pins for this block (an index into ``skip_actions``), or None."""
+        forced = self.state.forced
+        return None if forced is None else forced.action_of(self.index)
+
     def decide(self, arguments: dict, batch: int):
         """Per-sample ``(run, bucket, router_ran, p_run, actions)`` from ``force`` or the router; ``actions`` (the
         skip action each sample's router chose) is None where the router has no action head or did not run."""
         run, bucket = self.static_decisions(batch)
+        pinned = self.forced_action()
         if run is not None and bucket is not None:
-            return run, bucket, False, None, None
+            return run, bucket, False, None, None if pinned is None else [pinned] * batch
         # One device-to-host copy per block (each is a synchronisation that drains an accelerator's queue), and
         # the decisions are made on the host: a handful of floats, no further tensor ops between two blocks.
         router = self.router
@@ -127,6 +133,8 @@ class BlockGate:
         routed_run, routed_bucket, p_run = host_decisions(rows, self.state.config.threshold, run is None,
                                                           bucket is None, router.num_widths)
         actions = host_actions(rows, router.num_widths) if router.num_actions and run is None else None
+        if pinned is not None:
+            actions = [pinned] * batch
         run = run if routed_run is None else routed_run
         return run, (bucket if routed_bucket is None else routed_bucket), True, p_run, actions
 

@@ -176,6 +176,9 @@ def forward(gate, args: tuple, kwargs: dict):
         run_logit = logits[:, 0] if run is None else None
         if router.num_actions and run is None:
             actions = device_actions(logits, router.num_widths)
+    pinned = gate.forced_action()
+    if pinned is not None:
+        actions = torch.full((batch,), pinned, dtype=torch.long, device=device)
     # pinned values are the same for every sample: filled on the device (a host copy would break a capture)
     run_t = routed_run if run is None else torch.full((batch,), run[0], device=device)
     bucket_t = routed_bucket if bucket is None else torch.full((batch,), bucket[0], device=device)
