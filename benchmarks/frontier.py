@@ -6,6 +6,12 @@ FID against held-out digits). FID on a hundred 8x8 digits moves by tenths betwee
 a few pixels, so besides the strict comparison of the two values the table reports a paired bootstrap interval
 of ``FID(E) - FID(P)`` (the same images drawn for both: they come from the same noise and labels); "no worse
 within noise" means that interval reaches zero or below.
+
+Speed likewise: two configurations that execute the same FLOPs (e.g. routers serving the very schedule a
+router-free mode follows, with other stand-ins) differ in measured speedup by the noise of two separate
+measurements, so a candidate that executes no more FLOPs than the peer but measured slower is timed again
+against the peer directly (:func:`equal_cost_candidates`; paired, interleaved) and is "as fast within timing
+noise" when that interval of its time / the peer's time reaches 1 or below.
 """
 from __future__ import annotations
 
@@ -56,6 +62,22 @@ def best_dominating(peer: dict, candidates: list[dict], fid_intervals: dict | No
         return None
     _, _, candidate, kind = max(found, key=lambda f: (f[0], f[1]))
     return candidate, kind
+
+
+def equal_cost_candidates(peer: dict, candidates: list[dict], fid_intervals: dict | None = None,
+                          tolerance: float = 1e-3) -> list[tuple[dict, str]]:
+    """Candidates executing no more FLOPs than ``peer`` (fraction within ``tolerance``) that measured slower but
+    are at least as faithful and no worse in FID (strictly or within noise), best first (strict FID, then
+    PSNR): the ones a paired timing against the peer may still show as fast."""
+    found = []
+    for candidate in candidates:
+        if candidate["fraction"] > peer["fraction"] + tolerance or candidate["speedup"] >= peer["speedup"]:
+            continue
+        interval = (fid_intervals or {}).get((row_key(candidate), row_key(peer)))
+        kind = dominates(dict(candidate, speedup=peer["speedup"]), peer, interval)
+        if kind is not None:
+            found.append((kind == "strict", candidate["psnr"], candidate, kind))
+    return [(candidate, kind) for _, _, candidate, kind in sorted(found, key=lambda f: (f[0], f[1]), reverse=True)]
 
 
 def row_key(row: dict) -> str:

@@ -37,7 +37,7 @@ from elastic_compile.reference.data import load_digits_split
 from elastic_compile.analysis.flop_counter import flop_counter
 from elastic_compile.reference.evaluate import score
 from elastic_compile.reference.metrics import classifier_features, psnr
-from frontier import best_dominating, paired_fid_difference, row_key  # benchmarks/frontier.py
+from frontier import best_dominating, equal_cost_candidates, paired_fid_difference, row_key  # benchmarks/frontier.py
 from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
 from elastic_compile.sampling.hooks import DiffusersCacheHooks
 from elastic_compile.sampling import sample
@@ -265,9 +265,11 @@ def main(argv=None) -> int:
     grids = {}
     features = {row_key(rows[0]): classifier_features(classifier, dense_images)}
     only = {m.strip() for m in args.only.split(",") if m.strip()}
+    builders = {}
     for setting in settings(args, scheduler, config, calibration_labels):
         if only and setting.method not in only:
             continue
+        builders[f"{setting.method} | {setting.label}"] = setting.build
         denoiser, hooks = setting.build()
         with flop_counter() as counter:  # counting does not change the computation: one pass gives both
             images = sample(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
@@ -289,14 +291,27 @@ def main(argv=None) -> int:
             grids[setting.method] = (row["speedup"], setting.label, images)
     if only:  # a partial run replaces its methods' rows and grids in the previous results, keeps the others
         rows, grids = merge_previous(rows, grids, only)
-    dominance = dominance_table(rows, features, classifier_features(classifier, real))
+    def paired_timing(candidate: dict, peer: dict) -> dict | None:
+        """Candidate time / peer time, interleaved pairs on the timing images (both rebuilt from this run)."""
+        keys = row_key(candidate), row_key(peer)
+        if not all(k in builders for k in keys):
+            return None
+        (run_candidate, candidate_hooks), (run_peer, peer_hooks) = (builders[k]() for k in keys)
+        return paired_overhead(lambda: sample(run_peer, scheduler, timing_labels, config, hooks=peer_hooks),
+                               lambda: sample(run_candidate, scheduler, timing_labels, config, hooks=candidate_hooks),
+                               pairs=2 * args.pairs, warmup=1)
+
+    dominance = dominance_table(rows, features, classifier_features(classifier, real), paired_timing)
     write(rows, grids, labels, args, dominance)
     return 0
 
 
-def dominance_table(rows, features, real_features) -> list[dict]:
+def dominance_table(rows, features, real_features, paired_timing=None) -> list[dict]:
     """Per peer setting (``PEERS``), the elastic row that dominates it (``frontier.best_dominating``), with a
-    paired FID interval where only FID separates them (images of both rows from this run)."""
+    paired FID interval where only FID separates them (images of both rows from this run); where none does, a
+    candidate of no more FLOPs that measured slower is timed against the peer directly (``paired_timing``:
+    ``frontier.equal_cost_candidates``) and dominates "as fast within timing noise" when that interval reaches
+    parity."""
     elastic = [r for r in rows if r["method"] in CANDIDATES]
     router_free = [r for r in rows if r["method"] in ROUTER_FREE]
     table = []
@@ -307,15 +322,28 @@ def dominance_table(rows, features, real_features) -> list[dict]:
         intervals = {}
         for candidate in candidates:
             keys = row_key(candidate), row_key(peer)
-            if (candidate["speedup"] >= peer["speedup"] and candidate["psnr"] >= peer["psnr"]
+            as_cheap = candidate["fraction"] <= peer["fraction"] + 1e-3
+            if ((candidate["speedup"] >= peer["speedup"] or as_cheap) and candidate["psnr"] >= peer["psnr"]
                     and candidate["fid"] > peer["fid"] and all(k in features for k in keys)):
                 intervals[keys] = paired_fid_difference(features[keys[0]], features[keys[1]], real_features)
         found = best_dominating(peer, elastic, intervals)  # routers first: the router-free modes where they fail
         if found is None and peer["method"] not in ROUTER_FREE:
             found = best_dominating(peer, router_free, intervals)
+        timed = None
+        if found is None and paired_timing is not None:
+            for pool in (elastic, [] if peer["method"] in ROUTER_FREE else router_free):
+                for candidate, kind in equal_cost_candidates(peer, pool, intervals)[:1]:
+                    timing = paired_timing(candidate, peer)
+                    print(f"paired timing {row_key(candidate)} vs {row_key(peer)}: {timing}", flush=True)
+                    if timing is not None and timing["interval"][0] <= 0.0:
+                        found, timed = (candidate, kind), timing
+                if found is not None:
+                    break
         entry = dict(peer=peer, by=found[0] if found else None, kind=found[1] if found else None)
         if found:
             entry["fid_interval"] = intervals.get((row_key(found[0]), row_key(peer)))
+        if timed is not None:
+            entry["time_ratio"] = [1 + timed["overhead"]] + [1 + o for o in timed["interval"]]
         table.append(entry)
     return table
 
@@ -369,7 +397,10 @@ def write(rows, grids, labels, args, dominance=()) -> None:
               f"settings also this toolkit's router-free modes ({', '.join(f'`{c}`' for c in ROUTER_FREE)}), which "
               "are peers of the routers themselves. A candidate dominates a peer when it is at least as fast, at least "
               "as faithful (PSNR) and no worse in FID: strictly (FID <= the peer's) or within noise (the 95% paired "
-              "bootstrap interval of FID(candidate) - FID(peer), same images resampled for both, reaches 0).", "",
+              "bootstrap interval of FID(candidate) - FID(peer), same images resampled for both, reaches 0). Where "
+              "no candidate measured as fast, one that executes no more FLOPs is timed against the peer directly "
+              f"({2 * args.pairs} interleaved pairs); it counts as fast when the 95% interval of its time / the "
+              "peer's time reaches 1 (\"as fast within timing noise\", with that interval).", "",
               "| peer | setting | speedup | PSNR | FID | dominated by | speedup | PSNR | FID | how |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for entry in dominance:
@@ -381,6 +412,9 @@ def write(rows, grids, labels, args, dominance=()) -> None:
                                  if outside else " **not dominated** | | | | |"))
             continue
         how = entry["kind"]
+        if entry.get("time_ratio"):
+            how += "; equal FLOPs, as fast within timing noise (paired time ratio {:.3f} [{:.3f}, {:.3f}])".format(
+                *entry["time_ratio"])
         if entry.get("fid_interval"):
             how += " (FID difference [{:+.2f}, {:+.2f}])".format(*entry["fid_interval"])
         lines.append(head + f" {by['method']}, {by['setting']} | {by['speedup']:.2f}x | {by['psnr']:.2f} | {by['fid']:.2f} | {how} |")

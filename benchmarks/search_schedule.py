@@ -17,8 +17,10 @@ it runs). The score of a table is the log MSE of whole generations against dense
    time are costly together, e.g. neighbours in one block, so each FLOP level starts from its own K);
 4. more FLOPs than K=1: the best-gaining forecasts run too, kept only if that scores better (it need not: a run
    between two stand-ins changes the points a second-order forecast extrapolates from);
-5. per table, routers that serve it (``fit_schedule_routers``: the run logit learned from the timestep alone,
-   action forecast2), saved as ``schedule_budget_<fraction>`` router sets with the cache they need.
+5. ``--actions``: per kept table, the skip action of each step (reuse, first- or second-order forecast), greedy
+   over steps (``action_search``);
+6. per table, routers that serve it (``fit_schedule_routers``: the run logit and the action learned from the
+   timestep alone), saved as ``schedule_budget_<fraction>`` router sets with the cache they need.
 
 Writes ``<out>/schedule_budget_*`` and ``schedule_search.json`` (tables and scores per round) next to them.
 """
@@ -45,16 +47,22 @@ ACTION = "forecast2"
 FIRST_FREE_STEP = 2  # a forecast needs two stored updates: every block runs steps 0 and 1
 
 
-class TableDenoiser:
-    """The elastic model under ``table``: at step s block b runs iff ``table[s][b]``, else it forecasts."""
+#: The skip actions a searched table may choose per step (``--actions``); ACTION where it chooses none.
+ACTIONS = ("reuse", "forecast", "forecast2")
 
-    def __init__(self, model, counter: StepCounter, table):
-        self.model, self.counter, self.table = model, counter, table
+
+class TableDenoiser:
+    """The elastic model under ``table``: at step s block b runs iff ``table[s][b]``, else it stands in with
+    ``actions[s][b]`` (None, or no action table: ACTION)."""
+
+    def __init__(self, model, counter: StepCounter, table, actions=None):
+        self.model, self.counter, self.table, self.actions = model, counter, table, actions
 
     def __call__(self, *args, **kwargs):
-        row = self.table[self.counter.step]
-        skip = frozenset(b for b, runs in enumerate(row) if not runs)
-        with ec.force(self.model, skip=skip, width=1.0):
+        step = self.counter.step
+        skip = frozenset(b for b, runs in enumerate(self.table[step]) if not runs)
+        chosen = {b: (self.actions[step][b] if self.actions else None) or ACTION for b in skip}
+        with ec.force(self.model, skip=skip, width=1.0, action=chosen):
             return self.model(*args, **kwargs)
 
     def parameters(self):
@@ -149,18 +157,18 @@ class Scorer:
         self.labels, self.seed = labels, seed
         with torch.no_grad():
             self.dense = sample(model, self.scheduler, labels, self.config, seed=seed)
-        self.model = ec.transform(model, ec.ElasticConfig(width_buckets=(1.0,), skip_actions=(ACTION,)),
+        self.model = ec.transform(model, ec.ElasticConfig(width_buckets=(1.0,), skip_actions=ACTIONS),
                                   example_inputs=synthesize_dit_inputs(model))
         self.steps, self.blocks = self.config.num_inference_steps, len(ec.state.state_of(self.model).blocks)
         apply_feature_cache(self.model, FeatureCacheConfig(max_reuse=self.steps, fallback="run"))
         self.counter = StepCounter(ElasticCacheHooks(self.model))
         self.calls = 0
 
-    def __call__(self, table) -> float:
+    def __call__(self, table, actions=None) -> float:
         self.calls += 1
         with torch.no_grad():
-            images = sample(TableDenoiser(self.model, self.counter, table), self.scheduler, self.labels, self.config,
-                            seed=self.seed, hooks=self.counter)
+            images = sample(TableDenoiser(self.model, self.counter, table, actions), self.scheduler, self.labels,
+                            self.config, seed=self.seed, hooks=self.counter)
         return math.log((images - self.dense).pow(2).mean().item() + 1e-12)
 
 
@@ -192,6 +200,42 @@ def refine_swaps(score, table, base, log, top: int = 3):
     return best[1], best[0], adding
 
 
+def action_search(score, table, value: float, note, rounds: int = 2):
+    """Per step, the skip action every block standing in at that step takes (greedy: each step's alternatives
+    tried in turn, a change kept when it scores better, ``rounds`` passes). Whole steps, as for run steps:
+    blocks standing in together keep each other's inputs consistent. Returns ``(actions, score)``, ``actions``
+    a table of names (None where the block runs)."""
+    steps = [s for s, row in enumerate(table) if not all(row)]
+    chosen = {s: ACTION for s in steps}
+
+    def as_table(per_step):
+        return [[None if runs else per_step.get(s, ACTION) for runs in row] for s, row in enumerate(table)]
+
+    for _ in range(rounds):
+        changed = False
+        for step in steps:
+            for name in ACTIONS:
+                if name == chosen[step]:
+                    continue
+                trial = {**chosen, step: name}
+                trial_value = score(table, as_table(trial))
+                if trial_value < value:
+                    chosen, value, changed = trial, trial_value, True
+                    note(phase="action", step=step, action=name, score=value)
+        if not changed:
+            break
+    return as_table(chosen), value
+
+
+def encode_actions(actions) -> list[str]:
+    """An action table as strings, one per step: '-' where the block runs, else the action's index in ACTIONS."""
+    return ["".join("-" if name is None else str(ACTIONS.index(name)) for name in row) for row in actions]
+
+
+def decode_actions(rows: list[str]):
+    return [[None if c == "-" else ACTIONS[int(c)] for c in row] for row in rows]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--anchors", default="1,2,3", help="block forecast K values the search starts from")
@@ -217,17 +261,49 @@ def main(argv=None) -> int:
     parser.add_argument("--tables", help="a previous run's schedule_search.json: only fit and save its kept tables")
     parser.add_argument("--continue-from", help="a previous run's schedule_search.json: more swap rounds on its kept "
                         "tables instead of starting from the anchors")
+    parser.add_argument("--actions", action="store_true",
+                        help="then search, per kept table, the skip action of each step (reuse, first- or "
+                        "second-order forecast; action_search); with --tables: on that file's kept tables")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.tables:
         search(args, out)
-    for entry in json.loads((Path(args.tables) if args.tables else out / "schedule_search.json").read_text())["log"]:
+    results = Path(args.tables) if args.tables else out / "schedule_search.json"
+    if args.actions:
+        results = search_actions(args, results, out)
+    for entry in json.loads(results.read_text())["log"]:
         if entry["phase"] == "kept":
             table = [[c == "1" for c in row] for row in entry["table"]]
-            save_schedule_routers(args.assets, table, out / f"schedule_budget_{entry['fraction']:.2f}")
+            actions = decode_actions(entry["actions"]) if "actions" in entry else None
+            save_schedule_routers(args.assets, table, out / f"schedule_budget_{entry['fraction']:.2f}", actions)
     return 0
+
+
+def search_actions(args, results: Path, out: Path) -> Path:
+    """Per kept table of ``results``, the per-step action search; writes ``schedule_search.json`` in ``out``
+    with the kept tables and their action tables (and returns its path)."""
+    started = time.time()
+    score = Scorer(args.assets, [c for c in range(10) for _ in range(args.per_class)], args.seed)
+    log = []
+
+    def note(**entry):
+        log.append(dict(entry, calls=score.calls, minutes=round((time.time() - started) / 60, 1)))
+        print(json.dumps(log[-1]), flush=True)
+
+    for entry in json.loads(results.read_text())["log"]:
+        if entry["phase"] != "kept":
+            continue
+        table = [[c == "1" for c in row] for row in entry["table"]]
+        value = score(table)
+        note(phase="actions start", score=value, fraction=fraction(table))
+        actions, value = action_search(score, table, value, note)
+        note(phase="kept", score=value, fraction=fraction(table), table=entry["table"],
+             actions=encode_actions(actions))
+    path = out / "schedule_search.json"
+    path.write_text(json.dumps(dict(args=vars(args), source=str(results), log=log), indent=1))
+    return path
 
 
 def search(args, out: Path) -> None:
@@ -280,13 +356,14 @@ def search(args, out: Path) -> None:
     (out / "schedule_search.json").write_text(json.dumps(dict(args=vars(args), log=log), indent=1))
 
 
-def save_schedule_routers(assets, table, path: Path) -> None:
+def save_schedule_routers(assets, table, path: Path, actions=None) -> None:
     model, _, _ = load_reference(assets)
-    model = ec.transform(model, ec.ElasticConfig(width_buckets=(1.0,), skip_actions=("reuse", "forecast", ACTION)),
+    model = ec.transform(model, ec.ElasticConfig(width_buckets=(1.0,), skip_actions=ACTIONS),
                          example_inputs=synthesize_dit_inputs(model))
     from elastic_compile.train import fit_schedule_routers
     _, scheduler, config = load_reference(assets)
-    fit_schedule_routers(model, table, lambda: sample(model, scheduler, [0, 1, 2, 3], config, seed=0), action=ACTION)
+    fit_schedule_routers(model, table, lambda: sample(model, scheduler, [0, 1, 2, 3], config, seed=0),
+                         action=actions or ACTION)
     ec.save(model, path)
 
 

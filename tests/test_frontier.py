@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from frontier import best_dominating, dominates, paired_fid_difference, row_key  # noqa: E402
+from frontier import best_dominating, dominates, equal_cost_candidates, paired_fid_difference, row_key  # noqa: E402
 
 
 def row(method, setting, speedup, psnr, fid):
@@ -45,3 +45,15 @@ def test_paired_fid_interval_is_centred_on_zero_for_the_same_images_and_positive
     assert low == high == 0.0
     low, high = paired_fid_difference(features + 1.0, features, real, draws=50)
     assert 0.0 < low <= high
+
+
+def test_equal_cost_candidates_are_as_cheap_as_faithful_and_slower_only():
+    peer = dict(PEER, fraction=0.52)
+    tie = dict(row("E", "same FLOPs", 1.95, 41.0, 2.1), fraction=0.52)
+    dearer = dict(row("E", "more FLOPs", 1.9, 45.0, 2.0), fraction=0.6)
+    faster = dict(row("E", "faster", 2.1, 41.0, 2.1), fraction=0.5)  # dominates already: not asked again
+    worse = dict(row("E", "less faithful", 1.99, 39.0, 2.1), fraction=0.52)
+    fid_noise = dict(row("E", "FID within noise", 1.98, 42.0, 2.3), fraction=0.5)
+    found = equal_cost_candidates(peer, [tie, dearer, faster, worse, fid_noise],
+                                  {(row_key(fid_noise), row_key(peer)): (-0.1, 0.2)})
+    assert found == [(tie, "strict"), (fid_noise, "within noise")]  # strict first, then PSNR
