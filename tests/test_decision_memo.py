@@ -128,3 +128,24 @@ def test_schedule_routers_serve_the_same_images_with_and_without_the_memo():
 def test_values_not_worth_keying_give_no_key(bad):
     memo = DecisionMemo(read=[type("F", (), dict(name="timestep", kind="scalar"))()], unread=[])
     assert memo.key(dict(timestep=bad), 0.5) is None
+
+
+def test_the_runtimes_host_router_keeps_its_own_memo():
+    """The NumPy host router (what ONNX Runtime serving runs between block graphs) memoises the same way, with
+    its own entries (its float32 arithmetic may round differently from the PyTorch router's)."""
+    from elastic_compile.serve.host_router import HostRouter
+    model, inputs = elastic()
+    router = state_of(model).routers[0]
+    timestep_only(router, 3)
+    host = HostRouter(router)
+    arguments = dict(hidden_states=inputs["hidden_states"], timestep=torch.tensor([10.0, 10.0, 900.0, 900.0]),
+                     class_labels=inputs["class_labels"])
+    with torch.no_grad():
+        memo = host.decision_memo()
+        assert memo is not None and memo is not router.decision_memo()
+        first = routed_decisions(host, arguments, 0.5)
+        assert routed_decisions(host, dict(arguments), 0.5) == first and memo.hits == 1
+        assert first == fresh(host, arguments, 0.5)
+        router.fc2.bias[0] += 50.0  # a change to the PyTorch router: the host router refolds, memo included
+        assert host.decision_memo() is not memo
+        assert routed_decisions(host, arguments, 0.5)[0] == [True] * 4
