@@ -399,13 +399,6 @@ MORE = {
     **REST,
 }
 
-#: the classes of MORE that tests/test_diffusers_sweep.py runs by default (all of them with EC_FULL_SWEEP=1)
-MORE_IN_CI = ("Transformer2DModel", "OmniGenTransformer2DModel", "ZImageTransformer2DModel",
-              "EasyAnimateTransformer3DModel", "Kandinsky5Transformer3DModel", "QwenImage21Transformer2DModel",
-              "ErnieImageTransformer2DModel", "PRXTransformer2DModel", "DreamLiteTransformer2DModel",
-              # its MoE feed-forward is captured as an opaque call (the capture fallback of issue 24)
-              "HiDreamImageTransformer2DModel")
-
 #: what the coverage table should say about a tiny config's fractions (not a transform degradation)
 NOTES = {
     "HunyuanVideo15Transformer3DModel": "tiny-config artefact: the ByT5 text projection has a hard-coded 2048-wide "

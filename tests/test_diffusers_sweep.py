@@ -4,20 +4,17 @@ skipped and at width 1/4. Classes not swept are listed with the reason; docs/cov
 same measurements (``benchmarks/coverage.py``).
 
 The nine classes of ``zoo.py`` get the same checks (and more) in test_transform.py, so by default this file sweeps
-the others (one torch.export per kind of block dominates each case), except that of the classes of
-``diffusers_sweep_more.py`` only the representative ``MORE_IN_CI`` ones run by default, to keep CI time down.
-``EC_FULL_SWEEP=1`` sweeps all of them.
+every other class (one torch.export per kind of block dominates each case; about five minutes on two cores);
+``EC_FULL_SWEEP=1`` sweeps the zoo's classes here too.
 """
 import os
 
 import pytest
 
 from diffusers_sweep import NOT_A_DIT, SWEEP, ZOO_CLASSES, all_classes, left_out, measure
-from diffusers_sweep_more import MORE, MORE_IN_CI
 from diffusers_sweep_rest import WIDTH_ONLY
 
-SWEPT = (sorted(SWEEP) if os.environ.get("EC_FULL_SWEEP")
-         else sorted(set(SWEEP) - set(ZOO_CLASSES) - set(MORE) | set(MORE_IN_CI)))
+SWEPT = sorted(SWEEP) if os.environ.get("EC_FULL_SWEEP") else sorted(set(SWEEP) - set(ZOO_CLASSES))
 
 
 def test_every_class_is_swept_or_left_out_with_a_reason():
