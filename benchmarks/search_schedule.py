@@ -18,7 +18,7 @@ it runs). The score of a table is the log MSE of whole generations against dense
 4. more FLOPs than K=1: the best-gaining forecasts run too, kept only if that scores better (it need not: a run
    between two stand-ins changes the points a second-order forecast extrapolates from);
 5. ``--actions``: per kept table, the skip action of each step (reuse, first- or second-order forecast), greedy
-   over steps (``action_search``);
+   over steps (``action_search``), kept only if it also scores better on held-out noise (``--validate-seed``);
 6. per table, routers that serve it (``fit_schedule_routers``: the run logit and the action learned from the
    timestep alone), saved as ``schedule_budget_<fraction>`` router sets with the cache they need.
 
@@ -263,7 +263,11 @@ def main(argv=None) -> int:
                         "tables instead of starting from the anchors")
     parser.add_argument("--actions", action="store_true",
                         help="then search, per kept table, the skip action of each step (reuse, first- or "
-                        "second-order forecast; action_search); with --tables: on that file's kept tables")
+                        "second-order forecast; action_search); with --tables: on that file's kept tables (a "
+                        "kept table that has actions already keeps them and is only validated)")
+    parser.add_argument("--validate-seed", type=int, default=77,
+                        help="with --actions: a table keeps its actions only if they also score better on "
+                        "generations from this noise (held out from the search's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -292,15 +296,22 @@ def search_actions(args, results: Path, out: Path) -> Path:
         log.append(dict(entry, calls=score.calls, minutes=round((time.time() - started) / 60, 1)))
         print(json.dumps(log[-1]), flush=True)
 
+    held_out = Scorer(args.assets, score.labels, args.validate_seed)
     for entry in json.loads(results.read_text())["log"]:
         if entry["phase"] != "kept":
             continue
         table = [[c == "1" for c in row] for row in entry["table"]]
-        value = score(table)
-        note(phase="actions start", score=value, fraction=fraction(table))
-        actions, value = action_search(score, table, value, note)
-        note(phase="kept", score=value, fraction=fraction(table), table=entry["table"],
-             actions=encode_actions(actions))
+        if "actions" in entry:
+            actions, value = decode_actions(entry["actions"]), entry["score"]
+        else:
+            value = score(table)
+            note(phase="actions start", score=value, fraction=fraction(table))
+            actions, value = action_search(score, table, value, note)
+        # per-step choices can fit the search's noise: they are kept only where they also win on held-out noise
+        without, with_actions = held_out(table), held_out(table, actions)
+        note(phase="validated", fraction=fraction(table), held_out_without=without, held_out_with=with_actions)
+        kept = dict(phase="kept", score=value, fraction=fraction(table), table=entry["table"])
+        note(**kept, **(dict(actions=encode_actions(actions)) if with_actions < without else {}))
     path = out / "schedule_search.json"
     path.write_text(json.dumps(dict(args=vars(args), source=str(results), log=log), indent=1))
     return path
