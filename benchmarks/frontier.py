@@ -64,14 +64,23 @@ def best_dominating(peer: dict, candidates: list[dict], fid_intervals: dict | No
     return candidate, kind
 
 
-def equal_cost_candidates(peer: dict, candidates: list[dict], fid_intervals: dict | None = None,
-                          tolerance: float = 1e-3) -> list[tuple[dict, str]]:
-    """Candidates executing no more FLOPs than ``peer`` (fraction within ``tolerance``) that measured slower but
+#: Executed FLOP fractions this close count as equal (FLOP counts of two whole generations, same run).
+FLOP_TOLERANCE = 1e-3
+
+
+def as_cheap(candidate: dict, peer: dict) -> bool:
+    """Whether ``candidate`` executes no more FLOPs than ``peer`` (within ``FLOP_TOLERANCE``)."""
+    return candidate["fraction"] <= peer["fraction"] + FLOP_TOLERANCE
+
+
+def equal_cost_candidates(peer: dict, candidates: list[dict], fid_intervals: dict | None = None
+                          ) -> list[tuple[dict, str]]:
+    """Candidates executing no more FLOPs than ``peer`` (:func:`as_cheap`) that measured slower but
     are at least as faithful and no worse in FID (strictly or within noise), best first (strict FID, then
     PSNR): the ones a paired timing against the peer may still show as fast."""
     found = []
     for candidate in candidates:
-        if candidate["fraction"] > peer["fraction"] + tolerance or candidate["speedup"] >= peer["speedup"]:
+        if not as_cheap(candidate, peer) or candidate["speedup"] >= peer["speedup"]:
             continue
         interval = (fid_intervals or {}).get((row_key(candidate), row_key(peer)))
         kind = dominates(dict(candidate, speedup=peer["speedup"]), peer, interval)

@@ -37,7 +37,8 @@ from elastic_compile.reference.data import load_digits_split
 from elastic_compile.analysis.flop_counter import flop_counter
 from elastic_compile.reference.evaluate import score
 from elastic_compile.reference.metrics import classifier_features, psnr
-from frontier import best_dominating, equal_cost_candidates, paired_fid_difference, row_key  # benchmarks/frontier.py
+from frontier import (as_cheap, best_dominating, equal_cost_candidates, paired_fid_difference,  # benchmarks/
+                      row_key)
 from elastic_compile.cache import ElasticCacheHooks, FeatureCacheConfig, apply_feature_cache
 from elastic_compile.sampling.hooks import DiffusersCacheHooks
 from elastic_compile.sampling import sample
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
     for setting in settings(args, scheduler, config, calibration_labels):
         if only and setting.method not in only:
             continue
-        builders[f"{setting.method} | {setting.label}"] = setting.build
+        builders[row_key(dict(method=setting.method, setting=setting.label))] = setting.build
         denoiser, hooks = setting.build()
         with flop_counter() as counter:  # counting does not change the computation: one pass gives both
             images = sample(denoiser, scheduler, labels, config, seed=0, hooks=hooks)
@@ -322,9 +323,9 @@ def dominance_table(rows, features, real_features, paired_timing=None) -> list[d
         intervals = {}
         for candidate in candidates:
             keys = row_key(candidate), row_key(peer)
-            as_cheap = candidate["fraction"] <= peer["fraction"] + 1e-3
-            if ((candidate["speedup"] >= peer["speedup"] or as_cheap) and candidate["psnr"] >= peer["psnr"]
-                    and candidate["fid"] > peer["fid"] and all(k in features for k in keys)):
+            if ((candidate["speedup"] >= peer["speedup"] or as_cheap(candidate, peer))
+                    and candidate["psnr"] >= peer["psnr"] and candidate["fid"] > peer["fid"]
+                    and all(k in features for k in keys)):
                 intervals[keys] = paired_fid_difference(features[keys[0]], features[keys[1]], real_features)
         found = best_dominating(peer, elastic, intervals)  # routers first: the router-free modes where they fail
         if found is None and peer["method"] not in ROUTER_FREE:

@@ -45,11 +45,11 @@ class ForcedPlan:
     """Decisions pinned by ``force``: ``skip`` (None = router decides, a bool for every block, or a set of block
     indices), ``width`` (None = router decides, else a bucket fraction) and ``action`` (the skip action a
     skipped sample takes, as an index into ``ElasticConfig.skip_actions``: None = the router's or the first, an
-    int for every block, or ``(block, index)`` pairs for some)."""
+    int for every block, or ``{block: index}`` for some)."""
 
     skip: bool | frozenset[int] | None = None
     width: float | None = None
-    action: int | tuple[tuple[int, int], ...] | None = None
+    action: int | dict[int, int] | None = None
 
     def skips(self, block: int) -> bool | None:
         if self.skip is None:
@@ -57,9 +57,7 @@ class ForcedPlan:
         return self.skip if isinstance(self.skip, bool) else block in self.skip
 
     def action_of(self, block: int) -> int | None:
-        if self.action is None or isinstance(self.action, int):
-            return self.action
-        return dict(self.action).get(block)
+        return self.action.get(block) if isinstance(self.action, dict) else self.action
 
 
 @dataclass
@@ -266,23 +264,27 @@ def gate_of(block: nn.Module):
     return getattr(block, GATE_ATTRIBUTE)
 
 
-def _action_indices(state, action) -> int | tuple[tuple[int, int], ...] | None:
+def _check_block_indices(state, indices) -> None:
+    """Refuse block indices outside the model's blocks (``force``'s ``skip`` and ``action`` alike)."""
+    bad = sorted(i for i in indices if not 0 <= i < len(state.specs))
+    if bad:
+        raise ConfigError(f"block indices in [0, {len(state.specs)})", f"{bad}", "See elastic_compile.report(model).")
+
+
+def _action_indices(state, action) -> int | dict[int, int] | None:
     """``force``'s ``action`` as skip-action indices (``ForcedPlan.action``), refused where a name or block is
     not the model's."""
     if action is None:
         return None
     names = state.config.skip_actions
-    pairs = action.items() if isinstance(action, dict) else [(None, action)]
-    out = []
-    for block, name in pairs:
+    for name in action.values() if isinstance(action, dict) else [action]:
         if name not in names:
             raise ConfigError(f"a skip action among the model's {names}", repr(name),
                               "Transform with ElasticConfig(skip_actions=...) including it.")
-        if block is not None and not 0 <= block < len(state.specs):
-            raise ConfigError(f"block indices in [0, {len(state.specs)})", f"{block}",
-                              "See elastic_compile.report(model).")
-        out.append((block, names.index(name)))
-    return out[0][1] if not isinstance(action, dict) else tuple(sorted(out))
+    if not isinstance(action, dict):
+        return names.index(action)
+    _check_block_indices(state, action)
+    return {int(block): names.index(name) for block, name in action.items()}
 
 
 @contextlib.contextmanager
@@ -303,9 +305,7 @@ def force(model: nn.Module, skip: bool | set[int] | frozenset[int] | None = None
         state.bucket_index(float(width))
     if skip is not None and not isinstance(skip, bool):
         skip = frozenset(int(i) for i in skip)
-        bad = sorted(i for i in skip if not 0 <= i < len(state.specs))
-        if bad:
-            raise ConfigError(f"block indices in [0, {len(state.specs)})", f"{bad}", "See elastic_compile.report(model).")
+        _check_block_indices(state, skip)
         unskippable = sorted(i for i in skip if not state.specs[i].skippable)
         if unskippable:
             raise ConfigError("indices of skippable blocks", f"blocks {unskippable} cannot be skipped",

@@ -126,7 +126,7 @@ def test_schedule_routers_serve_the_same_images_with_and_without_the_memo():
 
 @pytest.mark.parametrize("bad", [torch.zeros(5000), "500"])
 def test_values_not_worth_keying_give_no_key(bad):
-    memo = DecisionMemo(read=[type("F", (), dict(name="timestep", kind="scalar"))()], unread=[])
+    memo = DecisionMemo(read=[type("F", (), dict(name="timestep", kind="scalar"))()], unread=[], rows_of=None)
     assert memo.key(dict(timestep=bad), 0.5) is None
 
 

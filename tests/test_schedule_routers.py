@@ -49,9 +49,20 @@ class StepHooks(SamplerHooks):
         return self.inner.branch(name, step)
 
 
-def forced_by_table(model, table):
-    """Images of ``model`` with every decision pinned by ``table`` (the schedule the routers must serve)."""
-    return forced_by_table_with(model, table, StepHooks(ElasticCacheHooks(model)))
+def forced_by_table(model, table, actions=None):
+    """Images of ``model`` with every run decision pinned by ``table`` (the schedule the routers must serve) and,
+    given ``actions``, every stand-in's skip action (None there: the model's last); without: the first."""
+    hooks = StepHooks(ElasticCacheHooks(model))
+    names = state_of(model).config.skip_actions
+
+    def denoiser(*args, **kwargs):
+        skip = {b for b, runs in enumerate(table[hooks.step]) if not runs}
+        action = None if actions is None else {b: actions[hooks.step][b] or names[-1] for b in skip}
+        with ec.force(model, skip=skip, width=1.0, action=action):
+            return model(*args, **kwargs)
+
+    denoiser.parameters = model.parameters
+    return sample(denoiser, FlowMatchEulerDiscreteScheduler(), LABELS, CONFIG, seed=5, hooks=hooks)
 
 
 def fit(model, table):
@@ -87,25 +98,6 @@ def random_actions(table, seed: int, names=("reuse", "forecast2")) -> list[list[
     return [[None if runs else rng.choice(names) for runs in row] for row in table]
 
 
-def forced_by_tables(model, table, actions):
-    """Images of ``model`` with every run decision pinned by ``table`` and every stand-in's skip action by
-    ``actions`` (None: the model's last)."""
-    return forced_by_table_with(model, table, StepHooks(ElasticCacheHooks(model)), actions)
-
-
-def forced_by_table_with(model, table, hooks, actions=None):
-    names = state_of(model).config.skip_actions
-
-    def denoiser(*args, **kwargs):
-        skip = {b for b, runs in enumerate(table[hooks.step]) if not runs}
-        action = None if actions is None else {b: actions[hooks.step][b] or names[-1] for b in skip}
-        with ec.force(model, skip=skip, width=1.0, action=action):
-            return model(*args, **kwargs)
-
-    denoiser.parameters = model.parameters
-    return sample(denoiser, FlowMatchEulerDiscreteScheduler(), LABELS, CONFIG, seed=5, hooks=hooks)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_an_action_table_is_served_cell_by_cell(seed, tmp_path):
     """With a skip action per (step, block), the saved and loaded routers stand in with each cell's action: the
@@ -124,10 +116,10 @@ def test_an_action_table_is_served_cell_by_cell(seed, tmp_path):
                     hooks=ElasticCacheHooks(served))
     reference = elastic()
     apply_feature_cache(reference, cache)
-    torch.testing.assert_close(images, forced_by_tables(reference, table, actions), rtol=0, atol=1e-6)
+    torch.testing.assert_close(images, forced_by_table(reference, table, actions), rtol=0, atol=1e-6)
     uniform = elastic()
     apply_feature_cache(uniform, cache)
-    one_action = forced_by_tables(uniform, table, [[None] * blocks for _ in table])
+    one_action = forced_by_table(uniform, table, [[None] * blocks for _ in table])
     assert (images - one_action).abs().max() > 1e-5  # the per-cell actions were not all the default
 
 

@@ -30,8 +30,8 @@ class DecisionMemo:
     """Per ``key`` (:meth:`key`), a router's decisions; at most ``capacity`` of them (then it starts over: a
     sampler's timesteps are far fewer). Shared by threads: entries are written whole and never change."""
 
-    def __init__(self, read: list, unread: list, capacity: int = 1024):
-        self.read, self.unread, self.capacity = list(read), list(unread), capacity
+    def __init__(self, read: list, unread: list, rows_of, capacity: int = 1024):
+        self.read, self.unread, self.rows_of, self.capacity = list(read), list(unread), rows_of, capacity
         self.entries: dict[Hashable, tuple] = {}
         self.hits = 0
 
@@ -49,8 +49,7 @@ class DecisionMemo:
                 SCALAR_VALUES.remember(value, "values", values)
             key.append(values)
         if self.unread:
-            from .router import feature_rows  # the batch rule Router.logits applies
-            key.append(max(feature_rows(f, arguments[f.name]) for f in self.unread))
+            key.append(max(self.rows_of(f, arguments[f.name]) for f in self.unread))
         return tuple(key)
 
     def get(self, key: tuple) -> tuple | None:
@@ -65,7 +64,8 @@ class DecisionMemo:
         self.entries[key] = decided
 
 
-def memo_for(read: list, unread: list) -> DecisionMemo | None:
+def memo_for(read: list, unread: list, rows_of) -> DecisionMemo | None:
     """A memo for a router that reads the features ``read`` (weights not all zero) and ignores ``unread``: one
-    where every read feature is a scalar, else None."""
-    return DecisionMemo(read, unread) if all(f.kind == "scalar" for f in read) else None
+    where every read feature is a scalar, else None. ``rows_of(feature, value)``: the rows an unread feature
+    gives the batch (the router's own rule, ``nn.router.feature_rows``)."""
+    return DecisionMemo(read, unread, rows_of) if all(f.kind == "scalar" for f in read) else None

@@ -177,7 +177,7 @@ class Router(nn.Module):
                 blocks.append((feature, (w * norm.weight[None]).t().contiguous(), float(norm.eps)))
             parameters = list(self.parameters())
             self._folded = dict(fc1=blocks, unread=unread, fc1_bias=bias, fc2=self.fc2.weight.t().contiguous(),
-                                decisions=memo_for([block[0] for block in blocks], unread),
+                                decisions=memo_for([block[0] for block in blocks], unread, feature_rows),
                                 fc2_bias=self.fc2.bias.detach().clone(),
                                 dtype=weight.dtype,
                                 parameters=parameters, versions=[p._version for p in parameters],

@@ -50,7 +50,8 @@ class HostRouter:
                                 unread=list(folded["unread"]), fc1_bias=host(folded["fc1_bias"]),
                                 fc2=host(folded["fc2"]), fc2_bias=host(folded["fc2_bias"]),
                                 frequencies=host(self.router.frequencies),
-                                decisions=memo_for([block[0] for block in folded["fc1"]], folded["unread"]))
+                                decisions=memo_for([block[0] for block in folded["fc1"]], folded["unread"],
+                                                   feature_rows))
             self._source = folded
         return self._folded
 
